@@ -1,0 +1,67 @@
+"""batcher: large, resumable batches of image generations on RunComfy's Model API.
+
+The library is the product; the ``batcher`` command is one consumer of it::
+
+    import batcher
+
+    summary = batcher.run("manifests/london.yaml", sandbox=True)
+    print(summary.done, "of", summary.total, "done")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import run
+from .client import RetryPolicy, RunComfyClient
+from .errors import (
+    ApiError,
+    ApiValidationError,
+    AuthError,
+    BalanceError,
+    BatcherError,
+    DownloadError,
+    JournalCorruptError,
+    JournalError,
+    JournalLockedError,
+    ManifestError,
+    RequestGoneError,
+    TransientApiError,
+    UncertainSubmitError,
+    UsageError,
+)
+from .manifest import Job, Manifest, load_manifest
+from .runner import RunOptions, RunSummary, run_manifest
+from .sandbox import Sandbox, SandboxConfig, SandboxThread
+from .state import read_journal
+
+__all__ = [
+    "ApiError",
+    "ApiValidationError",
+    "AuthError",
+    "BalanceError",
+    "BatcherError",
+    "DownloadError",
+    "Job",
+    "JournalCorruptError",
+    "JournalError",
+    "JournalLockedError",
+    "Manifest",
+    "ManifestError",
+    "RequestGoneError",
+    "RetryPolicy",
+    "RunComfyClient",
+    "RunOptions",
+    "RunSummary",
+    "Sandbox",
+    "SandboxConfig",
+    "SandboxThread",
+    "TransientApiError",
+    "UncertainSubmitError",
+    "UsageError",
+    "__version__",
+    "load_manifest",
+    "read_journal",
+    "run",
+    "run_manifest",
+]

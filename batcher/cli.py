@@ -1,0 +1,391 @@
+"""The ``batcher`` command: a thin layer over the library.
+
+Library errors become messages and exit codes here and nowhere else:
+0 all jobs done, 1 some failed or are held as uncertain, 2 bad input
+(manifest, schema, flags, token), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import click
+from rich.console import Console
+from rich.live import Live
+
+from . import __version__
+from .errors import (
+    AuthError,
+    BatcherError,
+    JournalCorruptError,
+    JournalLockedError,
+    ManifestError,
+    UsageError,
+)
+from .manifest import Manifest, load_manifest
+from .report import ProgressView, plain_progress_line, print_plan, print_status, print_summary, status_report
+from .runner import RunOptions, RunProgress, cancel_manifest, default_output_dir, run_manifest
+from .sandbox import FAULT_KINDS, Sandbox, SandboxConfig
+from .state import JOURNAL_NAME, read_journal
+
+__all__ = ["cli", "main"]
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+_BAD_INPUT = (ManifestError, UsageError, AuthError, JournalLockedError, JournalCorruptError)
+
+stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
+
+
+class _Failed(click.ClickException):
+    """A library error on its way to the terminal: some work could not be done."""
+
+    exit_code = EXIT_FAILED
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"batcher: {self.format_message()}", err=True)
+
+
+class _BadInput(_Failed):
+    """The manifest, a flag, the token or the journal needs fixing."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class _Group(click.Group):
+    """Turns BatcherError into a message and an exit code, in one place."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _BAD_INPUT as exc:
+            raise _BadInput(str(exc)) from exc
+        except BatcherError as exc:
+            raise _Failed(str(exc)) from exc
+        except KeyboardInterrupt:
+            click.echo("batcher: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="batcher")
+def cli() -> None:
+    """Run large, resumable batches of image generations on RunComfy's Model API.
+
+    Write a YAML manifest, then `batcher run MANIFEST`; run it again after any
+    stop to resume. Try `batcher run manifests/london.yaml --sandbox` first.
+    """
+
+
+def _manifest_argument(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))(function)
+
+
+def _output_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="Output folder holding the journal and images [default: output/<manifest name>/].",
+    )(function)
+
+
+def _api_base_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--api-base",
+        envvar="RUNCOMFY_API_BASE",
+        help="RunComfy API base URL (env RUNCOMFY_API_BASE) [default: https://model-api.runcomfy.net].",
+    )(function)
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="batcher: %(message)s", stream=sys.stderr, force=True)
+    if not verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@cli.command()
+@_manifest_argument
+def validate(manifest: Path) -> None:
+    """Check MANIFEST against the model's schema; list every problem. No network."""
+    loaded = load_manifest(manifest)
+    click.echo(f"{manifest}: {len(loaded.jobs)} jobs for {loaded.model}, all valid")
+
+
+@cli.command()
+@_manifest_argument
+@_output_option
+def plan(manifest: Path, output: Path | None) -> None:
+    """Show the expanded jobs, what is left to do and its estimated cost. No network."""
+    loaded = load_manifest(manifest)
+    output_dir = output or default_output_dir(loaded)
+    print_plan(stdout, loaded, read_journal(output_dir / JOURNAL_NAME), output_dir)
+
+
+@cli.command()
+@_manifest_argument
+@_output_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def status(manifest: Path, output: Path | None, as_json: bool) -> None:
+    """Where every job stands, from the journal. Works during a run. No network."""
+    loaded = load_manifest(manifest)
+    report = status_report(loaded, output or default_output_dir(loaded))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        print_status(stdout, report)
+
+
+@cli.command()
+@_manifest_argument
+@_output_option
+@click.option(
+    "-c", "--concurrency", default=8, show_default=True, type=click.IntRange(1, 1024), help="Jobs in flight at once."
+)
+@_api_base_option
+@click.option(
+    "--sandbox", is_flag=True, help="Run against a local, in-process RunComfy sandbox: no token, no network, no cost."
+)
+@click.option("--retry-failed", is_flag=True, help="Submit again the jobs that failed or were cancelled.")
+@click.option(
+    "--resubmit-uncertain",
+    is_flag=True,
+    help="Submit again the jobs whose earlier submit may have been accepted (may pay twice).",
+)
+@click.option("--cancel-on-interrupt", is_flag=True, help="On Ctrl-C, also cancel the jobs still queued at RunComfy.")
+@click.option(
+    "--rate", type=click.FloatRange(min=0.01), help="At most this many API requests a second, across all jobs."
+)
+@click.option(
+    "--queue-timeout",
+    type=click.FloatRange(min=1),
+    help="Cancel a job that stays queued longer than this many seconds.",
+)
+@click.option(
+    "--job-timeout",
+    type=click.FloatRange(min=1),
+    help="Stop waiting for a job running longer than this (it resumes next run).",
+)
+@click.option(
+    "--timeout",
+    "run_timeout",
+    type=click.FloatRange(min=1),
+    help="Stop the whole run after this many seconds (resume later).",
+)
+@click.option(
+    "--poll-interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.05),
+    help="First wait between polls; it grows to --poll-max.",
+)
+@click.option(
+    "--poll-max", default=10.0, show_default=True, type=click.FloatRange(min=0.05), help="Longest wait between polls."
+)
+@click.option(
+    "--max-download-bytes",
+    default=100 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Refuse output files larger than this.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress display; errors and the summary only.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+def run(
+    manifest: Path,
+    output: Path | None,
+    concurrency: int,
+    api_base: str | None,
+    sandbox: bool,
+    retry_failed: bool,
+    resubmit_uncertain: bool,
+    cancel_on_interrupt: bool,
+    rate: float | None,
+    queue_timeout: float | None,
+    job_timeout: float | None,
+    run_timeout: float | None,
+    poll_interval: float,
+    poll_max: float,
+    max_download_bytes: int,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Run MANIFEST, or resume it: nothing already submitted is sent again.
+
+    Ctrl-C once stops submitting and finishes the jobs already paid for;
+    twice stops at once. Either way, the same command resumes.
+    """
+    _setup_logging(verbose, quiet)
+    loaded = load_manifest(manifest)
+    options = RunOptions(
+        output_dir=output,
+        concurrency=concurrency,
+        api_base=api_base,
+        sandbox=SandboxConfig() if sandbox else None,
+        retry_failed=retry_failed,
+        resubmit_uncertain=resubmit_uncertain,
+        cancel_on_interrupt=cancel_on_interrupt,
+        rate=rate,
+        queue_timeout=queue_timeout,
+        job_timeout=job_timeout,
+        run_timeout=run_timeout,
+        poll_min=poll_interval,
+        poll_max=max(poll_max, poll_interval),
+        max_download_bytes=max_download_bytes,
+        handle_signals=True,
+    )
+    if sandbox:
+        stderr.print("[dim]sandbox: a local stand-in for RunComfy; images are test patterns and nothing is charged[/]")
+    summary = _run_with_display(loaded, options, quiet)
+    print_summary(stderr, summary)
+    if summary.interrupted:
+        stderr.print(f"interrupted; resume with: batcher run {manifest}" + (" --sandbox" if sandbox else ""))
+    sys.exit(summary.exit_code)
+
+
+def _run_with_display(manifest: Manifest, options: RunOptions, quiet: bool) -> Any:
+    """Run with a live rich display on a terminal, a plain line every few seconds elsewhere."""
+    done = threading.Event()
+    live: Live | None = None
+    threads: list[threading.Thread] = []
+
+    def on_start(progress: RunProgress) -> None:
+        nonlocal live
+        if quiet:
+            return
+        if stderr.is_terminal:
+            live = Live(ProgressView(progress), console=stderr, refresh_per_second=4, transient=False)
+            live.start()
+        else:
+
+            def plain() -> None:
+                while not done.wait(5.0):
+                    click.echo(plain_progress_line(progress), err=True)
+                click.echo(plain_progress_line(progress), err=True)
+
+            thread = threading.Thread(target=plain, daemon=True)
+            thread.start()
+            threads.append(thread)
+
+    try:
+        return anyio.run(lambda: run_manifest(manifest, options, on_start=on_start))
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(1)
+        if live is not None:
+            live.stop()
+
+
+@cli.command()
+@_manifest_argument
+@_output_option
+@_api_base_option
+@click.option("--sandbox", is_flag=True, help="Cancel against the in-process sandbox.")
+def cancel(manifest: Path, output: Path | None, api_base: str | None, sandbox: bool) -> None:
+    """Cancel this manifest's jobs that are queued at RunComfy (running ones cannot be)."""
+    loaded = load_manifest(manifest)
+    options = RunOptions(output_dir=output, api_base=api_base, sandbox=SandboxConfig() if sandbox else None)
+    summary = anyio.run(cancel_manifest, loaded, options)
+    click.echo(f"cancelled {len(summary.cancelled)} job(s)")
+    for name, state in summary.not_cancellable:
+        click.echo(f"  {name}: not cancellable ({state})")
+    for name, error in summary.errors:
+        click.echo(f"  {name}: {error}", err=True)
+    if summary.errors:
+        sys.exit(EXIT_FAILED)
+
+
+@cli.command("sandbox")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to listen on.")
+@click.option("-p", "--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--queue-delay", default=0.3, show_default=True, type=float, help="Seconds a job waits in the queue.")
+@click.option("--run-delay", default=0.7, show_default=True, type=float, help="Seconds a job runs.")
+@click.option(
+    "--fail-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Fraction of jobs that fail."
+)
+@click.option(
+    "--fault-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Fraction of requests that meet a fault.",
+)
+@click.option(
+    "--faults",
+    default=",".join(FAULT_KINDS),
+    show_default=True,
+    help="Comma-separated faults to draw from: " + ", ".join(FAULT_KINDS) + ".",
+)
+@click.option("--slow-seconds", default=5.0, show_default=True, type=float, help="Delay of a 'slow' fault.")
+@click.option("--retry-after", default=1.0, show_default=True, type=float, help="Retry-After seconds sent with 429s.")
+@click.option("--url-ttl", type=float, help="Seconds output URLs stay valid [default: for ever].")
+@click.option("--images-per-job", default=1, show_default=True, type=click.IntRange(1, 10))
+@click.option("--require-token", help="Accept only this bearer token [default: any].")
+@click.option("--seed", type=int, help="Seed for faults and failures, to replay a session.")
+def sandbox_command(
+    host: str,
+    port: int,
+    queue_delay: float,
+    run_delay: float,
+    fail_rate: float,
+    fault_rate: float,
+    faults: str,
+    slow_seconds: float,
+    retry_after: float,
+    url_ttl: float | None,
+    images_per_job: int,
+    require_token: str | None,
+    seed: int | None,
+) -> None:
+    """Serve a RunComfy-compatible API on loopback, for rehearsals and tests.
+
+    Point a run at it with --api-base http://127.0.0.1:PORT and any token.
+    """
+    from .netpolicy import is_loopback_host
+
+    if not is_loopback_host(host):
+        raise _BadInput(f"the sandbox listens on loopback only, not {host}")
+    config = SandboxConfig(
+        queue_delay=queue_delay,
+        run_delay=run_delay,
+        fail_rate=fail_rate,
+        fault_rate=fault_rate,
+        faults=tuple(f.strip() for f in faults.split(",") if f.strip()),
+        slow_seconds=slow_seconds,
+        retry_after=retry_after,
+        url_ttl=url_ttl,
+        images_per_job=images_per_job,
+        require_token=require_token,
+        seed=seed,
+    )
+    server = Sandbox(config)
+
+    async def serve() -> None:
+        async with server.running(host, port) as url:
+            click.echo(f"sandbox: serving a RunComfy-compatible API at {url} (Ctrl-C to stop)", err=True)
+            click.echo(f"sandbox: try  RUNCOMFY_API_TOKEN=any batcher run MANIFEST --api-base {url}", err=True)
+            await anyio.sleep_forever()
+
+    try:
+        anyio.run(serve)
+    except KeyboardInterrupt:
+        click.echo(f"sandbox: stopped; {json.dumps(server.stats())}", err=True)
+    except OSError as exc:
+        raise _BadInput(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="batcher")

@@ -1,0 +1,80 @@
+"""Price estimates from a bundled, per-model price table.
+
+A table is a JSON file beside the model's input schema
+(``<model>.pricing.json``): ``keys`` names the input fields that set the
+price, and ``prices`` nests one level per key. Estimates are upper bounds
+where the input leaves the price open (``image_size: auto``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from .manifest import Job
+from .schema import bundled_schema_dir
+
+__all__ = ["PriceTable", "estimate_jobs", "load_price_table"]
+
+
+@dataclass(frozen=True, slots=True)
+class PriceTable:
+    """Prices for one model, with where they came from."""
+
+    model: str
+    keys: tuple[str, ...]
+    prices: dict[str, Any]
+    source: str
+    as_of: str
+
+    def price(self, payload: dict[str, Any]) -> float | None:
+        """The price of one job with this input, or None when the table does not say."""
+        level: Any = self.prices
+        for key in self.keys:
+            if not isinstance(level, dict):
+                return None
+            level = level.get(str(payload.get(key)))
+        return float(level) if isinstance(level, int | float) else None
+
+
+@cache
+def _load(path: Path) -> PriceTable | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return PriceTable(
+            model=data["model"],
+            keys=tuple(data["keys"]),
+            prices=data["prices"],
+            source=data.get("source", ""),
+            as_of=data.get("as_of", ""),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_price_table(model_id: str, directories: Sequence[Path] = ()) -> PriceTable | None:
+    """The price table for model_id from the given folders, then the bundled ones; None if unknown."""
+    name = model_id.rsplit("/", 1)[-1] + ".pricing.json"
+    for directory in [*directories, bundled_schema_dir()]:
+        path = directory.joinpath(*model_id.split("/")).with_name(name)
+        if path.is_file():
+            return _load(path)
+    return None
+
+
+def estimate_jobs(jobs: Iterable[Job], directories: Sequence[Path] = ()) -> tuple[float, int]:
+    """(estimated total, number of jobs with no known price)."""
+    total = 0.0
+    unknown = 0
+    for job in jobs:
+        table = load_price_table(job.model, directories)
+        price = table.price(job.input) if table else None
+        if price is None:
+            unknown += 1
+        else:
+            total += price
+    return total, unknown

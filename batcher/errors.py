@@ -1,0 +1,145 @@
+"""Every error batcher raises on purpose.
+
+    BatcherError
+    ├── UsageError                 bad flags, missing token, unsafe URL given by the user
+    ├── ManifestError              the manifest file or one of its jobs is wrong
+    ├── ApiError                   RunComfy answered with an error (or did not answer)
+    │   ├── AuthError              token missing, expired or refused (401001, 400004)
+    │   ├── BalanceError           insufficient balance (400002, HTTP 402)
+    │   ├── RequestGoneError       request not found or expired (404001)
+    │   ├── ApiValidationError     the service rejected the input (422001)
+    │   ├── TransientApiError      429, 5xx, connection trouble: worth retrying
+    │   └── UncertainSubmitError   a submit may or may not have been accepted
+    ├── JournalError               the state journal cannot be read or written
+    │   ├── JournalCorruptError    a damaged line that is not the last one
+    │   └── JournalLockedError     another `batcher run` holds the output folder
+    └── DownloadError              an output could not be fetched or failed a check
+
+Foreign errors (httpx, yaml, jsonschema, OSError) are turned into these where
+they happen, with ``raise ... from exc``; the CLI turns these into messages
+and exit codes in one place. Messages are written for the person at the
+terminal and never contain the API token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "ApiError",
+    "ApiValidationError",
+    "AuthError",
+    "BalanceError",
+    "BatcherError",
+    "DownloadError",
+    "JournalCorruptError",
+    "JournalError",
+    "JournalLockedError",
+    "ManifestError",
+    "Problem",
+    "RequestGoneError",
+    "TransientApiError",
+    "UncertainSubmitError",
+    "UsageError",
+]
+
+
+class BatcherError(Exception):
+    """Root of every error batcher raises on purpose."""
+
+
+class UsageError(BatcherError):
+    """Raised for bad flags, a missing token or an unsafe URL: fix the command."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a manifest, located as precisely as we can."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        field = f" {self.field}:" if self.field else ""
+        return f"{where}:{field} {self.message}"
+
+
+class ManifestError(BatcherError):
+    """Raised when a manifest cannot be used; carries every problem found, not only the first."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        lines = [str(p) for p in problems]
+        count = len(problems)
+        head = f"{count} problem{'s' if count != 1 else ''} in the manifest:"
+        super().__init__("\n".join([head, *("  " + line for line in lines)]))
+
+
+class ApiError(BatcherError):
+    """Raised when RunComfy answers with an error, or does not answer usably."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error_code: int | None = None,
+        detail: object = None,
+    ) -> None:
+        self.status_code = status_code
+        self.error_code = error_code
+        self.detail = detail
+        super().__init__(message)
+
+
+class AuthError(ApiError):
+    """Raised when the token is missing, expired or refused: nothing more can be done without a new one."""
+
+
+class BalanceError(ApiError):
+    """Raised when the account has no balance left for a submit: top up, then run again."""
+
+
+class RequestGoneError(ApiError):
+    """Raised when RunComfy no longer knows a request id (not found or expired)."""
+
+
+class ApiValidationError(ApiError):
+    """Raised when RunComfy rejects a job's input (422001); the job fails, the run goes on."""
+
+
+class TransientApiError(ApiError):
+    """Raised for 429, 5xx and connection faults that outlived our retries."""
+
+
+class UncertainSubmitError(ApiError):
+    """Raised when a submit's fate is unknown (answer lost after sending, gateway error).
+
+    RunComfy has no idempotency key, so sending it again could pay twice:
+    the job is held as *uncertain* until the user asks for
+    ``--resubmit-uncertain``.
+    """
+
+
+class JournalError(BatcherError):
+    """Raised when the state journal cannot be read or written."""
+
+
+class JournalCorruptError(JournalError):
+    """Raised when a journal line other than the last is damaged; the line number is in the message."""
+
+
+class JournalLockedError(JournalError):
+    """Raised when another `batcher run` is already using the same output folder."""
+
+
+class DownloadError(BatcherError):
+    """Raised when an output cannot be downloaded or fails a check (size, length, scheme, host).
+
+    ``permanent`` is True when trying again, even with a fresh URL, would not help.
+    """
+
+    permanent = False

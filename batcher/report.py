@@ -1,0 +1,272 @@
+"""What a person reads: the run summary, `status`, `plan`, and the live progress line.
+
+Status comes from the journal alone (read without the run's lock), so it
+works while a run is going and after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from .cost import load_price_table
+from .manifest import Job, Manifest
+from .runner import RunProgress, RunSummary
+from .state import JOURNAL_NAME, FoldedJournal, JobRecord, read_journal
+
+__all__ = [
+    "JobStanding",
+    "ProgressView",
+    "StatusReport",
+    "plain_progress_line",
+    "print_plan",
+    "print_status",
+    "print_summary",
+    "status_report",
+]
+
+CATEGORIES = ("done", "downloading", "in_flight", "pending", "failed", "uncertain")
+
+
+@dataclass(slots=True)
+class JobStanding:
+    """One job as `status` shows it."""
+
+    name: str
+    key: str
+    category: str
+    phase: str
+    request_id: str | None
+    error: str | None
+    estimate: float | None
+
+
+@dataclass(slots=True)
+class StatusReport:
+    """Counts, problem jobs and money, for `batcher status` (and its --json)."""
+
+    manifest: str
+    journal: str
+    total: int
+    counts: dict[str, int]
+    failed: list[JobStanding] = field(default_factory=list)
+    uncertain: list[JobStanding] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    spent: float = 0.0
+    to_spend: float = 0.0
+    possible_extra_cost: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _category(record: JobRecord | None, output_dir: Path) -> str:
+    if record is None or record.phase == "pending":
+        return "failed" if record is not None and record.error else "pending"
+    if record.phase in ("submitting", "uncertain"):
+        return "uncertain"
+    if record.phase == "submitted":
+        return "in_flight"
+    if record.phase == "completed":
+        if record.downloaded and all((output_dir / f.path).is_file() for f in record.files.values()):
+            return "done"
+        return "failed" if record.error else "downloading"
+    return "failed"
+
+
+def _price(job: Job) -> float | None:
+    table = load_price_table(job.model)
+    return table.price(job.input) if table else None
+
+
+def status_report(manifest: Manifest, output_dir: Path, folded: FoldedJournal | None = None) -> StatusReport:
+    """Where every job of manifest stands according to the journal in output_dir."""
+    folded = folded if folded is not None else read_journal(output_dir / JOURNAL_NAME)
+    counts = dict.fromkeys(CATEGORIES, 0)
+    report = StatusReport(
+        manifest=str(manifest.path),
+        journal=str(output_dir / JOURNAL_NAME),
+        total=len(manifest.jobs),
+        counts=counts,
+        warnings=list(folded.warnings),
+    )
+    for job in manifest.jobs:
+        record = folded.records.get(job.key)
+        category = _category(record, output_dir)
+        counts[category] += 1
+        price = _price(job)
+        if record is not None and record.cost:
+            report.spent += record.cost
+        if category == "pending" and price:
+            report.to_spend += price
+        standing = JobStanding(
+            name=job.name,
+            key=job.key,
+            category=category,
+            phase=record.phase if record else "pending",
+            request_id=record.request_id if record else None,
+            error=record.error if record else None,
+            estimate=price,
+        )
+        if category == "failed":
+            report.failed.append(standing)
+        elif category == "uncertain":
+            report.uncertain.append(standing)
+            report.possible_extra_cost += price or 0.0
+    keys = {job.key for job in manifest.jobs}
+    report.orphans = sorted(r.name or r.key for k, r in folded.records.items() if k not in keys)
+    return report
+
+
+def _money(value: float) -> str:
+    return f"${value:,.2f}"
+
+
+def print_status(console: Console, report: StatusReport) -> None:
+    table = Table(title=f"{report.manifest}: {report.total} jobs", title_justify="left")
+    table.add_column("state")
+    table.add_column("jobs", justify="right")
+    for name in CATEGORIES:
+        table.add_row(name.replace("_", " "), str(report.counts[name]))
+    console.print(table)
+    console.print(
+        f"spent {_money(report.spent)} (as RunComfy reported), still to spend about {_money(report.to_spend)}"
+    )
+    _print_problems(console, report.failed, report.uncertain, report.possible_extra_cost, report.orphans)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _print_problems(
+    console: Console,
+    failed: list[JobStanding],
+    uncertain: list[JobStanding],
+    extra: float,
+    orphans: list[str],
+) -> None:
+    if failed:
+        console.print(f"\n[red]{len(failed)} failed[/] (run again with --retry-failed to submit them again):")
+        for job in failed[:50]:
+            console.print(f"  {job.name}: {job.error or job.phase}", markup=False)
+        if len(failed) > 50:
+            console.print(f"  … and {len(failed) - 50} more (batcher status --json lists all)")
+    if uncertain:
+        console.print(
+            f"\n[yellow]{len(uncertain)} uncertain[/]: their submits may have been accepted and charged, "
+            f"but no answer was recorded. Resubmitting could cost up to {_money(extra)} more. "
+            "Check your RunComfy dashboard, then run again with --resubmit-uncertain if you want them."
+        )
+        for job in uncertain[:50]:
+            console.print(f"  {job.name}: {job.error or ''}", markup=False)
+    if orphans:
+        console.print(
+            f"\n{len(orphans)} job(s) in the journal are no longer in the manifest (left alone): "
+            + ", ".join(orphans[:10])
+        )
+
+
+def print_summary(console: Console, summary: RunSummary) -> None:
+    """The closing lines of `batcher run`."""
+    parts = [f"{summary.done}/{summary.total} done"]
+    if summary.failed:
+        parts.append(f"{len(summary.failed)} failed")
+    if summary.uncertain:
+        parts.append(f"{len(summary.uncertain)} uncertain")
+    if summary.unfinished:
+        parts.append(f"{len(summary.unfinished)} not finished")
+    console.print(", ".join(parts) + f"; spent {_money(summary.spent)}. Output: {summary.output_dir}")
+    standings = [JobStanding(o.name, o.key, "failed", o.phase, o.request_id, o.error, None) for o in summary.failed]
+    unsure = [JobStanding(o.name, o.key, "uncertain", o.phase, o.request_id, o.error, None) for o in summary.uncertain]
+    _print_problems(console, standings, unsure, summary.possible_extra_cost, summary.orphans)
+    if summary.stop_reason and not summary.interrupted:
+        console.print(f"\nstopped submitting: {summary.stop_reason}")
+    if summary.interrupted or summary.unfinished:
+        console.print("\nRun the same command again to resume: nothing already submitted is sent again.")
+
+
+def print_plan(console: Console, manifest: Manifest, folded: FoldedJournal, output_dir: Path) -> None:
+    table = Table(title=f"{manifest.path}: {len(manifest.jobs)} jobs for {manifest.model}", title_justify="left")
+    for column in ("#", "job", "quality", "size", "images", "state", "est."):
+        table.add_column(column, justify="right" if column in ("#", "images", "est.") else "left")
+    left = 0.0
+    shown = 0
+    for number, job in enumerate(manifest.jobs, 1):
+        record = folded.records.get(job.key)
+        category = _category(record, output_dir)
+        price = _price(job)
+        if category == "pending":
+            left += price or 0.0
+        if shown < 200:
+            shown += 1
+            table.add_row(
+                str(number),
+                job.name,
+                str(job.input.get("quality", "")),
+                str(job.input.get("image_size", "")),
+                str(len(job.input.get("image_urls", []))),
+                category.replace("_", " "),
+                "?" if price is None else f"{price:.3f}",
+            )
+    console.print(table)
+    if shown < len(manifest.jobs):
+        console.print(f"… {len(manifest.jobs) - shown} more jobs not shown")
+    table_info = load_price_table(manifest.model)
+    source = f" (prices: {table_info.source}, as of {table_info.as_of})" if table_info else ""
+    console.print(f"estimated cost of what is left to submit: {_money(left)}{source}")
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+def plain_progress_line(progress: RunProgress) -> str:
+    """One line for logs and non-terminals."""
+    s = progress.statuses
+    rate = progress.finished_this_run / progress.elapsed * 60 if progress.elapsed > 0 else 0.0
+    return (
+        f"[{_clock(progress.elapsed)}] {s['done']}/{progress.total} done, {s['failed']} failed, "
+        f"{s['uncertain']} uncertain, {s['queued']} queued, {s['running']} running, "
+        f"{s['downloading']} downloading, {s['waiting'] + s['submitting']} waiting; "
+        f"{rate:.1f} jobs/min, ETA {_clock(progress.eta())}" + (f" — {progress.stopping}" if progress.stopping else "")
+    )
+
+
+class ProgressView:
+    """A rich renderable over a live `RunProgress`: counts, throughput, ETA, recent errors."""
+
+    def __init__(self, progress: RunProgress) -> None:
+        self.progress = progress
+
+    def __rich__(self) -> RenderableType:
+        p = self.progress
+        s = p.statuses
+        done = s["done"]
+        width = 30
+        filled = int(width * done / p.total) if p.total else width
+        bar = Text("█" * filled + "░" * (width - filled), style="green")
+        line = Text.assemble(
+            bar,
+            f" {done}/{p.total}  ",
+            (f"{s['failed']} failed  ", "red" if s["failed"] else "dim"),
+            (f"{s['uncertain']} uncertain  ", "yellow" if s["uncertain"] else "dim"),
+            f"{s['waiting'] + s['submitting']} waiting  {s['queued']} queued  {s['running']} running  "
+            f"{s['downloading']} downloading",
+        )
+        rate = p.finished_this_run / p.elapsed * 60 if p.elapsed > 0 else 0.0
+        timing = Text(f"elapsed {_clock(p.elapsed)}  ETA {_clock(p.eta())}  {rate:.1f} jobs/min", style="dim")
+        parts: list[RenderableType] = [line, timing]
+        if p.stopping:
+            parts.append(Text(p.stopping, style="yellow"))
+        for error in p.recent_errors[-3:]:
+            parts.append(Text(error[:200], style="red", no_wrap=True, overflow="ellipsis"))
+        return Group(*parts)

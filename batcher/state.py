@@ -1,0 +1,356 @@
+"""The state journal: an append-only JSONL file that is the run's only truth.
+
+Each line is one event, ending in a CRC-32 of the rest of the line so that a
+flipped byte is caught even where it would still parse as JSON::
+
+    {"t":1764070000.123,"e":"submitted","job":"3f2a…","request_id":"r-1","crc":"1a2b3c4d"}
+
+Folding the lines in order gives every job's `JobRecord`. A torn last line
+(what a crash or power loss leaves) is dropped with a warning and cut off
+before the next append; a damaged line anywhere else is an error naming it.
+
+Durability: every event is written with one ``os.write`` on an ``O_APPEND``
+descriptor before the caller goes on, so a killed process loses nothing it
+journalled; ``fsync`` runs in groups (see `Journal.sync`), so power loss can
+lose the last fraction of a second. A lost ``submitted`` line leaves its job
+at ``submitting``, which resumes as *uncertain* and is never resent on its own:
+power loss can cost a hole to review, never a silent double charge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import JournalCorruptError, JournalError, JournalLockedError
+
+__all__ = [
+    "JOURNAL_NAME",
+    "FileRecord",
+    "FoldedJournal",
+    "JobRecord",
+    "Journal",
+    "Phase",
+    "encode_event",
+    "read_journal",
+]
+
+JOURNAL_NAME = "state.jsonl"
+LOCK_NAME = ".batcher.lock"
+
+Phase = Literal["pending", "submitting", "uncertain", "submitted", "completed", "failed", "cancelled"]
+"""Where a job stands, from the journal's point of view.
+
+pending     never submitted, or certainly refused: submit it
+submitting  intent written, answer not: the run died mid-submit (resumes as uncertain)
+uncertain   the submit's fate is unknown: held until --resubmit-uncertain
+submitted   RunComfy has it: poll it
+completed   outputs known: download what is missing (done once every file is down)
+failed      RunComfy reported failure: held until --retry-failed
+cancelled   cancelled: held until --retry-failed
+"""
+
+_CRC_TAIL = len(',"crc":"00000000"}')
+
+
+def encode_event(event: dict[str, Any]) -> bytes:
+    """One journal line, newline included, with its CRC."""
+    body = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+    crc = zlib.crc32(body)
+    return body[:-1] + b',"crc":"%08x"}\n' % crc
+
+
+def _decode_event(line: bytes) -> dict[str, Any] | None:
+    """The event on a line, or None when the line is damaged."""
+    if len(line) <= _CRC_TAIL or not line.endswith(b'"}'):
+        return None
+    body = line[:-_CRC_TAIL] + b"}"
+    tail = line[-_CRC_TAIL:]
+    if not tail.startswith(b',"crc":"'):
+        return None
+    try:
+        if int(tail[8:16], 16) != zlib.crc32(body):
+            return None
+        event = json.loads(body)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "e" in event else None
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """A downloaded output: where it is (relative to the output folder) and what it holds."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """Everything the journal knows about one job."""
+
+    key: str
+    name: str = ""
+    phase: Phase = "pending"
+    request_id: str | None = None
+    remote_state: str | None = None
+    outputs: list[str] = field(default_factory=list)
+    files: dict[int, FileRecord] = field(default_factory=dict)
+    error: str | None = None
+    cost: float | None = None
+    submits: int = 0
+    """How many times a submit was sent for this job, across every run."""
+    request_ids: list[str] = field(default_factory=list)
+    submitted_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def downloaded(self) -> bool:
+        """True when every output has a recorded file."""
+        return self.phase == "completed" and len(self.files) >= len(self.outputs) > 0
+
+    def apply(self, event: dict[str, Any]) -> None:
+        """Fold one event into this record."""
+        kind = event["e"]
+        self.name = event.get("name", self.name)
+        if kind == "submitting":
+            self.phase = "submitting"
+            self.submits += 1
+            self.request_id = None
+            self.remote_state = None
+            self.outputs = []
+            self.files = {}
+            self.error = None
+            self.cost = None
+            self.finished_at = None
+        elif kind == "submitted":
+            self.phase = "submitted"
+            self.request_id = event["request_id"]
+            self.request_ids.append(event["request_id"])
+            self.submitted_at = event.get("t")
+        elif kind == "refused":
+            self.phase = "pending"
+            self.error = event.get("reason")
+        elif kind == "uncertain":
+            self.phase = "uncertain"
+            self.error = event.get("reason")
+        elif kind == "state":
+            self.remote_state = event.get("state")
+        elif kind == "completed":
+            self.phase = "completed"
+            self.remote_state = "completed"
+            self.outputs = list(event.get("outputs", []))
+            self.cost = event.get("cost")
+            self.finished_at = event.get("t")
+            self.error = None
+        elif kind == "urls":
+            self.outputs = list(event.get("outputs", []))
+        elif kind == "downloaded":
+            self.files[int(event["index"])] = FileRecord(event["path"], int(event["bytes"]), event["sha256"])
+            self.error = None
+        elif kind == "download_failed":
+            self.error = event.get("reason")
+        elif kind == "failed":
+            self.phase = "failed"
+            self.remote_state = "failed"
+            self.error = event.get("reason")
+            self.finished_at = event.get("t")
+        elif kind == "cancelled":
+            self.phase = "cancelled"
+            self.remote_state = "cancelled"
+            self.finished_at = event.get("t")
+        elif kind == "note":
+            self.error = event.get("reason")
+
+
+@dataclass(slots=True)
+class FoldedJournal:
+    """The journal folded: one record per job, the run headers, and any warnings."""
+
+    records: dict[str, JobRecord] = field(default_factory=dict)
+    headers: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    good_length: int = 0
+    """Bytes up to the end of the last sound line: where the next append goes."""
+
+
+def _lines(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, end offset, line without newline); the last one may lack its newline."""
+    start = 0
+    number = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        number += 1
+        if end < 0:
+            yield number, len(data), data[start:]
+            return
+        yield number, end + 1, data[start:end]
+        start = end + 1
+
+
+def fold_bytes(data: bytes, source: str = JOURNAL_NAME) -> FoldedJournal:
+    """Fold raw journal bytes; see the module docstring for what is tolerated."""
+    folded = FoldedJournal()
+    records = folded.records
+    damaged: tuple[int, bytes] | None = None
+    for number, end, line in _lines(data):
+        if not line.strip(b" \t\r") and data[end - 1 : end] == b"\n":
+            if damaged is None:
+                folded.good_length = end
+            continue
+        # JSON escapes control characters, so NULs are never ours: power loss pads files with them.
+        content = line.rstrip(b"\0")
+        event = _decode_event(content)
+        if event is None:
+            if damaged is None:
+                damaged = (number, line)
+            continue
+        if damaged is not None:
+            bad_number, bad_line = damaged
+            msg = (
+                f"{source} line {bad_number} is damaged ({bad_line[:60]!r}…) but later lines are sound: "
+                "the journal was changed or the disk corrupted it. Keep a copy, then remove that line "
+                "by hand to go on (its job may then be treated as not yet submitted)."
+            )
+            raise JournalCorruptError(msg)
+        folded.good_length = (
+            end if len(content) == len(line) else end - (len(line) - len(content)) - (data[end - 1 : end] == b"\n")
+        )
+        if event["e"] == "run":
+            folded.headers.append(event)
+            continue
+        key = event.get("job")
+        if not isinstance(key, str):
+            continue
+        record = records.get(key)
+        if record is None:
+            record = records[key] = JobRecord(key)
+        try:
+            record.apply(event)
+        except (KeyError, TypeError, ValueError) as exc:
+            msg = f"{source} line {number} is sound JSON but not a valid {event['e']!r} event: {exc!r}"
+            raise JournalCorruptError(msg) from exc
+    if damaged is not None:
+        folded.warnings.append(
+            f"{source}: dropped a torn last line (line {damaged[0]}), as a crash or power loss leaves; nothing else was lost"
+        )
+    return folded
+
+
+def read_journal(path: Path) -> FoldedJournal:
+    """Fold the journal at path without locking it (safe while a run writes it); empty if absent."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return FoldedJournal()
+    except OSError as exc:
+        msg = f"cannot read the journal {path}: {exc.strerror}"
+        raise JournalError(msg) from exc
+    return fold_bytes(data, str(path))
+
+
+class Journal:
+    """The one writer of a run's journal; holds the output folder's lock while open."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / JOURNAL_NAME
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self._dirty = False
+        self.events_written = 0
+
+    def open(self) -> FoldedJournal:
+        """Lock the folder, fold what is there, cut a torn tail, and get ready to append."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            msg = f"cannot create the output folder {self.directory}: {exc.strerror}"
+            raise JournalError(msg) from exc
+        self._lock()
+        try:
+            folded = read_journal(self.path)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            if os.fstat(self._fd).st_size != folded.good_length:
+                os.ftruncate(self._fd, folded.good_length)
+            if folded.good_length and os.pread(self._fd, 1, folded.good_length - 1) != b"\n":
+                os.write(self._fd, b"\n")  # a sound last line that lost only its newline
+        except OSError as exc:
+            self.close()
+            msg = f"cannot open the journal {self.path}: {exc.strerror}"
+            raise JournalError(msg) from exc
+        except BaseException:
+            self.close()
+            raise
+        return folded
+
+    def _lock(self) -> None:
+        lock_path = self.directory / LOCK_NAME
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            msg = f"cannot create the lock file {lock_path}: {exc.strerror}"
+            raise JournalError(msg) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                msg = (
+                    f"another batcher run (pid {holder}) is using {self.directory}; "
+                    "wait for it to finish or stop it, then try again"
+                )
+                raise JournalLockedError(msg) from exc
+            msg = f"cannot lock {lock_path}: {exc.strerror}"
+            raise JournalError(msg) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def append(self, kind: str, job: str | None = None, **fields: Any) -> None:
+        """Write one event now. Raises JournalError (disk full, folder gone) so the run stops."""
+        if self._fd is None:
+            msg = "the journal is not open"
+            raise JournalError(msg)
+        event: dict[str, Any] = {"t": round(time.time(), 3), "e": kind}
+        if job is not None:
+            event["job"] = job
+        event.update(fields)
+        line = encode_event(event)
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError as exc:
+            msg = f"cannot write the journal {self.path}: {exc.strerror or exc}; the run stops so that nothing goes unrecorded"
+            raise JournalError(msg) from exc
+        self._dirty = True
+        self.events_written += 1
+
+    def sync(self) -> None:
+        """fsync what was appended since the last sync (called in groups, off the event loop)."""
+        fd = self._fd
+        if fd is not None and self._dirty:
+            self._dirty = False
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.sync()
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

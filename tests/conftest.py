@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from batcher import RetryPolicy, RunOptions, Sandbox, SandboxConfig, SandboxThread
+
+TOKEN = "sk-test-SENTINEL-7f3a9"
+REF = "https://example.org/ref.jpg"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test works in its own folder with no token or API base from the outside."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RUNCOMFY_API_TOKEN", raising=False)
+    monkeypatch.delenv("RUNCOMFY_API_BASE", raising=False)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def start_sandbox() -> Iterator[Callable[..., SandboxThread]]:
+    """Start sandboxes on loopback threads: start_sandbox(queue_delay=..., fault_rate=...)."""
+    started: list[SandboxThread] = []
+
+    def start(**config: object) -> SandboxThread:
+        config.setdefault("queue_delay", 0.05)
+        config.setdefault("run_delay", 0.1)
+        config.setdefault("seed", 1)
+        thread = SandboxThread(Sandbox(SandboxConfig(**config))).start()  # type: ignore[arg-type]
+        started.append(thread)
+        return thread
+
+    yield start
+    for thread in started:
+        thread.stop()
+
+
+def fast_options(**overrides: object) -> RunOptions:
+    """Run options that keep tests quick: short polls and backoffs."""
+    values: dict[str, object] = {
+        "poll_min": 0.02,
+        "poll_max": 0.1,
+        "retry": RetryPolicy(attempts=6, base=0.01, cap=0.05, max_retry_after=0.05),
+        "download_backoff": 0.01,
+        "token": TOKEN,
+    }
+    values.update(overrides)
+    return RunOptions(**values)  # type: ignore[arg-type]
+
+
+def write_manifest(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return path
+
+
+def many_jobs_manifest(path: Path, count: int, *, quality: str = "low") -> Path:
+    lines = ["model: openai/gpt-image-1-5/image-to-image", "defaults:", f"  quality: {quality}", "jobs:"]
+    for i in range(count):
+        lines += [f"  - id: job-{i:04d}", f'    prompt: "prompt number {i}"', f"    image_urls: ['{REF}']"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

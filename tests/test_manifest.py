@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batcher import ManifestError, UsageError, load_manifest
+from batcher.manifest import job_key
+
+from .conftest import REF, write_manifest
+
+GOOD = f"""
+model: openai/gpt-image-1-5/image-to-image
+defaults:
+  quality: medium
+jobs:
+  - id: first
+    prompt: "a cat"
+    image_urls: ["{REF}"]
+  - prompt: "a dog"
+    image_urls: ["{REF}"]
+    quality: high
+    repeat: 2
+"""
+
+
+def test_loads_jobs_with_defaults_and_schema_defaults(tmp_path: Path) -> None:
+    manifest = load_manifest(write_manifest(tmp_path / "m.yaml", GOOD))
+    assert manifest.model == "openai/gpt-image-1-5/image-to-image"
+    assert [job.repeat_index for job in manifest.jobs] == [0, 0, 1]
+    first = manifest.jobs[0]
+    assert first.name == "first"
+    assert first.line == 5
+    # manifest defaults, then the schema's own defaults, so the journal shows what is sent
+    assert first.input == {
+        "prompt": "a cat",
+        "image_urls": [REF],
+        "quality": "medium",
+        "image_size": "auto",
+        "background": "auto",
+        "input_fidelity": "high",
+        "output_format": "png",
+    }
+    assert manifest.jobs[1].input["quality"] == "high"
+    assert manifest.jobs[1].name.startswith("a-dog-")
+    assert len({job.key for job in manifest.jobs}) == 3
+
+
+def test_identity_survives_reordering_and_editing_changes_one_job(tmp_path: Path) -> None:
+    before = load_manifest(write_manifest(tmp_path / "a.yaml", GOOD))
+    reordered = f"""
+    model: openai/gpt-image-1-5/image-to-image
+    defaults: {{quality: medium}}
+    jobs:
+      - prompt: "a dog"
+        image_urls: ["{REF}"]
+        quality: high
+        repeat: 2
+      - id: first
+        prompt: "a cat"
+        image_urls: ["{REF}"]
+    """
+    after = load_manifest(write_manifest(tmp_path / "b.yaml", reordered))
+    assert {j.key for j in before.jobs} == {j.key for j in after.jobs}
+
+    edited = load_manifest(write_manifest(tmp_path / "c.yaml", GOOD.replace('"a cat"', '"a lion"')))
+    changed = {j.key for j in edited.jobs} ^ {j.key for j in before.jobs}
+    assert len(changed) == 2  # the old first job out, the new one in; the dogs untouched
+
+
+def test_repeat_growth_keeps_existing_generations(tmp_path: Path) -> None:
+    two = load_manifest(write_manifest(tmp_path / "a.yaml", GOOD))
+    three = load_manifest(write_manifest(tmp_path / "b.yaml", GOOD.replace("repeat: 2", "repeat: 3")))
+    assert {j.key for j in two.jobs} < {j.key for j in three.jobs}
+
+
+def test_every_problem_is_reported_with_file_line_and_field(tmp_path: Path) -> None:
+    path = write_manifest(
+        tmp_path / "bad.yaml",
+        f"""
+        model: openai/gpt-image-1-5/image-to-image
+        defaults:
+          qualty: high
+        jobs:
+          - prompt: "ok"
+            image_urls: ["{REF}"]
+            quality: ultra
+          - prompt: 42
+            image_urls: []
+          - image_urls: ["ftp://example.org/x.png"]
+          - id: "../../etc"
+            prompt: "escape"
+            image_urls: ["{REF}"]
+            repeat: 0
+        colour: red
+        """,
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    problems = {(p.line, p.field): p.message for p in caught.value.problems}
+    text = str(caught.value)
+    assert (3, "defaults.qualty") in problems and "did you mean 'quality'" in problems[(3, "defaults.qualty")]
+    assert (7, "jobs[0].quality") in problems and "low, medium, high" in problems[(7, "jobs[0].quality")]
+    assert (8, "jobs[1].prompt") in problems
+    assert (9, "jobs[1].image_urls") in problems
+    assert (10, "jobs[2].image_urls") in problems  # not an http(s) URL
+    assert any(line == 10 and "prompt" in msg for (line, _), msg in problems.items())  # missing prompt
+    assert (11, "jobs[3].id") in problems
+    assert (14, "jobs[3].repeat") in problems
+    assert (15, "colour") in problems
+    assert text.startswith(f"{len(caught.value.problems)} problems in the manifest:")
+    assert f"{path}:7: jobs[0].quality:" in text
+
+
+def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path / "broken.yaml", "model: x\njobs:\n  - prompt: [unclosed\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    assert "invalid YAML" in str(caught.value)
+    assert caught.value.problems[0].line is not None
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path / "evil.yaml", "model: !!python/object/apply:os.system ['echo hi']\njobs: []\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    assert "invalid YAML" in str(caught.value)
+
+
+def test_duplicate_keys_and_duplicate_jobs_are_errors(tmp_path: Path) -> None:
+    path = write_manifest(
+        tmp_path / "dup.yaml",
+        f"""
+        model: openai/gpt-image-1-5/image-to-image
+        jobs:
+          - prompt: "same"
+            prompt: "twice"
+            image_urls: ["{REF}"]
+          - prompt: "same again"
+            image_urls: ["{REF}"]
+          - prompt: "same again"
+            image_urls: ["{REF}"]
+          - id: a
+            prompt: "one"
+            image_urls: ["{REF}"]
+          - id: a
+            prompt: "two"
+            image_urls: ["{REF}"]
+        """,
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    messages = [str(p) for p in caught.value.problems]
+    assert any("duplicate key" in m and ":4:" in m for m in messages)
+    assert any("same input as the job on line 6" in m for m in messages)
+    assert any("'a' is already used on line 10" in m for m in messages)
+
+
+def test_unknown_model_and_missing_file(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path / "m.yaml", f"model: acme/nope\njobs:\n  - prompt: x\n    image_urls: ['{REF}']\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    assert "known models: openai/gpt-image-1-5/image-to-image" in str(caught.value)
+    with pytest.raises(UsageError, match="no manifest at"):
+        load_manifest(tmp_path / "absent.yaml")
+
+
+def test_job_key_is_canonical() -> None:
+    a = job_key("m/x", {"b": 1, "a": [1, 2]}, 0)
+    assert a == job_key("m/x", {"a": [1, 2], "b": 1}, 0)
+    assert a != job_key("m/x", {"a": [1, 2], "b": 1}, 1)
+
+
+def test_example_manifests_are_valid() -> None:
+    root = Path(__file__).resolve().parent.parent / "manifests"
+    examples = sorted(root.glob("*.yaml"))
+    assert examples
+    for example in examples:
+        assert load_manifest(example).jobs
