@@ -375,6 +375,8 @@ class RunComfyClient:
                 # RunComfy's own error body says it failed (500001): its docs say retry.
                 raise _Retry(error, _retry_after(response))
             raise error
+        if 400 <= response.status_code < 500:
+            raise _refusal(response, body, doing)  # a client error: refused before any work
         if response.status_code >= 300:
             msg = f"RunComfy answered HTTP {response.status_code} without its error body while {doing}; it may have accepted the job"
             raise UncertainSubmitError(msg, status_code=response.status_code)

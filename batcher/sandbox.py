@@ -153,6 +153,8 @@ class Sandbox:
         """Output path -> sha256 of the bytes it serves."""
         self.faults_injected: dict[str, int] = {}
         self.calls: dict[str, int] = {}
+        self.credentials_seen_by_file_host = 0
+        """File requests that carried an Authorization header: must stay 0."""
         self.port: int | None = None
         self.host = "127.0.0.1"
 
@@ -187,6 +189,11 @@ class Sandbox:
         query = parse_qs(parts.query)
         segments = [s for s in path.split("/") if s]
         if segments[:1] == ["files"] and method == "GET":
+            if "authorization" in headers:
+                self.credentials_seen_by_file_host += 1
+            expires = query.get("expires")
+            if expires and float(expires[0]) < time.time():
+                return _Response(403, b"<Error>Request has expired</Error>", [("content-type", "application/xml")])
             return self._file(path)
         if segments[:1] == ["_sandbox"]:
             return _json(200, self.stats())
@@ -363,15 +370,8 @@ class Sandbox:
         if answer is None:
             return _Response(0, b"", fault="drop")
         if fault == "drop_after_accept":
-            for record in self.submits[-1:]:
-                if answer.body and record.request_id.encode() in answer.body:
-                    record.answered = False
             return _Response(0, b"", fault="drop")
         answer.fault = fault  # slow or truncate: applied while sending
-        if fault == "truncate":
-            for record in self.submits[-1:]:
-                if answer.body and record.request_id.encode() in answer.body:
-                    record.answered = False
         return answer
 
     # -- the server ------------------------------------------------------------

@@ -1,0 +1,213 @@
+"""The client's decisions, on an in-process transport: what is retried, what is uncertain."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from batcher import (
+    ApiValidationError,
+    AuthError,
+    BalanceError,
+    RequestGoneError,
+    RetryPolicy,
+    RunComfyClient,
+    TransientApiError,
+    UncertainSubmitError,
+    UsageError,
+)
+from batcher.client import api_base_from_env, collect_output_urls, normalize_state, token_from_env
+
+from .conftest import TOKEN
+
+MODEL = "openai/gpt-image-1-5/image-to-image"
+FAST = RetryPolicy(attempts=4, base=0.001, cap=0.002, max_retry_after=0.01)
+
+
+def _client(answers: list[Callable[[httpx.Request], httpx.Response]], seen: list[httpx.Request]) -> RunComfyClient:
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers.pop(0)(request)
+
+    return RunComfyClient(TOKEN, "https://api.test", retry=FAST, transport=httpx.MockTransport(handler))
+
+
+def ok(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json={"request_id": "r-1", "status_url": "x"})
+
+
+def status(code: int, body: object = None, headers: dict[str, str] | None = None) -> Callable[..., httpx.Response]:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if isinstance(body, dict):
+            return httpx.Response(code, json=body, headers=headers)
+        return httpx.Response(code, content=(body or b"") if isinstance(body, bytes) else b"", headers=headers)
+
+    return answer
+
+
+def raises(exc: type[Exception]) -> Callable[..., httpx.Response]:
+    def answer(request: httpx.Request) -> httpx.Response:
+        raise exc("boom", request=request)  # type: ignore[call-arg]
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        status(429, {"error_message": "slow down"}, {"retry-after": "0"}),
+        status(503, b"<html>unavailable</html>"),
+        status(500, {"error_code": 500001, "error_message": "Internal error"}),
+        raises(httpx.ConnectError),
+        raises(httpx.ConnectTimeout),
+    ],
+    ids=["429", "503", "500001", "connect-error", "connect-timeout"],
+)
+async def test_submits_that_certainly_failed_are_retried(first: Callable[..., httpx.Response]) -> None:
+    seen: list[httpx.Request] = []
+    async with _client([first, ok], seen) as client:
+        submission = await client.submit(MODEL, {"prompt": "x"})
+    assert submission.request_id == "r-1"
+    assert len(seen) == 2
+    assert seen[0].url.path == "/v1/models/openai/gpt-image-1-5/image-to-image"
+    assert seen[0].headers["authorization"] == f"Bearer {TOKEN}"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        raises(httpx.ReadTimeout),
+        raises(httpx.RemoteProtocolError),
+        raises(httpx.ReadError),
+        status(502, b"<html>bad gateway</html>"),
+        status(504, b""),
+        status(500, b"oops"),
+        status(200, {"status": "in_queue"}),
+        status(200, b"<html>not json</html>"),
+    ],
+    ids=["read-timeout", "disconnect", "read-error", "502", "504", "bare-500", "no-request-id", "not-json"],
+)
+async def test_submits_of_unknown_fate_are_never_retried(answer: Callable[..., httpx.Response]) -> None:
+    seen: list[httpx.Request] = []
+    async with _client([answer, ok], seen) as client:
+        with pytest.raises(UncertainSubmitError) as caught:
+            await client.submit(MODEL, {"prompt": "x"})
+    assert len(seen) == 1, "an uncertain submit must not be sent again automatically"
+    assert TOKEN not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "words"),
+    [
+        (status(401, {"error_code": 401001, "error_message": "Token expired"}), AuthError, "RUNCOMFY_API_TOKEN"),
+        (status(400, {"error_code": 400004, "error_message": "Missing token"}), AuthError, "expired"),
+        (status(400, {"error_code": 400002, "error_message": "Insufficient balance"}), BalanceError, "Top up"),
+        (status(402, b""), BalanceError, "balance"),
+        (
+            status(422, {"error_code": 422001, "error_message": "Invalid", "detail": [{"loc": "prompt"}]}),
+            ApiValidationError,
+            "prompt",
+        ),
+        (status(200, {"error_code": 422001, "error_message": "bad input"}), ApiValidationError, "bad input"),
+    ],
+    ids=["401001", "400004", "400002", "402", "422001", "200-with-error-code"],
+)
+async def test_refusals_become_actionable_errors(
+    answer: Callable[..., httpx.Response], error: type[Exception], words: str
+) -> None:
+    seen: list[httpx.Request] = []
+    async with _client([answer, ok], seen) as client:
+        with pytest.raises(error, match=words):
+            await client.submit(MODEL, {"prompt": "x"})
+    assert len(seen) == 1
+
+
+async def test_submit_gives_up_after_the_retry_budget() -> None:
+    seen: list[httpx.Request] = []
+    async with _client([status(429, {}, {"retry-after": "0"})] * 4, seen) as client:
+        with pytest.raises(TransientApiError, match="was not accepted"):
+            await client.submit(MODEL, {"prompt": "x"})
+    assert len(seen) == 4
+
+
+async def test_polls_retry_anything_transient_and_honour_retry_after() -> None:
+    seen: list[httpx.Request] = []
+    done = status(200, {"request_id": "r", "status": "succeeded", "output": {"image": "https://cdn.test/a.png"}})
+    answers = [
+        raises(httpx.ReadTimeout),
+        status(502, b"gateway"),
+        status(429, {}, {"retry-after": "0.001"}),
+        done,
+    ]
+    async with _client(answers, seen) as client:
+        result = await client.result("r")
+    assert result.state == "completed"
+    assert result.outputs == ["https://cdn.test/a.png"]
+    assert seen[-1].url.params["include_cost"] == "true"
+    assert len(seen) == 4
+
+
+async def test_result_states_and_errors_are_normalized() -> None:
+    seen: list[httpx.Request] = []
+    answers = [
+        status(200, {"request_id": "r", "status": "in_queue", "queue_position": 3}),
+        status(200, {"request_id": "r", "status": "failed", "error": {"message": "nsfw"}}),
+        status(200, {"request_id": "r", "status": "warming_up", "extra": 1}),
+        status(404, {"error_code": 404001, "error_message": "Request not found"}),
+    ]
+    async with _client(answers, seen) as client:
+        queued = await client.result("r")
+        failed = await client.result("r")
+        unknown = await client.result("r")
+        with pytest.raises(RequestGoneError):
+            await client.result("r")
+    assert (queued.state, queued.queue_position) == ("in_queue", 3)
+    assert failed.state == "failed" and failed.error is not None and "nsfw" in failed.error
+    assert unknown.state == "unknown" and unknown.raw["extra"] == 1
+
+
+async def test_cancel_reports_the_outcome() -> None:
+    seen: list[httpx.Request] = []
+    answers = [status(200, {"request_id": "r", "status": "in_progress", "outcome": "not_cancellable"})]
+    async with _client(answers, seen) as client:
+        outcome = await client.cancel("r/../x")
+    assert outcome.outcome == "not_cancellable" and outcome.state == "in_progress"
+    assert seen[0].url.raw_path == b"/v1/requests/r%2F..%2Fx/cancel"
+    assert seen[0].method == "POST"
+
+
+def test_output_urls_are_collected_generically() -> None:
+    output = {
+        "images": ["https://a/1.png", "https://a/2.png"],
+        "image": "https://a/0.png",
+        "video": None,
+        "thumbnails": [{"url": "https://a/t.png"}],
+        "seed": 42,
+    }
+    assert collect_output_urls(output) == ["https://a/0.png", "https://a/1.png", "https://a/2.png", "https://a/t.png"]
+    assert collect_output_urls(None) == []
+
+
+def test_state_words() -> None:
+    assert [normalize_state(w) for w in ("succeeded", "canceled", "IN_PROGRESS", "what")] == [
+        "completed",
+        "cancelled",
+        "in_progress",
+        "unknown",
+    ]
+
+
+def test_token_and_base_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UsageError, match="RUNCOMFY_API_TOKEN"):
+        token_from_env()
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", "  t  ")
+    assert token_from_env() == "t"
+    assert api_base_from_env(None) == "https://model-api.runcomfy.net"
+    monkeypatch.setenv("RUNCOMFY_API_BASE", "http://127.0.0.1:9/")
+    assert api_base_from_env(None) == "http://127.0.0.1:9"
+    with pytest.raises(UsageError, match="only for loopback"):
+        api_base_from_env("http://api.example.com")
+    with pytest.raises(UsageError, match="only https"):
+        RunComfyClient(TOKEN, "ftp://x")

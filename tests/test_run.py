@@ -1,0 +1,220 @@
+"""Whole runs against the sandbox over real loopback sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from batcher import (
+    JournalLockedError,
+    RunSummary,
+    SandboxConfig,
+    SandboxThread,
+    UsageError,
+    load_manifest,
+    read_journal,
+    run_manifest,
+)
+from batcher.state import JOURNAL_NAME, Journal
+
+from .conftest import TOKEN, fast_options, many_jobs_manifest
+
+StartSandbox = Callable[..., SandboxThread]
+
+
+async def _run(manifest_path: Path, sandbox: SandboxThread, **overrides: object) -> RunSummary:
+    options = fast_options(api_base=sandbox.url, output_dir=Path("out"), **overrides)
+    return await run_manifest(load_manifest(manifest_path), options)
+
+
+def _submits_per_prompt(sandbox: SandboxThread) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in sandbox.sandbox.submits:
+        counts[record.body["prompt"]] = counts.get(record.body["prompt"], 0) + 1
+    return counts
+
+
+def _check_files_against_server(out: Path, sandbox: SandboxThread) -> int:
+    """Every journalled file is on disk with the bytes the server served; returns how many."""
+    folded = read_journal(out / JOURNAL_NAME)
+    checked = 0
+    served = set(sandbox.sandbox.served.values())
+    for record in folded.records.values():
+        for file in record.files.values():
+            data = (out / file.path).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == file.sha256
+            assert file.sha256 in served
+            assert data.startswith(b"\x89PNG")
+            checked += 1
+    leftovers = [p for p in out.rglob("*.part")]
+    assert leftovers == [], "no temporary file may be left behind"
+    return checked
+
+
+async def test_a_full_run_then_a_resume_that_sends_nothing(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 12)
+    summary = await _run(manifest, sandbox, concurrency=4)
+    assert (summary.done, summary.exit_code) == (12, 0)
+    assert _check_files_against_server(tmp_path / "out", sandbox) == 12
+    assert sandbox.sandbox.credentials_seen_by_file_host == 0, "the token must never reach download hosts"
+    sidecar = json.loads(next((tmp_path / "out" / "job-0003").glob("*.json")).read_text())
+    assert sidecar["input"]["prompt"] == "prompt number 3" and sidecar["request_id"]
+
+    again = await _run(manifest, sandbox)
+    assert (again.done, again.exit_code) == (12, 0)
+    assert len(sandbox.sandbox.submits) == 12
+    assert sandbox.sandbox.calls.get("result", 0) > 0
+    journal = (tmp_path / "out" / JOURNAL_NAME).read_text()
+    assert TOKEN not in journal
+
+
+async def test_missing_or_damaged_files_are_fetched_again_without_resubmitting(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
+    await _run(manifest, sandbox)
+    out = tmp_path / "out"
+    first, second = sorted(out.glob("job-000[01]/*.png"))
+    first.unlink()
+    second.write_bytes(b"\x89PNG damaged")
+    summary = await _run(manifest, sandbox)
+    assert summary.done == 3
+    assert len(sandbox.sandbox.submits) == 3
+    assert _check_files_against_server(out, sandbox) == 3
+
+
+async def test_expired_output_urls_are_refreshed_once(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(url_ttl=0.3)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
+    await _run(manifest, sandbox)
+    image = next((tmp_path / "out").glob("job-0000/*.png"))
+    image.unlink()
+    await anyio.sleep(0.4)  # the journalled URL has expired now
+    summary = await _run(manifest, sandbox)
+    assert summary.done == 1 and image.exists()
+    events = [json.loads(line)["e"] for line in (tmp_path / "out" / JOURNAL_NAME).read_text().splitlines()]
+    assert events.count("urls") == 1
+
+
+async def test_faults_at_a_real_rate_never_pay_twice(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(fault_rate=0.2, slow_seconds=0.6, retry_after=0.01, seed=7)
+    server = sandbox.sandbox
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 40)
+    timeouts = {"submit_timeout": httpx.Timeout(0.3), "poll_timeout": httpx.Timeout(0.3)}
+    summary = await _run(manifest, sandbox, concurrency=8, **timeouts)
+    assert sum(server.faults_injected.values()) >= 10, server.faults_injected
+    assert summary.done + len(summary.uncertain) + len(summary.failed) == 40
+    assert all(count == 1 for count in _submits_per_prompt(sandbox).values()), "nothing is paid twice"
+    # A submit the server accepted but whose answer was lost is always held as uncertain.
+    lost = {s.body["prompt"] for s in server.submits if not s.answered}
+    held = {f"prompt number {int(o.name.split('-')[1])}" for o in summary.uncertain}
+    assert lost and lost <= held
+
+    # Plain reruns never resend uncertain jobs...
+    for _ in range(2):
+        rerun = await _run(manifest, sandbox, **timeouts)
+        assert {o.key for o in rerun.uncertain} >= {o.key for o in summary.uncertain}
+    assert all(count == 1 for count in _submits_per_prompt(sandbox).values())
+    # ...until the user asks; then every job completes.
+    server.config.fault_rate = 0.0
+    final = await _run(manifest, sandbox, resubmit_uncertain=True, retry_failed=True)
+    assert final.done == 40, (final.failed, final.uncertain, final.unfinished)
+    assert _check_files_against_server(tmp_path / "out", sandbox) == 40
+
+
+async def test_accept_then_reset_is_held_as_uncertain_and_never_resent(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox(fault_rate=1.0, faults=("drop_after_accept",), fault_paths=("submit",))
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 1, quality="high")
+    summary = await _run(manifest, sandbox)
+    assert summary.exit_code == 1
+    assert [o.name for o in summary.uncertain] == ["job-0000"]
+    assert summary.possible_extra_cost == pytest.approx(0.2)
+    assert len(sandbox.sandbox.submits) == 1 and not sandbox.sandbox.submits[0].answered
+
+    sandbox.sandbox.config.fault_rate = 0.0
+    for _ in range(2):
+        again = await _run(manifest, sandbox)
+        assert [o.name for o in again.uncertain] == ["job-0000"]
+    assert len(sandbox.sandbox.submits) == 1, "0 automatic resubmissions"
+
+    resubmitted = await _run(manifest, sandbox, resubmit_uncertain=True)
+    assert resubmitted.done == 1 and resubmitted.exit_code == 0
+    assert len(sandbox.sandbox.submits) == 2
+
+
+async def test_failed_jobs_are_reported_and_retried_only_on_request(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox(fail_rate=1.0)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    summary = await _run(manifest, sandbox)
+    assert summary.exit_code == 1 and len(summary.failed) == 2
+    assert "model failed" in (summary.failed[0].error or "")
+    await _run(manifest, sandbox)
+    assert len(sandbox.sandbox.submits) == 2
+    sandbox.sandbox.config.fail_rate = 0.0
+    retried = await _run(manifest, sandbox, retry_failed=True)
+    assert retried.done == 2 and len(sandbox.sandbox.submits) == 4
+
+
+async def test_jobs_dropped_from_the_manifest_are_reported_not_touched(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox()
+    await _run(many_jobs_manifest(tmp_path / "m.yaml", 3), sandbox)
+    summary = await _run(many_jobs_manifest(tmp_path / "m.yaml", 2), sandbox)
+    assert summary.orphans == ["job-0002"]
+    assert (tmp_path / "out" / "job-0002").is_dir()
+
+
+async def test_insufficient_balance_stops_submitting_and_resumes_later(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        return httpx.Response(400, json={"error_code": 400002, "error_message": "Insufficient balance"})
+
+    manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 5))
+    options = fast_options(output_dir=Path("out"), concurrency=1, api_transport=httpx.MockTransport(handler))
+    summary = await run_manifest(manifest, options)
+    assert summary.exit_code == 1
+    assert "balance" in (summary.stop_reason or "")
+    assert len(calls) == 1, "no further submits once the balance is known to be gone"
+    folded = read_journal(tmp_path / "out" / JOURNAL_NAME)
+    assert all(r.phase == "pending" for r in folded.records.values())
+
+
+async def test_no_token_is_a_usage_error_before_anything_is_written(tmp_path: Path) -> None:
+    manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
+    with pytest.raises(UsageError, match="RUNCOMFY_API_TOKEN"):
+        await run_manifest(manifest, fast_options(token=None, output_dir=Path("out")))
+    assert not (tmp_path / "out").exists()
+
+
+async def test_a_second_runner_on_the_same_folder_fails_fast(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox()
+    holder = Journal(tmp_path / "out")
+    holder.open()
+    try:
+        with pytest.raises(JournalLockedError, match="another batcher run"):
+            await _run(many_jobs_manifest(tmp_path / "m.yaml", 1), sandbox)
+    finally:
+        holder.close()
+    assert sandbox.sandbox.submits == []
+
+
+async def test_in_process_sandbox_needs_no_token(tmp_path: Path) -> None:
+    manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 2))
+    options = fast_options(token=None, sandbox=SandboxConfig(queue_delay=0.01, run_delay=0.01), output_dir=Path("o"))
+    summary = await run_manifest(manifest, options)
+    assert summary.done == 2
