@@ -179,7 +179,7 @@ class Downloader:
         size = 0
         try:
             async with aiofiles.open(temporary, "wb") as out:
-                async for chunk in response.aiter_raw(_CHUNK):
+                async for chunk in response.aiter_bytes(_CHUNK):  # identity-encoded: checked above
                     size += len(chunk)
                     if size > self.max_bytes:
                         raise _PermanentDownloadError(

@@ -434,6 +434,11 @@ class Sandbox:
                     yield f"http://{host}:{self.port}"
                 finally:
                     group.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The caller's own error, raised while we served: give it back as it was raised.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from group.exceptions[0].__cause__
+            raise
         finally:
             await listener.aclose()
 

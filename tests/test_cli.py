@@ -1,0 +1,114 @@
+"""The command line: exit codes, messages, and the README's first command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from batcher.cli import cli
+from batcher.state import Journal
+
+from .conftest import REF, many_jobs_manifest, write_manifest
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_help_for_every_command(runner: CliRunner) -> None:
+    for command in ([], ["run"], ["validate"], ["plan"], ["status"], ["cancel"], ["sandbox"]):
+        result = runner.invoke(cli, [*command, "-h"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "Usage: " in result.output
+
+
+def test_validate_lists_every_problem_and_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    path = write_manifest(
+        tmp_path / "bad.yaml",
+        f"""
+        model: openai/gpt-image-1-5/image-to-image
+        jobs:
+          - prompt: "a"
+            image_urls: ["{REF}"]
+            quality: ultra
+          - prompt: "b"
+            image_urls: "not a list"
+        """,
+    )
+    result = runner.invoke(cli, ["validate", str(path)], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "2 problems in the manifest" in result.output
+    assert f"{path}:5: jobs[0].quality:" in result.output
+    assert f"{path}:7: jobs[1].image_urls:" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_and_plan_need_no_token_or_network(runner: CliRunner, tmp_path: Path) -> None:
+    path = many_jobs_manifest(tmp_path / "m.yaml", 3, quality="medium")
+    result = runner.invoke(cli, ["validate", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0 and "3 jobs" in result.output
+    result = runner.invoke(cli, ["plan", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert "job-0002" in result.output and "$0.15" in result.output  # 3 x 0.051, auto size priced as the larger
+
+
+def test_run_without_token_exits_2_before_sending(runner: CliRunner, tmp_path: Path) -> None:
+    path = many_jobs_manifest(tmp_path / "m.yaml", 1)
+    result = runner.invoke(cli, ["run", str(path)], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "RUNCOMFY_API_TOKEN" in result.output and "--sandbox" in result.output
+    assert not (tmp_path / "output").exists()
+
+
+def test_bad_flags_and_unsafe_api_base_exit_2(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = many_jobs_manifest(tmp_path / "m.yaml", 1)
+    assert runner.invoke(cli, ["run", str(path), "--concurrency", "0"]).exit_code == 2
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", "t")
+    result = runner.invoke(cli, ["run", str(path), "--api-base", "http://api.example.com"], catch_exceptions=False)
+    assert result.exit_code == 2 and "only for loopback" in result.output
+
+
+def test_sandbox_run_then_status(runner: CliRunner, tmp_path: Path) -> None:
+    path = many_jobs_manifest(tmp_path / "demo.yaml", 3)
+    result = runner.invoke(cli, ["run", str(path), "--sandbox", "--poll-interval", "0.05"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "3/3 done" in result.output
+    assert len(list((tmp_path / "output" / "demo").glob("job-*/*.png"))) == 3
+
+    result = runner.invoke(cli, ["status", str(path), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0
+    report = json.loads(result.output)
+    assert report["counts"]["done"] == 3 and report["failed"] == [] and report["spent"] > 0
+
+    result = runner.invoke(cli, ["status", str(path)], catch_exceptions=False)
+    assert "done" in result.output
+
+
+def test_a_locked_output_folder_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    path = many_jobs_manifest(tmp_path / "m.yaml", 1)
+    holder = Journal(tmp_path / "output" / "m")
+    holder.open()
+    try:
+        result = runner.invoke(cli, ["run", str(path), "--sandbox"], catch_exceptions=False)
+    finally:
+        holder.close()
+    assert result.exit_code == 2
+    assert "another batcher run" in result.output
+
+
+def test_a_damaged_journal_is_named(runner: CliRunner, tmp_path: Path) -> None:
+    path = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    assert runner.invoke(cli, ["run", str(path), "--sandbox", "--poll-interval", "0.05"]).exit_code == 0
+    journal = tmp_path / "output" / "m" / "state.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1][:10] + b"X" + lines[1][11:]
+    journal.write_bytes(b"".join(lines))
+    result = runner.invoke(cli, ["status", str(path)], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "line 2 is damaged" in result.output

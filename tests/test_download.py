@@ -1,0 +1,135 @@
+"""Downloads: every hostile or broken answer gives a clear error and no file under a final name."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from batcher import DownloadError, SandboxThread
+from batcher.download import Downloader, safe_child
+from batcher.netpolicy import address_refusal, scheme_refusal
+from batcher.sandbox import make_png
+
+PNG = make_png("x")
+PUBLIC = "https://93.184.216.34"  # a literal public address: resolves to itself, no DNS needed
+
+
+def _downloader(handler: Callable[[httpx.Request], httpx.Response], seen: list[httpx.Request], **kw: int) -> Downloader:
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return handler(request)
+
+    return Downloader(transport=httpx.MockTransport(record), backoff=0.001, attempts=2, **kw)
+
+
+def _png(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, content=PNG, headers={"content-type": "image/png"})
+
+
+async def test_a_good_download_is_hashed_and_in_place_without_credentials(tmp_path: Path) -> None:
+    seen: list[httpx.Request] = []
+    async with _downloader(_png, seen) as downloader:
+        got = await downloader.fetch(f"{PUBLIC}/out/0.png?sig=secret", tmp_path / "job" / "0.png")
+    assert got.path.read_bytes() == PNG and got.bytes == len(PNG)
+    assert "authorization" not in seen[0].headers
+    assert seen[0].headers["accept-encoding"] == "identity"
+    assert list(tmp_path.rglob(".*.part")) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("file:///etc/passwd", "only https"),
+        ("ftp://example.org/a.png", "only https"),
+        ("http://93.184.216.34/a.png", "only for loopback"),
+        ("https://169.254.169.254/latest/meta-data", "link-local"),
+        ("https://10.1.2.3/a.png", "private"),
+        ("https://[::ffff:192.168.0.1]/a.png", "private"),
+        ("https://0.0.0.0/a.png", "private"),
+    ],
+)
+async def test_unsafe_urls_are_refused_before_connecting(tmp_path: Path, url: str, words: str) -> None:
+    seen: list[httpx.Request] = []
+    async with _downloader(_png, seen) as downloader:
+        with pytest.raises(DownloadError, match=words) as caught:
+            await downloader.fetch(url, tmp_path / "a.png")
+    assert seen == []
+    assert caught.value.permanent
+    assert not (tmp_path / "a.png").exists()
+
+
+async def test_redirects_are_checked_at_every_hop(tmp_path: Path) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"location": "https://169.254.169.254/latest/meta-data/"})
+
+    async with _downloader(handler, seen) as downloader:
+        with pytest.raises(DownloadError, match="link-local"):
+            await downloader.fetch(f"{PUBLIC}/a.png", tmp_path / "a.png")
+    assert len(seen) == 1
+
+
+def _answer(status: int, body: bytes, **headers: str) -> Callable[[httpx.Request], httpx.Response]:
+    return lambda request: httpx.Response(status, content=body, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("handler", "words"),
+    [
+        (_answer(200, b"<html>login</html>", **{"content-type": "text/html"}), "not an image"),
+        (_answer(200, PNG * 10, **{"content-type": "image/png"}), "over the"),
+        (_answer(200, PNG, **{"content-type": "image/png", "content-length": str(10**9)}), "over the"),
+        (_answer(200, PNG[:50], **{"content-type": "image/png", "content-length": str(len(PNG))}), "sent 50 bytes"),
+        (_answer(200, b"", **{"content-type": "image/png"}), "empty"),
+        (
+            _answer(
+                200, gzip.compress(b"\0" * 10_000_000), **{"content-type": "image/png", "content-encoding": "gzip"}
+            ),
+            "gzip-encoded",
+        ),
+        (_answer(404, b"gone"), "expired"),
+        (_answer(500, b"oops"), "HTTP 500"),
+    ],
+    ids=["html", "over-cap", "declared-over-cap", "short-body", "empty", "gzip-bomb", "expired", "server-error"],
+)
+async def test_broken_answers_leave_no_file(
+    tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response], words: str
+) -> None:
+    seen: list[httpx.Request] = []
+    async with _downloader(handler, seen, max_bytes=len(PNG) * 2) as downloader:
+        with pytest.raises(DownloadError, match=words):
+            await downloader.fetch(f"{PUBLIC}/a.png", tmp_path / "a.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_body_truncated_on_the_wire_is_retried_then_refused(
+    tmp_path: Path, start_sandbox: Callable[..., SandboxThread]
+) -> None:
+    sandbox = start_sandbox(fault_rate=1.0, faults=("truncate",), fault_paths=("file",))
+    url = f"{sandbox.url}/files/sbx-1-000000000000/0.png"
+    async with Downloader(backoff=0.001, attempts=3) as downloader:
+        with pytest.raises(DownloadError, match=r"RemoteProtocolError|sent"):
+            await downloader.fetch(url, tmp_path / "a.png")
+    assert sandbox.sandbox.calls["file"] == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_job_paths_cannot_escape_the_output_folder(tmp_path: Path) -> None:
+    assert safe_child(tmp_path, "job", "0.png") == (tmp_path / "job" / "0.png").resolve()
+    for parts in (("..", "x.png"), ("/etc", "passwd"), ("a", "..", "..", "b")):
+        with pytest.raises(DownloadError, match="outside the output folder"):
+            safe_child(tmp_path, *parts)
+
+
+def test_policy_helpers() -> None:
+    assert scheme_refusal("http://localhost:8765/x") is None
+    assert scheme_refusal("http://127.0.0.2/x") is None
+    assert scheme_refusal("https://example.org/x") is None
+    assert address_refusal("127.0.0.1") is None
+    assert address_refusal("8.8.8.8") is None
+    assert address_refusal("fe80::1") is not None

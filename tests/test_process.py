@@ -1,0 +1,145 @@
+"""Real processes: SIGKILL at random moments, SIGINT and SIGTERM, resumed until done."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from batcher import SandboxThread, read_journal
+from batcher.state import JOURNAL_NAME
+
+from .conftest import TOKEN, many_jobs_manifest
+
+StartSandbox = Callable[..., SandboxThread]
+
+
+def _start(manifest: Path, sandbox: SandboxThread, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "RUNCOMFY_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "batcher", "run", str(manifest), "--api-base", sandbox.url]
+    command += ["--output", "out", "--poll-interval", "0.05", "--poll-max", "0.2", *extra]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_event(out: Path, kind: str, count: int = 1, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        journal = out / JOURNAL_NAME
+        if journal.exists() and journal.read_text().count(f'"e":"{kind}"') >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no {kind!r} event within {timeout}s")
+
+
+def test_killed_at_random_moments_and_resumed(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    """SIGKILL a run again and again; nothing journalled is ever sent twice, every byte arrives."""
+    rng = random.Random(20261125)
+    sandbox = start_sandbox(queue_delay=0.2, run_delay=0.3)
+    server = sandbox.sandbox
+    jobs = 30
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", jobs)
+    out = tmp_path / "out"
+    kills = 0
+    uncertain_after_kill: list[int] = []
+    for _ in range(8):
+        process = _start(manifest, sandbox, "--concurrency", "6")
+        time.sleep(rng.uniform(0.2, 1.2))
+        if process.poll() is not None:
+            process.communicate()
+            break
+        process.kill()
+        process.communicate()
+        kills += 1
+        folded = read_journal(out / JOURNAL_NAME)
+        # Journalled request ids were each sent once, and only once.
+        per_prompt = Counter(s.body["prompt"] for s in server.submits)
+        assert all(n == 1 for n in per_prompt.values()), per_prompt
+        uncertain_after_kill.append(sum(1 for r in folded.records.values() if r.phase in ("submitting", "uncertain")))
+    assert kills >= 3
+
+    finish = _start(manifest, sandbox, "--resubmit-uncertain")
+    output, _ = finish.communicate(timeout=120)
+    assert finish.returncode == 0, output
+    folded = read_journal(out / JOURNAL_NAME)
+    assert folded.warnings == [] or all("torn" in w for w in folded.warnings)
+    assert sum(1 for r in folded.records.values() if r.downloaded) == jobs
+    # Duplicates only from the window between sending a submit and journalling it.
+    per_prompt = Counter(s.body["prompt"] for s in server.submits)
+    duplicates = sum(n - 1 for n in per_prompt.values())
+    assert duplicates <= sum(uncertain_after_kill)
+    for record in folded.records.values():
+        for file in record.files.values():
+            assert file.sha256 in server.served.values()
+    assert list(out.rglob("*.part")) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_first_signal_stops_submitting_and_finishes_paid_jobs(
+    tmp_path: Path, start_sandbox: StartSandbox, signum: int
+) -> None:
+    sandbox = start_sandbox(queue_delay=0.5, run_delay=0.5)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 20)
+    process = _start(manifest, sandbox, "--concurrency", "4")
+    _wait_for_event(tmp_path / "out", "submitted", 2)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 130, output
+    assert "resume" in output
+    folded = read_journal(tmp_path / "out" / JOURNAL_NAME)
+    submitted = [r for r in folded.records.values() if r.request_ids]
+    assert 0 < len(submitted) < 20
+    assert all(r.downloaded for r in submitted), "paid-for jobs are finished before exiting"
+    assert len(sandbox.sandbox.submits) == len(submitted)
+
+    # Resume does the rest, sending nothing twice.
+    process = _start(manifest, sandbox)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert len(sandbox.sandbox.submits) == 20
+
+
+def test_second_sigint_exits_at_once_with_the_journal_intact(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(queue_delay=5.0, run_delay=5.0)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 10)
+    process = _start(manifest, sandbox, "--concurrency", "4")
+    _wait_for_event(tmp_path / "out", "submitted", 4)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    assert process.poll() is None, "the first Ctrl-C waits for paid-for jobs"
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=10)
+    assert process.returncode == 130
+    assert time.monotonic() - started < 3
+    folded = read_journal(tmp_path / "out" / JOURNAL_NAME)
+    assert sum(1 for r in folded.records.values() if r.request_id) == len(sandbox.sandbox.submits) == 4
+
+
+def test_cancel_on_interrupt_cancels_queued_jobs(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(queue_delay=30.0, run_delay=1.0)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)
+    process = _start(manifest, sandbox, "--concurrency", "3", "--cancel-on-interrupt")
+    _wait_for_event(tmp_path / "out", "submitted", 3)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 130, output
+    folded = read_journal(tmp_path / "out" / JOURNAL_NAME)
+    cancelled = [r for r in folded.records.values() if r.phase == "cancelled"]
+    assert len(cancelled) == 3
+    assert sandbox.sandbox.calls.get("cancel") == 3
+    status = subprocess.run(
+        [sys.executable, "-m", "batcher", "status", str(manifest), "--output", "out", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert json.loads(status.stdout)["counts"]["failed"] == 3
