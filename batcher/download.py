@@ -23,7 +23,7 @@ import anyio
 import httpx
 
 from . import __version__
-from .errors import DownloadError
+from .errors import DownloadError, OutputFolderError
 from .netpolicy import resolve_refusal
 
 __all__ = ["DEFAULT_MAX_BYTES", "Downloaded", "Downloader", "ExpiredUrlError", "extension_for", "safe_child"]
@@ -173,11 +173,11 @@ class Downloader:
                 f"{_short(url)} is {expected:,} bytes, over the {self.max_bytes:,}-byte cap (--max-download-bytes)"
             )
 
-        target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
         digest = hashlib.sha256()
         size = 0
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             async with aiofiles.open(temporary, "wb") as out:
                 async for chunk in response.aiter_bytes(_CHUNK):  # identity-encoded: checked above
                     size += len(chunk)
@@ -197,8 +197,8 @@ class Downloader:
                 await anyio.to_thread.run_sync(os.fsync, out.fileno())
             await anyio.to_thread.run_sync(os.replace, temporary, target)
         except OSError as exc:
-            msg = f"cannot write {target}: {exc.strerror or exc}"
-            raise DownloadError(msg) from exc
+            msg = f"cannot write {target}: {exc.strerror or exc}; free space or fix permissions, then run again"
+            raise OutputFolderError(msg) from exc
         finally:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)

@@ -13,7 +13,8 @@
     ├── JournalError               the state journal cannot be read or written
     │   ├── JournalCorruptError    a damaged line that is not the last one
     │   └── JournalLockedError     another `batcher run` holds the output folder
-    └── DownloadError              an output could not be fetched or failed a check
+    ├── DownloadError              an output could not be fetched or failed a check
+    └── OutputFolderError          the output folder cannot be written (disk full, permissions)
 
 Foreign errors (httpx, yaml, jsonschema, OSError) are turned into these where
 they happen, with ``raise ... from exc``; the CLI turns these into messages
@@ -36,6 +37,7 @@ __all__ = [
     "JournalError",
     "JournalLockedError",
     "ManifestError",
+    "OutputFolderError",
     "Problem",
     "RequestGoneError",
     "TransientApiError",
@@ -143,3 +145,11 @@ class DownloadError(BatcherError):
     """
 
     permanent = False
+
+
+class OutputFolderError(BatcherError):
+    """Raised when files cannot be written to the output folder (disk full, no permission).
+
+    The run stops rather than fail every remaining job the same way; the
+    journal still folds, and the next run downloads what is missing.
+    """

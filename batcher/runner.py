@@ -50,6 +50,7 @@ from .errors import (
     BatcherError,
     DownloadError,
     JournalError,
+    OutputFolderError,
     RequestGoneError,
     UncertainSubmitError,
     UsageError,
@@ -305,7 +306,13 @@ class _Run:
             progress.set(job.key, "failed")
             progress.error(job.name, str(exc))
             return False
-        self.record(job, "submitted", request_id=submission.request_id)
+        try:
+            self.record(job, "submitted", request_id=submission.request_id)
+        except JournalError as exc:
+            # The one thing that must not be lost: say it where the user will see it.
+            msg = f"{exc}. Job {job.name} WAS submitted as request {submission.request_id}: keep this id"
+            log.error("%s", msg)
+            raise JournalError(msg) from exc
         progress.set(job.key, "queued")
         return True
 
@@ -403,7 +410,8 @@ class _Run:
             self.progress.set(job.key, "failed")
             self.progress.error(job.name, reason)
             return
-        self.record(job, "completed", outputs=result.outputs, cost=result.cost)
+        # The whole answer is kept: fields we do not know today may matter to someone tomorrow.
+        self.record(job, "completed", outputs=result.outputs, cost=result.cost, result=result.raw)
 
     async def download(self, job: Job) -> None:
         progress = self.progress
@@ -439,7 +447,11 @@ class _Run:
             relative = got.path.relative_to(self.output_dir.resolve()).as_posix()
             record = self.record(job, "downloaded", index=index, path=relative, bytes=got.bytes, sha256=got.sha256)
             index += 1
-        await anyio.to_thread.run_sync(self.write_sidecar, job, record)
+        try:
+            await anyio.to_thread.run_sync(self.write_sidecar, job, record)
+        except OSError as exc:
+            msg = f"cannot write the sidecar of {job.name}: {exc.strerror or exc}"
+            raise OutputFolderError(msg) from exc
         progress.set(job.key, "done")
 
     def download_failed(self, job: Job, reason: str) -> None:
@@ -589,10 +601,7 @@ async def _execute(run: _Run, on_start: Callable[[RunProgress], None] | None) ->
             async for job, action in jobs:
                 try:
                     await run.process(job, action)
-                except _Stop as exc:
-                    run.fatal = exc
-                    group.cancel_scope.cancel()
-                except JournalError as exc:
+                except (_Stop, JournalError, OutputFolderError) as exc:
                     run.fatal = exc
                     group.cancel_scope.cancel()
 

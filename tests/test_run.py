@@ -12,7 +12,9 @@ import httpx
 import pytest
 
 from batcher import (
+    JournalError,
     JournalLockedError,
+    OutputFolderError,
     RunSummary,
     SandboxConfig,
     SandboxThread,
@@ -21,6 +23,7 @@ from batcher import (
     read_journal,
     run_manifest,
 )
+from batcher.runner import cancel_manifest
 from batcher.state import JOURNAL_NAME, Journal
 
 from .conftest import TOKEN, fast_options, many_jobs_manifest
@@ -218,3 +221,79 @@ async def test_in_process_sandbox_needs_no_token(tmp_path: Path) -> None:
     options = fast_options(token=None, sandbox=SandboxConfig(queue_delay=0.01, run_delay=0.01), output_dir=Path("o"))
     summary = await run_manifest(manifest, options)
     assert summary.done == 2
+
+
+async def test_a_journal_that_cannot_record_a_request_id_stops_the_run_and_says_it(
+    tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    import batcher.state
+
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        if b'"e":"submitted"' in data:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
+    monkeypatch.setattr(batcher.state.os, "write", full_disk)
+    with pytest.raises(JournalError, match=r"No space left on device.*WAS submitted as request sbx-") as caught:
+        await _run(manifest, sandbox, concurrency=1)
+    assert sandbox.sandbox.submits[0].request_id in str(caught.value)
+    monkeypatch.setattr(batcher.state.os, "write", real_write)
+
+    # The journal still folds; the job whose answer was lost is uncertain, never resent.
+    again = await _run(manifest, sandbox)
+    assert len(again.uncertain) == 1 and again.done == 2
+    assert len(sandbox.sandbox.submits) == 3
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EACCES"])
+async def test_an_unwritable_output_folder_stops_the_run_cleanly(
+    tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    import errno
+
+    import batcher.download
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(getattr(errno, code), os_strerror(code))
+
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 4)
+    real_open = batcher.download.aiofiles.open
+    monkeypatch.setattr(batcher.download.aiofiles, "open", refuse)
+    with pytest.raises(OutputFolderError, match="free space or fix permissions"):
+        await _run(manifest, sandbox, concurrency=1)
+    monkeypatch.setattr(batcher.download.aiofiles, "open", real_open)
+    folded = read_journal(tmp_path / "out" / JOURNAL_NAME)
+    assert {r.request_id for r in folded.records.values() if r.request_id} == {
+        s.request_id for s in sandbox.sandbox.submits
+    }, "nothing submitted that the journal does not know of"
+    summary = await _run(manifest, sandbox)
+    assert summary.done == 4
+    assert len(sandbox.sandbox.submits) == 4
+
+
+def os_strerror(code: str) -> str:
+    import errno
+    import os
+
+    return os.strerror(getattr(errno, code))
+
+
+async def test_cancel_cancels_queued_jobs(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(queue_delay=30)
+    manifest_path = many_jobs_manifest(tmp_path / "m.yaml", 3)
+    summary = await _run(manifest_path, sandbox, job_timeout=None, run_timeout=1.0)
+    assert len(summary.unfinished) == 3 and summary.exit_code == 1
+    result = await cancel_manifest(
+        load_manifest(manifest_path), fast_options(api_base=sandbox.url, output_dir=Path("out"))
+    )
+    assert sorted(result.cancelled) == ["job-0000", "job-0001", "job-0002"]
+    again = await _run(manifest_path, sandbox)
+    assert len(again.failed) == 3 and len(sandbox.sandbox.submits) == 3
