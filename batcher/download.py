@@ -178,6 +178,9 @@ class Downloader:
         size = 0
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
+            # Leftovers of a killed run (the folder's lock says no one else writes here).
+            for stale in target.parent.glob(f".{target.name}.*.part"):
+                stale.unlink(missing_ok=True)
             async with aiofiles.open(temporary, "wb") as out:
                 async for chunk in response.aiter_bytes(_CHUNK):  # identity-encoded: checked above
                     size += len(chunk)
