@@ -43,7 +43,8 @@ EXIT_INTERRUPTED = 130
 
 _BAD_INPUT = (ManifestError, UsageError, AuthError, JournalLockedError, JournalCorruptError)
 
-stderr = Console(stderr=True, highlight=False)
+# soft_wrap: long lines stay whole in logs and pipes; terminals wrap them anyway.
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout = Console(highlight=False)
 
 

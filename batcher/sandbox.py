@@ -35,6 +35,7 @@ import anyio
 import anyio.abc
 import h11
 
+from .cost import load_price_table
 from .errors import UsageError
 from .schema import load_model_schema
 
@@ -118,6 +119,7 @@ class _Job:
     run_at: float
     done_at: float
     will_fail: bool
+    model: str = ""
     cancelled: bool = False
     started_at: float | None = None
 
@@ -245,7 +247,8 @@ class Sandbox:
         now = time.time()
         request_id = f"sbx-{int(now * 1000):x}-{self.rng.getrandbits(48):012x}"
         record = SubmitRecord(request_id, payload, now, answered=fault is None)
-        self.jobs[request_id] = self._job_for(record)
+        self.jobs[request_id] = job = self._job_for(record)
+        job.model = model
         self.submits.append(record)
         if fault is not None:
             return self._fault_response(fault, answer=self._submit_answer(request_id))
@@ -308,13 +311,19 @@ class Sandbox:
                 payload["output"] = self._outputs(request_id, now)
                 payload["finished_at"] = job.done_at
                 if cost:
-                    payload["cost"] = 0.133 * self.config.images_per_job
+                    payload["cost"] = self._price(job) * self.config.images_per_job
             elif state == "failed":
                 payload["error"] = {"message": "sandbox: the model failed on this input", "code": "generation_failed"}
         response = _json(200, payload)
         if fault is not None:
             return self._fault_response(fault, answer=response)
         return response
+
+    def _price(self, job: _Job) -> float:
+        """What the real service would charge, from the bundled price table (0 when unknown)."""
+        table = load_price_table(job.model) if job.model else None
+        price = table.price(job.record.body) if table else None
+        return price or 0.0
 
     def _outputs(self, request_id: str, now: float) -> dict[str, Any]:
         expiry = f"?expires={now + self.config.url_ttl:.3f}" if self.config.url_ttl is not None else ""

@@ -177,3 +177,20 @@ def test_example_manifests_are_valid() -> None:
     assert examples
     for example in examples:
         assert load_manifest(example).jobs
+
+
+def test_the_editor_schema_accepts_the_examples_and_catches_typos() -> None:
+    import json
+
+    import jsonschema
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    schema = json.loads((root / "schemas" / "manifest.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for example in sorted((root / "manifests").glob("*.yaml")):
+        text = example.read_text()
+        assert "yaml-language-server: $schema=../schemas/manifest.schema.json" in text
+        jsonschema.validate(yaml.safe_load(text), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"model": "m", "jobs": [{"prompt": "x", "qualty": "low"}]}, schema)
