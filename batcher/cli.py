@@ -313,6 +313,7 @@ def cancel(manifest: Path, output: Path | None, api_base: str | None, sandbox: b
 @click.option("-p", "--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--queue-delay", default=0.3, show_default=True, type=float, help="Seconds a job waits in the queue.")
 @click.option("--run-delay", default=0.7, show_default=True, type=float, help="Seconds a job runs.")
+@click.option("--run-delay-max", type=float, help="Draw each job's run time between --run-delay and this.")
 @click.option(
     "--fail-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Fraction of jobs that fail."
 )
@@ -340,6 +341,7 @@ def sandbox_command(
     port: int,
     queue_delay: float,
     run_delay: float,
+    run_delay_max: float | None,
     fail_rate: float,
     fault_rate: float,
     faults: str,
@@ -361,6 +363,7 @@ def sandbox_command(
     config = SandboxConfig(
         queue_delay=queue_delay,
         run_delay=run_delay,
+        run_delay_max=run_delay_max,
         fail_rate=fail_rate,
         fault_rate=fault_rate,
         faults=tuple(f.strip() for f in faults.split(",") if f.strip()),

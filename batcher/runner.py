@@ -444,7 +444,7 @@ class _Run:
                     return
                 record = self.record(job, "urls", outputs=fresh.outputs)
                 continue
-            relative = got.path.relative_to(self.output_dir.resolve()).as_posix()
+            relative = got.path.relative_to(self.output_dir).as_posix()
             record = self.record(job, "downloaded", index=index, path=relative, bytes=got.bytes, sha256=got.sha256)
             index += 1
         try:
@@ -543,7 +543,7 @@ async def run_manifest(
                 transport=options.api_transport,
                 submit_timeout=options.submit_timeout,
                 poll_timeout=options.poll_timeout,
-                max_connections=max(10, options.concurrency * 2),
+                max_connections=options.concurrency,
             )
         )
         run.downloader = await stack.enter_async_context(
@@ -551,7 +551,7 @@ async def run_manifest(
                 max_bytes=options.max_download_bytes,
                 transport=options.download_transport,
                 backoff=options.download_backoff,
-                max_connections=max(10, options.concurrency * 2),
+                max_connections=options.concurrency,
             )
         )
         journal.append(

@@ -82,6 +82,8 @@ class SandboxConfig:
 
     queue_delay: float = 0.3
     run_delay: float = 0.7
+    run_delay_max: float | None = None
+    """When set, each job runs for a duration drawn between run_delay and this (stable per job)."""
     fail_rate: float = 0.0
     fault_rate: float = 0.0
     faults: tuple[str, ...] = ("429", "500", "502", "503", "drop", "drop_after_accept", "slow", "truncate")
@@ -269,8 +271,13 @@ class Sandbox:
     def _job_for(self, record: SubmitRecord) -> _Job:
         run_at = record.accepted_at + self.config.queue_delay
         # Fate by hash, not by the RNG, so that a job looks the same to every sandbox instance.
-        fate = int(hashlib.sha256(record.request_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        return _Job(record, run_at, run_at + self.config.run_delay, will_fail=fate < self.config.fail_rate)
+        digest = hashlib.sha256(record.request_id.encode()).digest()
+        fate = int.from_bytes(digest[:4]) / 0xFFFFFFFF
+        duration = self.config.run_delay
+        if self.config.run_delay_max is not None:
+            spread = int.from_bytes(digest[4:8]) / 0xFFFFFFFF
+            duration += spread * (self.config.run_delay_max - self.config.run_delay)
+        return _Job(record, run_at, run_at + duration, will_fail=fate < self.config.fail_rate)
 
     def _find(self, request_id: str) -> _Job | None:
         """A job by id; ids minted by an earlier sandbox (a resumed --sandbox run) are rebuilt from the id."""

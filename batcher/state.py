@@ -22,14 +22,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import json
 import os
 import time
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import orjson
 
 from .errors import JournalCorruptError, JournalError, JournalLockedError
 
@@ -69,19 +71,19 @@ def encode_event(event: dict[str, Any]) -> bytes:
     return body[:-1] + b',"crc":"%08x"}\n' % crc
 
 
+_CRC_MARK = b',"crc":"'
+
+
 def _decode_event(line: bytes) -> dict[str, Any] | None:
     """The event on a line, or None when the line is damaged."""
-    if len(line) <= _CRC_TAIL or not line.endswith(b'"}'):
+    if len(line) <= _CRC_TAIL or line[-_CRC_TAIL : -_CRC_TAIL + 8] != _CRC_MARK or line[-2:] != b'"}':
         return None
     body = line[:-_CRC_TAIL] + b"}"
-    tail = line[-_CRC_TAIL:]
-    if not tail.startswith(b',"crc":"'):
-        return None
     try:
-        if int(tail[8:16], 16) != zlib.crc32(body):
+        if int(line[-10:-2], 16) != zlib.crc32(body):
             return None
-        event = json.loads(body)
-    except ValueError:
+        event = orjson.loads(body)
+    except ValueError:  # orjson.JSONDecodeError is a ValueError
         return None
     return event if isinstance(event, dict) and "e" in event else None
 
@@ -120,10 +122,28 @@ class JobRecord:
         return self.phase == "completed" and len(self.files) >= len(self.outputs) > 0
 
     def apply(self, event: dict[str, Any]) -> None:
-        """Fold one event into this record."""
+        """Fold one event into this record (most frequent kinds first: this runs for every line)."""
         kind = event["e"]
-        self.name = event.get("name", self.name)
-        if kind == "submitting":
+        if "name" in event:
+            self.name = event["name"]
+        if kind == "state":
+            self.remote_state = event.get("state")
+        elif kind == "downloaded":
+            self.files[int(event["index"])] = FileRecord(event["path"], int(event["bytes"]), event["sha256"])
+            self.error = None
+        elif kind == "completed":
+            self.phase = "completed"
+            self.remote_state = "completed"
+            self.outputs = list(event.get("outputs", []))
+            self.cost = event.get("cost")
+            self.finished_at = event.get("t")
+            self.error = None
+        elif kind == "submitted":
+            self.phase = "submitted"
+            self.request_id = event["request_id"]
+            self.request_ids.append(event["request_id"])
+            self.submitted_at = event.get("t")
+        elif kind == "submitting":
             self.phase = "submitting"
             self.submits += 1
             self.request_id = None
@@ -133,32 +153,15 @@ class JobRecord:
             self.error = None
             self.cost = None
             self.finished_at = None
-        elif kind == "submitted":
-            self.phase = "submitted"
-            self.request_id = event["request_id"]
-            self.request_ids.append(event["request_id"])
-            self.submitted_at = event.get("t")
         elif kind == "refused":
             self.phase = "pending"
             self.error = event.get("reason")
         elif kind == "uncertain":
             self.phase = "uncertain"
             self.error = event.get("reason")
-        elif kind == "state":
-            self.remote_state = event.get("state")
-        elif kind == "completed":
-            self.phase = "completed"
-            self.remote_state = "completed"
-            self.outputs = list(event.get("outputs", []))
-            self.cost = event.get("cost")
-            self.finished_at = event.get("t")
-            self.error = None
         elif kind == "urls":
             self.outputs = list(event.get("outputs", []))
-        elif kind == "downloaded":
-            self.files[int(event["index"])] = FileRecord(event["path"], int(event["bytes"]), event["sha256"])
-            self.error = None
-        elif kind == "download_failed":
+        elif kind in ("download_failed", "note"):
             self.error = event.get("reason")
         elif kind == "failed":
             self.phase = "failed"
@@ -169,8 +172,6 @@ class JobRecord:
             self.phase = "cancelled"
             self.remote_state = "cancelled"
             self.finished_at = event.get("t")
-        elif kind == "note":
-            self.error = event.get("reason")
 
 
 @dataclass(slots=True)
@@ -184,37 +185,35 @@ class FoldedJournal:
     """Bytes up to the end of the last sound line: where the next append goes."""
 
 
-def _lines(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(line number, end offset, line without newline); the last one may lack its newline."""
-    start = 0
-    number = 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        number += 1
-        if end < 0:
-            yield number, len(data), data[start:]
-            return
-        yield number, end + 1, data[start:end]
-        start = end + 1
-
-
 def fold_bytes(data: bytes, source: str = JOURNAL_NAME) -> FoldedJournal:
     """Fold raw journal bytes; see the module docstring for what is tolerated."""
     folded = FoldedJournal()
     records = folded.records
     damaged: tuple[int, bytes] | None = None
-    for number, end, line in _lines(data):
-        if not line.strip(b" \t\r") and data[end - 1 : end] == b"\n":
-            if damaged is None:
-                folded.good_length = end
-            continue
-        # JSON escapes control characters, so NULs are never ours: power loss pads files with them.
-        content = line.rstrip(b"\0")
-        event = _decode_event(content)
+    lines = data.split(b"\n")
+    last = len(lines) - 1  # the piece after the last newline: b"" when the file ends well
+    end = 0
+    for index, line in enumerate(lines):
+        terminated = index < last
+        end += len(line) + terminated
+        event = _decode_event(line)
+        good_end = end
         if event is None:
-            if damaged is None:
-                damaged = (number, line)
-            continue
+            # The slow path: blank lines, NUL padding, damage.
+            if not terminated and not line:
+                break
+            if terminated and not line.strip(b" \t\r"):
+                if damaged is None:
+                    folded.good_length = end
+                continue
+            # JSON escapes control characters, so NULs are never ours: power loss pads files with them.
+            content = line.rstrip(b"\0")
+            event = _decode_event(content) if len(content) < len(line) else None
+            if event is None:
+                if damaged is None:
+                    damaged = (index + 1, line)
+                continue
+            good_end = end - (len(line) - len(content)) - terminated
         if damaged is not None:
             bad_number, bad_line = damaged
             msg = (
@@ -223,22 +222,19 @@ def fold_bytes(data: bytes, source: str = JOURNAL_NAME) -> FoldedJournal:
                 "by hand to go on (its job may then be treated as not yet submitted)."
             )
             raise JournalCorruptError(msg)
-        folded.good_length = (
-            end if len(content) == len(line) else end - (len(line) - len(content)) - (data[end - 1 : end] == b"\n")
-        )
-        if event["e"] == "run":
-            folded.headers.append(event)
-            continue
+        folded.good_length = good_end
         key = event.get("job")
-        if not isinstance(key, str):
+        if key is None:
+            if event["e"] == "run":
+                folded.headers.append(event)
             continue
         record = records.get(key)
         if record is None:
             record = records[key] = JobRecord(key)
         try:
             record.apply(event)
-        except (KeyError, TypeError, ValueError) as exc:
-            msg = f"{source} line {number} is sound JSON but not a valid {event['e']!r} event: {exc!r}"
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            msg = f"{source} line {index + 1} is sound JSON but not a valid {event['e']!r} event: {exc!r}"
             raise JournalCorruptError(msg) from exc
     if damaged is not None:
         folded.warnings.append(
@@ -256,7 +252,15 @@ def read_journal(path: Path) -> FoldedJournal:
     except OSError as exc:
         msg = f"cannot read the journal {path}: {exc.strerror}"
         raise JournalError(msg) from exc
-    return fold_bytes(data, str(path))
+    # The fold allocates millions of short-lived dicts and no cycles: the cyclic
+    # collector would only rescan the growing record table again and again.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return fold_bytes(data, str(path))
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class Journal:

@@ -1,0 +1,310 @@
+"""batcher's own cost, measured against the sandbox on loopback.
+
+    python benchmarks/bench.py --jobs 5000 --concurrency 64          # everything
+    python benchmarks/bench.py --only overhead,resume                  # some of it
+
+Sections (each prints a table row or two):
+
+overhead  wall and client CPU of `run_manifest` (journal, downloads, progress
+          counters on) against a floor: a bare httpx script making the same
+          calls (submit, one result poll, download) at the same concurrency.
+          The sandbox runs in its own process with zero delays.
+memory    peak RSS of planning and of running N jobs, each in a fresh process.
+resume    time to fold a journal of --events events and decide what is left.
+polls     result calls per job and the delay between a job finishing and the
+          client noticing, for jobs of 10-90 s on a clock scaled by --scale,
+          with batcher's backoff and with fixed 1 s polling.
+fsync     cost per journal event: write only, write+fsync each, grouped.
+
+Machines here are shared and noisy: compare ratios from one run, not
+absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from batcher import RunOptions, load_manifest, run_manifest  # noqa: E402
+from batcher.state import JOURNAL_NAME, Journal, read_journal  # noqa: E402
+
+MODEL = "openai/gpt-image-1-5/image-to-image"
+REF = "https://example.org/ref.jpg"
+
+
+def write_manifest(path: Path, jobs: int) -> Path:
+    with path.open("w") as out:
+        out.write(f"model: {MODEL}\ndefaults:\n  quality: low\n  image_urls: ['{REF}']\njobs:\n")
+        for i in range(jobs):
+            out.write(f"  - id: job-{i:06d}\n    prompt: 'benchmark prompt {i}'\n")
+    return path
+
+
+class SandboxProcess:
+    """`batcher sandbox` in a process of its own, so that it does not share our CPU clock."""
+
+    def __init__(self, *flags: str) -> None:
+        command = [sys.executable, "-m", "batcher", "sandbox", "--port", "0", *flags]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.process.stderr is not None
+        line = self.process.stderr.readline()
+        self.url = line.split(" at ")[1].split()[0]
+
+    def __enter__(self) -> SandboxProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.communicate(timeout=10)
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# -- overhead ------------------------------------------------------------------------
+
+
+async def floor(url: str, jobs: int, concurrency: int, folder: Path) -> None:
+    """The least a client can do: submit, poll once, download. No journal, no checks."""
+    headers = {"Authorization": "Bearer bench"}
+    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+    async with (
+        httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as api,
+        httpx.AsyncClient(limits=limits, timeout=60) as files,
+    ):
+        send, receive = anyio.create_memory_object_stream[int](0)
+
+        async def worker(stream: Any) -> None:
+            async with stream:
+                async for i in stream:
+                    body = {"prompt": f"benchmark prompt {i}", "image_urls": [REF], "quality": "low"}
+                    request_id = (await api.post(f"/v1/models/{MODEL}", json=body)).json()["request_id"]
+                    while True:
+                        result = (await api.get(f"/v1/requests/{request_id}/result")).json()
+                        if result["status"] == "completed":
+                            break
+                    image = await files.get(result["output"]["image"])
+                    (folder / f"{i}.png").write_bytes(image.content)
+
+        async with anyio.create_task_group() as group:
+            for _ in range(concurrency):
+                group.start_soon(worker, receive.clone())
+            receive.close()
+            async with send:
+                for i in range(jobs):
+                    await send.send(i)
+
+
+def measure(fn: Callable[[], None]) -> tuple[float, float]:
+    wall, before = time.perf_counter(), cpu()
+    fn()
+    return time.perf_counter() - wall, cpu() - before
+
+
+def bench_overhead(args: argparse.Namespace) -> None:
+    rows = []
+    with SandboxProcess("--queue-delay", "0", "--run-delay", "0") as sandbox, tempfile.TemporaryDirectory() as tmp:
+        manifest = load_manifest(write_manifest(Path(tmp) / "bench.yaml", args.jobs))
+        for attempt in range(args.repeat):
+            folder = Path(tmp) / f"floor{attempt}"
+            folder.mkdir()
+            floor_args = (sandbox.url, args.jobs, args.concurrency, folder)
+            rows.append(("floor", *measure(lambda a=floor_args: anyio.run(floor, *a))))
+            options = RunOptions(
+                output_dir=Path(tmp) / f"batcher{attempt}",
+                concurrency=args.concurrency,
+                api_base=sandbox.url,
+                token="bench",
+                poll_min=0.05,
+            )
+            rows.append(("batcher", *measure(lambda o=options: anyio.run(run_manifest, manifest, o))))
+    floor_wall = statistics.median(r[1] for r in rows if r[0] == "floor")
+    floor_cpu = statistics.median(r[2] for r in rows if r[0] == "floor")
+    ours_wall = statistics.median(r[1] for r in rows if r[0] == "batcher")
+    ours_cpu = statistics.median(r[2] for r in rows if r[0] == "batcher")
+    print(f"\n## overhead: {args.jobs} jobs, concurrency {args.concurrency}, median of {args.repeat}")
+    print("| client | wall s | client CPU s | CPU ms/job |")
+    print("|---|---|---|---|")
+    print(f"| floor (bare httpx) | {floor_wall:.2f} | {floor_cpu:.2f} | {floor_cpu / args.jobs * 1000:.2f} |")
+    print(f"| batcher | {ours_wall:.2f} | {ours_cpu:.2f} | {ours_cpu / args.jobs * 1000:.2f} |")
+    print(
+        f"| **ratio / extra** | **{ours_wall / floor_wall:.2f}x** | | "
+        f"**+{(ours_cpu - floor_cpu) / args.jobs * 1000:.2f} ms/job** |"
+    )
+
+
+# -- memory ----------------------------------------------------------------------------
+
+_MEMORY_CHILD = """
+import resource, sys, anyio
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from batcher import RunOptions, load_manifest, run_manifest
+manifest = load_manifest({manifest!r})
+planned = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if {run!r}:
+    options = RunOptions(output_dir=Path({out!r}), concurrency=64, api_base={url!r}, token="bench", poll_min=0.05)
+    summary = anyio.run(run_manifest, manifest, options)
+    assert summary.done == len(manifest.jobs), summary
+print(planned, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_memory(args: argparse.Namespace) -> None:
+    print("\n## memory: peak RSS (MB), each size in a fresh process")
+    print("| jobs | after planning | after running |")
+    print("|---|---|---|")
+    with SandboxProcess("--queue-delay", "0", "--run-delay", "0") as sandbox, tempfile.TemporaryDirectory() as tmp:
+        for jobs in args.memory_jobs:
+            manifest = write_manifest(Path(tmp) / f"m{jobs}.yaml", jobs)
+            run = jobs <= args.memory_run_max
+            code = _MEMORY_CHILD.format(
+                root=str(ROOT), manifest=str(manifest), run=run, out=f"{tmp}/o{jobs}", url=sandbox.url
+            )
+            started = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            planned, peak = (int(v) / 1024 for v in out.stdout.split())
+            ran = f"{peak:.0f}" if run else "(not run)"
+            print(f"| {jobs:,} | {planned:.0f} | {ran} |  <!-- {time.perf_counter() - started:.0f} s -->")
+
+
+# -- resume ------------------------------------------------------------------------------
+
+
+def bench_resume(args: argparse.Namespace) -> None:
+    print("\n## resume: fold a journal and decide (events → seconds)")
+    print("| events | jobs | journal MB | fold s |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for events in (args.events // 10, args.events):
+            folder = Path(tmp) / str(events)
+            journal = Journal(folder)
+            journal.open()
+            jobs = events // 5
+            for i in range(jobs):
+                key = f"{i:016x}"
+                journal.append("submitting", key, name=f"job-{i}", input={"prompt": f"p {i}", "quality": "low"})
+                journal.append("submitted", key, request_id=f"sbx-{i:x}-000000000000")
+                journal.append("state", key, state="in_progress")
+                journal.append("completed", key, outputs=[f"https://cdn.example/{i}.png"], cost=0.013)
+                journal.append("downloaded", key, index=0, path=f"job-{i}/0.png", bytes=1000, sha256="0" * 64)
+            journal.close()
+            size = (folder / JOURNAL_NAME).stat().st_size / 1e6
+            started = time.perf_counter()
+            folded = read_journal(folder / JOURNAL_NAME)
+            left = sum(1 for r in folded.records.values() if not r.downloaded)
+            elapsed = time.perf_counter() - started
+            assert left == 0 and len(folded.records) == jobs
+            print(f"| {events:,} | {jobs:,} | {size:.0f} | {elapsed:.2f} |")
+
+
+# -- polls ---------------------------------------------------------------------------------
+
+
+def bench_polls(args: argparse.Namespace) -> None:
+    scale = args.scale
+    print(f"\n## polls: jobs of 10-90 s (clock scaled 1/{scale:g}), {args.poll_jobs} jobs")
+    print("| policy | result calls per job | mean notice delay | delay / job duration |")
+    print("|---|---|---|---|")
+    flags = ["--queue-delay", f"{2 / scale}", "--run-delay", f"{10 / scale}", "--run-delay-max", f"{90 / scale}"]
+    policies = {
+        "batcher (1 s growing 1.5x to 10 s)": (1.0 / scale, 10.0 / scale),
+        "fixed 1 s": (1.0 / scale, 1.0 / scale),
+    }
+    for name, (poll_min, poll_max) in policies.items():
+        with SandboxProcess(*flags) as sandbox, tempfile.TemporaryDirectory() as tmp:
+            manifest = load_manifest(write_manifest(Path(tmp) / "polls.yaml", args.poll_jobs))
+            options = RunOptions(
+                output_dir=Path(tmp) / "out",
+                concurrency=args.poll_jobs,
+                api_base=sandbox.url,
+                token="bench",
+                poll_min=poll_min,
+                poll_max=poll_max,
+            )
+            anyio.run(run_manifest, manifest, options)
+            calls = httpx.get(f"{sandbox.url}/_sandbox/stats").json()["calls"]
+            delays, ratios = [], []
+            for line in (Path(tmp) / "out" / JOURNAL_NAME).read_text().splitlines():
+                event = json.loads(line)
+                if event["e"] == "completed":
+                    result = event["result"]
+                    delay = event["t"] - result["finished_at"]
+                    duration = result["finished_at"] - result["created_at"]
+                    delays.append(delay)
+                    ratios.append(delay / duration)
+            per_job = calls.get("result", 0) / args.poll_jobs
+            print(
+                f"| {name} | {per_job:.1f} | {statistics.mean(delays) * scale:.2f} s (unscaled) | "
+                f"{statistics.mean(ratios) * 100:.1f}% |"
+            )
+
+
+# -- fsync -----------------------------------------------------------------------------------
+
+
+def bench_fsync(args: argparse.Namespace) -> None:
+    print(f"\n## fsync: cost per journal event ({args.fsync_events} events)")
+    print("| policy | µs per event |")
+    print("|---|---|")
+    with tempfile.TemporaryDirectory(dir=ROOT / "output") as tmp:
+        for name, every in (("write only (SIGKILL-safe)", 0), ("fsync every event", 1), ("fsync every 100", 100)):
+            journal = Journal(Path(tmp) / name.split()[0] / str(every))
+            journal.open()
+            started = time.perf_counter()
+            for i in range(args.fsync_events):
+                journal.append("state", f"{i:016x}", state="in_progress")
+                if every and i % every == 0:
+                    journal.sync()
+            elapsed = time.perf_counter() - started
+            journal.close()
+            print(f"| {name} | {elapsed / args.fsync_events * 1e6:.1f} |")
+
+
+SECTIONS = {
+    "overhead": bench_overhead,
+    "memory": bench_memory,
+    "resume": bench_resume,
+    "polls": bench_polls,
+    "fsync": bench_fsync,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=5000, help="jobs for the overhead section")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each client in the overhead section")
+    parser.add_argument("--memory-jobs", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--memory-run-max", type=int, default=10_000, help="run (not only plan) up to this size")
+    parser.add_argument("--events", type=int, default=1_000_000, help="journal events for the resume section")
+    parser.add_argument("--poll-jobs", type=int, default=100)
+    parser.add_argument("--scale", type=float, default=20.0, help="clock scale for the polls section")
+    parser.add_argument("--fsync-events", type=int, default=2000)
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    args = parser.parse_args()
+    print(f"# batcher benchmark — {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}")
+    for name in args.only.split(","):
+        SECTIONS[name.strip()](args)
+
+
+if __name__ == "__main__":
+    main()
