@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import click
+import httpx
 from rich.console import Console
 from rich.live import Live
 
@@ -195,6 +196,11 @@ def status(manifest: Path, output: Path | None, as_json: bool) -> None:
     "--poll-max", default=10.0, show_default=True, type=click.FloatRange(min=0.05), help="Longest wait between polls."
 )
 @click.option(
+    "--read-timeout",
+    type=click.FloatRange(min=0.1),
+    help="Seconds to wait for an answer [default: 90 for submits, 20 for polls].",
+)
+@click.option(
     "--max-download-bytes",
     default=100 * 1024 * 1024,
     show_default=True,
@@ -218,6 +224,7 @@ def run(
     run_timeout: float | None,
     poll_interval: float,
     poll_max: float,
+    read_timeout: float | None,
     max_download_bytes: int,
     quiet: bool,
     verbose: bool,
@@ -244,6 +251,8 @@ def run(
         poll_min=poll_interval,
         poll_max=max(poll_max, poll_interval),
         max_download_bytes=max_download_bytes,
+        submit_timeout=httpx.Timeout(read_timeout, connect=10.0) if read_timeout else None,
+        poll_timeout=httpx.Timeout(read_timeout, connect=10.0) if read_timeout else None,
         handle_signals=True,
     )
     if sandbox:

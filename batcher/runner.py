@@ -271,7 +271,8 @@ class _Run:
                 return
         record = self.records[job.key]
         if record.phase == "submitted":
-            await self.poll(job)
+            # Just submitted: nothing can be done yet, so the first look waits one interval.
+            await self.poll(job, first_wait=self.options.poll_min if action == "submit" else 0.0)
             record = self.records[job.key]
         if record.phase == "completed":
             await self.download(job)
@@ -316,7 +317,7 @@ class _Run:
         progress.set(job.key, "queued")
         return True
 
-    async def poll(self, job: Job) -> None:
+    async def poll(self, job: Job, first_wait: float = 0.0) -> None:
         options = self.options
         progress = self.progress
         record = self.records[job.key]
@@ -327,6 +328,7 @@ class _Run:
         queued_since = running_since = time.monotonic()
         reported_unknown = False
         cancel_asked = False
+        await anyio.sleep(first_wait)
         while True:
             try:
                 result = await self.client.result(request_id)

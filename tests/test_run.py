@@ -297,3 +297,50 @@ async def test_cancel_cancels_queued_jobs(tmp_path: Path, start_sandbox: StartSa
     assert sorted(result.cancelled) == ["job-0000", "job-0001", "job-0002"]
     again = await _run(manifest_path, sandbox)
     assert len(again.failed) == 3 and len(sandbox.sandbox.submits) == 3
+
+
+async def test_unknown_states_empty_outputs_and_unsafe_urls_fail_one_job_each(tmp_path: Path) -> None:
+    """A scripted API: each job meets a different oddity; the run goes on and reports each."""
+    from batcher.sandbox import make_png
+
+    png = make_png("ok")
+    results: dict[str, list[dict[str, object]]] = {
+        "r-0": [{"status": "warming_up"}, {"status": "succeeded", "output": {"image": "https://93.184.216.34/0.png"}}],
+        "r-1": [{"status": "completed", "output": {}}],
+        "r-2": [{"status": "completed", "output": {"images": ["file:///etc/passwd"]}}],
+        "r-3": [{"status": "completed", "output": {"image": "https://169.254.169.254/latest/meta-data"}}],
+    }
+    submitted: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            request_id = f"r-{len(submitted)}"
+            submitted.append(request_id)
+            return httpx.Response(200, json={"request_id": request_id})
+        request_id = request.url.path.split("/")[3]
+        script = results[request_id]
+        body = script.pop(0) if len(script) > 1 else script[0]
+        return httpx.Response(200, json={"request_id": request_id, **body})
+
+    def files(request: httpx.Request) -> httpx.Response:
+        assert "authorization" not in request.headers
+        return httpx.Response(200, content=png, headers={"content-type": "image/png"})
+
+    manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 4))
+    options = fast_options(
+        output_dir=Path("out"),
+        concurrency=1,
+        api_transport=httpx.MockTransport(api),
+        download_transport=httpx.MockTransport(files),
+    )
+    summary = await run_manifest(manifest, options)
+    assert summary.done == 1
+    reasons = {o.name: o.error or "" for o in summary.failed}
+    assert "no output files" in reasons["job-0001"]
+    assert "only https" in reasons["job-0002"]
+    assert "link-local" in reasons["job-0003"]
+    events = [json.loads(line) for line in (tmp_path / "out" / JOURNAL_NAME).read_text().splitlines()]
+    assert {"e": "state", "state": "warming_up"}.items() <= next(
+        e for e in events if e.get("state") == "warming_up"
+    ).items()
+    assert list((tmp_path / "out").rglob("*.png")) == [next((tmp_path / "out" / "job-0000").glob("*.png"))]
