@@ -218,9 +218,15 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None  # an HTTP date: rare enough to fall back on our own backoff
 
 
-def _json_body(response: httpx.Response) -> dict[str, Any] | None:
+def _json_body(response: httpx.Response, secret: bytes) -> dict[str, Any] | None:
+    """The answer as a JSON object, or None. A server that echoes our headers back
+    (some gateways do, in error pages) must not put the token into our messages,
+    logs or journal, so it is masked here, where every answer comes in."""
+    content = response.content
+    if secret and secret in content:
+        content = content.replace(secret, b"[token]")
     try:
-        body = response.json()
+        body = json.loads(content)
     except (ValueError, UnicodeDecodeError):
         return None
     return body if isinstance(body, dict) else None
@@ -299,6 +305,8 @@ class RunComfyClient:
             msg = f"bad API base: {refusal}"
             raise UsageError(msg)
         self.base_url = base_url.rstrip("/")
+        # Masked in anything the server says back; too short a token would mask innocent text.
+        self._secret = token.encode() if len(token) >= 8 else b""
         self.retry = retry or RetryPolicy()
         self.rate_limiter = rate_limiter
         # RunComfy's own clients: connect 10 s, read 90 s for submits, 20 s for polls.
@@ -364,7 +372,7 @@ class RunComfyClient:
                 f"the connection failed after the submit was sent ({type(exc).__name__}); RunComfy may have accepted it"
             )
             raise UncertainSubmitError(msg) from exc
-        body = _json_body(response)
+        body = _json_body(response, self._secret)
         code = _error_code(body)
         if response.status_code == 429 or (response.status_code == 503 and code is None):
             # Refused before any work: 429 by definition, 503 by the gateway.
@@ -399,7 +407,7 @@ class RunComfyClient:
             except httpx.TransportError as exc:
                 last = TransientApiError(f"connection trouble while {doing}: {type(exc).__name__}")
             else:
-                body = _json_body(response)
+                body = _json_body(response, self._secret)
                 code = _error_code(body)
                 if code is None and response.is_success and body is not None:
                     return body

@@ -41,6 +41,8 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _SLUG_DROP = re.compile(r"[^a-z0-9]+")
 
 Path_ = tuple[str | int, ...]
+# libyaml's loader where PyYAML was built with it: the same safe constructor, ~10x faster.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap")
 
 
@@ -98,14 +100,14 @@ class _Located:
         self.file = file
         self.lines: dict[Path_, int] = {}
         self.problems: list[Problem] = []
-        loader = yaml.SafeLoader(text)
+        loader = _SafeLoader(text)
         try:
             node = loader.get_single_node()
             self.data = None if node is None else self._convert(loader, node, ())
         finally:
             loader.dispose()
 
-    def _convert(self, loader: yaml.SafeLoader, node: yaml.Node, path: Path_) -> Any:
+    def _convert(self, loader: Any, node: yaml.Node, path: Path_) -> Any:
         self.lines[path] = node.start_mark.line + 1
         if isinstance(node, yaml.CollectionNode) and node.tag not in _PLAIN_TAGS:
             # Safe loading: a tag like !!python/object is refused, never constructed.

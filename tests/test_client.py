@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import httpx
@@ -211,3 +212,18 @@ def test_token_and_base_come_from_the_environment(monkeypatch: pytest.MonkeyPatc
         api_base_from_env("http://api.example.com")
     with pytest.raises(UsageError, match="only https"):
         RunComfyClient(TOKEN, "ftp://x")
+
+
+async def test_a_server_echoing_the_token_never_gets_it_into_messages() -> None:
+    seen: list[httpx.Request] = []
+    echo = f"bad request, headers were: Authorization: Bearer {TOKEN}"
+    answers = [
+        status(401, {"error_code": 401001, "error_message": echo}),
+        status(200, {"request_id": "r", "status": "weird", "note": echo}),
+    ]
+    async with _client(answers, seen) as client:
+        with pytest.raises(AuthError) as caught:
+            await client.submit(MODEL, {"prompt": "x"})
+        result = await client.result("r")
+    assert TOKEN not in str(caught.value) and "[token]" in str(caught.value)
+    assert TOKEN not in json.dumps(result.raw)
