@@ -296,8 +296,13 @@ def main() -> None:
     parser.add_argument("--memory-jobs", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--memory-run-max", type=int, default=10_000, help="run (not only plan) up to this size")
     parser.add_argument("--events", type=int, default=1_000_000, help="journal events for the resume section")
-    parser.add_argument("--poll-jobs", type=int, default=100)
-    parser.add_argument("--scale", type=float, default=20.0, help="clock scale for the polls section")
+    parser.add_argument("--poll-jobs", type=int, default=40)
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=2.0,
+        help="clock scale for the polls section (the client must keep up: see the note)",
+    )
     parser.add_argument("--fsync-events", type=int, default=2000)
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     args = parser.parse_args()

@@ -42,7 +42,7 @@ class TortureReport:
     seed: int
     kills: int = 0
     runs: int = 0
-    uncertain_per_kill: list[int] = field(default_factory=list)
+    uncertain_after_each_kill: list[int] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=dict)
     faults: dict[str, int] = field(default_factory=dict)
     submits: int = 0
@@ -116,7 +116,7 @@ def torture(workdir: Path, jobs: int, kills: int, fault_rate: float, seed: int) 
             if finished:
                 break
             report.kills += 1
-            report.uncertain_per_kill.append(len(_held(out)))
+            report.uncertain_after_each_kill.append(len(_held(out)))
 
         # Phase 2: plain resumes until only uncertain jobs are left, then ask for those.
         for attempt in range(20):
@@ -210,7 +210,7 @@ def main() -> None:
     print(
         f"\n{report.jobs} jobs, {total_requests} requests, {total_faults} faults "
         f"({total_faults / max(total_requests, 1):.0%}), {report.kills} SIGKILLs in {report.runs} runs; "
-        f"uncertain per kill {report.uncertain_per_kill}; {report.duplicates} duplicate submits "
+        f"held as uncertain after each kill (cumulative) {report.uncertain_after_each_kill}; {report.duplicates} duplicate submits "
         f"(all from {report.uncertain_events} uncertain submits, {report.automatic_resubmits} automatic); "
         f"{report.files_verified} files verified; {report.seconds}s"
     )
