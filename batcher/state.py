@@ -80,7 +80,8 @@ def _decode_event(line: bytes) -> dict[str, Any] | None:
         return None
     body = line[:-_CRC_TAIL] + b"}"
     try:
-        if int(line[-10:-2], 16) != zlib.crc32(body):
+        # Compared as text, not as a number: int("B", 16) == int("b", 16) would let a flipped bit through.
+        if line[-10:-2] != b"%08x" % zlib.crc32(body):
             return None
         event = orjson.loads(body)
     except ValueError:  # orjson.JSONDecodeError is a ValueError
