@@ -65,7 +65,7 @@ def write_manifest(path: Path, jobs: int) -> Path:
 def _run(manifest: Path, url: str, out: Path, *flags: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "RUNCOMFY_API_TOKEN": TOKEN}
     command = [sys.executable, "-m", "batcher", "run", str(manifest), "--api-base", url, "--output", str(out)]
-    command += ["--poll-interval", "0.1", "--poll-max", "0.5", "--read-timeout", "1", "-q", *flags]
+    command += ["--poll-interval", "0.1", "--poll-max", "0.5", "--read-timeout", "1", "-v", *flags]
     with (out.parent / "runs.log").open("ab") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(command, env=env, stdout=log, stderr=log, cwd=out.parent)
 
