@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.live import Live
 
 from . import __version__
+from .dataset import METADATA_NAME, write_metadata
 from .errors import (
     AuthError,
     BatcherError,
@@ -30,6 +31,7 @@ from .errors import (
     ManifestError,
     UsageError,
 )
+from .gallery import write_gallery
 from .manifest import Manifest, load_manifest
 from .report import ProgressView, plain_progress_line, print_plan, print_status, print_summary, status_report
 from .runner import RunOptions, RunProgress, cancel_manifest, default_output_dir, run_manifest
@@ -167,6 +169,11 @@ def status(manifest: Path, output: Path | None, as_json: bool) -> None:
 )
 @click.option("--cancel-on-interrupt", is_flag=True, help="On Ctrl-C, also cancel the jobs still queued at RunComfy.")
 @click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0),
+    help="Stop submitting before the estimated cost of this manifest's submits (all runs) passes this many dollars.",
+)
+@click.option(
     "--rate", type=click.FloatRange(min=0.01), help="At most this many API requests a second, across all jobs."
 )
 @click.option(
@@ -218,6 +225,7 @@ def run(
     retry_failed: bool,
     resubmit_uncertain: bool,
     cancel_on_interrupt: bool,
+    max_cost: float | None,
     rate: float | None,
     queue_timeout: float | None,
     job_timeout: float | None,
@@ -245,6 +253,7 @@ def run(
         resubmit_uncertain=resubmit_uncertain,
         cancel_on_interrupt=cancel_on_interrupt,
         rate=rate,
+        max_cost=max_cost,
         queue_timeout=queue_timeout,
         job_timeout=job_timeout,
         run_timeout=run_timeout,
@@ -315,6 +324,26 @@ def cancel(manifest: Path, output: Path | None, api_base: str | None, sandbox: b
         click.echo(f"  {name}: {error}", err=True)
     if summary.errors:
         sys.exit(EXIT_FAILED)
+
+
+@cli.command()
+@_manifest_argument
+@_output_option
+def report(manifest: Path, output: Path | None) -> None:
+    """Write the gallery (index.html) and the dataset's metadata.jsonl. No network."""
+    loaded = load_manifest(manifest)
+    output_dir = output or default_output_dir(loaded)
+    folded = read_journal(output_dir / JOURNAL_NAME)
+    if not folded.records:
+        raise _BadInput(f"nothing to report: no journal with jobs in {output_dir} (run the manifest first)")
+    try:
+        rows = write_metadata(loaded, output_dir, folded.records)
+        page = write_gallery(loaded, output_dir, folded)
+    except OSError as exc:
+        raise _Failed(f"cannot write the report into {output_dir}: {exc.strerror or exc}") from exc
+    click.echo(f"gallery: {page}")
+    click.echo(f"dataset: {output_dir / METADATA_NAME} ({rows} images)")
+    click.echo(f'  load it: datasets.load_dataset("imagefolder", data_dir="{output_dir}")')
 
 
 @cli.command("sandbox")

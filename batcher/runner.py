@@ -42,6 +42,7 @@ from .client import (
     token_from_env,
 )
 from .cost import load_price_table
+from .dataset import METADATA_NAME, write_metadata
 from .download import DEFAULT_MAX_BYTES, Downloader, extension_for, safe_child
 from .errors import (
     ApiError,
@@ -114,6 +115,9 @@ class RunOptions:
     run_timeout: float | None = None
     rate: float | None = None
     """Requests a second across every API call, or None for no limit."""
+    max_cost: float | None = None
+    """Never submit a job that would take the estimated cost of every submit the journal
+    records for this manifest (earlier runs included) past this many dollars."""
     max_download_bytes: int = DEFAULT_MAX_BYTES
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     download_backoff: float = 0.5
@@ -128,6 +132,9 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             msg = "--concurrency must be at least 1"
+            raise UsageError(msg)
+        if self.max_cost is not None and self.max_cost < 0:
+            msg = "--max-cost must be 0 or more"
             raise UsageError(msg)
         if self.rate is not None and self.rate <= 0:
             msg = "--rate must be above 0"
@@ -224,6 +231,8 @@ class _Run:
         self.records: dict[str, JobRecord] = {}
         self.progress = RunProgress(total=len(manifest.jobs))
         self.stop_submitting: str | None = None
+        self.committed = 0.0
+        """Estimated cost of every submit journalled for this manifest's jobs, for --max-cost."""
         self.interrupted = False
         self.fatal: BaseException | None = None
         self.client: RunComfyClient
@@ -263,7 +272,7 @@ class _Run:
     async def process(self, job: Job, action: Action) -> None:
         progress = self.progress
         if action == "submit":
-            if self.stop_submitting:
+            if self.stop_submitting or not self.within_budget(job):
                 progress.set(job.key, "waiting")
                 return
             submitted = await self.submit(job)
@@ -276,6 +285,20 @@ class _Run:
             record = self.records[job.key]
         if record.phase == "completed":
             await self.download(job)
+
+    def within_budget(self, job: Job) -> bool:
+        """Count job's estimated price against --max-cost; False (and stop submitting) past the cap."""
+        price = _estimate(job)
+        cap = self.options.max_cost
+        if cap is not None and self.committed + price > cap + 1e-9:
+            self.stop_submitting = (
+                f"the next job would take the estimated cost to ${self.committed + price:,.2f}, "
+                f"past --max-cost ${cap:,.2f}"
+            )
+            self.progress.stopping = "cost cap reached: no more submits this run"
+            return False
+        self.committed += price
+        return True
 
     async def submit(self, job: Job) -> bool:
         progress = self.progress
@@ -486,6 +509,12 @@ class _Run:
         os.replace(temporary, sidecar)
 
 
+def _estimate(job: Job) -> float:
+    """The job's price from the bundled table; 0 where the table does not say."""
+    table = load_price_table(job.model)
+    return (table.price(job.input) if table else None) or 0.0
+
+
 def _file_matches(root: Path, known: FileRecord) -> bool:
     path = root / known.path
     try:
@@ -565,6 +594,10 @@ async def run_manifest(
             jobs=len(manifest.jobs),
         )
         await _execute(run, on_start)
+        try:
+            await anyio.to_thread.run_sync(write_metadata, manifest, output_dir, run.records)
+        except OSError as exc:
+            log.warning("could not write %s: %s", METADATA_NAME, exc.strerror or exc)
         return _summarize(run, folded.warnings)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -573,6 +606,9 @@ async def _execute(run: _Run, on_start: Callable[[RunProgress], None] | None) ->
     options = run.options
     plan: list[tuple[Job, Action]] = []
     for job in run.manifest.jobs:
+        record = run.records.get(job.key)
+        if record is not None:
+            run.committed += record.submits * _estimate(job)
         action = run.action_for(job)
         plan.append((job, action))
         status = _INITIAL_STATUS[action]
@@ -660,8 +696,7 @@ def _summarize(run: _Run, warnings: list[str]) -> RunSummary:
             done += 1
         elif record.phase in ("uncertain", "submitting"):
             uncertain.append(outcome)
-            table = load_price_table(job.model)
-            extra += (table.price(job.input) or 0.0) if table else 0.0
+            extra += _estimate(job)
         elif record.phase in ("failed", "cancelled") or statuses.get(job.key) == "failed":
             failed.append(outcome)
         else:

@@ -344,3 +344,15 @@ async def test_unknown_states_empty_outputs_and_unsafe_urls_fail_one_job_each(tm
         e for e in events if e.get("state") == "warming_up"
     ).items()
     assert list((tmp_path / "out").rglob("*.png")) == [next((tmp_path / "out" / "job-0000").glob("*.png"))]
+
+
+async def test_max_cost_stops_submitting_at_the_cap_across_runs(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 10)  # low quality, auto size: $0.013 each
+    summary = await _run(manifest, sandbox, concurrency=2, max_cost=0.05)
+    assert len(sandbox.sandbox.submits) == 3  # a 4th would make $0.052
+    assert summary.done == 3 and len(summary.unfinished) == 7 and summary.exit_code == 1
+    assert "--max-cost" in (summary.stop_reason or "")
+    # The cap counts what earlier runs submitted too.
+    again = await _run(manifest, sandbox, max_cost=0.08)
+    assert len(sandbox.sandbox.submits) == 6 and again.done == 6

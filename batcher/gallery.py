@@ -1,0 +1,162 @@
+"""``index.html``: a self-contained gallery of a run, for looking through a night's work.
+
+No server, no CDN: inline CSS and a few lines of inline script, relative
+links to the downloaded images. One card per job with its state, prompt,
+parameters, input images, outputs (thumbnails opening full size) and error;
+buttons filter by state (``index.html#failed`` opens filtered); the grid reflows down to a phone's width.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections import Counter
+from pathlib import Path
+from urllib.parse import quote
+
+from .manifest import Job, Manifest
+from .state import FoldedJournal, JobRecord
+
+__all__ = ["GALLERY_NAME", "job_state", "write_gallery"]
+
+GALLERY_NAME = "index.html"
+STATES = ("done", "running", "pending", "failed", "uncertain")
+
+_CSS = """
+:root { color-scheme: light dark; --bg: #f6f6f4; --card: #fff; --ink: #1d1d1b; --dim: #6b6b66; --line: #e2e2dc; }
+@media (prefers-color-scheme: dark) { :root { --bg: #161614; --card: #21211f; --ink: #ecece6; --dim: #9a9a92; --line: #33332f; } }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background: var(--bg); color: var(--ink); }
+header { padding: 20px 16px 8px; max-width: 1400px; margin: auto; }
+h1 { font-size: 20px; margin: 0 0 4px; }
+.meta { color: var(--dim); font-size: 13px; }
+nav { display: flex; flex-wrap: wrap; gap: 8px; padding: 8px 16px 16px; max-width: 1400px; margin: auto; }
+nav button { border: 1px solid var(--line); background: var(--card); color: var(--ink); border-radius: 999px;
+  padding: 6px 14px; font: inherit; cursor: pointer; }
+nav button[aria-pressed="true"] { background: var(--ink); color: var(--bg); }
+main { display: grid; gap: 16px; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); padding: 0 16px 32px;
+  max-width: 1400px; margin: auto; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 12px; overflow: hidden; display: flex;
+  flex-direction: column; }
+.outputs { display: grid; grid-template-columns: repeat(auto-fit, minmax(120px, 1fr)); gap: 2px; background: var(--line); }
+.outputs img { width: 100%; aspect-ratio: 1; object-fit: cover; display: block; background: var(--bg); }
+.empty { aspect-ratio: 2; display: grid; place-items: center; color: var(--dim); background: var(--bg); }
+.body { padding: 12px 14px 14px; display: flex; flex-direction: column; gap: 8px; }
+.title { display: flex; justify-content: space-between; align-items: center; gap: 8px; }
+.name { font-weight: 600; overflow-wrap: anywhere; }
+.state { font-size: 12px; padding: 2px 8px; border-radius: 999px; white-space: nowrap; }
+.state-done { background: #d8f0dc; color: #1b5e20; } .state-failed { background: #fadada; color: #8a1c1c; }
+.state-uncertain { background: #fbecc8; color: #7a5200; } .state-running, .state-pending { background: #e3e8f4; color: #243a73; }
+.prompt { margin: 0; }
+.params { display: flex; flex-wrap: wrap; gap: 4px; margin: 0; padding: 0; list-style: none; }
+.params li { font-size: 12px; color: var(--dim); border: 1px solid var(--line); border-radius: 6px; padding: 1px 6px; }
+.inputs { display: flex; gap: 6px; flex-wrap: wrap; }
+.inputs img { width: 48px; height: 48px; object-fit: cover; border-radius: 6px; border: 1px solid var(--line); }
+.error { color: #b3261e; font-size: 13px; margin: 0; overflow-wrap: anywhere; }
+.small { color: var(--dim); font-size: 12px; overflow-wrap: anywhere; }
+.hidden { display: none; }
+"""
+
+_SCRIPT = """
+function show(want) {
+  document.querySelectorAll("nav button").forEach(function (b) { b.setAttribute("aria-pressed", b.dataset.state === want); });
+  document.querySelectorAll(".card").forEach(function (card) {
+    card.classList.toggle("hidden", want !== "all" && card.dataset.state !== want);
+  });
+}
+document.querySelectorAll("nav button").forEach(function (button) {
+  button.addEventListener("click", function () { history.replaceState(null, "", "#" + button.dataset.state); show(button.dataset.state); });
+});
+if (location.hash.length > 1) { show(location.hash.slice(1)); }  /* index.html#failed: a link to the failures */
+"""
+
+
+def job_state(record: JobRecord | None) -> str:
+    """The gallery's word for a job: done, running, pending, failed or uncertain."""
+    if record is None:
+        return "pending"
+    if record.phase == "completed":
+        return "done" if record.downloaded else ("failed" if record.error else "running")
+    if record.phase == "submitted":
+        return "running"
+    if record.phase in ("submitting", "uncertain"):
+        return "uncertain"
+    if record.phase == "pending":
+        return "failed" if record.error else "pending"
+    return "failed"
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _href(path: str) -> str:
+    return quote(path, safe="/")
+
+
+def _card(job: Job, record: JobRecord | None, output_dir: Path) -> str:
+    state = job_state(record)
+    files = sorted(record.files.items()) if record else []
+    images = [
+        f'<a href="{_href(f.path)}"><img loading="lazy" src="{_href(f.path)}" alt="output {i} of {_e(job.name)}"></a>'
+        for i, f in files
+        if (output_dir / f.path).is_file()
+    ]
+    outputs = "".join(images) or f'<div class="empty">{_e(state)}</div>'
+    params = "".join(
+        f"<li>{_e(k)}: {_e(v)}</li>" for k, v in sorted(job.input.items()) if k not in ("prompt", "image_urls")
+    )
+    inputs = "".join(
+        f'<a href="{_e(url)}" rel="noreferrer"><img loading="lazy" src="{_e(url)}" alt="input {n}"></a>'
+        for n, url in enumerate(job.input.get("image_urls", []), 1)
+        if str(url).startswith(("https://", "http://"))
+    )
+    error = f'<p class="error">{_e(record.error)}</p>' if record and record.error and state != "done" else ""
+    request = f" · request {_e(record.request_id)}" if record and record.request_id else ""
+    cost = f" · ${record.cost:.3f}" if record and record.cost else ""
+    return f"""<article class="card" data-state="{state}" id="{_e(job.key)}">
+<div class="outputs">{outputs}</div>
+<div class="body">
+<div class="title"><span class="name">{_e(job.name)}</span><span class="state state-{state}">{state}</span></div>
+<p class="prompt">{_e(job.input.get("prompt", ""))}</p>
+<ul class="params">{params}</ul>
+<div class="inputs">{inputs}</div>
+{error}<div class="small">job {_e(job.key)}{request}{cost}</div>
+</div>
+</article>"""
+
+
+def write_gallery(manifest: Manifest, output_dir: Path, folded: FoldedJournal) -> Path:
+    """Write ``index.html`` into output_dir (atomically) and return its path."""
+    states = Counter(job_state(folded.records.get(job.key)) for job in manifest.jobs)
+    buttons = [f'<button data-state="all" aria-pressed="true">all {len(manifest.jobs)}</button>']
+    buttons += [f'<button data-state="{s}" aria-pressed="false">{s} {states[s]}</button>' for s in STATES if states[s]]
+    cards = "\n".join(_card(job, folded.records.get(job.key), output_dir) for job in manifest.jobs)
+    spent = sum(r.cost or 0.0 for r in folded.records.values())
+    page = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(manifest.name)} · batcher</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<header>
+<h1>{_e(manifest.name)}</h1>
+<div class="meta">{_e(manifest.model)} · {len(manifest.jobs)} jobs · {states["done"]} done · spent ${spent:.2f}
+ · manifest {_e(manifest.path)}</div>
+</header>
+<nav>{"".join(buttons)}</nav>
+<main>
+{cards}
+</main>
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
+    target = output_dir / GALLERY_NAME
+    temporary = target.with_name(f".{GALLERY_NAME}.part")
+    temporary.write_text(page, encoding="utf-8")
+    os.replace(temporary, target)
+    return target
