@@ -4,11 +4,16 @@ A table is a JSON file beside the model's input schema
 (``<model>.pricing.json``): ``keys`` names the input fields that set the
 price, and ``prices`` nests one level per key. Estimates are upper bounds
 where the input leaves the price open (``image_size: auto``).
+
+Prices change: a folder named by ``BATCHER_PRICES``, laid out the same way
+(``openai/gpt-image-1-5/image-to-image.pricing.json``), overrides the
+bundled tables.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -18,7 +23,9 @@ from typing import Any
 from .manifest import Job
 from .schema import bundled_schema_dir
 
-__all__ = ["PriceTable", "estimate_jobs", "load_price_table"]
+__all__ = ["PRICES_ENV", "PriceTable", "estimate_jobs", "load_price_table"]
+
+PRICES_ENV = "BATCHER_PRICES"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +66,8 @@ def _load(path: Path) -> PriceTable | None:
 def load_price_table(model_id: str, directories: Sequence[Path] = ()) -> PriceTable | None:
     """The price table for model_id from the given folders, then the bundled ones; None if unknown."""
     name = model_id.rsplit("/", 1)[-1] + ".pricing.json"
-    for directory in [*directories, bundled_schema_dir()]:
+    override = os.environ.get(PRICES_ENV)
+    for directory in [*directories, *([Path(override)] if override else []), bundled_schema_dir()]:
         path = directory.joinpath(*model_id.split("/")).with_name(name)
         if path.is_file():
             return _load(path)

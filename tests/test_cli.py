@@ -112,3 +112,35 @@ def test_a_damaged_journal_is_named(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(cli, ["status", str(path)], catch_exceptions=False)
     assert result.exit_code == 2
     assert "line 2 is damaged" in result.output
+
+
+def test_prices_can_be_overridden(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = many_jobs_manifest(tmp_path / "m.yaml", 2, quality="high")
+    table = tmp_path / "prices" / "openai" / "gpt-image-1-5" / "image-to-image.pricing.json"
+    table.parent.mkdir(parents=True)
+    table.write_text(
+        json.dumps(
+            {
+                "model": "openai/gpt-image-1-5/image-to-image",
+                "keys": ["quality"],
+                "prices": {"high": 1.5},
+                "source": "our contract",
+                "as_of": "2026-12-01",
+            }
+        )
+    )
+    monkeypatch.setenv("BATCHER_PRICES", str(tmp_path / "prices"))
+    result = runner.invoke(cli, ["plan", str(path)], catch_exceptions=False)
+    assert "$3.00" in result.output and "our contract" in result.output
+
+
+def test_status_works_while_a_run_holds_the_folder(runner: CliRunner, tmp_path: Path) -> None:
+    path = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    assert runner.invoke(cli, ["run", str(path), "--sandbox", "--poll-interval", "0.05"]).exit_code == 0
+    holder = Journal(tmp_path / "output" / "m")
+    holder.open()
+    try:
+        result = runner.invoke(cli, ["status", str(path), "--json"], catch_exceptions=False)
+    finally:
+        holder.close()
+    assert result.exit_code == 0 and json.loads(result.output)["counts"]["done"] == 2
