@@ -373,6 +373,7 @@ def report(manifest: Path, output: Path | None) -> None:
 @click.option("--url-ttl", type=float, help="Seconds output URLs stay valid [default: for ever].")
 @click.option("--images-per-job", default=1, show_default=True, type=click.IntRange(1, 10))
 @click.option("--require-token", help="Accept only this bearer token [default: any].")
+@click.option("--rate-limit", type=click.FloatRange(min=0.1), help="Answer 429 past this many API requests a second.")
 @click.option("--seed", type=int, help="Seed for faults and failures, to replay a session.")
 def sandbox_command(
     host: str,
@@ -388,6 +389,7 @@ def sandbox_command(
     url_ttl: float | None,
     images_per_job: int,
     require_token: str | None,
+    rate_limit: float | None,
     seed: int | None,
 ) -> None:
     """Serve a RunComfy-compatible API on loopback, for rehearsals and tests.
@@ -410,6 +412,7 @@ def sandbox_command(
         url_ttl=url_ttl,
         images_per_job=images_per_job,
         require_token=require_token,
+        rate_limit=rate_limit,
         seed=seed,
     )
     server = Sandbox(config)

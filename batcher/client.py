@@ -15,6 +15,7 @@ import json
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -184,20 +185,72 @@ class RetryPolicy:
 
 
 class RateLimiter:
-    """Spaces calls evenly to at most `rate` a second, shared by every task of a run."""
+    """Paces every call of a run; slows down when refused, then recovers (AIMD).
 
-    def __init__(self, rate: float) -> None:
-        self.interval = 1.0 / rate
+    ``rate`` is the ceiling in requests a second (None: no limit until the
+    service objects). A 429 halves the pace (from the rate actually observed
+    when there was no limit), at most once a second, so that the burst of
+    429s from requests already in flight counts as one signal; every second
+    without one, the pace grows by `recovery` until it is back at the
+    ceiling, or, with no ceiling, at twice the pace that was refused, where
+    the limit is lifted again. It grows only while it actually holds calls
+    back, so an idle spell does not build up a pace the service would refuse.
+    """
+
+    def __init__(self, rate: float | None = None, *, floor: float = 0.2, recovery: float = 1.05) -> None:
+        self.ceiling = rate
+        self.rate = rate
+        self.floor = floor
+        self.recovery = recovery
+        self.refusals = 0
         self._next = 0.0
-        self._lock = anyio.Lock()
+        self._changed = 0.0
+        self._lift_at: float | None = None
+        self._held_back = False
+        self._recent: deque[float] = deque(maxlen=4096)
 
     async def wait(self) -> None:
-        async with self._lock:
-            now = time.monotonic()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
+        now = time.monotonic()
+        self._recent.append(now)
+        if self.rate is None:
+            return
+        self._recover(now)
+        if self.rate is None:
+            return
+        slot = max(now, self._next)
+        self._next = slot + 1.0 / self.rate
         if slot > now:
+            self._held_back = True
             await anyio.sleep(slot - now)
+
+    def refused(self) -> None:
+        """Count a 429 against the pace."""
+        now = time.monotonic()
+        self.refusals += 1
+        if now - self._changed < 1.0:
+            return
+        observed = sum(1 for t in self._recent if now - t <= 1.0)
+        current = self.rate if self.rate is not None else float(max(observed, 1))
+        if self.ceiling is None:
+            self._lift_at = 2 * current
+        self.rate = max(self.floor, current / 2)
+        self._changed = now
+
+    def _recover(self, now: float) -> None:
+        assert self.rate is not None
+        elapsed = now - self._changed
+        if elapsed < 1.0:
+            return
+        if self._held_back:
+            # Grow only while the pace is what holds calls back: a pace far above the
+            # real demand would let the next burst through unchecked.
+            self.rate *= self.recovery ** int(elapsed)
+        self._held_back = False
+        self._changed = now
+        if self.ceiling is not None:
+            self.rate = min(self.rate, self.ceiling)
+        elif self._lift_at is not None and self.rate >= self._lift_at:
+            self.rate = None
 
 
 class _Retry(Exception):
@@ -308,7 +361,7 @@ class RunComfyClient:
         # Masked in anything the server says back; too short a token would mask innocent text.
         self._secret = token.encode() if len(token) >= 8 else b""
         self.retry = retry or RetryPolicy()
-        self.rate_limiter = rate_limiter
+        self.rate_limiter = rate_limiter or RateLimiter()
         # RunComfy's own clients: connect 10 s, read 90 s for submits, 20 s for polls.
         self.submit_timeout = submit_timeout or httpx.Timeout(90.0, connect=10.0)
         self.poll_timeout = poll_timeout or httpx.Timeout(20.0, connect=10.0)
@@ -330,8 +383,11 @@ class RunComfyClient:
         await self._http.aclose()
 
     async def _pace(self) -> None:
-        if self.rate_limiter is not None:
-            await self.rate_limiter.wait()
+        await self.rate_limiter.wait()
+
+    def _note(self, response: httpx.Response) -> None:
+        if response.status_code == 429:
+            self.rate_limiter.refused()
 
     # -- submit -------------------------------------------------------------
 
@@ -364,6 +420,7 @@ class RunComfyClient:
         await self._pace()
         try:
             response = await self._http.post(path, json=payload, timeout=self.submit_timeout)
+            self._note(response)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # The request never left this machine: safe to send again.
             raise _Retry(TransientApiError(f"cannot reach RunComfy while {doing}: {type(exc).__name__}")) from exc
@@ -404,6 +461,7 @@ class RunComfyClient:
             await self._pace()
             try:
                 response = await self._http.request(method, path, params=params, timeout=self.poll_timeout)
+                self._note(response)
             except httpx.TransportError as exc:
                 last = TransientApiError(f"connection trouble while {doing}: {type(exc).__name__}")
             else:

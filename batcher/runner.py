@@ -564,7 +564,7 @@ async def run_manifest(
             log.warning("%s", warning)
         run = _Run(manifest, options, output_dir, journal)
         run.records = folded.records
-        limiter = RateLimiter(options.rate) if options.rate else None
+        limiter = RateLimiter(options.rate)
         run.client = await stack.enter_async_context(
             RunComfyClient(
                 token,

@@ -94,6 +94,8 @@ class SandboxConfig:
     url_ttl: float | None = None
     """Seconds an output URL stays valid; None for ever."""
     require_token: str | None = None
+    rate_limit: float | None = None
+    """API requests a second (a token bucket of one second's burst); more get 429 with Retry-After."""
     seed: int | None = None
     fault_paths: tuple[str, ...] = ("submit", "result", "status", "cancel", "file")
 
@@ -157,6 +159,10 @@ class Sandbox:
         """Output path -> sha256 of the bytes it serves."""
         self.faults_injected: dict[str, int] = {}
         self.calls: dict[str, int] = {}
+        self.api_calls_at: list[float] = []
+        self.rate_limited_at: list[float] = []
+        self._bucket = 0.0
+        self._bucket_at = 0.0
         self.credentials_seen_by_file_host = 0
         """File requests that carried an Authorization header: must stay 0."""
         self.port: int | None = None
@@ -171,6 +177,8 @@ class Sandbox:
             "calls": dict(self.calls),
             "faults": dict(self.faults_injected),
             "unanswered_submits": sum(1 for s in self.submits if not s.answered),
+            "rate_calls_at": self.api_calls_at,
+            "rate_limited_at": self.rate_limited_at,
         }
 
     def _pick_fault(self, kind: str) -> str | None:
@@ -201,6 +209,8 @@ class Sandbox:
             return self._file(path)
         if segments[:1] == ["_sandbox"]:
             return _json(200, self.stats())
+        if self.config.rate_limit is not None and not self._take_token():
+            return _json(429, {"error_message": "Rate limit exceeded"}, [("retry-after", "1")])
         if self.config.require_token is not None:
             if headers.get("authorization") != f"Bearer {self.config.require_token}":
                 return _error(401, 401001, "Invalid or missing API token")
@@ -223,6 +233,19 @@ class Sandbox:
             if action == "cancel" and method == "POST":
                 return self._cancel(request_id)
         return _error(404, 404000, f"no route for {method} {path}")
+
+    def _take_token(self) -> bool:
+        assert self.config.rate_limit is not None
+        now = time.monotonic()
+        self.api_calls_at.append(now)
+        rate = self.config.rate_limit
+        self._bucket = min(rate, self._bucket + (now - self._bucket_at) * rate) if self._bucket_at else rate
+        self._bucket_at = now
+        if self._bucket >= 1:
+            self._bucket -= 1
+            return True
+        self.rate_limited_at.append(now)
+        return False
 
     def _count(self, kind: str) -> None:
         self.calls[kind] = self.calls.get(kind, 0) + 1

@@ -15,6 +15,7 @@ polls     result calls per job and the delay between a job finishing and the
           client noticing, for jobs of 10-90 s on a clock scaled by --scale,
           with batcher's backoff and with fixed 1 s polling.
 fsync     cost per journal event: write only, write+fsync each, grouped.
+ratelimit the share of 429s when the sandbox limits requests a second, once adapted.
 
 Machines here are shared and noisy: compare ratios from one run, not
 absolute numbers across runs.
@@ -258,6 +259,44 @@ def bench_polls(args: argparse.Namespace) -> None:
             )
 
 
+# -- rate limit ----------------------------------------------------------------------------
+
+
+def bench_ratelimit(args: argparse.Namespace) -> None:
+    limit = args.rate_limit
+    print(f"\n## rate limit: the sandbox allows {limit:g} requests/s; {args.rate_jobs} jobs, concurrency 64")
+    print("| client | requests | 429s | 429s in the second half | wall s |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = load_manifest(write_manifest(Path(tmp) / "rate.yaml", args.rate_jobs))
+        for name, rate in (
+            ("batcher, no --rate (adapts)", None),
+            (f"batcher --rate {limit * 2:g} (adapts)", limit * 2),
+        ):
+            with SandboxProcess("--queue-delay", "0", "--run-delay", "0.5", "--rate-limit", f"{limit}") as sandbox:
+                options = RunOptions(
+                    output_dir=Path(tmp) / f"out{rate}",
+                    concurrency=64,
+                    api_base=sandbox.url,
+                    token="bench",
+                    poll_min=0.2,
+                    poll_max=1.0,
+                    rate=rate,
+                )
+                started = time.perf_counter()
+                anyio.run(run_manifest, manifest, options)
+                wall = time.perf_counter() - started
+                stats = httpx.get(f"{sandbox.url}/_sandbox/stats").json()
+            calls, refused = stats["rate_calls_at"], stats["rate_limited_at"]
+            middle = calls[0] + (calls[-1] - calls[0]) / 2
+            late_calls = sum(1 for t in calls if t >= middle)
+            late_refused = sum(1 for t in refused if t >= middle)
+            print(
+                f"| {name} | {len(calls)} | {len(refused)} ({len(refused) / len(calls):.1%}) | "
+                f"{late_refused} ({late_refused / max(late_calls, 1):.1%}) | {wall:.1f} |"
+            )
+
+
 # -- fsync -----------------------------------------------------------------------------------
 
 
@@ -285,6 +324,7 @@ SECTIONS = {
     "resume": bench_resume,
     "polls": bench_polls,
     "fsync": bench_fsync,
+    "ratelimit": bench_ratelimit,
 }
 
 
@@ -304,6 +344,8 @@ def main() -> None:
         help="clock scale for the polls section (the client must keep up: see the note)",
     )
     parser.add_argument("--fsync-events", type=int, default=2000)
+    parser.add_argument("--rate-limit", type=float, default=40.0, help="the sandbox's limit in the ratelimit section")
+    parser.add_argument("--rate-jobs", type=int, default=600)
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     args = parser.parse_args()
     print(f"# batcher benchmark — {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}")

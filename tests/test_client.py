@@ -227,3 +227,37 @@ async def test_a_server_echoing_the_token_never_gets_it_into_messages() -> None:
         result = await client.result("r")
     assert TOKEN not in str(caught.value) and "[token]" in str(caught.value)
     assert TOKEN not in json.dumps(result.raw)
+
+
+async def test_the_rate_limiter_halves_on_429_and_recovers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batcher.client import RateLimiter
+
+    clock = [100.0]
+    monkeypatch.setattr("batcher.client.time.monotonic", lambda: clock[0])
+    limiter = RateLimiter(10.0)
+    limiter.refused()
+    assert limiter.rate == 5.0
+    limiter.refused()  # the same burst: counted once
+    assert limiter.rate == 5.0 and limiter.refusals == 2
+    clock[0] += 3
+    limiter._recover(clock[0])
+    assert limiter.rate == 5.0  # idle: nothing held back, so no reason to speed up
+    limiter._held_back = True
+    clock[0] += 3
+    limiter._recover(clock[0])
+    assert limiter.rate == pytest.approx(5.0 * 1.05**3)
+    limiter._held_back = True
+    clock[0] += 60
+    limiter._recover(clock[0])
+    assert limiter.rate == 10.0  # never past the ceiling
+
+    unlimited = RateLimiter()
+    for _ in range(30):
+        await unlimited.wait()  # 30 calls in this "second"
+    unlimited.refused()
+    assert unlimited.rate == 15.0
+    for _ in range(3):
+        unlimited._held_back = True
+        clock[0] += 10
+        unlimited._recover(clock[0])
+    assert unlimited.rate is None  # back past twice the refused pace: the limit is lifted
