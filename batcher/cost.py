@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any
 from .manifest import Job
 from .schema import bundled_schema_dir
 
-__all__ = ["PRICES_ENV", "PriceTable", "estimate_jobs", "load_price_table"]
+__all__ = ["PRICES_ENV", "PriceTable", "estimate", "load_price_table"]
 
 PRICES_ENV = "BATCHER_PRICES"
 
@@ -64,25 +64,22 @@ def _load(path: Path) -> PriceTable | None:
 
 
 def load_price_table(model_id: str, directories: Sequence[Path] = ()) -> PriceTable | None:
-    """The price table for model_id from the given folders, then the bundled ones; None if unknown."""
+    """The price table for model_id from the given folders, then BATCHER_PRICES, then the bundled ones."""
+    return _find(model_id, tuple(directories), os.environ.get(PRICES_ENV))
+
+
+def estimate(job: Job) -> float | None:
+    """One job's price, or None when no table says."""
+    table = load_price_table(job.model)
+    return table.price(job.input) if table else None
+
+
+@cache
+def _find(model_id: str, directories: tuple[Path, ...], override: str | None) -> PriceTable | None:
+    # Cached: estimates run once per job, and a file system look-up per job adds up at 100,000.
     name = model_id.rsplit("/", 1)[-1] + ".pricing.json"
-    override = os.environ.get(PRICES_ENV)
     for directory in [*directories, *([Path(override)] if override else []), bundled_schema_dir()]:
         path = directory.joinpath(*model_id.split("/")).with_name(name)
         if path.is_file():
             return _load(path)
     return None
-
-
-def estimate_jobs(jobs: Iterable[Job], directories: Sequence[Path] = ()) -> tuple[float, int]:
-    """(estimated total, number of jobs with no known price)."""
-    total = 0.0
-    unknown = 0
-    for job in jobs:
-        table = load_price_table(job.model, directories)
-        price = table.price(job.input) if table else None
-        if price is None:
-            unknown += 1
-        else:
-            total += price
-    return total, unknown

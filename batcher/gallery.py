@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .manifest import Job, Manifest
-from .state import FoldedJournal, JobRecord
+from .state import FoldedJournal, JobRecord, category
 
 __all__ = ["GALLERY_NAME", "job_state", "write_gallery"]
 
@@ -72,18 +72,9 @@ if (location.hash.length > 1) { show(location.hash.slice(1)); }  /* index.html#f
 
 
 def job_state(record: JobRecord | None) -> str:
-    """The gallery's word for a job: done, running, pending, failed or uncertain."""
-    if record is None:
-        return "pending"
-    if record.phase == "completed":
-        return "done" if record.downloaded else ("failed" if record.error else "running")
-    if record.phase == "submitted":
-        return "running"
-    if record.phase in ("submitting", "uncertain"):
-        return "uncertain"
-    if record.phase == "pending":
-        return "failed" if record.error else "pending"
-    return "failed"
+    """The gallery's word for a job: `category`, with in-flight and downloading shown as running."""
+    found = category(record)
+    return "running" if found in ("in_flight", "downloading") else found
 
 
 def _e(value: object) -> str:

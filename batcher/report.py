@@ -14,10 +14,10 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .cost import load_price_table
+from .cost import estimate, load_price_table
 from .manifest import Job, Manifest
 from .runner import RunProgress, RunSummary
-from .state import JOURNAL_NAME, FoldedJournal, JobRecord, read_journal
+from .state import JOURNAL_NAME, FoldedJournal, JobRecord, category, read_journal
 
 __all__ = [
     "JobStanding",
@@ -67,22 +67,19 @@ class StatusReport:
 
 
 def _category(record: JobRecord | None, output_dir: Path) -> str:
-    if record is None or record.phase == "pending":
-        return "failed" if record is not None and record.error else "pending"
-    if record.phase in ("submitting", "uncertain"):
-        return "uncertain"
-    if record.phase == "submitted":
-        return "in_flight"
-    if record.phase == "completed":
-        if record.downloaded and all((output_dir / f.path).is_file() for f in record.files.values()):
-            return "done"
-        return "failed" if record.error else "downloading"
-    return "failed"
+    """`category`, except that a done job whose files are gone shows as downloading (the next run fetches them)."""
+    found = category(record)
+    if (
+        found == "done"
+        and record is not None
+        and not all((output_dir / f.path).is_file() for f in record.files.values())
+    ):
+        return "downloading"
+    return found
 
 
 def _price(job: Job) -> float | None:
-    table = load_price_table(job.model)
-    return table.price(job.input) if table else None
+    return estimate(job)
 
 
 def status_report(manifest: Manifest, output_dir: Path, folded: FoldedJournal | None = None) -> StatusReport:

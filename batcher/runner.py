@@ -41,7 +41,7 @@ from .client import (
     api_base_from_env,
     token_from_env,
 )
-from .cost import load_price_table
+from .cost import estimate
 from .dataset import METADATA_NAME, write_metadata
 from .download import DEFAULT_MAX_BYTES, Downloader, extension_for, safe_child
 from .errors import (
@@ -510,9 +510,8 @@ class _Run:
 
 
 def _estimate(job: Job) -> float:
-    """The job's price from the bundled table; 0 where the table does not say."""
-    table = load_price_table(job.model)
-    return (table.price(job.input) if table else None) or 0.0
+    """The job's price; 0 where no table says (the cap then cannot count it)."""
+    return estimate(job) or 0.0
 
 
 def _file_matches(root: Path, known: FileRecord) -> bool:

@@ -37,11 +37,13 @@ from .errors import JournalCorruptError, JournalError, JournalLockedError
 
 __all__ = [
     "JOURNAL_NAME",
+    "Category",
     "FileRecord",
     "FoldedJournal",
     "JobRecord",
     "Journal",
     "Phase",
+    "category",
     "encode_event",
     "read_journal",
 ]
@@ -173,6 +175,27 @@ class JobRecord:
             self.phase = "cancelled"
             self.remote_state = "cancelled"
             self.finished_at = event.get("t")
+
+
+Category = Literal["done", "downloading", "in_flight", "pending", "failed", "uncertain"]
+"""Where a job stands for a person: the rows of `batcher status`, the gallery's filters."""
+
+
+def category(record: JobRecord | None) -> Category:
+    """A job's category from its record (None: never seen by the journal)."""
+    if record is None:
+        return "pending"
+    if record.phase == "pending":
+        return "failed" if record.error else "pending"  # refused for certain: shown, retried next run
+    if record.phase in ("submitting", "uncertain"):
+        return "uncertain"
+    if record.phase == "submitted":
+        return "in_flight"
+    if record.phase == "completed":
+        if record.downloaded:
+            return "done"
+        return "failed" if record.error else "downloading"
+    return "failed"
 
 
 @dataclass(slots=True)

@@ -31,8 +31,8 @@ if str(ROOT) not in sys.path:
 
 from batcher import Sandbox, SandboxConfig, SandboxThread, read_journal  # noqa: E402
 from batcher.state import JOURNAL_NAME  # noqa: E402
+from benchmarks.bench import write_manifest  # noqa: E402
 
-MODEL = "openai/gpt-image-1-5/image-to-image"
 TOKEN = "sk-torture-SENTINEL-0f9e"
 
 
@@ -52,14 +52,6 @@ class TortureReport:
     files_verified: int = 0
     seconds: float = 0.0
     violations: list[str] = field(default_factory=list)
-
-
-def write_manifest(path: Path, jobs: int) -> Path:
-    with path.open("w") as out:
-        out.write(f"model: {MODEL}\ndefaults:\n  quality: low\n  image_urls: ['https://example.org/ref.jpg']\njobs:\n")
-        for i in range(jobs):
-            out.write(f"  - id: t-{i:05d}\n    prompt: 'torture prompt {i}'\n")
-    return path
 
 
 def _run(manifest: Path, url: str, out: Path, *flags: str) -> subprocess.Popen[bytes]:
@@ -93,7 +85,7 @@ def torture(workdir: Path, jobs: int, kills: int, fault_rate: float, seed: int) 
     manifest = write_manifest(workdir / "torture.yaml", jobs)
     out = workdir / "out"
     try:
-        prompt_of = {f"t-{i:05d}": f"torture prompt {i}" for i in range(jobs)}
+        prompt_of = {f"job-{i:06d}": f"benchmark prompt {i}" for i in range(jobs)}
 
         def submits_of(names: set[str]) -> int:
             prompts = {prompt_of[n] for n in names}
