@@ -181,7 +181,15 @@ def check(report: TortureReport, out: Path, server: Sandbox) -> None:
         if path.name.endswith(".part"):
             bad(f"{path} is a temporary file left behind")
 
-    # The token never lands in anything a run writes.
+    # The token never lands in anything a run writes, nor in what status prints for scripts.
+    status = subprocess.run(
+        [sys.executable, "-m", "batcher", "status", str(out.parent / "torture.yaml"), "--output", str(out), "--json"],
+        capture_output=True,
+        env={**os.environ, "RUNCOMFY_API_TOKEN": TOKEN},
+        check=False,
+    )
+    if status.returncode != 0 or TOKEN.encode() in status.stdout + status.stderr:
+        bad(f"batcher status --json failed or showed the token: {status.stderr[-300:]!r}")
     for path in [*out.rglob("*"), out.parent / "runs.log"]:
         if path.is_file() and TOKEN.encode() in path.read_bytes():
             bad(f"the API token appears in {path}")
