@@ -294,7 +294,9 @@ class Sandbox:
     def _job_for(self, record: SubmitRecord) -> _Job:
         run_at = record.accepted_at + self.config.queue_delay
         # Fate by hash, not by the RNG, so that a job looks the same to every sandbox instance.
-        digest = hashlib.sha256(record.request_id.encode()).digest()
+        # From the id's random part only (drawn from the seeded RNG), not its clock part:
+        # the same --seed then gives the same fates.
+        digest = hashlib.sha256(record.request_id.rsplit("-", 1)[-1].encode()).digest()
         fate = int.from_bytes(digest[:4]) / 0xFFFFFFFF
         duration = self.config.run_delay
         if self.config.run_delay_max is not None:
