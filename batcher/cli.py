@@ -168,6 +168,8 @@ def status(manifest: Path, output: Path | None, as_json: bool) -> None:
     help="Submit again the jobs whose earlier submit may have been accepted (may pay twice).",
 )
 @click.option("--cancel-on-interrupt", is_flag=True, help="On Ctrl-C, also cancel the jobs still queued at RunComfy.")
+@click.option("--limit", type=click.IntRange(min=1), help="Trial run: only the first N jobs, in manifest order.")
+@click.option("--only", metavar="PATTERN", help="Trial run: only jobs whose id matches this pattern (london-*).")
 @click.option(
     "--max-cost",
     type=click.FloatRange(min=0),
@@ -225,6 +227,8 @@ def run(
     retry_failed: bool,
     resubmit_uncertain: bool,
     cancel_on_interrupt: bool,
+    limit: int | None,
+    only: str | None,
     max_cost: float | None,
     rate: float | None,
     queue_timeout: float | None,
@@ -253,6 +257,8 @@ def run(
         resubmit_uncertain=resubmit_uncertain,
         cancel_on_interrupt=cancel_on_interrupt,
         rate=rate,
+        limit=limit,
+        only=only,
         max_cost=max_cost,
         queue_timeout=queue_timeout,
         job_timeout=job_timeout,

@@ -14,6 +14,7 @@ a writer task. The one slow part, ``fsync``, runs in groups on a thread.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -69,6 +70,7 @@ __all__ = [
     "cancel_manifest",
     "default_output_dir",
     "run_manifest",
+    "select_jobs",
 ]
 
 log = logging.getLogger("batcher")
@@ -84,6 +86,20 @@ _INITIAL_STATUS: dict[Action, JobStatus] = {
     "hold": "held",
     "done": "done",
 }
+
+
+def select_jobs(manifest: Manifest, options: RunOptions) -> list[Job]:
+    """The jobs a run works on. Trial runs (--only, --limit) take a share; job identity does not
+    depend on the share, so the full run that follows never pays twice for what the trial did."""
+    jobs = manifest.jobs
+    if options.only is not None:
+        jobs = [job for job in jobs if fnmatch.fnmatchcase(job.name, options.only)]
+        if not jobs:
+            msg = f"--only {options.only!r} matches no job id of {manifest.path}"
+            raise UsageError(msg)
+    if options.limit is not None:
+        jobs = jobs[: options.limit]
+    return jobs
 
 
 def default_output_dir(manifest: Manifest) -> Path:
@@ -115,6 +131,10 @@ class RunOptions:
     run_timeout: float | None = None
     rate: float | None = None
     """Requests a second across every API call, or None for no limit."""
+    limit: int | None = None
+    """A trial run: only the first N jobs (after `only`), in manifest order."""
+    only: str | None = None
+    """A trial run: only jobs whose name matches this shell pattern (``london-*``)."""
     max_cost: float | None = None
     """Never submit a job that would take the estimated cost of every submit the journal
     records for this manifest (earlier runs included) past this many dollars."""
@@ -132,6 +152,9 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             msg = "--concurrency must be at least 1"
+            raise UsageError(msg)
+        if self.limit is not None and self.limit < 1:
+            msg = "--limit must be at least 1"
             raise UsageError(msg)
         if self.max_cost is not None and self.max_cost < 0:
             msg = "--max-cost must be 0 or more"
@@ -225,11 +248,13 @@ class _Run:
 
     def __init__(self, manifest: Manifest, options: RunOptions, output_dir: Path, journal: Journal) -> None:
         self.manifest = manifest
+        self.jobs = select_jobs(manifest, options)
+        """The jobs this run works on: all of the manifest's, or a trial's share."""
         self.options = options
         self.output_dir = output_dir
         self.journal = journal
         self.records: dict[str, JobRecord] = {}
-        self.progress = RunProgress(total=len(manifest.jobs))
+        self.progress = RunProgress(total=len(self.jobs))
         self.stop_submitting: str | None = None
         self.committed = 0.0
         """Estimated cost of every submit journalled for this manifest's jobs, for --max-cost."""
@@ -554,6 +579,7 @@ async def run_manifest(
     """
     options = options or RunOptions()
     output_dir = (options.output_dir or default_output_dir(manifest)).resolve()
+    select_jobs(manifest, options)  # a bad --only fails here, before anything is opened
     async with AsyncExitStack() as stack:
         base_url, token = await stack.enter_async_context(_api_endpoint(options))
         journal = Journal(output_dir)
@@ -604,7 +630,7 @@ async def run_manifest(
 async def _execute(run: _Run, on_start: Callable[[RunProgress], None] | None) -> None:
     options = run.options
     plan: list[tuple[Job, Action]] = []
-    for job in run.manifest.jobs:
+    for job in run.jobs:
         record = run.records.get(job.key)
         if record is not None:
             run.committed += record.submits * _estimate(job)
@@ -686,7 +712,7 @@ def _summarize(run: _Run, warnings: list[str]) -> RunSummary:
     extra = 0.0
     spent = 0.0
     statuses = run.progress.status_of
-    for job in run.manifest.jobs:
+    for job in run.jobs:
         record = run.records.get(job.key) or JobRecord(job.key, job.name)
         outcome = JobOutcome(job.key, job.name, record.phase, record.request_id, record.error)
         if record.cost:
@@ -705,7 +731,7 @@ def _summarize(run: _Run, warnings: list[str]) -> RunSummary:
     return RunSummary(
         output_dir=run.output_dir,
         journal=run.output_dir / JOURNAL_NAME,
-        total=len(run.manifest.jobs),
+        total=len(run.jobs),
         done=done,
         failed=failed,
         uncertain=uncertain,

@@ -356,3 +356,18 @@ async def test_max_cost_stops_submitting_at_the_cap_across_runs(tmp_path: Path, 
     # The cap counts what earlier runs submitted too.
     again = await _run(manifest, sandbox, max_cost=0.08)
     assert len(sandbox.sandbox.submits) == 6 and again.done == 6
+
+
+async def test_trial_runs_leave_the_journal_ready_for_the_full_run(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 8)
+    trial = await _run(manifest, sandbox, limit=2)
+    assert (trial.total, trial.done, trial.exit_code) == (2, 2, 0)
+    picked = await _run(manifest, sandbox, only="job-000[2-4]")
+    assert (picked.total, picked.done) == (3, 3)
+    assert picked.orphans == [], "jobs outside the trial are not orphans"
+    full = await _run(manifest, sandbox)
+    assert full.done == 8
+    assert len(sandbox.sandbox.submits) == 8, "nothing the trials did is paid again"
+    with pytest.raises(UsageError, match="matches no job id"):
+        await _run(manifest, sandbox, only="nope-*")
