@@ -119,6 +119,47 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+STARTER_MANIFEST = """\
+# A batcher manifest: what to generate. Keep it in git; run it with
+#   batcher validate {name}    # every problem at once, no network
+#   batcher plan {name}        # the jobs and what they will cost
+#   batcher run {name} --sandbox   # a rehearsal: no token, no cost
+#   batcher run {name}         # for real (RUNCOMFY_API_TOKEN set); run again to resume
+# Editors complete keys with batcher's schemas/manifest.schema.json: add a first line
+#   # yaml-language-server: $schema=<path to it>
+model: openai/gpt-image-1-5/image-to-image
+
+# Merged into every job; a job's own fields win.
+defaults:
+  quality: low              # low | medium | high (see `batcher plan` for prices)
+  image_size: 1024x1024     # auto | 1024x1024 | 1536x1024 | 1024x1536
+  output_format: png        # png | jpeg | webp
+  image_urls:               # 1-10 public https URLs the service can fetch
+    - https://playgrounds-storage-public.runcomfy.net/tools/7286/media-files/input-1-1.jpg
+
+jobs:
+  - id: first-try           # optional: the job's name and output folder
+    prompt: The same scene at golden hour, warm light, long shadows.
+  - id: night
+    prompt: The same scene at night, lit by street lamps, light rain.
+    quality: medium
+    repeat: 2               # independent generations: night-1, night-2
+"""
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False), default="manifest.yaml")
+def init(path: Path) -> None:
+    """Write a commented starter manifest to PATH [default: manifest.yaml]."""
+    if path.exists():
+        raise _BadInput(f"{path} already exists; choose another name or remove it")
+    try:
+        path.write_text(STARTER_MANIFEST.format(name=path), encoding="utf-8")
+    except OSError as exc:
+        raise _BadInput(f"cannot write {path}: {exc.strerror or exc}") from exc
+    click.echo(f"wrote {path}; next: batcher plan {path}")
+
+
 @cli.command()
 @_manifest_argument
 def validate(manifest: Path) -> None:

@@ -20,7 +20,7 @@ def runner() -> CliRunner:
 
 
 def test_help_for_every_command(runner: CliRunner) -> None:
-    for command in ([], ["run"], ["validate"], ["plan"], ["status"], ["cancel"], ["sandbox"]):
+    for command in ([], ["run"], ["validate"], ["plan"], ["status"], ["cancel"], ["report"], ["init"], ["sandbox"]):
         result = runner.invoke(cli, [*command, "-h"], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         assert "Usage: " in result.output
@@ -144,3 +144,11 @@ def test_status_works_while_a_run_holds_the_folder(runner: CliRunner, tmp_path: 
     finally:
         holder.close()
     assert result.exit_code == 0 and json.loads(result.output)["counts"]["done"] == 2
+
+
+def test_init_writes_a_valid_starter_and_never_overwrites(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(cli, ["init", "starter.yaml"], catch_exceptions=False)
+    assert result.exit_code == 0
+    result = runner.invoke(cli, ["validate", "starter.yaml"], catch_exceptions=False)
+    assert result.exit_code == 0 and "3 jobs" in result.output
+    assert runner.invoke(cli, ["init", "starter.yaml"]).exit_code == 2
