@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .cost import estimate, load_price_table
-from .manifest import Job, Manifest
+from .manifest import Manifest
 from .runner import RunProgress, RunSummary
 from .state import JOURNAL_NAME, FoldedJournal, JobRecord, category, read_journal
 
@@ -78,10 +78,6 @@ def _category(record: JobRecord | None, output_dir: Path) -> str:
     return found
 
 
-def _price(job: Job) -> float | None:
-    return estimate(job)
-
-
 def status_report(manifest: Manifest, output_dir: Path, folded: FoldedJournal | None = None) -> StatusReport:
     """Where every job of manifest stands according to the journal in output_dir."""
     folded = folded if folded is not None else read_journal(output_dir / JOURNAL_NAME)
@@ -97,7 +93,7 @@ def status_report(manifest: Manifest, output_dir: Path, folded: FoldedJournal | 
         record = folded.records.get(job.key)
         category = _category(record, output_dir)
         counts[category] += 1
-        price = _price(job)
+        price = estimate(job)
         if record is not None and record.cost:
             report.spent += record.cost
         if category == "pending" and price:
@@ -196,7 +192,7 @@ def print_plan(console: Console, manifest: Manifest, folded: FoldedJournal, outp
     for number, job in enumerate(manifest.jobs, 1):
         record = folded.records.get(job.key)
         category = _category(record, output_dir)
-        price = _price(job)
+        price = estimate(job)
         if category == "pending":
             left += price or 0.0
         if shown < 200:

@@ -59,7 +59,7 @@ from .errors import (
 )
 from .manifest import Job, Manifest
 from .sandbox import Sandbox, SandboxConfig
-from .state import JOURNAL_NAME, FileRecord, JobRecord, Journal
+from .state import JOURNAL_NAME, FileRecord, JobRecord, Journal, category
 
 __all__ = [
     "CancelSummary",
@@ -481,16 +481,16 @@ class _Run:
             except DownloadError as exc:
                 # Signed URLs expire, and hosts move: ask RunComfy for fresh URLs once.
                 if refreshed or record.request_id is None or exc.permanent:
-                    self.download_failed(job, str(exc))
+                    self.download_failed(job, index, str(exc))
                     return
                 refreshed = True
                 try:
                     fresh = await self.client.result(record.request_id)
                 except ApiError as api_exc:
-                    self.download_failed(job, f"{exc}; refreshing the URL failed: {api_exc}")
+                    self.download_failed(job, index, f"{exc}; refreshing the URL failed: {api_exc}")
                     return
                 if not fresh.outputs:
-                    self.download_failed(job, f"{exc}; RunComfy no longer lists outputs")
+                    self.download_failed(job, index, f"{exc}; RunComfy no longer lists outputs")
                     return
                 record = self.record(job, "urls", outputs=fresh.outputs)
                 continue
@@ -504,8 +504,8 @@ class _Run:
             raise OutputFolderError(msg) from exc
         progress.set(job.key, "done")
 
-    def download_failed(self, job: Job, reason: str) -> None:
-        self.record(job, "download_failed", reason=reason)
+    def download_failed(self, job: Job, index: int, reason: str) -> None:
+        self.record(job, "download_failed", index=index, reason=reason)
         self.progress.set(job.key, "failed")
         self.progress.error(job.name, reason)
 
@@ -711,18 +711,25 @@ def _summarize(run: _Run, warnings: list[str]) -> RunSummary:
     done = 0
     extra = 0.0
     spent = 0.0
-    statuses = run.progress.status_of
     for job in run.jobs:
-        record = run.records.get(job.key) or JobRecord(job.key, job.name)
-        outcome = JobOutcome(job.key, job.name, record.phase, record.request_id, record.error)
-        if record.cost:
+        record = run.records.get(job.key)
+        if record is not None and record.cost:
             spent += record.cost
-        if statuses.get(job.key) == "done" or (record.downloaded and statuses.get(job.key) != "failed"):
+        found = category(record)
+        if found == "done":
             done += 1
-        elif record.phase in ("uncertain", "submitting"):
+            continue
+        outcome = JobOutcome(
+            job.key,
+            job.name,
+            record.phase if record else "pending",
+            record.request_id if record else None,
+            record.error if record else None,
+        )
+        if found == "uncertain":
             uncertain.append(outcome)
             extra += _estimate(job)
-        elif record.phase in ("failed", "cancelled") or statuses.get(job.key) == "failed":
+        elif found == "failed":
             failed.append(outcome)
         else:
             unfinished.append(outcome)

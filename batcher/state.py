@@ -164,7 +164,13 @@ class JobRecord:
             self.error = event.get("reason")
         elif kind == "urls":
             self.outputs = list(event.get("outputs", []))
-        elif kind in ("download_failed", "note"):
+        elif kind == "download_failed":
+            self.error = event.get("reason")
+            # The file it was meant to (re)place is missing or wrong: the record must not claim it.
+            index = event.get("index")
+            if index is not None:
+                self.files.pop(int(index), None)
+        elif kind == "note":
             self.error = event.get("reason")
         elif kind == "failed":
             self.phase = "failed"

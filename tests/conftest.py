@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from batcher import RetryPolicy, RunOptions, Sandbox, SandboxConfig, SandboxThread
+from batcher.state import Journal
 
 TOKEN = "sk-test-SENTINEL-7f3a9"
 REF = "https://example.org/ref.jpg"
@@ -67,3 +69,14 @@ def many_jobs_manifest(path: Path, count: int, *, quality: str = "low") -> Path:
         lines += [f"  - id: job-{i:04d}", f'    prompt: "prompt number {i}"', f"    image_urls: ['{REF}']"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@contextmanager
+def another_run_holding(folder: Path) -> Iterator[None]:
+    """Hold folder's lock the way a running `batcher run` does."""
+    journal = Journal(folder)
+    journal.open()
+    try:
+        yield
+    finally:
+        journal.close()

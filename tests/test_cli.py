@@ -9,9 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from batcher.cli import cli
-from batcher.state import Journal
 
-from .conftest import REF, many_jobs_manifest, write_manifest
+from .conftest import REF, another_run_holding, many_jobs_manifest, write_manifest
 
 
 @pytest.fixture
@@ -92,12 +91,8 @@ def test_sandbox_run_then_status(runner: CliRunner, tmp_path: Path) -> None:
 
 def test_a_locked_output_folder_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     path = many_jobs_manifest(tmp_path / "m.yaml", 1)
-    holder = Journal(tmp_path / "output" / "m")
-    holder.open()
-    try:
+    with another_run_holding(tmp_path / "output" / "m"):
         result = runner.invoke(cli, ["run", str(path), "--sandbox"], catch_exceptions=False)
-    finally:
-        holder.close()
     assert result.exit_code == 2
     assert "another batcher run" in result.output
 
@@ -137,12 +132,8 @@ def test_prices_can_be_overridden(runner: CliRunner, tmp_path: Path, monkeypatch
 def test_status_works_while_a_run_holds_the_folder(runner: CliRunner, tmp_path: Path) -> None:
     path = many_jobs_manifest(tmp_path / "m.yaml", 2)
     assert runner.invoke(cli, ["run", str(path), "--sandbox", "--poll-interval", "0.05"]).exit_code == 0
-    holder = Journal(tmp_path / "output" / "m")
-    holder.open()
-    try:
+    with another_run_holding(tmp_path / "output" / "m"):
         result = runner.invoke(cli, ["status", str(path), "--json"], catch_exceptions=False)
-    finally:
-        holder.close()
     assert result.exit_code == 0 and json.loads(result.output)["counts"]["done"] == 2
 
 

@@ -24,9 +24,9 @@ from batcher import (
     run_manifest,
 )
 from batcher.runner import cancel_manifest
-from batcher.state import JOURNAL_NAME, Journal
+from batcher.state import JOURNAL_NAME
 
-from .conftest import TOKEN, fast_options, many_jobs_manifest
+from .conftest import TOKEN, another_run_holding, fast_options, many_jobs_manifest
 
 StartSandbox = Callable[..., SandboxThread]
 
@@ -206,13 +206,8 @@ async def test_no_token_is_a_usage_error_before_anything_is_written(tmp_path: Pa
 
 async def test_a_second_runner_on_the_same_folder_fails_fast(tmp_path: Path, start_sandbox: StartSandbox) -> None:
     sandbox = start_sandbox()
-    holder = Journal(tmp_path / "out")
-    holder.open()
-    try:
-        with pytest.raises(JournalLockedError, match="another batcher run"):
-            await _run(many_jobs_manifest(tmp_path / "m.yaml", 1), sandbox)
-    finally:
-        holder.close()
+    with another_run_holding(tmp_path / "out"), pytest.raises(JournalLockedError, match="another batcher run"):
+        await _run(many_jobs_manifest(tmp_path / "m.yaml", 1), sandbox)
     assert sandbox.sandbox.submits == []
 
 

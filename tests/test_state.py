@@ -155,3 +155,12 @@ def test_a_flipped_byte_before_the_last_line_is_always_caught(position: int, fli
     data[position] ^= flip
     with pytest.raises(JournalCorruptError):
         fold_bytes(bytes(data))
+
+
+def test_a_failed_redownload_no_longer_claims_the_file() -> None:
+    from batcher.state import category
+
+    events = [*_events(), {"t": 2.0, "e": "download_failed", "job": "a", "index": 0, "reason": "disk"}]
+    record = fold_bytes(_journal_bytes(events)).records["a"]
+    assert not record.downloaded and record.error == "disk"
+    assert category(record) == "failed"
