@@ -20,8 +20,10 @@ import click
 import httpx
 from rich.console import Console
 from rich.live import Live
+from rich.table import Table
 
 from . import __version__
+from .cost import load_price_table
 from .dataset import METADATA_NAME, write_metadata
 from .errors import (
     AuthError,
@@ -33,9 +35,11 @@ from .errors import (
 )
 from .gallery import write_gallery
 from .manifest import Manifest, load_manifest
+from .preflight import check_urls, input_urls
 from .report import ProgressView, plain_progress_line, print_plan, print_status, print_summary, status_report
-from .runner import RunOptions, RunProgress, cancel_manifest, default_output_dir, run_manifest
+from .runner import RunOptions, RunProgress, cancel_manifest, default_output_dir, parse_shard, run_manifest
 from .sandbox import FAULT_KINDS, Sandbox, SandboxConfig
+from .schema import available_models, load_model_schema
 from .state import JOURNAL_NAME, read_journal
 
 __all__ = ["cli", "main"]
@@ -92,7 +96,37 @@ def cli() -> None:
 
 
 def _manifest_argument(function: Callable[..., Any]) -> Callable[..., Any]:
+    function = _schemas_option(
+        "Folder of model schemas (<model id>.input.json), searched before the bundled ones; repeatable."
+    )(function)
     return click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))(function)
+
+
+def _schemas_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--schemas",
+        "schema_dirs",
+        multiple=True,
+        type=click.Path(path_type=Path, file_okay=False, exists=True),
+        envvar="BATCHER_SCHEMAS",
+        help=help_text + " Env BATCHER_SCHEMAS.",
+    )
+
+
+def _shard_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--shard",
+        metavar="K/N",
+        callback=lambda _ctx, _param, value: None if value is None else _parse_shard(value),
+        help="Only the K-th of N slices of the jobs (by identity), in output/<name>/shard-K-of-N/.",
+    )(function)
+
+
+def _parse_shard(value: str) -> tuple[int, int]:
+    try:
+        return parse_shard(value)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--shard ")) from exc
 
 
 def _output_option(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -162,19 +196,45 @@ def init(path: Path) -> None:
 
 @cli.command()
 @_manifest_argument
-def validate(manifest: Path) -> None:
-    """Check MANIFEST against the model's schema; list every problem. No network."""
-    loaded = load_manifest(manifest)
-    click.echo(f"{manifest}: {len(loaded.jobs)} jobs for {loaded.model}, all valid")
+@click.option(
+    "--check-urls",
+    is_flag=True,
+    help="Also fetch the headers of every distinct input image URL: reachable, an image, within 50 MB.",
+)
+@click.option("-c", "--concurrency", default=8, show_default=True, type=click.IntRange(1, 64), help="URLs at once.")
+def validate(manifest: Path, schema_dirs: tuple[Path, ...], check_urls: bool, concurrency: int) -> None:
+    """Check MANIFEST against the model's schema; list every problem. No network unless --check-urls."""
+    loaded = load_manifest(manifest, schema_dirs)
+    click.echo(f"{manifest}: {loaded.count} jobs for {', '.join(loaded.models)}, all valid")
+    if check_urls:
+        _check_input_urls(loaded, concurrency)
+
+
+def _check_input_urls(manifest: Manifest, concurrency: int) -> None:
+    schemas = {model: load_model_schema(model, manifest.schema_dirs) for model in manifest.models}
+    checks = input_urls(manifest.iter_jobs(), schemas)
+    click.echo(f"checking {len(checks)} distinct input URL(s)...")
+    anyio.run(lambda: check_urls(checks.values(), concurrency=concurrency))
+    bad = [check for check in checks.values() if check.problem]
+    for check in bad:
+        more = f" and {check.uses - len(check.origins)} more" if check.uses > len(check.origins) else ""
+        click.echo(f"{check.url}: {check.problem}", err=True)
+        click.echo(f"  used by {check.uses} job(s) at {', '.join(check.origins)}{more}", err=True)
+    if bad:
+        raise _BadInput(f"{len(bad)} of {len(checks)} input URL(s) cannot be used; fix them before running")
+    click.echo(f"all {len(checks)} input URL(s) serve images within RunComfy's 50 MB limit")
 
 
 @cli.command()
 @_manifest_argument
 @_output_option
-def plan(manifest: Path, output: Path | None) -> None:
+@_shard_option
+def plan(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, shard: tuple[int, int] | None) -> None:
     """Show the expanded jobs, what is left to do and its estimated cost. No network."""
-    loaded = load_manifest(manifest)
-    output_dir = output or default_output_dir(loaded)
+    loaded = load_manifest(manifest, schema_dirs)
+    if shard:
+        loaded = loaded.only_shard(*shard)
+    output_dir = output or default_output_dir(loaded, shard)
     print_plan(stdout, loaded, read_journal(output_dir / JOURNAL_NAME), output_dir)
 
 
@@ -182,9 +242,12 @@ def plan(manifest: Path, output: Path | None) -> None:
 @_manifest_argument
 @_output_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def status(manifest: Path, output: Path | None, as_json: bool) -> None:
-    """Where every job stands, from the journal. Works during a run. No network."""
-    loaded = load_manifest(manifest)
+def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, as_json: bool) -> None:
+    """Where every job stands, from the journal. Works during a run. No network.
+
+    Shard folders (shard-K-of-N/) inside the output folder are summed in.
+    """
+    loaded = load_manifest(manifest, schema_dirs)
     report = status_report(loaded, output or default_output_dir(loaded))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
@@ -211,6 +274,7 @@ def status(manifest: Path, output: Path | None, as_json: bool) -> None:
 @click.option("--cancel-on-interrupt", is_flag=True, help="On Ctrl-C, also cancel the jobs still queued at RunComfy.")
 @click.option("--limit", type=click.IntRange(min=1), help="Trial run: only the first N jobs, in manifest order.")
 @click.option("--only", metavar="PATTERN", help="Trial run: only jobs whose id matches this pattern (london-*).")
+@_shard_option
 @click.option(
     "--max-cost",
     type=click.FloatRange(min=0),
@@ -261,6 +325,7 @@ def status(manifest: Path, output: Path | None, as_json: bool) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def run(
     manifest: Path,
+    schema_dirs: tuple[Path, ...],
     output: Path | None,
     concurrency: int,
     api_base: str | None,
@@ -270,6 +335,7 @@ def run(
     cancel_on_interrupt: bool,
     limit: int | None,
     only: str | None,
+    shard: tuple[int, int] | None,
     max_cost: float | None,
     rate: float | None,
     queue_timeout: float | None,
@@ -288,18 +354,19 @@ def run(
     twice stops at once. Either way, the same command resumes.
     """
     _setup_logging(verbose, quiet)
-    loaded = load_manifest(manifest)
+    loaded = load_manifest(manifest, schema_dirs)
     options = RunOptions(
         output_dir=output,
         concurrency=concurrency,
         api_base=api_base,
-        sandbox=SandboxConfig() if sandbox else None,
+        sandbox=SandboxConfig(schema_dirs=loaded.schema_dirs) if sandbox else None,
         retry_failed=retry_failed,
         resubmit_uncertain=resubmit_uncertain,
         cancel_on_interrupt=cancel_on_interrupt,
         rate=rate,
         limit=limit,
         only=only,
+        shard=shard,
         max_cost=max_cost,
         queue_timeout=queue_timeout,
         job_timeout=job_timeout,
@@ -316,7 +383,9 @@ def run(
     summary = _run_with_display(loaded, options, quiet)
     print_summary(stderr, summary)
     if summary.interrupted:
-        stderr.print(f"interrupted; resume with: batcher run {manifest}" + (" --sandbox" if sandbox else ""))
+        again = " --sandbox" if sandbox else ""
+        again += f" --shard {shard[0]}/{shard[1]}" if shard else ""
+        stderr.print(f"interrupted; resume with: batcher run {manifest}{again}")
     sys.exit(summary.exit_code)
 
 
@@ -359,10 +428,23 @@ def _run_with_display(manifest: Manifest, options: RunOptions, quiet: bool) -> A
 @_output_option
 @_api_base_option
 @click.option("--sandbox", is_flag=True, help="Cancel against the in-process sandbox.")
-def cancel(manifest: Path, output: Path | None, api_base: str | None, sandbox: bool) -> None:
+@_shard_option
+def cancel(
+    manifest: Path,
+    schema_dirs: tuple[Path, ...],
+    output: Path | None,
+    api_base: str | None,
+    sandbox: bool,
+    shard: tuple[int, int] | None,
+) -> None:
     """Cancel this manifest's jobs that are queued at RunComfy (running ones cannot be)."""
-    loaded = load_manifest(manifest)
-    options = RunOptions(output_dir=output, api_base=api_base, sandbox=SandboxConfig() if sandbox else None)
+    loaded = load_manifest(manifest, schema_dirs)
+    options = RunOptions(
+        output_dir=output,
+        api_base=api_base,
+        sandbox=SandboxConfig(schema_dirs=loaded.schema_dirs) if sandbox else None,
+        shard=shard,
+    )
     summary = anyio.run(cancel_manifest, loaded, options)
     click.echo(f"cancelled {len(summary.cancelled)} job(s)")
     for name, state in summary.not_cancellable:
@@ -376,10 +458,13 @@ def cancel(manifest: Path, output: Path | None, api_base: str | None, sandbox: b
 @cli.command()
 @_manifest_argument
 @_output_option
-def report(manifest: Path, output: Path | None) -> None:
+@_shard_option
+def report(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, shard: tuple[int, int] | None) -> None:
     """Write the gallery (index.html) and the dataset's metadata.jsonl. No network."""
-    loaded = load_manifest(manifest)
-    output_dir = output or default_output_dir(loaded)
+    loaded = load_manifest(manifest, schema_dirs)
+    if shard:
+        loaded = loaded.only_shard(*shard)
+    output_dir = output or default_output_dir(loaded, shard)
     folded = read_journal(output_dir / JOURNAL_NAME)
     if not folded.records:
         raise _BadInput(f"nothing to report: no journal with jobs in {output_dir} (run the manifest first)")
@@ -391,6 +476,54 @@ def report(manifest: Path, output: Path | None) -> None:
     click.echo(f"gallery: {page}")
     click.echo(f"dataset: {output_dir / METADATA_NAME} ({rows} images)")
     click.echo(f'  load it: datasets.load_dataset("imagefolder", data_dir="{output_dir}")')
+
+
+@cli.command()
+@click.argument("model", required=False)
+@_schemas_option("Folder of model schemas, searched before the bundled ones; repeatable.")
+def schemas(model: str | None, schema_dirs: tuple[Path, ...]) -> None:
+    """List the models batcher has schemas for, or show MODEL's input fields."""
+    if model is None:
+        for known in available_models(schema_dirs):
+            source = load_model_schema(known, schema_dirs).source
+            click.echo(f"{known}  ({source})")
+        click.echo("\nshow one with: batcher schemas MODEL; add your own with --schemas DIR (see README)", err=True)
+        return
+    schema = load_model_schema(model, schema_dirs)
+    table = Table(title=f"{model}  ({schema.source})", title_justify="left")
+    for column in ("field", "type", "required", "default", "allowed"):
+        table.add_column(column, overflow="fold")
+    required = set(schema.required)
+    for name, spec in schema.properties.items():
+        table.add_row(
+            name,
+            _type_of(spec),
+            "yes" if name in required else "",
+            "" if name in required or "default" not in spec else json.dumps(spec["default"]),
+            _allowed(spec),
+        )
+    stdout.print(table)
+    prices = load_price_table(model, schema_dirs)
+    if prices:
+        stdout.print(f"prices by {', '.join(prices.keys)}: {prices.source}, as of {prices.as_of}")
+
+
+def _type_of(spec: dict[str, Any]) -> str:
+    kind = str(spec.get("type", "any"))
+    if kind == "array" and isinstance(spec.get("items"), dict):
+        kind = f"list of {spec['items'].get('format') or spec['items'].get('type', 'any')}"
+    return kind
+
+
+def _allowed(spec: dict[str, Any]) -> str:
+    if "enum" in spec:
+        return " | ".join(str(v) for v in spec["enum"])
+    limits = [
+        f"{word} {spec[key]}"
+        for key, word in (("minItems", "min items"), ("maxItems", "max items"), ("minimum", "min"), ("maximum", "max"))
+        if key in spec
+    ]
+    return ", ".join(limits)
 
 
 @cli.command("sandbox")
@@ -422,6 +555,7 @@ def report(manifest: Path, output: Path | None) -> None:
 @click.option("--require-token", help="Accept only this bearer token [default: any].")
 @click.option("--rate-limit", type=click.FloatRange(min=0.1), help="Answer 429 past this many API requests a second.")
 @click.option("--seed", type=int, help="Seed for faults and failures, to replay a session.")
+@_schemas_option("Folder of model schemas, so the sandbox accepts those models too; repeatable.")
 def sandbox_command(
     host: str,
     port: int,
@@ -438,6 +572,7 @@ def sandbox_command(
     require_token: str | None,
     rate_limit: float | None,
     seed: int | None,
+    schema_dirs: tuple[Path, ...],
 ) -> None:
     """Serve a RunComfy-compatible API on loopback, for rehearsals and tests.
 
@@ -461,6 +596,7 @@ def sandbox_command(
         require_token=require_token,
         rate_limit=rate_limit,
         seed=seed,
+        schema_dirs=schema_dirs,
     )
     server = Sandbox(config)
 

@@ -68,9 +68,9 @@ def load_price_table(model_id: str, directories: Sequence[Path] = ()) -> PriceTa
     return _find(model_id, tuple(directories), os.environ.get(PRICES_ENV))
 
 
-def estimate(job: Job) -> float | None:
-    """One job's price, or None when no table says."""
-    table = load_price_table(job.model)
+def estimate(job: Job, directories: Sequence[Path] = ()) -> float | None:
+    """One job's price, or None when no table says; directories are the manifest's schema folders."""
+    table = load_price_table(job.model, directories)
     return table.price(job.input) if table else None
 
 

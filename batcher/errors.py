@@ -72,12 +72,14 @@ class Problem:
 class ManifestError(BatcherError):
     """Raised when a manifest cannot be used; carries every problem found, not only the first."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], *, omitted: int = 0) -> None:
         self.problems = problems
+        self.omitted = omitted
         lines = [str(p) for p in problems]
-        count = len(problems)
+        count = len(problems) + omitted
         head = f"{count} problem{'s' if count != 1 else ''} in the manifest:"
-        super().__init__("\n".join([head, *("  " + line for line in lines)]))
+        tail = [f"  … and {omitted} more (fix these and validate again)"] if omitted else []
+        super().__init__("\n".join([head, *("  " + line for line in lines), *tail]))
 
 
 class ApiError(BatcherError):

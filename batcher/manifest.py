@@ -1,4 +1,4 @@
-"""Manifests: YAML in, a list of validated `Job`s out.
+"""Manifests: YAML in, a stream of validated `Job`s out.
 
 A manifest says what to generate::
 
@@ -10,34 +10,58 @@ A manifest says what to generate::
         prompt: "..."
         image_urls: ["https://example.org/ref.jpg"]
         repeat: 3        # optional: independent generations of the same input
+      - prompt: "a {animal} in {city}"     # a matrix: one job per combination
+        image_urls: ["https://example.org/ref.jpg"]
+        matrix:
+          animal: [cat, dog]
+          city: [London, Paris]
+          exclude: [{animal: dog, city: Paris}]
+      - from: prompts.csv                  # one job per row; columns are fields
+        image_urls: ["https://example.org/ref.jpg"]
 
 Everything wrong with a manifest is reported at once, each problem with its
-file, line and field. A job's identity (`Job.key`) is a hash of what is
-sent (model, input with schema defaults filled) and its repeat index, so
-reordering jobs changes nothing and editing a job re-runs that job alone.
+file, line and field (a prompt file's problems with its file, line and row).
+A job's identity (`Job.key`) is a hash of what is sent (model, input with
+schema defaults filled) and its repeat index, so reordering jobs changes
+nothing and editing a job re-runs that job alone.
+
+Prompt files are streamed: loading checks every row once, and
+`Manifest.iter_jobs` reads them again, so planning a 50,000-row file keeps
+only job identities in memory, never the jobs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
+import itertools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import ManifestError, Problem, UsageError
+from .promptfile import KINDS, NO_ROW, PromptFile, Row, from_text
 from .schema import ModelSchema, load_model_schema
+from .template import placeholders, render
 
-__all__ = ["Job", "Manifest", "job_key", "load_manifest"]
+__all__ = ["Job", "Manifest", "job_key", "load_manifest", "shard_of"]
 
-TOP_LEVEL_KEYS = ("model", "defaults", "jobs")
-JOB_CONTROL_KEYS = ("id", "repeat")
+TOP_LEVEL_KEYS = ("model", "schemas", "defaults", "jobs")
+ROW_CONTROL_KEYS = ("id", "repeat", "model")
+"""What a prompt-file column or a matrix variable may set besides input fields."""
+ENTRY_CONTROL_KEYS = (*ROW_CONTROL_KEYS, "matrix", "from")
 MAX_REPEAT = 10_000
+MAX_COMBINATIONS = 100_000
+MAX_PROBLEMS = 200
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SLUG_DROP = re.compile(r"[^a-z0-9]+")
 
 Path_ = tuple[str | int, ...]
@@ -58,22 +82,59 @@ class Job:
     input: dict[str, Any] = field(hash=False, compare=False)
     repeat_index: int = 0
     line: int | None = None
-    """Where the job starts in the manifest, for messages."""
+    """Where the job comes from, for messages: a line of `source`."""
+    source: str = ""
+    """The manifest, or the prompt file holding the job's row."""
+
+    @property
+    def origin(self) -> str:
+        """``file:line`` of the job's entry or row."""
+        return f"{self.source}:{self.line}" if self.line is not None else self.source
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Manifest:
-    """A loaded, validated manifest."""
+    """A loaded, validated manifest.
+
+    `jobs` holds every job in a list (a run needs them all); `iter_jobs`
+    streams them for commands that look at each job once.
+    """
 
     path: Path
     sha256: str
+    """Of the manifest and every prompt file it reads."""
     model: str
-    jobs: list[Job]
+    """The manifest's model, or its first job's when each job names one."""
+    count: int
+    """How many jobs the manifest expands to."""
+    models: tuple[str, ...] = ()
+    schema_dirs: tuple[Path, ...] = ()
+    _expander: _Expander | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
         """The manifest's file name without its suffix: the default output folder's name."""
         return self.path.stem
+
+    shard: tuple[int, int] | None = None
+    """``(K, N)`` when this is one slice of the manifest (see `only_shard`)."""
+
+    def iter_jobs(self) -> Iterator[Job]:
+        """Every job in manifest order, expanding matrices and reading prompt files as it goes."""
+        if self._expander is None:
+            return
+        for job in self._expander.jobs(check=False):
+            if self.shard is None or shard_of(job.key, self.shard[1]) == self.shard[0]:
+                yield job
+
+    def only_shard(self, part: int, shards: int) -> Manifest:
+        """The same manifest cut to the part-th of shards slices of its jobs."""
+        sliced = dataclasses.replace(self, shard=(part, shards))
+        return dataclasses.replace(sliced, count=sum(1 for _ in sliced.iter_jobs()))
+
+    @cached_property
+    def jobs(self) -> list[Job]:
+        return list(self.iter_jobs())
 
 
 def job_key(model: str, payload: dict[str, Any], repeat_index: int) -> str:
@@ -87,10 +148,18 @@ def job_key(model: str, payload: dict[str, Any], repeat_index: int) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def shard_of(key: str, shards: int) -> int:
+    """Which of `shards` slices (1-based) a job belongs to: by identity, so stable under reordering."""
+    return int(key, 16) % shards + 1
+
+
 def _slug(text: str, key: str) -> str:
     words = _SLUG_DROP.sub(" ", text.lower()).split()[:6]
     stem = "-".join(words)[:48].strip("-") or "job"
     return f"{stem}-{key[:8]}"
+
+
+# --- YAML with line numbers -------------------------------------------------------------------
 
 
 class _Located:
@@ -99,7 +168,8 @@ class _Located:
     def __init__(self, text: str, file: str) -> None:
         self.file = file
         self.lines: dict[Path_, int] = {}
-        self.problems: list[Problem] = []
+        self.problems: dict[tuple[str, int | None, str, str], Problem] = {}
+        self.omitted = 0
         loader = _SafeLoader(text)
         try:
             node = loader.get_single_node()
@@ -118,12 +188,10 @@ class _Located:
             for key_node, value_node in node.value:
                 key = loader.construct_object(key_node, deep=True)
                 if not isinstance(key, str | int):
-                    self.problems.append(
-                        Problem(self.file, key_node.start_mark.line + 1, "", f"keys must be text, got {key!r}")
-                    )
+                    self.add(Problem(self.file, key_node.start_mark.line + 1, "", f"keys must be text, got {key!r}"))
                     continue
                 if key in result:
-                    self.problems.append(
+                    self.add(
                         Problem(
                             self.file,
                             key_node.start_mark.line + 1,
@@ -143,7 +211,22 @@ class _Located:
         return self.lines.get(path)
 
     def problem(self, path: Path_, message: str) -> None:
-        self.problems.append(Problem(self.file, self.line(path), _field(path), message))
+        self.add(Problem(self.file, self.line(path), _field(path), message))
+
+    def add(self, problem: Problem) -> None:
+        # A bad default or template repeats over thousands of rows: report it once.
+        identity = (problem.file, problem.line, problem.field, problem.message)
+        if identity in self.problems:
+            return
+        if len(self.problems) >= MAX_PROBLEMS:
+            self.omitted += 1
+            return
+        self.problems[identity] = problem
+
+    def fail_if_any(self) -> None:
+        if self.problems:
+            ordered = sorted(self.problems.values(), key=lambda p: (p.file != self.file, p.file, p.line or 0, p.field))
+            raise ManifestError(ordered, omitted=self.omitted)
 
 
 def _field(path: Path_) -> str:
@@ -174,108 +257,444 @@ def _parse(path: Path) -> tuple[bytes, _Located]:
         raise ManifestError([Problem(str(path), None, "", f"invalid YAML: {exc}")]) from exc
 
 
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --- expansion ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Combination:
+    values: dict[str, Any]
+    label: str
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One item of ``jobs:``, checked on its own: what it sets and where its variables come from."""
+
+    path: Path_
+    fields: dict[str, Any]
+    id: Any
+    repeat: Any
+    model: Any
+    combinations: list[_Combination] | None
+    prompt_file: PromptFile | None
+    placeholders: set[str]
+
+    @property
+    def templated(self) -> bool:
+        return self.combinations is not None or self.prompt_file is not None
+
+
+class _Expander:
+    """Turns checked entries into jobs; `jobs(check=True)` also validates each one and records problems."""
+
+    def __init__(
+        self,
+        doc: _Located,
+        schema_dirs: Sequence[Path],
+        model: str | None,
+        defaults: dict[str, Any],
+        entries: list[_Entry],
+    ) -> None:
+        self.doc = doc
+        self.schema_dirs = tuple(schema_dirs)
+        self.model = model
+        self.defaults = defaults
+        self.entries = entries
+        self._schemas: dict[str, tuple[ModelSchema | None, str]] = {}
+        self.models: dict[str, None] = {}
+        self.count = 0
+        self._keys: dict[str, tuple[str, int | None]] = {}
+        self._names: dict[str, tuple[str, int | None]] = {}
+
+    def schema(self, model: str) -> tuple[ModelSchema | None, str]:
+        """The model's schema, or None and why not."""
+        if model not in self._schemas:
+            try:
+                self._schemas[model] = (load_model_schema(model, self.schema_dirs), "")
+            except UsageError as exc:
+                self._schemas[model] = (None, str(exc))
+        return self._schemas[model]
+
+    def jobs(self, *, check: bool) -> Iterator[Job]:
+        for entry in self.entries:
+            rows: Iterable[Row] = entry.prompt_file.rows() if entry.prompt_file else (NO_ROW,)
+            combinations = entry.combinations or [_Combination({}, "")]
+            for row in rows:
+                if row.problem is not None:
+                    if check:
+                        assert entry.prompt_file is not None
+                        where = f"row {row.number}" if row.number else ""
+                        self.doc.add(Problem(entry.prompt_file.display, row.line, where, row.problem))
+                    continue
+                for combination in combinations:
+                    yield from self._expand(entry, row, combination, check=check)
+
+    def _expand(self, entry: _Entry, row: Row, combination: _Combination, *, check: bool) -> Iterator[Job]:
+        variables = {**combination.values, **row.values}
+        blame = _Blame(self.doc, entry, row, combination)
+
+        model = variables.get("model", entry.model if entry.model is not None else self.model)
+        if model is None:
+            blame.control("model", "no model: give the manifest a 'model', or this job one")
+            return
+        if not isinstance(model, str) or not model:
+            blame.control("model", f"expected a model id, got {model!r}")
+            return
+        schema, unknown = self.schema(model)
+        if schema is None:
+            if "model" in variables or entry.model is not None:
+                blame.control("model", unknown)
+            else:
+                self.doc.problem(("model",), unknown)
+            return
+
+        from_variables: dict[str, Any] = {}
+        for name, value in variables.items():
+            if name in ROW_CONTROL_KEYS or (name in entry.placeholders and name not in schema.properties):
+                continue
+            if row.from_text and name in row.values:
+                try:
+                    value = from_text(value, schema.properties.get(name, {}))
+                except ValueError as exc:
+                    blame.variable(name, f"cannot read {value!r}: {exc}")
+                    return
+            from_variables[name] = value
+        try:
+            fields = render(entry.fields, variables) if entry.templated else entry.fields
+            raw_id = render(entry.id, variables) if entry.templated and isinstance(entry.id, str) else entry.id
+        except KeyError as exc:
+            blame.whole(f"no value for the placeholder {{{exc.args[0]}}}")
+            return
+        raw_id = variables.get("id", raw_id)
+        filled = schema.with_defaults({**self.defaults, **fields, **from_variables})
+
+        failed = False
+        if check:
+            for error in schema.validate(filled):
+                blame.field(error.field, error.message, fields, from_variables, self.defaults)
+                failed = True
+            if raw_id is not None and (not isinstance(raw_id, str) or not _JOB_ID.match(raw_id)):
+                blame.control(
+                    "id",
+                    f"{raw_id!r} is not a usable job id: use 1-100 letters, digits, '.', '_' or '-', "
+                    "starting with a letter or digit",
+                )
+                failed = True
+        repeat = variables.get("repeat", entry.repeat)
+        if row.from_text and "repeat" in row.values:
+            repeat = int(repeat) if str(repeat).strip().isdigit() else repeat
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= MAX_REPEAT:
+            if check:
+                blame.control("repeat", f"expected a whole number from 1 to {MAX_REPEAT}, got {repeat!r}")
+            return
+        if failed:
+            return
+
+        source, line = blame.origin()
+        for repeat_index in range(repeat):
+            key = job_key(model, filled, repeat_index)
+            if raw_id:
+                name = raw_id if repeat == 1 else f"{raw_id}-{repeat_index + 1}"
+            else:
+                name = _slug(str(filled.get("prompt", "")), key)
+            if check:
+                if key in self._keys:
+                    blame.whole(
+                        f"same input as the job {_at(self._keys[key], source)}; "
+                        "use 'repeat: N' for more generations of one input"
+                    )
+                    continue
+                if name in self._names:
+                    blame.control("id", f"job id {name!r} is already used {_at(self._names[name], source)}")
+                    continue
+                self._keys[key] = self._names[name] = (source, line)
+                self.models[model] = None
+                self.count += 1
+            yield Job(key, name, model, filled, repeat_index, line, source)
+
+
+def _at(origin: tuple[str, int | None], here: str) -> str:
+    source, line = origin
+    return f"on line {line}" if source == here else f"at {source}:{line}"
+
+
+class _Blame:
+    """Places a problem where the user can fix it: the row, the matrix, the entry or the defaults."""
+
+    def __init__(self, doc: _Located, entry: _Entry, row: Row, combination: _Combination) -> None:
+        self.doc = doc
+        self.entry = entry
+        self.row = row
+        self.combination = combination
+
+    def origin(self) -> tuple[str, int | None]:
+        if self.row.line is not None and self.entry.prompt_file is not None:
+            return self.entry.prompt_file.display, self.row.line
+        return self.doc.file, self.doc.line(self.entry.path)
+
+    def _suffix(self) -> str:
+        return f" (matrix: {self.combination.label})" if self.combination.label else ""
+
+    def _at_row(self, field_name: str, message: str) -> None:
+        assert self.entry.prompt_file is not None
+        where = f"row {self.row.number}" + (f": {field_name}" if field_name else "")
+        self.doc.add(Problem(self.entry.prompt_file.display, self.row.line, where, message + self._suffix()))
+
+    def whole(self, message: str) -> None:
+        if self.row.line is not None:
+            self._at_row("", message)
+        else:
+            self.doc.problem(self.entry.path, message + self._suffix())
+
+    def variable(self, name: str, message: str) -> None:
+        if name in self.row.values:
+            self._at_row(name, message)
+        else:
+            self.doc.problem((*self.entry.path, "matrix", name), message + self._suffix())
+
+    def control(self, name: str, message: str) -> None:
+        if name in self.row.values or name in self.combination.values:
+            self.variable(name, message)
+        else:
+            self.doc.problem((*self.entry.path, name), message + self._suffix())
+
+    def field(
+        self,
+        dotted: str,
+        message: str,
+        fields: dict[str, Any],
+        from_variables: dict[str, Any],
+        defaults: dict[str, Any],
+    ) -> None:
+        top = dotted.split(".")[0]
+        from_row = set(self.row.values)
+        if top in from_variables:
+            self.variable(top, message)
+        elif top in fields:
+            if from_row & placeholders(self.entry.fields[top]):
+                self._at_row(top, message)  # the row's value, put in through a placeholder
+            else:
+                self.doc.problem((*self.entry.path, top), message + self._suffix())
+        elif top in defaults:
+            self.doc.problem(("defaults", top), message)
+        else:
+            self.whole(message)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
 def load_manifest(path: str | Path, schema_dirs: Sequence[Path] = ()) -> Manifest:
     """Read, expand and validate a manifest.
 
-    Raises ManifestError listing every problem found, or UsageError when the
-    file cannot be read.
+    schema_dirs are searched for model schemas before the manifest's own
+    ``schemas:`` folders and the bundled ones. Raises ManifestError listing
+    every problem found, or UsageError when the file cannot be read.
     """
     path = Path(path)
     raw, doc = _parse(path)
     data = doc.data
     if not isinstance(data, dict):
         doc.problem((), "a manifest is a mapping with 'model' and 'jobs' keys")
-        raise ManifestError(doc.problems)
-
+        doc.fail_if_any()
+        raise AssertionError  # unreachable: fail_if_any raised
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            doc.problem((key,), f"unknown key; expected one of: {', '.join(TOP_LEVEL_KEYS)}")
+            doc.problem(
+                (key,),
+                f"unknown key{_did_you_mean(str(key), TOP_LEVEL_KEYS)}; expected one of: {', '.join(TOP_LEVEL_KEYS)}",
+            )
 
-    schema = _model_schema(doc, data.get("model"), schema_dirs)
+    folder = path.parent
+    directories = [*schema_dirs, *_schema_folders(doc, data.get("schemas"), folder)]
+    model = data.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        doc.problem(("model",), "expected the RunComfy model id, e.g. openai/gpt-image-1-5/image-to-image")
+        model = None
+
     defaults = data.get("defaults", {})
     if defaults is None:
         defaults = {}
     if not isinstance(defaults, dict):
         doc.problem(("defaults",), "expected a mapping of input fields")
         defaults = {}
-    for control in JOB_CONTROL_KEYS:
+    for control in ENTRY_CONTROL_KEYS:
         if control in defaults:
             doc.problem(("defaults", control), f"'{control}' belongs on a job, not in defaults")
+            del defaults[control]
 
-    entries = data.get("jobs")
-    if not isinstance(entries, list) or not entries:
+    items = data.get("jobs")
+    if not isinstance(items, list) or not items:
         doc.problem(("jobs",), "expected a non-empty list of jobs")
-        entries = []
+        items = []
+    entries = [entry for index, item in enumerate(items) if (entry := _entry(doc, index, item, folder))]
 
-    jobs: list[Job] = []
-    if schema is not None:
-        jobs = _expand(doc, schema, defaults, entries)
-    if doc.problems:
-        unique = {(p.line, p.field, p.message): p for p in doc.problems}
-        raise ManifestError(sorted(unique.values(), key=lambda p: (p.line or 0, p.field)))
-    return Manifest(path=path, sha256=hashlib.sha256(raw).hexdigest(), model=schema.model_id, jobs=jobs)  # type: ignore[union-attr]
+    expander = _Expander(doc, directories, model, defaults, entries)
+    digest = hashlib.sha256(raw)
+    for entry in entries:
+        if entry.prompt_file is not None:
+            digest.update(entry.prompt_file.sha256().encode())
+    for _job in expander.jobs(check=True):
+        pass
+    if expander.count == 0 and not doc.problems:
+        doc.problem(
+            ("jobs",), "expands to no jobs (empty prompt files, or a matrix whose combinations are all excluded)"
+        )
+    doc.fail_if_any()
+    models = tuple(expander.models)
+    return Manifest(
+        path=path,
+        sha256=digest.hexdigest(),
+        model=model or models[0],
+        count=expander.count,
+        models=models,
+        schema_dirs=tuple(directories),
+        _expander=expander,
+    )
 
 
-def _model_schema(doc: _Located, model: object, schema_dirs: Sequence[Path]) -> ModelSchema | None:
-    if not isinstance(model, str) or not model:
-        doc.problem(("model",), "required: the RunComfy model id, e.g. openai/gpt-image-1-5/image-to-image")
+def _schema_folders(doc: _Located, value: object, folder: Path) -> list[Path]:
+    if value is None:
+        return []
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        doc.problem(("schemas",), "expected a folder (or a list of folders) of model schemas")
+        return []
+    found = []
+    for index, name in enumerate(names):
+        directory = folder / name
+        if directory.is_dir():
+            found.append(directory)
+        else:
+            where: Path_ = ("schemas",) if isinstance(value, str) else ("schemas", index)
+            doc.problem(where, f"no folder {directory} (schema folders are relative to the manifest)")
+    return found
+
+
+def _entry(doc: _Located, index: int, item: object, folder: Path) -> _Entry | None:
+    where: Path_ = ("jobs", index)
+    if not isinstance(item, dict):
+        doc.problem(where, "expected a mapping with at least 'prompt' and 'image_urls' (or 'from' a prompt file)")
+        return None
+    fields = {k: v for k, v in item.items() if k not in ENTRY_CONTROL_KEYS}
+    entry = _Entry(
+        path=where,
+        fields=fields,
+        id=item.get("id"),
+        repeat=item.get("repeat", 1),
+        model=item.get("model"),
+        combinations=_matrix(doc, (*where, "matrix"), item["matrix"]) if "matrix" in item else None,
+        prompt_file=_prompt_file(doc, (*where, "from"), item["from"], folder) if "from" in item else None,
+        placeholders=set(),
+    )
+    if not entry.templated:
+        return entry
+
+    variables: set[str] | None = set()
+    if entry.combinations:
+        variables = set().union(*(c.values for c in entry.combinations))
+    header = entry.prompt_file.header() if entry.prompt_file else None
+    if entry.prompt_file is not None and header is None:
+        variables = None  # JSONL: each row names its own fields; placeholders are checked row by row
+    elif header is not None and variables is not None:
+        for clash in sorted(variables & set(header)):
+            doc.problem((*where, "matrix", clash), f"{clash!r} is also a column of {entry.prompt_file.display}")  # type: ignore[union-attr]
+        variables |= set(header)
+
+    templated = {**fields, **({"id": entry.id} if isinstance(entry.id, str) else {})}
+    for name, value in templated.items():
+        used = placeholders(value)
+        entry.placeholders |= used
+        if variables is None:
+            continue
+        for unknown in sorted(used - variables):
+            doc.problem(
+                (*where, name),
+                f"unknown placeholder {{{unknown}}}{_did_you_mean(unknown, variables)}; "
+                f"the matrix and prompt file give: {', '.join(sorted(variables)) or 'nothing'}",
+            )
+    return entry
+
+
+def _matrix(doc: _Located, where: Path_, value: object) -> list[_Combination] | None:
+    """Every combination of the matrix's lists, less `exclude`, plus `include` (as CI matrices do)."""
+    if not isinstance(value, dict) or not value:
+        doc.problem(where, "expected a mapping of names to lists of values, with optional 'include' and 'exclude'")
+        return None
+    axes: dict[str, list[Any]] = {}
+    for name, values in value.items():
+        if name in ("include", "exclude"):
+            continue
+        if not isinstance(name, str) or not _VARIABLE.match(name):
+            doc.problem((*where, name), "a matrix name uses letters, digits and '_', not starting with a digit")
+        elif not isinstance(values, list) or not values:
+            doc.problem((*where, name), "expected a non-empty list of values")
+        else:
+            axes[name] = values
+    extra: dict[str, list[dict[str, Any]]] = {}
+    for special in ("include", "exclude"):
+        listed = value.get(special, [])
+        if not isinstance(listed, list) or not all(isinstance(e, dict) and e for e in listed):
+            doc.problem((*where, special), "expected a list of mappings of matrix names to values")
+            listed = []
+        extra[special] = listed
+    for index, excluded in enumerate(extra["exclude"]):
+        for name in excluded:
+            if name not in axes:
+                doc.problem(
+                    (*where, "exclude", index, name), f"{name!r} is not a matrix name{_did_you_mean(name, axes)}"
+                )
+    size = 1
+    for values in axes.values():
+        size *= len(values)
+    if size > MAX_COMBINATIONS:
+        doc.problem(where, f"expands to {size:,} combinations; more than {MAX_COMBINATIONS:,} belongs in a prompt file")
+        return None
+
+    combinations = (
+        [dict(zip(axes, chosen, strict=True)) for chosen in itertools.product(*axes.values())] if axes else []
+    )
+    combinations = [c for c in combinations if not any(_matches(c, e) for e in extra["exclude"])]
+    for included in extra["include"]:
+        # Like GitHub Actions: extend every combination the entry agrees with, else add it as a new one.
+        agreeing = [c for c in combinations if all(c[k] == v for k, v in included.items() if k in axes)]
+        if agreeing and any(k not in axes for k in included):
+            for combination in agreeing:
+                combination.update({k: v for k, v in included.items() if k not in axes})
+        elif not agreeing:
+            combinations.append(dict(included))
+    return [_Combination(c, ", ".join(f"{k}={v}" for k, v in c.items())) for c in combinations]
+
+
+def _matches(combination: dict[str, Any], pattern: dict[str, Any]) -> bool:
+    return all(combination.get(k) == v for k, v in pattern.items())
+
+
+def _prompt_file(doc: _Located, where: Path_, value: object, folder: Path) -> PromptFile | None:
+    if not isinstance(value, str) or not value:
+        doc.problem(where, "expected the path of a .csv or .jsonl prompt file, relative to the manifest")
+        return None
+    path = folder / value
+    if path.suffix.lower() not in KINDS:
+        doc.problem(where, f"{value!r}: a prompt file ends in .csv, .jsonl or .ndjson")
+        return None
+    if not path.is_file():
+        doc.problem(where, f"no prompt file {path} (prompt files are relative to the manifest)")
         return None
     try:
-        return load_model_schema(model, schema_dirs)
-    except UsageError as exc:
-        doc.problem(("model",), str(exc))
+        path.open("rb").close()
+    except OSError as exc:
+        doc.problem(where, f"cannot read {path}: {exc.strerror}")
         return None
-
-
-def _expand(doc: _Located, schema: ModelSchema, defaults: dict[str, Any], entries: list[Any]) -> list[Job]:
-    jobs: list[Job] = []
-    by_key: dict[str, int | None] = {}
-    by_name: dict[str, int | None] = {}
-    for index, entry in enumerate(entries):
-        where: Path_ = ("jobs", index)
-        if not isinstance(entry, dict):
-            doc.problem(where, "expected a mapping with at least 'prompt' and 'image_urls'")
-            continue
-        payload = {**defaults, **{k: v for k, v in entry.items() if k not in JOB_CONTROL_KEYS}}
-        filled = schema.with_defaults(payload)
-        errors = schema.validate(filled)
-        for error in errors:
-            top = error.field.split(".")[0]
-            origin: Path_ = (*where, top) if top in entry else ("defaults", top) if top in defaults else where
-            doc.problem(origin, error.message)
-
-        user_id = entry.get("id")
-        if user_id is not None and (not isinstance(user_id, str) or not _JOB_ID.match(user_id)):
-            doc.problem(
-                (*where, "id"),
-                f"{user_id!r} is not a usable job id: use 1-100 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit",
-            )
-            user_id = None
-        repeat = entry.get("repeat", 1)
-        if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= MAX_REPEAT:
-            doc.problem((*where, "repeat"), f"expected a whole number from 1 to {MAX_REPEAT}, got {repeat!r}")
-            repeat = 1
-        if errors:
-            continue
-
-        line = doc.line(where)
-        for repeat_index in range(repeat):
-            key = job_key(schema.model_id, filled, repeat_index)
-            if user_id:
-                name = user_id if repeat == 1 else f"{user_id}-{repeat_index + 1}"
-            else:
-                name = _slug(str(filled.get("prompt", "")), key)
-            if key in by_key:
-                doc.problem(
-                    where,
-                    f"same input as the job on line {by_key[key]}; use 'repeat: N' for more generations of one input",
-                )
-                continue
-            if name in by_name:
-                doc.problem((*where, "id"), f"job id {name!r} is already used on line {by_name[name]}")
-                continue
-            by_key[key] = line
-            by_name[name] = line
-            jobs.append(Job(key, name, schema.model_id, filled, repeat_index, line))
-    return jobs
+    display = str(path)
+    prompt_file = PromptFile(path, display)
+    for row in prompt_file.csv_rows(header_only=True) if prompt_file.kind == "csv" else ():
+        if row.problem:
+            doc.add(Problem(display, row.line, "", row.problem))
+            return None
+    return prompt_file

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from .cost import estimate, load_price_table
 from .manifest import Manifest
-from .runner import RunProgress, RunSummary
+from .runner import RunProgress, RunSummary, shard_folders
 from .state import JOURNAL_NAME, FoldedJournal, JobRecord, category, read_journal
 
 __all__ = [
@@ -61,6 +61,8 @@ class StatusReport:
     to_spend: float = 0.0
     possible_extra_cost: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    journals: list[str] = field(default_factory=list)
+    """Every journal summed: the folder's own and its shards'."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,22 +80,43 @@ def _category(record: JobRecord | None, output_dir: Path) -> str:
     return found
 
 
-def status_report(manifest: Manifest, output_dir: Path, folded: FoldedJournal | None = None) -> StatusReport:
-    """Where every job of manifest stands according to the journal in output_dir."""
-    folded = folded if folded is not None else read_journal(output_dir / JOURNAL_NAME)
+def status_report(manifest: Manifest, output_dir: Path) -> StatusReport:
+    """Where every job of manifest stands according to the journal in output_dir.
+
+    Shard folders inside output_dir (``shard-K-of-N/``, from ``run --shard``)
+    are read too and summed: gather the shards' folders from several machines
+    under one output folder and `status` shows the whole manifest.
+    """
+    folders = [output_dir, *shard_folders(output_dir)]
+    records: dict[str, tuple[JobRecord, Path]] = {}
+    warnings: list[str] = []
+    journals: list[str] = []
+    for folder in folders:
+        if folder != output_dir and not (folder / JOURNAL_NAME).is_file():
+            continue
+        folded = read_journal(folder / JOURNAL_NAME)
+        journals.append(str(folder / JOURNAL_NAME))
+        warnings += folded.warnings
+        for key, found in folded.records.items():
+            if key not in records or found.submits > records[key][0].submits:
+                records[key] = (found, folder)
     counts = dict.fromkeys(CATEGORIES, 0)
     report = StatusReport(
         manifest=str(manifest.path),
-        journal=str(output_dir / JOURNAL_NAME),
-        total=len(manifest.jobs),
+        journal=journals[0],
+        total=manifest.count,
         counts=counts,
-        warnings=list(folded.warnings),
+        warnings=warnings,
+        journals=journals,
     )
-    for job in manifest.jobs:
-        record = folded.records.get(job.key)
-        category = _category(record, output_dir)
+    keys: set[str] = set()
+    for job in manifest.iter_jobs():
+        keys.add(job.key)
+        record: JobRecord | None
+        record, folder = records.get(job.key, (None, output_dir))
+        category = _category(record, folder)
         counts[category] += 1
-        price = estimate(job)
+        price = estimate(job, manifest.schema_dirs)
         if record is not None and record.cost:
             report.spent += record.cost
         if category == "pending" and price:
@@ -112,8 +135,7 @@ def status_report(manifest: Manifest, output_dir: Path, folded: FoldedJournal | 
         elif category == "uncertain":
             report.uncertain.append(standing)
             report.possible_extra_cost += price or 0.0
-    keys = {job.key for job in manifest.jobs}
-    report.orphans = sorted(r.name or r.key for k, r in folded.records.items() if k not in keys)
+    report.orphans = sorted(r.name or r.key for k, (r, _) in records.items() if k not in keys)
     return report
 
 
@@ -123,6 +145,8 @@ def _money(value: float) -> str:
 
 def print_status(console: Console, report: StatusReport) -> None:
     table = Table(title=f"{report.manifest}: {report.total} jobs", title_justify="left")
+    if len(report.journals) > 1:
+        table.caption = f"summed over {len(report.journals)} journals: " + ", ".join(report.journals)
     table.add_column("state")
     table.add_column("jobs", justify="right")
     for name in CATEGORIES:
@@ -183,23 +207,31 @@ def print_summary(console: Console, summary: RunSummary) -> None:
         console.print("\nRun the same command again to resume: nothing already submitted is sent again.")
 
 
+PLAN_ROWS_SHOWN = 200
+
+
 def print_plan(console: Console, manifest: Manifest, folded: FoldedJournal, output_dir: Path) -> None:
-    table = Table(title=f"{manifest.path}: {len(manifest.jobs)} jobs for {manifest.model}", title_justify="left")
-    for column in ("#", "job", "quality", "size", "images", "state", "est."):
+    several = len(manifest.models) > 1
+    models = ", ".join(manifest.models)
+    table = Table(title=f"{manifest.path}: {manifest.count} jobs for {models}", title_justify="left")
+    columns = ("#", "job", *(("model",) if several else ()), "quality", "size", "images", "state", "est.")
+    for column in columns:
         table.add_column(column, justify="right" if column in ("#", "images", "est.") else "left")
     left = 0.0
-    shown = 0
-    for number, job in enumerate(manifest.jobs, 1):
+    unpriced = 0
+    # Streamed: a 50,000-row prompt file is planned without holding its jobs.
+    for number, job in enumerate(manifest.iter_jobs(), 1):
         record = folded.records.get(job.key)
         category = _category(record, output_dir)
-        price = estimate(job)
+        price = estimate(job, manifest.schema_dirs)
         if category == "pending":
             left += price or 0.0
-        if shown < 200:
-            shown += 1
+            unpriced += price is None
+        if number <= PLAN_ROWS_SHOWN:
             table.add_row(
                 str(number),
                 job.name,
+                *((job.model,) if several else ()),
                 str(job.input.get("quality", "")),
                 str(job.input.get("image_size", "")),
                 str(len(job.input.get("image_urls", []))),
@@ -207,11 +239,16 @@ def print_plan(console: Console, manifest: Manifest, folded: FoldedJournal, outp
                 "?" if price is None else f"{price:.3f}",
             )
     console.print(table)
-    if shown < len(manifest.jobs):
-        console.print(f"… {len(manifest.jobs) - shown} more jobs not shown")
-    table_info = load_price_table(manifest.model)
-    source = f" (prices: {table_info.source}, as of {table_info.as_of})" if table_info else ""
-    console.print(f"estimated cost of what is left to submit: {_money(left)}{source}")
+    if manifest.count > PLAN_ROWS_SHOWN:
+        console.print(f"… {manifest.count - PLAN_ROWS_SHOWN} more jobs not shown")
+    sources = []
+    for model in manifest.models:
+        table_info = load_price_table(model, manifest.schema_dirs)
+        if table_info:
+            sources.append(f"{table_info.source}, as of {table_info.as_of}")
+    source = f" (prices: {'; '.join(dict.fromkeys(sources))})" if sources else ""
+    missing = f"; {unpriced} jobs have no price table" if unpriced else ""
+    console.print(f"estimated cost of what is left to submit: {_money(left)}{source}{missing}")
 
 
 def _clock(seconds: float | None) -> str:

@@ -20,10 +20,11 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,9 +58,9 @@ from .errors import (
     UncertainSubmitError,
     UsageError,
 )
-from .manifest import Job, Manifest
+from .manifest import Job, Manifest, shard_of
 from .sandbox import Sandbox, SandboxConfig
-from .state import JOURNAL_NAME, FileRecord, JobRecord, Journal, category
+from .state import JOURNAL_NAME, FileRecord, JobRecord, Journal, category, read_journal
 
 __all__ = [
     "CancelSummary",
@@ -69,8 +70,10 @@ __all__ = [
     "RunSummary",
     "cancel_manifest",
     "default_output_dir",
+    "parse_shard",
     "run_manifest",
     "select_jobs",
+    "shard_folders",
 ]
 
 log = logging.getLogger("batcher")
@@ -79,6 +82,7 @@ JobStatus = Literal["waiting", "submitting", "queued", "running", "downloading",
 Action = Literal["submit", "poll", "download", "hold", "done"]
 
 SANDBOX_TOKEN = "sandbox-token"
+_SHARD_FOLDER = re.compile(r"shard-(\d+)-of-(\d+)")
 _INITIAL_STATUS: dict[Action, JobStatus] = {
     "submit": "waiting",
     "poll": "queued",
@@ -92,6 +96,9 @@ def select_jobs(manifest: Manifest, options: RunOptions) -> list[Job]:
     """The jobs a run works on. Trial runs (--only, --limit) take a share; job identity does not
     depend on the share, so the full run that follows never pays twice for what the trial did."""
     jobs = manifest.jobs
+    if options.shard is not None:
+        part, shards = options.shard
+        jobs = [job for job in jobs if shard_of(job.key, shards) == part]
     if options.only is not None:
         jobs = [job for job in jobs if fnmatch.fnmatchcase(job.name, options.only)]
         if not jobs:
@@ -102,9 +109,53 @@ def select_jobs(manifest: Manifest, options: RunOptions) -> list[Job]:
     return jobs
 
 
-def default_output_dir(manifest: Manifest) -> Path:
-    """``output/<manifest name>/`` under the current folder."""
-    return Path("output") / manifest.name
+def default_output_dir(manifest: Manifest, shard: tuple[int, int] | None = None) -> Path:
+    """``output/<manifest name>/`` under the current folder; a shard's is ``shard-K-of-N/`` inside it."""
+    folder = Path("output") / manifest.name
+    return folder / shard_folder_name(*shard) if shard else folder
+
+
+def shard_folder_name(part: int, shards: int) -> str:
+    return f"shard-{part}-of-{shards}"
+
+
+def shard_folders(output_dir: Path) -> list[Path]:
+    """The shard folders inside output_dir, in order."""
+    found = [p for p in output_dir.glob("shard-*-of-*") if _SHARD_FOLDER.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: tuple(int(n) for n in _SHARD_FOLDER.findall(p.name)[0][::-1]))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/4"`` → ``(2, 4)``; raises UsageError for anything else."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        msg = f"--shard takes K/N with 1 <= K <= N, like 2/4; got {text!r}"
+        raise UsageError(msg)
+    return int(match[1]), int(match[2])
+
+
+def _check_no_overlap(output_dir: Path, jobs: list[Job]) -> None:
+    """Refuse a run whose jobs another layout of the same output (sharded or not) already submitted.
+
+    A shard's journal knows only its own slice: running 1/2 after 1/4, or
+    unsharded after shards, would submit again what the other journal holds.
+    """
+    if _SHARD_FOLDER.fullmatch(output_dir.name):
+        others = [output_dir.parent, *shard_folders(output_dir.parent)]
+    else:
+        others = shard_folders(output_dir)
+    mine = {job.key for job in jobs}
+    for other in others:
+        if other == output_dir or not (other / JOURNAL_NAME).is_file():
+            continue
+        overlap = [k for k, r in read_journal(other / JOURNAL_NAME).records.items() if k in mine and r.submits]
+        if overlap:
+            msg = (
+                f"{len(overlap)} of these jobs were already submitted by the run journalled in {other}; "
+                "running them here would pay twice. Resume with that run's own sharding "
+                "(or none), or give --output a folder of its own"
+            )
+            raise UsageError(msg)
 
 
 @dataclass(slots=True)
@@ -133,6 +184,8 @@ class RunOptions:
     """Requests a second across every API call, or None for no limit."""
     limit: int | None = None
     """A trial run: only the first N jobs (after `only`), in manifest order."""
+    shard: tuple[int, int] | None = None
+    """``(K, N)``: only the K-th of N slices of the jobs, by identity; its own output folder."""
     only: str | None = None
     """A trial run: only jobs whose name matches this shell pattern (``london-*``)."""
     max_cost: float | None = None
@@ -313,7 +366,7 @@ class _Run:
 
     def within_budget(self, job: Job) -> bool:
         """Count job's estimated price against --max-cost; False (and stop submitting) past the cap."""
-        price = _estimate(job)
+        price = _estimate(job, self.manifest.schema_dirs)
         cap = self.options.max_cost
         if cap is not None and self.committed + price > cap + 1e-9:
             self.stop_submitting = (
@@ -528,15 +581,16 @@ class _Run:
             "files": [f.path for _, f in sorted(record.files.items())],
             "manifest": str(self.manifest.path),
             "manifest_line": job.line,
+            "source": job.source,
         }
         temporary = sidecar.with_name(f".{sidecar.name}.part")
         temporary.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(temporary, sidecar)
 
 
-def _estimate(job: Job) -> float:
+def _estimate(job: Job, directories: Sequence[Path]) -> float:
     """The job's price; 0 where no table says (the cap then cannot count it)."""
-    return estimate(job) or 0.0
+    return estimate(job, directories) or 0.0
 
 
 def _file_matches(root: Path, known: FileRecord) -> bool:
@@ -578,8 +632,9 @@ async def run_manifest(
     AuthError or JournalError when the run had to stop.
     """
     options = options or RunOptions()
-    output_dir = (options.output_dir or default_output_dir(manifest)).resolve()
-    select_jobs(manifest, options)  # a bad --only fails here, before anything is opened
+    output_dir = (options.output_dir or default_output_dir(manifest, options.shard)).resolve()
+    # A bad --only, or jobs another sharding already submitted, fail here, before anything is opened.
+    _check_no_overlap(output_dir, select_jobs(manifest, options))
     async with AsyncExitStack() as stack:
         base_url, token = await stack.enter_async_context(_api_endpoint(options))
         journal = Journal(output_dir)
@@ -633,7 +688,7 @@ async def _execute(run: _Run, on_start: Callable[[RunProgress], None] | None) ->
     for job in run.jobs:
         record = run.records.get(job.key)
         if record is not None:
-            run.committed += record.submits * _estimate(job)
+            run.committed += record.submits * _estimate(job, run.manifest.schema_dirs)
         action = run.action_for(job)
         plan.append((job, action))
         status = _INITIAL_STATUS[action]
@@ -728,7 +783,7 @@ def _summarize(run: _Run, warnings: list[str]) -> RunSummary:
         )
         if found == "uncertain":
             uncertain.append(outcome)
-            extra += _estimate(job)
+            extra += _estimate(job, run.manifest.schema_dirs)
         elif found == "failed":
             failed.append(outcome)
         else:
@@ -770,7 +825,7 @@ async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None)
     RunComfy cancels only queued jobs; running ones are listed as not cancellable.
     """
     options = options or RunOptions()
-    output_dir = (options.output_dir or default_output_dir(manifest)).resolve()
+    output_dir = (options.output_dir or default_output_dir(manifest, options.shard)).resolve()
     summary = CancelSummary()
     async with AsyncExitStack() as stack:
         base_url, token = await stack.enter_async_context(_api_endpoint(options))
@@ -780,7 +835,7 @@ async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None)
         client = await stack.enter_async_context(
             RunComfyClient(token, base_url, retry=options.retry, transport=options.api_transport)
         )
-        for job in manifest.jobs:
+        for job in select_jobs(manifest, options):
             record = folded.records.get(job.key)
             if record is None or record.phase in ("pending", "uncertain", "submitting"):
                 summary.not_submitted += 1

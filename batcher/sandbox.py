@@ -28,6 +28,7 @@ import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -98,6 +99,8 @@ class SandboxConfig:
     """API requests a second (a token bucket of one second's burst); more get 429 with Retry-After."""
     seed: int | None = None
     fault_paths: tuple[str, ...] = ("submit", "result", "status", "cancel", "file")
+    schema_dirs: tuple[Path, ...] = ()
+    """Folders of user model schemas, so the sandbox validates (and accepts) those models too."""
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULT_KINDS)
@@ -207,6 +210,8 @@ class Sandbox:
             if expires and float(expires[0]) < time.time():
                 return _Response(403, b"<Error>Request has expired</Error>", [("content-type", "application/xml")])
             return self._file(path)
+        if segments[:1] == ["inputs"] and method in ("GET", "HEAD"):
+            return self._input(segments[-1], method, headers)
         if segments[:1] == ["_sandbox"]:
             return _json(200, self.stats())
         if self.config.rate_limit is not None and not self._take_token():
@@ -262,7 +267,7 @@ class Sandbox:
         except ValueError:
             return _error(422, 422001, "Body is not a JSON object")
         try:
-            schema = load_model_schema(model)
+            schema = load_model_schema(model, self.config.schema_dirs)
         except UsageError:
             return _error(400, 400001, f"Unknown model id {model!r}")
         problems = schema.validate(payload)
@@ -375,6 +380,24 @@ class Sandbox:
             return _Response(404, b"not found", [("content-type", "text/plain")])
         return self._serve_png(target, fault)
 
+    def _input(self, name: str, method: str, headers: dict[str, str]) -> _Response:
+        """Reference images for pre-flight rehearsals: ``/inputs/<name>.png`` is an image;
+        ``huge-*`` announces 60 MB, ``nohead-*`` refuses HEAD, ``*.html`` is a web page."""
+        if name.startswith("nohead-") and method == "HEAD":
+            return _Response(405, b"", [("content-type", "text/plain")])
+        if name.endswith(".html"):
+            body, kind = b"<html><body>Sign in to view this image</body></html>", "text/html"
+        elif name.endswith(".png"):
+            body, kind = make_png("/inputs/" + name, self.config.image_size), "image/png"
+        else:
+            return _Response(404, b"not found", [("content-type", "text/plain")])
+        size = 60 * 1024 * 1024 if name.startswith("huge-") else len(body)
+        if method == "HEAD":
+            return _Response(200, b"", [("content-type", kind), ("content-length", str(size))])
+        if headers.get("range") == "bytes=0-0":
+            return _Response(206, body[:1], [("content-type", kind), ("content-range", f"bytes 0-0/{size}")])
+        return _Response(200, body, [("content-type", kind)])
+
     def _serve_png(self, target: str, fault: str | None) -> _Response:
         data = make_png(target, self.config.image_size)
         self.served[target] = hashlib.sha256(data).hexdigest()
@@ -454,7 +477,9 @@ class Sandbox:
             return False
         if response.fault == "slow":
             await anyio.sleep(self.config.slow_seconds)
-        headers = [*response.headers, ("content-length", str(len(response.body)))]
+        headers = list(response.headers)
+        if not any(name == "content-length" for name, _ in headers):  # a HEAD answer gives its own
+            headers.append(("content-length", str(len(response.body))))
         await stream.send(connection.send(h11.Response(status_code=response.status, headers=headers)))
         if response.fault == "truncate":
             await stream.send(connection.send(h11.Data(data=response.body[: len(response.body) // 2])))

@@ -1,0 +1,137 @@
+"""Pre-flight: can RunComfy fetch the manifest's input images?
+
+A job whose reference image is gone, private, an HTML error page or over
+the service's 50 MB limit still costs a submit, then fails. This checks
+every distinct input URL once, concurrently and without credentials (HEAD,
+or a one-byte ranged GET where HEAD is refused), before any money is spent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+
+from . import __version__
+from .manifest import Job
+from .netpolicy import resolve_refusal
+from .schema import ModelSchema
+
+__all__ = ["MAX_INPUT_BYTES", "UrlCheck", "check_urls", "input_urls"]
+
+MAX_INPUT_BYTES = 50 * 1024 * 1024
+"""RunComfy's limit for one input file."""
+_ORIGINS_KEPT = 5
+_MAX_REDIRECTS = 5
+_RANGE_TOTAL = re.compile(r"/(\d+)\s*$")
+
+
+@dataclass(slots=True)
+class UrlCheck:
+    """One distinct input URL: where the manifest uses it, and what is wrong with it (None when fine)."""
+
+    url: str
+    origins: list[str] = field(default_factory=list)
+    uses: int = 0
+    problem: str | None = None
+    content_type: str = ""
+    size: int | None = None
+
+
+def _url_fields(schema: ModelSchema) -> dict[str, bool]:
+    """Input fields holding fetchable URLs: name → whether the field is a list of them."""
+    found: dict[str, bool] = {}
+    for name, spec in schema.properties.items():
+        if spec.get("format") in ("image_uri", "uri"):
+            found[name] = False
+        elif isinstance(spec.get("items"), dict) and spec["items"].get("format") in ("image_uri", "uri"):
+            found[name] = True
+    return found
+
+
+def input_urls(jobs: Iterable[Job], schemas: dict[str, ModelSchema]) -> dict[str, UrlCheck]:
+    """Every distinct input URL of jobs, with the first few places that use it."""
+    checks: dict[str, UrlCheck] = {}
+    fields = {model: _url_fields(schema) for model, schema in schemas.items()}
+    for job in jobs:
+        for name, is_list in fields.get(job.model, {}).items():
+            value: Any = job.input.get(name)
+            for url in value if is_list and isinstance(value, list) else [value]:
+                if not isinstance(url, str):
+                    continue
+                check = checks.setdefault(url, UrlCheck(url))
+                check.uses += 1
+                if len(check.origins) < _ORIGINS_KEPT and job.origin not in check.origins:
+                    check.origins.append(job.origin)
+    return checks
+
+
+async def check_urls(
+    checks: Iterable[UrlCheck],
+    *,
+    concurrency: int = 8,
+    request_timeout: float = 15.0,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> None:
+    """Fill in each check's problem (None when the URL serves an image within the limit)."""
+    limiter = anyio.CapacityLimiter(concurrency)
+    async with (
+        httpx.AsyncClient(
+            timeout=httpx.Timeout(request_timeout),
+            transport=transport,
+            headers={"User-Agent": f"batcher/{__version__} (pre-flight)", "Accept-Encoding": "identity"},
+        ) as client,
+        anyio.create_task_group() as group,
+    ):
+        for check in checks:
+
+            async def one(check: UrlCheck = check) -> None:
+                async with limiter:
+                    try:
+                        await _check(client, check)
+                    except httpx.HTTPError as exc:
+                        check.problem = f"cannot fetch it: {type(exc).__name__} {exc}".rstrip()
+
+            group.start_soon(one)
+
+
+async def _check(client: httpx.AsyncClient, check: UrlCheck) -> None:
+    url = check.url
+    for _ in range(_MAX_REDIRECTS + 1):
+        refusal = await resolve_refusal(url)
+        if refusal:
+            check.problem = refusal
+            return
+        response = await client.head(url)
+        if response.status_code in (403, 405, 501) or (response.is_success and "content-type" not in response.headers):
+            # Some hosts refuse HEAD (signed URLs are often signed for GET only): ask for one byte instead.
+            async with client.stream("GET", url, headers={"Range": "bytes=0-0"}) as streamed:
+                response = streamed
+        if response.is_redirect and "location" in response.headers:
+            url = str(response.url.join(response.headers["location"]))
+            continue
+        break
+    else:
+        check.problem = f"more than {_MAX_REDIRECTS} redirects"
+        return
+    if not response.is_success:
+        check.problem = f"answers HTTP {response.status_code}"
+        return
+    check.content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    check.size = _size(response)
+    if not check.content_type.startswith("image/"):
+        check.problem = f"serves {check.content_type or 'no content type'}, not an image"
+    elif check.size is not None and check.size > MAX_INPUT_BYTES:
+        check.problem = f"is {check.size / 1e6:.1f} MB; RunComfy takes at most {MAX_INPUT_BYTES // (1024 * 1024)} MB"
+
+
+def _size(response: httpx.Response) -> int | None:
+    if response.status_code == 206:
+        total = _RANGE_TOTAL.search(response.headers.get("content-range", ""))
+        return int(total[1]) if total else None
+    length = response.headers.get("content-length", "")
+    return int(length) if length.isdigit() else None
