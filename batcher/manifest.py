@@ -156,7 +156,7 @@ def shard_of(key: str, shards: int) -> int:
 def _slug(text: str, key: str) -> str:
     words = _SLUG_DROP.sub(" ", text.lower()).split()[:6]
     stem = "-".join(words)[:48].strip("-") or "job"
-    return f"{stem}-{key[:8]}"
+    return f"{stem}-{key[:12]}"
 
 
 # --- YAML with line numbers -------------------------------------------------------------------
@@ -308,8 +308,11 @@ class _Expander:
         self._schemas: dict[str, tuple[ModelSchema | None, str]] = {}
         self.models: dict[str, None] = {}
         self.count = 0
-        self._keys: dict[str, tuple[str, int | None]] = {}
-        self._names: dict[str, tuple[str, int | None]] = {}
+        # Where each job came from, packed into one int (file index, line): the only
+        # per-job memory of a load, so that 50,000 rows cost a few MB, not the jobs.
+        self._keys: dict[int, int] = {}
+        self._names: dict[str, int] = {}
+        self._sources: dict[str, int] = {}
 
     def schema(self, model: str) -> tuple[ModelSchema | None, str]:
         """The model's schema, or None and why not."""
@@ -403,24 +406,28 @@ class _Expander:
             else:
                 name = _slug(str(filled.get("prompt", "")), key)
             if check:
-                if key in self._keys:
+                packed_key = int(key, 16)
+                if packed_key in self._keys:
                     blame.whole(
-                        f"same input as the job {_at(self._keys[key], source)}; "
+                        f"same input as the job {self._at(self._keys[packed_key], source)}; "
                         "use 'repeat: N' for more generations of one input"
                     )
                     continue
-                if name in self._names:
-                    blame.control("id", f"job id {name!r} is already used {_at(self._names[name], source)}")
+                if raw_id and name in self._names:
+                    blame.control("id", f"job id {name!r} is already used {self._at(self._names[name], source)}")
                     continue
-                self._keys[key] = self._names[name] = (source, line)
+                origin = self._sources.setdefault(source, len(self._sources)) << 32 | (line or 0)
+                self._keys[packed_key] = origin
+                if raw_id:  # a slug holds 12 characters of the key: unique as the key is
+                    self._names[name] = origin
                 self.models[model] = None
                 self.count += 1
             yield Job(key, name, model, filled, repeat_index, line, source)
 
-
-def _at(origin: tuple[str, int | None], here: str) -> str:
-    source, line = origin
-    return f"on line {line}" if source == here else f"at {source}:{line}"
+    def _at(self, origin: int, here: str) -> str:
+        source = next(name for name, index in self._sources.items() if index == origin >> 32)
+        line = origin & 0xFFFFFFFF
+        return f"on line {line}" if source == here else f"at {source}:{line}"
 
 
 class _Blame:

@@ -10,6 +10,7 @@ overhead  wall and client CPU of `run_manifest` (journal, downloads, progress
           calls (submit, one result poll, download) at the same concurrency.
           The sandbox runs in its own process with zero delays.
 memory    peak RSS of planning and of running N jobs, each in a fresh process.
+prompts   time and peak RSS of planning a CSV prompt file against the same jobs in YAML.
 resume    time to fold a journal of --events events and decide what is left.
 polls     result calls per job and the delay between a job finishing and the
           client noticing, for jobs of 10-90 s on a clock scaled by --scale,
@@ -187,6 +188,57 @@ def bench_memory(args: argparse.Namespace) -> None:
             print(f"| {jobs:,} | {planned:.0f} | {ran} |  <!-- {time.perf_counter() - started:.0f} s -->")
 
 
+_PLAN_CHILD = """
+import resource, sys, time
+sys.path.insert(0, {root!r})
+from batcher import load_manifest
+from batcher.cost import estimate
+started = time.perf_counter()
+manifest = load_manifest({manifest!r})
+total = sum(estimate(job) or 0.0 for job in manifest.iter_jobs())  # what `batcher plan` does
+print(manifest.count, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def write_prompt_file(folder: Path, rows: int) -> Path:
+    with (folder / f"prompts{rows}.csv").open("w") as out:
+        out.write("id,prompt,quality\n")
+        for i in range(rows):
+            out.write(f"row-{i:06d},benchmark prompt number {i} with a few more words,{('low', 'medium')[i % 2]}\n")
+    manifest = folder / f"p{rows}.yaml"
+    manifest.write_text(f"model: {MODEL}\njobs:\n  - from: prompts{rows}.csv\n    image_urls: ['{REF}']\n")
+    return manifest
+
+
+def bench_prompts(args: argparse.Namespace) -> None:
+    print("\n## prompts: plan a prompt file (load, validate every row, then stream the jobs for costs)")
+    print("| source | jobs | plan s | peak RSS MB |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import resource, sys; sys.path.insert(0, {str(ROOT)!r}); import batcher; "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        print(f"| (import batcher only) | 0 | - | {int(baseline.stdout) / 1024:.0f} |")
+        for rows in args.prompt_rows:
+            for kind, manifest in (
+                ("CSV prompt file", write_prompt_file(Path(tmp), rows)),
+                ("YAML jobs list", write_manifest(Path(tmp) / f"y{rows}.yaml", rows)),
+            ):
+                code = _PLAN_CHILD.format(root=str(ROOT), manifest=str(manifest))
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                count, seconds, peak = out.stdout.split()
+                assert int(count) == rows
+                print(f"| {kind} | {rows:,} | {float(seconds):.1f} | {int(peak) / 1024:.0f} |")
+
+
 # -- resume ------------------------------------------------------------------------------
 
 
@@ -321,6 +373,7 @@ def bench_fsync(args: argparse.Namespace) -> None:
 SECTIONS = {
     "overhead": bench_overhead,
     "memory": bench_memory,
+    "prompts": bench_prompts,
     "resume": bench_resume,
     "polls": bench_polls,
     "fsync": bench_fsync,
@@ -343,6 +396,7 @@ def main() -> None:
         default=2.0,
         help="clock scale for the polls section (the client must keep up: see the note)",
     )
+    parser.add_argument("--prompt-rows", type=int, nargs="+", default=[5_000, 50_000])
     parser.add_argument("--fsync-events", type=int, default=2000)
     parser.add_argument("--rate-limit", type=float, default=40.0, help="the sandbox's limit in the ratelimit section")
     parser.add_argument("--rate-jobs", type=int, default=600)
