@@ -178,6 +178,18 @@ jobs:
     prompt: The same scene at night, lit by street lamps, light rain.
     quality: medium
     repeat: 2               # independent generations: night-1, night-2
+
+  # One job per combination; {{name}} placeholders are filled from it.
+  # - id: "shot-{{season}}-{{quality}}"
+  #   prompt: The same scene in {{season}}.
+  #   matrix:
+  #     season: [spring, winter]
+  #     quality: [low, medium]     # a name that is an input field sets it
+  #     exclude: [{{season: winter, quality: low}}]
+
+  # One job per row of a CSV (header row; columns are fields or placeholders)
+  # or JSONL file, relative to this manifest:
+  # - from: prompts.csv
 """
 
 
