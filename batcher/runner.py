@@ -320,9 +320,9 @@ class _Run:
 
     def record(self, job: Job, kind: str, **fields: Any) -> JobRecord:
         """Journal an event for job and fold it into the in-memory record."""
-        self.journal.append(kind, job.key, **fields)
-        record = self.records.setdefault(job.key, JobRecord(job.key, job.name))
-        record.apply({"e": kind, "t": time.time(), **fields})
+        record = self.journal.append(kind, job.key, **fields)
+        assert record is not None  # an event with a job always has a record
+        record.name = record.name or job.name
         return record
 
     # -- planning -------------------------------------------------------------------

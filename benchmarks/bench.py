@@ -11,7 +11,8 @@ overhead  wall and client CPU of `run_manifest` (journal, downloads, progress
           The sandbox runs in its own process with zero delays.
 memory    peak RSS of planning and of running N jobs, each in a fresh process.
 prompts   time and peak RSS of planning a CSV prompt file against the same jobs in YAML.
-resume    time to fold a journal of --events events and decide what is left.
+resume    time to fold a journal of --events events and decide what is left: in full,
+          from the checkpoint a run's end writes, and from one with a 10% tail after it.
 polls     result calls per job and the delay between a job finishing and the
           client noticing, for jobs of 10-90 s on a clock scaled by --scale,
           with batcher's backoff and with fixed 1 s polling.
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from batcher import RunOptions, load_manifest, run_manifest  # noqa: E402
-from batcher.state import JOURNAL_NAME, Journal, read_journal  # noqa: E402
+from batcher.state import CHECKPOINT_NAME, JOURNAL_NAME, Journal  # noqa: E402
 
 MODEL = "openai/gpt-image-1-5/image-to-image"
 REF = "https://example.org/ref.jpg"
@@ -242,31 +243,69 @@ def bench_prompts(args: argparse.Namespace) -> None:
 # -- resume ------------------------------------------------------------------------------
 
 
+_FOLD_CHILD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from batcher.state import read_journal
+started = time.perf_counter()
+folded = read_journal(Path({path!r}))
+left = sum(1 for r in folded.records.values() if not r.downloaded)
+assert left == 0 and len(folded.records) == {jobs}
+print(time.perf_counter() - started)
+"""
+
+
 def bench_resume(args: argparse.Namespace) -> None:
-    print("\n## resume: fold a journal and decide (events → seconds)")
-    print("| events | jobs | journal MB | fold s |")
-    print("|---|---|---|---|")
+    print("\n## resume: fold a journal and decide what is left (seconds)")
+    print(
+        "| events | jobs | journal MB | full fold | from checkpoint | checkpoint + 10% tail | writing the checkpoint |"
+    )
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for events in (args.events // 10, args.events):
             folder = Path(tmp) / str(events)
+            jobs = events // 5
             journal = Journal(folder)
             journal.open()
-            jobs = events // 5
+            tail_from = jobs - jobs // 10
             for i in range(jobs):
+                if i == tail_from:
+                    started = time.perf_counter()
+                    journal.close()  # a run ends here: checkpoint; the next one is killed after 10% more
+                    closing = time.perf_counter() - started
+                    tail_checkpoint = (folder / CHECKPOINT_NAME).read_bytes()
+                    journal = Journal(folder)
+                    journal.open()
                 key = f"{i:016x}"
                 journal.append("submitting", key, name=f"job-{i}", input={"prompt": f"p {i}", "quality": "low"})
                 journal.append("submitted", key, request_id=f"sbx-{i:x}-000000000000")
                 journal.append("state", key, state="in_progress")
                 journal.append("completed", key, outputs=[f"https://cdn.example/{i}.png"], cost=0.013)
                 journal.append("downloaded", key, index=0, path=f"job-{i}/0.png", bytes=1000, sha256="0" * 64)
-            journal.close()
-            size = (folder / JOURNAL_NAME).stat().st_size / 1e6
             started = time.perf_counter()
-            folded = read_journal(folder / JOURNAL_NAME)
-            left = sum(1 for r in folded.records.values() if not r.downloaded)
-            elapsed = time.perf_counter() - started
-            assert left == 0 and len(folded.records) == jobs
-            print(f"| {events:,} | {jobs:,} | {size:.0f} | {elapsed:.2f} |")
+            journal.close()
+            closing = max(closing, time.perf_counter() - started)
+            size = (folder / JOURNAL_NAME).stat().st_size / 1e6
+            full_checkpoint = (folder / CHECKPOINT_NAME).read_bytes()
+
+            del journal  # a resume starts in a fresh process: so does each measurement
+
+            def fold(folder: Path = folder, jobs: int = jobs) -> float:
+                code = _FOLD_CHILD.format(root=str(ROOT), path=str(folder / JOURNAL_NAME), jobs=jobs)
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                return float(out.stdout)
+
+            with_checkpoint = fold()
+            (folder / CHECKPOINT_NAME).write_bytes(tail_checkpoint)
+            with_tail = fold()
+            (folder / CHECKPOINT_NAME).unlink()
+            full = fold()
+            (folder / CHECKPOINT_NAME).write_bytes(full_checkpoint)
+            print(
+                f"| {events:,} | {jobs:,} | {size:.0f} | {full:.2f} | {with_checkpoint:.2f} | {with_tail:.2f} "
+                f"| {closing:.2f} |"
+            )
 
 
 # -- polls ---------------------------------------------------------------------------------

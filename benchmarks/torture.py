@@ -55,7 +55,8 @@ class TortureReport:
 
 
 def _run(manifest: Path, url: str, out: Path, *flags: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "RUNCOMFY_API_TOKEN": TOKEN}
+    # Checkpoints for every journal, however small: each kill then resumes from one plus a tail.
+    env = {**os.environ, "RUNCOMFY_API_TOKEN": TOKEN, "BATCHER_CHECKPOINT_MIN_BYTES": "0"}
     command = [sys.executable, "-m", "batcher", "run", str(manifest), "--api-base", url, "--output", str(out)]
     command += ["--poll-interval", "0.1", "--poll-max", "0.5", "--read-timeout", "1", "-v", *flags]
     with (out.parent / "runs.log").open("ab") as log:  # the child keeps its own copy of the descriptor

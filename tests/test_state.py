@@ -164,3 +164,84 @@ def test_a_failed_redownload_no_longer_claims_the_file() -> None:
     record = fold_bytes(_journal_bytes(events)).records["a"]
     assert not record.downloaded and record.error == "disk"
     assert category(record) == "failed"
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def _write_session(folder: Path, start: int, count: int, *, close: bool = True) -> Journal:
+    journal = Journal(folder)
+    journal.open()
+    for i in range(start, start + count):
+        key = f"{i:04d}"
+        journal.append("submitting", key, name=f"job-{i}", input={"prompt": f"p {i}"})
+        journal.append("submitted", key, request_id=f"r-{i}")
+        if i % 3 == 0:
+            journal.append("completed", key, outputs=[f"https://cdn.example/{i}.png"], cost=0.01)
+            journal.append("downloaded", key, index=0, path=f"job-{i}/0.png", bytes=10, sha256="ab")
+        elif i % 3 == 1:
+            journal.append("failed", key, reason="nsfw")
+    if close:
+        journal.close()
+    return journal
+
+
+def _same(a: object, b: object) -> None:
+    from batcher.state import FoldedJournal
+
+    assert isinstance(a, FoldedJournal) and isinstance(b, FoldedJournal)
+    assert a.records == b.records and a.headers == b.headers and a.good_length == b.good_length
+
+
+@pytest.fixture
+def small_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("batcher.state.CHECKPOINT_MIN_BYTES", 0)
+
+
+@pytest.mark.usefixtures("small_checkpoints")
+def test_a_checkpoint_folds_only_the_tail_and_agrees_with_a_full_fold(tmp_path: Path) -> None:
+    from batcher.state import CHECKPOINT_NAME
+
+    _write_session(tmp_path, 0, 30)
+    assert (tmp_path / CHECKPOINT_NAME).is_file()
+    killed = _write_session(tmp_path, 30, 10, close=False)  # a killed run leaves no new checkpoint
+    killed._fd = None  # type: ignore[attr-defined]
+    data = (tmp_path / JOURNAL_NAME).read_bytes()
+    with_checkpoint = read_journal(tmp_path / JOURNAL_NAME)
+    _same(with_checkpoint, fold_bytes(data))
+    assert len(with_checkpoint.records) == 40 and with_checkpoint.records["0003"].downloaded
+
+
+@pytest.mark.usefixtures("small_checkpoints")
+def test_a_checkpoint_that_does_not_match_is_ignored(tmp_path: Path) -> None:
+    from batcher.state import CHECKPOINT_NAME
+
+    _write_session(tmp_path, 0, 20)
+    path = tmp_path / JOURNAL_NAME
+    full = fold_bytes(path.read_bytes())
+
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"{not json")
+    _same(read_journal(path), full)
+
+    _write_session(tmp_path, 20, 1)  # a fresh checkpoint, then the journal's start is damaged by hand
+    data = bytearray(path.read_bytes())
+    data[30] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalCorruptError, match="line 1 is damaged"):
+        read_journal(path)  # the checkpoint does not hide the damage: its hash no longer matches
+
+
+@pytest.mark.usefixtures("small_checkpoints")
+def test_a_torn_tail_after_a_checkpoint_is_cut_as_usual(tmp_path: Path) -> None:
+    _write_session(tmp_path, 0, 10)
+    path = tmp_path / JOURNAL_NAME
+    good = path.read_bytes()
+    with path.open("ab") as handle:
+        handle.write(encode_event({"t": 9.0, "e": "submitting", "job": "x", "name": "x"})[:25])
+    folded = read_journal(path)
+    assert folded.good_length == len(good) and "torn last line" in folded.warnings[0]
+    assert "(line 32)" in folded.warnings[0]  # 31 lines before it: numbered from the journal's start, not the tail's
+    journal = Journal(tmp_path)
+    journal.open()
+    journal.close()
+    assert path.read_bytes() == good
