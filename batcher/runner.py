@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import heapq
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ from .errors import (
     UsageError,
 )
 from .manifest import Job, Manifest, shard_of
+from .polling import DurationModel
 from .sandbox import Sandbox, SandboxConfig
 from .state import JOURNAL_NAME, FileRecord, JobRecord, Journal, category, read_journal
 
@@ -307,6 +309,8 @@ class _Run:
         self.output_dir = output_dir
         self.journal = journal
         self.records: dict[str, JobRecord] = {}
+        self.durations = DurationModel()
+        """How long this manifest's jobs take, to time polls."""
         self.progress = RunProgress(total=len(self.jobs))
         self.stop_submitting: str | None = None
         self.committed = 0.0
@@ -427,9 +431,10 @@ class _Run:
         delay = options.poll_min
         last_state = record.remote_state
         queued_since = running_since = time.monotonic()
+        submitted_at = record.submitted_at or time.time()
         reported_unknown = False
         cancel_asked = False
-        await anyio.sleep(first_wait)
+        await anyio.sleep(self.next_wait(submitted_at, first_wait) if first_wait else 0.0)
         while True:
             try:
                 result = await self.client.result(request_id)
@@ -492,8 +497,19 @@ class _Run:
                 progress.set(job.key, "held")
                 progress.error(job.name, reason)
                 return
-            await anyio.sleep(delay)
+            await anyio.sleep(self.next_wait(submitted_at, delay))
             delay = min(delay * options.poll_growth, options.poll_max)
+
+    def next_wait(self, submitted_at: float, backoff: float) -> float:
+        """The learned wait for a job submitted at submitted_at, or the backoff while little is known."""
+        options = self.options
+        age = time.time() - submitted_at
+        learned = self.durations.next_wait(age)
+        if learned is None:
+            return min(max(backoff, options.poll_min), options.poll_max)
+        if age < self.durations.earliest:
+            return max(learned, options.poll_min)  # no job this young has finished: --poll-max need not apply
+        return min(max(learned, options.poll_min), options.poll_max)
 
     async def cancel(self, job: Job, request_id: str, why: str) -> None:
         try:
@@ -514,7 +530,9 @@ class _Run:
             self.progress.error(job.name, reason)
             return
         # The whole answer is kept: fields we do not know today may matter to someone tomorrow.
-        self.record(job, "completed", outputs=result.outputs, cost=result.cost, result=result.raw)
+        record = self.record(job, "completed", outputs=result.outputs, cost=result.cost, result=result.raw)
+        if record.duration is not None:
+            self.durations.add(record.duration)
 
     async def download(self, job: Job) -> None:
         progress = self.progress
@@ -644,6 +662,9 @@ async def run_manifest(
             log.warning("%s", warning)
         run = _Run(manifest, options, output_dir, journal)
         run.records = folded.records
+        finished = (r for r in folded.records.values() if r.duration is not None)
+        for record in heapq.nsmallest(256, finished, key=lambda r: -(r.finished_at or 0.0))[::-1]:
+            run.durations.add(record.duration or 0.0)  # the last run's jobs say how long this run's take
         limiter = RateLimiter(options.rate)
         run.client = await stack.enter_async_context(
             RunComfyClient(

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import orjson
 
 from .errors import JournalCorruptError, JournalError, JournalLockedError
+from .polling import remote_duration
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -123,6 +124,8 @@ class JobRecord:
     request_ids: list[str] = field(default_factory=list)
     submitted_at: float | None = None
     finished_at: float | None = None
+    duration: float | None = None
+    """Seconds from submit to finish, as RunComfy reported them (else as seen here): for poll timing."""
 
     @property
     def downloaded(self) -> bool:
@@ -146,6 +149,9 @@ class JobRecord:
             self.cost = event.get("cost")
             self.finished_at = event.get("t")
             self.error = None
+            self.duration = remote_duration(event.get("result") or {})
+            if self.duration is None and self.submitted_at is not None and self.finished_at is not None:
+                self.duration = self.finished_at - self.submitted_at
         elif kind == "submitted":
             self.phase = "submitted"
             self.request_id = event["request_id"]
@@ -320,8 +326,8 @@ def read_journal(path: Path) -> FoldedJournal:
 # second) and folds only the tail. The checkpoint is derived data: any
 # mismatch, damage or version change means it is ignored, never trusted.
 
-_CHECKPOINT_VERSION = 1
-_RECORD_FIELDS = 13
+_CHECKPOINT_VERSION = 2
+_RECORD_FIELDS = 14
 
 
 def _record_row(record: JobRecord) -> list[Any]:
@@ -340,6 +346,7 @@ def _record_row(record: JobRecord) -> list[Any]:
         record.request_ids,
         record.submitted_at,
         record.finished_at,
+        record.duration,
     ]
 
 

@@ -311,22 +311,42 @@ def bench_resume(args: argparse.Namespace) -> None:
 # -- polls ---------------------------------------------------------------------------------
 
 
+class _Unlearned:
+    """A DurationModel that never learns: batcher's polling as it was before, for comparison."""
+
+    earliest = 0.0
+
+    def add(self, seconds: float) -> None:
+        pass
+
+    def next_wait(self, age: float) -> None:
+        return None
+
+
 def bench_polls(args: argparse.Namespace) -> None:
+    import batcher.runner
+
     scale = args.scale
-    print(f"\n## polls: jobs of 10-90 s (clock scaled 1/{scale:g}), {args.poll_jobs} jobs")
+    print(
+        f"\n## polls: jobs of 12-92 s (2 s queue + 10-90 s run; clock scaled 1/{scale:g}), "
+        f"{args.poll_jobs} jobs, {args.poll_concurrency} at a time"
+    )
     print("| policy | result calls per job | mean notice delay | delay / job duration |")
     print("|---|---|---|---|")
     flags = ["--queue-delay", f"{2 / scale}", "--run-delay", f"{10 / scale}", "--run-delay-max", f"{90 / scale}"]
     policies = {
-        "batcher (1 s growing 1.5x to 10 s)": (1.0 / scale, 10.0 / scale),
-        "fixed 1 s": (1.0 / scale, 1.0 / scale),
+        "batcher: learned from finished jobs": (1.0 / scale, 10.0 / scale, True),
+        "backoff only (1 s growing 1.5x to 10 s)": (1.0 / scale, 10.0 / scale, False),
+        "fixed 1 s": (1.0 / scale, 1.0 / scale, False),
     }
-    for name, (poll_min, poll_max) in policies.items():
+    learning = batcher.runner.DurationModel
+    for name, (poll_min, poll_max, learn) in policies.items():
+        batcher.runner.DurationModel = learning if learn else _Unlearned  # type: ignore[misc, assignment]
         with SandboxProcess(*flags) as sandbox, tempfile.TemporaryDirectory() as tmp:
             manifest = load_manifest(write_manifest(Path(tmp) / "polls.yaml", args.poll_jobs))
             options = RunOptions(
                 output_dir=Path(tmp) / "out",
-                concurrency=args.poll_jobs,
+                concurrency=args.poll_concurrency,
                 api_base=sandbox.url,
                 token="bench",
                 poll_min=poll_min,
@@ -343,11 +363,12 @@ def bench_polls(args: argparse.Namespace) -> None:
                     duration = result["finished_at"] - result["created_at"]
                     delays.append(delay)
                     ratios.append(delay / duration)
-            per_job = calls.get("result", 0) / args.poll_jobs
+            per_job = (calls.get("result", 0) + calls.get("status", 0)) / args.poll_jobs
             print(
                 f"| {name} | {per_job:.1f} | {statistics.mean(delays) * scale:.2f} s (unscaled) | "
                 f"{statistics.mean(ratios) * 100:.1f}% |"
             )
+    batcher.runner.DurationModel = learning  # type: ignore[misc]
 
 
 # -- rate limit ----------------------------------------------------------------------------
@@ -428,11 +449,12 @@ def main() -> None:
     parser.add_argument("--memory-jobs", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--memory-run-max", type=int, default=10_000, help="run (not only plan) up to this size")
     parser.add_argument("--events", type=int, default=1_000_000, help="journal events for the resume section")
-    parser.add_argument("--poll-jobs", type=int, default=40)
+    parser.add_argument("--poll-jobs", type=int, default=320)
+    parser.add_argument("--poll-concurrency", type=int, default=40)
     parser.add_argument(
         "--scale",
         type=float,
-        default=2.0,
+        default=3.0,
         help="clock scale for the polls section (the client must keep up: see the note)",
     )
     parser.add_argument("--prompt-rows", type=int, nargs="+", default=[5_000, 50_000])

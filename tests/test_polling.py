@@ -1,0 +1,99 @@
+"""Poll timing learned from finished jobs: the model alone, and a simulated batch against the goals."""
+
+from __future__ import annotations
+
+import heapq
+import random
+import statistics
+
+import pytest
+
+from batcher.polling import DurationModel, remote_duration
+
+
+def test_nothing_is_suggested_until_a_few_jobs_finished() -> None:
+    model = DurationModel()
+    for seconds in (20.0, 25.0, 30.0, 35.0):
+        model.add(seconds)
+        assert model.next_wait(1.0) is None and model.earliest == 0.0
+    model.add(40.0)
+    assert model.earliest == pytest.approx(19.0)
+    assert model.next_wait(0.0) == pytest.approx(19.0)  # nothing finishes before the fastest seen
+    mid = model.next_wait(27.0)
+    assert mid is not None and 0 < mid < 10
+    assert model.next_wait(100.0) == pytest.approx(20.0)  # older than all: a fifth of its age
+
+
+def test_old_durations_are_forgotten_and_nonsense_ignored() -> None:
+    model = DurationModel(keep=5)
+    for seconds in (100.0, 100.0, 100.0, 100.0, 100.0, 5.0, 5.0, 5.0, 5.0, 5.0):
+        model.add(seconds)
+    for bad in (0.0, -3.0, float("nan"), float("inf")):
+        model.add(bad)
+    assert len(model) == 5 and model.earliest == pytest.approx(4.75)
+
+
+@pytest.mark.parametrize(
+    ("result", "expected"),
+    [
+        ({"created_at": 100.0, "finished_at": 130.5}, 30.5),
+        ({"created_at": 1_700_000_000_000, "finished_at": 1_700_000_012_000}, 12.0),  # milliseconds
+        ({"created_at": "2026-11-25T10:00:00Z", "finished_at": "2026-11-25T10:01:30+00:00"}, 90.0),
+        ({"created_at": "yesterday", "finished_at": "today"}, None),
+        ({"created_at": 5, "finished_at": 4}, None),
+        ({}, None),
+    ],
+)
+def test_remote_duration(result: dict[str, object], expected: float | None) -> None:
+    assert remote_duration(result) == (pytest.approx(expected) if expected is not None else None)
+
+
+def simulate(jobs: int, concurrency: int, learn: bool, seed: int = 1) -> tuple[float, float]:
+    """Polls per job and mean notice delay / duration for jobs of 12-92 s, as the runner times them."""
+    rng = random.Random(seed)
+    model = DurationModel()
+    poll_min, poll_max = 1.0, 10.0
+    durations = [2 + rng.uniform(10, 90) for _ in range(jobs)]
+    submitted: dict[int, float] = {}
+    polls = [0] * jobs
+    ratios: list[float] = []
+    queue: list[tuple[float, int, float]] = []
+
+    def wait(job: int, now: float, backoff: float) -> float:
+        # the same rule as runner._Run.next_wait
+        age = now - submitted[job]
+        learned = model.next_wait(age) if learn else None
+        if learned is None:
+            return min(max(backoff, poll_min), poll_max)
+        if age < model.earliest:
+            return max(learned, poll_min)
+        return min(max(learned, poll_min), poll_max)
+
+    def submit(job: int, now: float) -> None:
+        submitted[job] = now
+        heapq.heappush(queue, (now + wait(job, now, poll_min), job, poll_min))
+
+    started = 0
+    for job in range(min(concurrency, jobs)):
+        submit(job, 0.0)
+        started += 1
+    while queue:
+        now, job, backoff = heapq.heappop(queue)
+        polls[job] += 1
+        if now - submitted[job] >= durations[job]:
+            ratios.append((now - submitted[job] - durations[job]) / durations[job])
+            model.add(durations[job])
+            if started < jobs:
+                submit(started, now)
+                started += 1
+        else:
+            backoff = min(backoff * 1.5, poll_max)
+            heapq.heappush(queue, (now + wait(job, now, backoff), job, backoff))
+    return statistics.mean(polls), statistics.mean(ratios)
+
+
+def test_learned_timing_meets_the_poll_goals_once_jobs_have_finished() -> None:
+    calls, delay = simulate(2000, 40, learn=True)
+    assert calls <= 8.0 and delay <= 0.10  # the goals of issue 4, past the first wave
+    backoff_calls, backoff_delay = simulate(2000, 40, learn=False)
+    assert calls < backoff_calls * 0.85 and delay < backoff_delay
