@@ -8,8 +8,8 @@ from benchmarks.torture import torture
 
 
 def test_torture_short(tmp_path: Path) -> None:
-    report = torture(tmp_path, jobs=40, kills=5, fault_rate=0.12, seed=3)
+    report = torture(tmp_path, jobs=50, kills=5, fault_rate=0.15, seed=3)
     assert report.violations == []
     assert report.kills == 5
     assert sum(report.faults.values()) >= 20, report.faults
-    assert report.files_verified == 40
+    assert report.files_verified == 50
