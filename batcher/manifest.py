@@ -39,7 +39,7 @@ import hashlib
 import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -167,30 +167,94 @@ class _Located:
 
     Built from the parser's events, not from a composed node tree: a tree of
     a 100,000-job file holds millions of nodes and marks at once, where the
-    events pass one at a time (peak memory 3x lower).
+    events pass one at a time. The top-level ``jobs`` list is not kept at all:
+    it is skimmed (counted) on the first read and `items` parses it again
+    one job at a time, so a long list costs no memory past the job at hand.
+    (A list that uses YAML anchors or aliases is kept whole instead.)
     """
 
     def __init__(self, text: str, file: str) -> None:
         self.file = file
+        self.text = text
         self.lines: dict[Path_, int] = {}
         self.problems: dict[tuple[str, int | None, str, str], Problem] = {}
         self.omitted = 0
         self._anchors: dict[str, Any] = {}
-        loader = _SafeLoader(text)
+        self._stream = True
+        try:
+            self.data = self._read()
+        except _CannotStream:
+            self._stream = False
+            self.lines.clear()
+            self.problems.clear()
+            self._anchors.clear()
+            self.data = self._read()
+
+    def _read(self) -> Any:
+        loader = _SafeLoader(self.text)
         try:
             loader.get_event()  # stream start
-            self.data = None
+            if loader.check_event(yaml.StreamEndEvent):
+                return None
+            loader.get_event()  # document start
+            data = self._value(loader, ())
+            loader.get_event()  # document end
             if not loader.check_event(yaml.StreamEndEvent):
-                loader.get_event()  # document start
-                self.data = self._value(loader, ())
-                loader.get_event()  # document end
-                if not loader.check_event(yaml.StreamEndEvent):
-                    mark = loader.peek_event().start_mark
-                    raise yaml.composer.ComposerError(
-                        "expected a single document", None, "but found another document", mark
-                    )
+                mark = loader.peek_event().start_mark
+                raise yaml.composer.ComposerError(
+                    "expected a single document", None, "but found another document", mark
+                )
+            return data
         finally:
             loader.dispose()
+
+    def items(self, path: Path_) -> Iterator[tuple[int, Any]]:
+        """The items of the list at path, each with its lines recorded while it is being looked at."""
+        found = self.data
+        for part in path:
+            found = found[part]
+        if not isinstance(found, _Skimmed):
+            yield from enumerate(found)
+            return
+        loader = _SafeLoader(self.text)
+        try:
+            for _ in range(3):  # stream, document and top-level mapping starts
+                loader.get_event()
+            while True:  # to the list of the top-level "jobs" key the first read kept
+                key = loader.get_event()
+                start: Any = key.start_mark
+                if isinstance(key, yaml.ScalarEvent) and key.value == "jobs" and start.line + 1 == found.key_line:
+                    break
+                self._skip(loader, refuse_anchors=False)
+            loader.get_event()
+            index = 0
+            while not loader.check_event(yaml.SequenceEndEvent):
+                before = set(self.lines)
+                item = self._value(loader, (*path, index))
+                yield index, item
+                for added in set(self.lines) - before:
+                    del self.lines[added]
+                index += 1
+        finally:
+            loader.dispose()
+
+    @staticmethod
+    def _skip(loader: Any, *, refuse_anchors: bool = True) -> int:
+        """Consume one value's events; returns how many items a collection had."""
+        depth = 0
+        items = 0
+        while True:
+            event = loader.get_event()
+            if refuse_anchors and getattr(event, "anchor", None) is not None:
+                raise _CannotStream  # an anchor or alias: the list must be read whole
+            if depth == 1 and not isinstance(event, yaml.SequenceEndEvent | yaml.MappingEndEvent):
+                items += 1
+            if isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent):
+                depth += 1
+            elif isinstance(event, yaml.SequenceEndEvent | yaml.MappingEndEvent):
+                depth -= 1
+            if depth == 0:
+                return items
 
     def _value(self, loader: Any, path: Path_) -> Any:
         event = loader.get_event()
@@ -259,6 +323,10 @@ class _Located:
                         f"duplicate key (also on line {self.lines[(*path, key)]})",
                     )
                 )
+            if self._stream and path == () and key == "jobs" and loader.check_event(yaml.SequenceStartEvent):
+                self.lines[("jobs",)] = loader.peek_event().start_mark.line + 1
+                result[key] = _Skimmed(self._skip(loader), line)
+                continue
             result[key] = self._value(loader, (*path, key))
         loader.get_event()
         for source in merged:  # "<<" merge keys: the mapping's own keys win, then earlier sources
@@ -298,6 +366,18 @@ class _Located:
         if self.problems:
             ordered = sorted(self.problems.values(), key=lambda p: (p.file != self.file, p.file, p.line or 0, p.field))
             raise ManifestError(ordered, omitted=self.omitted)
+
+
+class _CannotStream(Exception):
+    """The jobs list uses anchors or aliases: read it whole."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Skimmed:
+    """A list counted on the first read, to be parsed again item by item (`_Located.items`)."""
+
+    count: int
+    key_line: int
 
 
 def _field(path: Path_) -> str:
@@ -369,7 +449,7 @@ class _Expander:
         schema_dirs: Sequence[Path],
         model: str | None,
         defaults: dict[str, Any],
-        entries: list[_Entry],
+        entries: Callable[[], Iterator[_Entry]],
     ) -> None:
         self.doc = doc
         self.schema_dirs = tuple(schema_dirs)
@@ -384,6 +464,8 @@ class _Expander:
         self._keys: dict[int, int] = {}
         self._names: dict[str, int] = {}
         self._sources: dict[str, int] = {}
+        self.prompt_files: list[PromptFile] = []
+        """Every prompt file read by the check, for the manifest's hash."""
 
     def schema(self, model: str) -> tuple[ModelSchema | None, str]:
         """The model's schema, or None and why not."""
@@ -395,7 +477,9 @@ class _Expander:
         return self._schemas[model]
 
     def jobs(self, *, check: bool) -> Iterator[Job]:
-        for entry in self.entries:
+        for entry in self.entries():
+            if check and entry.prompt_file is not None:
+                self.prompt_files.append(entry.prompt_file)
             rows: Iterable[Row] = entry.prompt_file.rows() if entry.prompt_file else (NO_ROW,)
             combinations = entry.combinations or [_Combination({}, "")]
             for row in rows:
@@ -607,18 +691,22 @@ def load_manifest(path: str | Path, schema_dirs: Sequence[Path] = ()) -> Manifes
             del defaults[control]
 
     items = data.get("jobs")
-    if not isinstance(items, list) or not items:
+    if not (isinstance(items, list) and items) and not (isinstance(items, _Skimmed) and items.count):
         doc.problem(("jobs",), "expected a non-empty list of jobs")
-        items = []
-    entries = [entry for index, item in enumerate(items) if (entry := _entry(doc, index, item, folder))]
+        data["jobs"] = []
+
+    def entries() -> Iterator[_Entry]:
+        for index, item in doc.items(("jobs",)):
+            entry = _entry(doc, index, item, folder)
+            if entry is not None:
+                yield entry
 
     expander = _Expander(doc, directories, model, defaults, entries)
     digest = hashlib.sha256(raw)
-    for entry in entries:
-        if entry.prompt_file is not None:
-            digest.update(entry.prompt_file.sha256().encode())
     for _job in expander.jobs(check=True):
         pass
+    for prompt_file in expander.prompt_files:
+        digest.update(prompt_file.sha256().encode())
     if expander.count == 0 and not doc.problems:
         doc.problem(
             ("jobs",), "expands to no jobs (empty prompt files, or a matrix whose combinations are all excluded)"

@@ -194,3 +194,38 @@ def test_the_editor_schema_accepts_the_examples_and_catches_typos() -> None:
         jsonschema.validate(yaml.safe_load(text), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"model": "m", "jobs": [{"prompt": "x", "qualty": "low"}]}, schema)
+
+
+def test_a_jobs_list_is_streamed_unless_it_uses_anchors(tmp_path: Path) -> None:
+    from batcher.manifest import _Located, _Skimmed
+
+    streamed = f"""
+    model: openai/gpt-image-1-5/image-to-image
+    schemas: &here [.]
+    jobs:
+      - prompt: "one"
+        image_urls: ["{REF}"]
+      - prompt: "two"
+        image_urls: ["{REF}"]
+        quality: ultra
+    defaults: &base {{quality: low}}
+    """
+    path = write_manifest(tmp_path / "s.yaml", streamed)
+    doc = _Located(path.read_text(), str(path))
+    assert doc.data["jobs"] == _Skimmed(2, 3)
+    assert [item["prompt"] for _, item in doc.items(("jobs",))] == ["one", "two"]
+    kept = {(), ("model",), ("schemas",), ("schemas", 0), ("jobs",), ("defaults",), ("defaults", "quality")}
+    assert set(doc.lines) == kept  # nothing of the jobs: they are read again one at a time
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)  # defaults after jobs, and a problem located inside the streamed list
+    assert [(p.line, p.field) for p in caught.value.problems] == [(8, "jobs[1].quality")]
+    fixed = load_manifest(write_manifest(tmp_path / "f.yaml", streamed.replace("ultra", "high")))
+    assert [job.input["quality"] for job in fixed.jobs] == ["low", "high"]
+
+    anchored = streamed.replace("ultra", "high").replace('- prompt: "one"', '- <<: *shared\n        prompt: "one"')
+    anchored = anchored.replace("jobs:", "x-shared: &shared {background: opaque}\n    jobs:")
+    path = write_manifest(tmp_path / "a.yaml", anchored)
+    with pytest.raises(ManifestError, match="x-shared"):  # unknown top-level key, reported once, list read whole
+        load_manifest(path)
+    doc = _Located(path.read_text(), str(path))
+    assert isinstance(doc.data["jobs"], list) and doc.data["jobs"][0]["background"] == "opaque"
