@@ -237,16 +237,23 @@ def _check_input_urls(manifest: Manifest, concurrency: int) -> None:
     click.echo(f"all {len(checks)} input URL(s) serve images within RunComfy's 50 MB limit")
 
 
+def _load_slice(
+    manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, shard: tuple[int, int] | None
+) -> tuple[Manifest, Path]:
+    """The manifest (or one shard of it) and its output folder."""
+    loaded = load_manifest(manifest, schema_dirs)
+    if shard:
+        loaded = loaded.only_shard(*shard)
+    return loaded, output or default_output_dir(loaded, shard)
+
+
 @cli.command()
 @_manifest_argument
 @_output_option
 @_shard_option
 def plan(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, shard: tuple[int, int] | None) -> None:
     """Show the expanded jobs, what is left to do and its estimated cost. No network."""
-    loaded = load_manifest(manifest, schema_dirs)
-    if shard:
-        loaded = loaded.only_shard(*shard)
-    output_dir = output or default_output_dir(loaded, shard)
+    loaded, output_dir = _load_slice(manifest, schema_dirs, output, shard)
     print_plan(stdout, loaded, read_journal(output_dir / JOURNAL_NAME), output_dir)
 
 
@@ -316,7 +323,7 @@ def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, a
     default=1.0,
     show_default=True,
     type=click.FloatRange(min=0.05),
-    help="First wait between polls; it grows to --poll-max.",
+    help="Shortest wait between polls; it grows to --poll-max, or to what finished jobs suggest.",
 )
 @click.option(
     "--poll-max", default=10.0, show_default=True, type=click.FloatRange(min=0.05), help="Longest wait between polls."
@@ -473,10 +480,7 @@ def cancel(
 @_shard_option
 def report(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, shard: tuple[int, int] | None) -> None:
     """Write the gallery (index.html) and the dataset's metadata.jsonl. No network."""
-    loaded = load_manifest(manifest, schema_dirs)
-    if shard:
-        loaded = loaded.only_shard(*shard)
-    output_dir = output or default_output_dir(loaded, shard)
+    loaded, output_dir = _load_slice(manifest, schema_dirs, output, shard)
     folded = read_journal(output_dir / JOURNAL_NAME)
     if not folded.records:
         raise _BadInput(f"nothing to report: no journal with jobs in {output_dir} (run the manifest first)")

@@ -12,6 +12,7 @@ and the caller must not send it again on its own.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -204,7 +205,8 @@ class RateLimiter:
         self.recovery = recovery
         self.refusals = 0
         self._next = 0.0
-        self._changed = 0.0
+        self._cut_at = -math.inf
+        self._tick_at = 0.0
         self._lift_at: float | None = None
         self._held_back = False
         self._recent: deque[float] = deque(maxlen=4096)
@@ -227,18 +229,20 @@ class RateLimiter:
         """Count a 429 against the pace."""
         now = time.monotonic()
         self.refusals += 1
-        if now - self._changed < 1.0:
+        if now - self._cut_at < 1.0:
             return
         observed = sum(1 for t in self._recent if now - t <= 1.0)
         current = self.rate if self.rate is not None else float(max(observed, 1))
         if self.ceiling is None:
             self._lift_at = 2 * current
         self.rate = max(self.floor, current / 2)
-        self._changed = now
+        # Two clocks: sharing one with the recovery tick below let that tick, every
+        # second, hide the 429s that followed it, so the pace never came down.
+        self._cut_at = self._tick_at = now
 
     def _recover(self, now: float) -> None:
         assert self.rate is not None
-        elapsed = now - self._changed
+        elapsed = now - self._tick_at
         if elapsed < 1.0:
             return
         if self._held_back:
@@ -246,7 +250,7 @@ class RateLimiter:
             # real demand would let the next burst through unchecked.
             self.rate *= self.recovery ** int(elapsed)
         self._held_back = False
-        self._changed = now
+        self._tick_at = now
         if self.ceiling is not None:
             self.rate = min(self.rate, self.ceiling)
         elif self._lift_at is not None and self.rate >= self._lift_at:

@@ -251,6 +251,16 @@ async def test_the_rate_limiter_halves_on_429_and_recovers(monkeypatch: pytest.M
     limiter._recover(clock[0])
     assert limiter.rate == 10.0  # never past the ceiling
 
+    # A 429 just after a recovery tick is a new signal (it once shared the tick's clock and was lost).
+    limiter.refused()
+    assert limiter.rate == 5.0
+    limiter._held_back = True
+    clock[0] += 1
+    limiter._recover(clock[0])
+    clock[0] += 0.1
+    limiter.refused()
+    assert limiter.rate == pytest.approx(5.0 * 1.05 / 2)
+
     unlimited = RateLimiter()
     for _ in range(30):
         await unlimited.wait()  # 30 calls in this "second"
