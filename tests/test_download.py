@@ -40,6 +40,28 @@ async def test_a_good_download_is_hashed_and_in_place_without_credentials(tmp_pa
     assert list(tmp_path.rglob(".*.part")) == []
 
 
+async def test_a_file_larger_than_one_batch_streams_to_disk(tmp_path: Path) -> None:
+    import hashlib
+
+    from batcher.download import _WRITE_BATCH
+
+    body = bytes(range(256)) * ((_WRITE_BATCH * 2 + 12_345) // 256)  # three batches, the last one partial
+    seen: list[httpx.Request] = []
+
+    def big(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "image/png"})
+
+    async with _downloader(big, seen, max_bytes=_WRITE_BATCH * 3) as downloader:
+        got = await downloader.fetch(f"{PUBLIC}/out/big.png", tmp_path / "job" / "big.png")
+    assert got.path.read_bytes() == body and got.sha256 == hashlib.sha256(body).hexdigest()
+    assert list(tmp_path.rglob(".*.part")) == []
+
+    async with _downloader(big, seen, max_bytes=_WRITE_BATCH + 1) as downloader:
+        with pytest.raises(DownloadError, match="over the"):
+            await downloader.fetch(f"{PUBLIC}/out/big.png", tmp_path / "job" / "capped.png")
+    assert not (tmp_path / "job" / "capped.png").exists() and list(tmp_path.rglob(".*.part")) == []
+
+
 @pytest.mark.parametrize(
     ("url", "words"),
     [

@@ -260,11 +260,11 @@ async def test_an_unwritable_output_folder_stops_the_run_cleanly(
 
     sandbox = start_sandbox()
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 4)
-    real_open = batcher.download.aiofiles.open
-    monkeypatch.setattr(batcher.download.aiofiles, "open", refuse)
+    real_create = batcher.download._create
+    monkeypatch.setattr(batcher.download, "_create", refuse)
     with pytest.raises(OutputFolderError, match="free space or fix permissions"):
         await _run(manifest, sandbox, concurrency=1)
-    monkeypatch.setattr(batcher.download.aiofiles, "open", real_open)
+    monkeypatch.setattr(batcher.download, "_create", real_create)
     folded = read_journal(tmp_path / "out" / JOURNAL_NAME)
     assert {r.request_id for r in folded.records.values() if r.request_id} == {
         s.request_id for s in sandbox.sandbox.submits
