@@ -19,7 +19,18 @@ def runner() -> CliRunner:
 
 
 def test_help_for_every_command(runner: CliRunner) -> None:
-    for command in ([], ["run"], ["validate"], ["plan"], ["status"], ["cancel"], ["report"], ["init"], ["sandbox"]):
+    for command in (
+        [],
+        ["run"],
+        ["validate"],
+        ["plan"],
+        ["status"],
+        ["cancel"],
+        ["report"],
+        ["init"],
+        ["sandbox"],
+        ["schemas"],
+    ):
         result = runner.invoke(cli, [*command, "-h"], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         assert "Usage: " in result.output
