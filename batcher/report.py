@@ -92,7 +92,7 @@ def status_report(manifest: Manifest, output_dir: Path) -> StatusReport:
     warnings: list[str] = []
     journals: list[str] = []
     for folder in folders:
-        if folder != output_dir and not (folder / JOURNAL_NAME).is_file():
+        if not (folder / JOURNAL_NAME).is_file():
             continue
         folded = read_journal(folder / JOURNAL_NAME)
         journals.append(str(folder / JOURNAL_NAME))
@@ -103,7 +103,7 @@ def status_report(manifest: Manifest, output_dir: Path) -> StatusReport:
     counts = dict.fromkeys(CATEGORIES, 0)
     report = StatusReport(
         manifest=str(manifest.path),
-        journal=journals[0],
+        journal=journals[0] if journals else str(output_dir / JOURNAL_NAME),
         total=manifest.count,
         counts=counts,
         warnings=warnings,
@@ -144,9 +144,10 @@ def _money(value: float) -> str:
 
 
 def print_status(console: Console, report: StatusReport) -> None:
-    table = Table(title=f"{report.manifest}: {report.total} jobs", title_justify="left")
+    console.print(f"{report.manifest}: {report.total} jobs")
     if len(report.journals) > 1:
-        table.caption = f"summed over {len(report.journals)} journals: " + ", ".join(report.journals)
+        console.print(f"summed over {len(report.journals)} journals: " + ", ".join(report.journals))
+    table = Table()
     table.add_column("state")
     table.add_column("jobs", justify="right")
     for name in CATEGORIES:

@@ -154,8 +154,8 @@ def _check_no_overlap(output_dir: Path, jobs: list[Job]) -> None:
         if overlap:
             msg = (
                 f"{len(overlap)} of these jobs were already submitted by the run journalled in {other}; "
-                "running them here would pay twice. Resume with that run's own sharding "
-                "(or none), or give --output a folder of its own"
+                "running them here would pay twice. Run with that run's --shard (or without --shard, "
+                "if it had none), or give --output a folder of its own"
             )
             raise UsageError(msg)
 

@@ -38,7 +38,7 @@ def test_shards_run_apart_and_status_sums_them(runner: CliRunner, tmp_path: Path
     result = runner.invoke(cli, ["status", str(path), "--json"], catch_exceptions=False)
     report = json.loads(result.output)
     assert report["counts"]["done"] == 12 and report["total"] == 12
-    assert len(report["journals"]) == 4  # the (empty) folder's own and three shards'
+    assert len(report["journals"]) == 3  # the three shards' (the folder itself has none)
 
     one = runner.invoke(cli, ["plan", str(path), "--shard", "2/3"], catch_exceptions=False)
     assert f"{per_shard[1]} jobs" in one.output and "left to submit: $0.00" in one.output
