@@ -758,6 +758,8 @@ def _entry(doc: _Located, index: int, item: object, folder: Path) -> _Entry | No
         prompt_file=_prompt_file(doc, (*where, "from"), item["from"], folder) if "from" in item else None,
         placeholders=set(),
     )
+    if ("matrix" in item and entry.combinations is None) or ("from" in item and entry.prompt_file is None):
+        return None  # reported above; expanding it anyway would only add noise about missing fields
     if not entry.templated:
         return entry
 
@@ -773,18 +775,20 @@ def _entry(doc: _Located, index: int, item: object, folder: Path) -> _Entry | No
         variables |= set(header)
 
     templated = {**fields, **({"id": entry.id} if isinstance(entry.id, str) else {})}
+    sound = True
     for name, value in templated.items():
         used = placeholders(value)
         entry.placeholders |= used
         if variables is None:
             continue
         for unknown in sorted(used - variables):
+            sound = False
             doc.problem(
                 (*where, name),
                 f"unknown placeholder {{{unknown}}}{_did_you_mean(unknown, variables)}; "
                 f"the matrix and prompt file give: {', '.join(sorted(variables)) or 'nothing'}",
             )
-    return entry
+    return entry if sound else None
 
 
 def _matrix(doc: _Located, where: Path_, value: object) -> list[_Combination] | None:

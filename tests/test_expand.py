@@ -309,3 +309,25 @@ def test_shards_split_by_identity() -> None:
 
 def test_bundled_schema_dir_holds_the_first_model() -> None:
     assert (bundled_schema_dir() / (MODEL + ".input.json")).is_file()
+
+
+def test_an_entry_whose_matrix_or_file_is_broken_reports_that_alone(tmp_path: Path) -> None:
+    path = write_manifest(
+        tmp_path / "m.yaml",
+        f"""
+        model: {MODEL}
+        jobs:
+          - from: nope.csv
+          - prompt: "a {{x}}"
+            image_urls: ["{REF}"]
+            matrix: {{y: [1]}}
+          - prompt: "b"
+            image_urls: ["{REF}"]
+            matrix: [not, a, mapping]
+        """,
+    )
+    assert [m.split(": ", 1)[1] for m in problems_of(path)] == [
+        "jobs[0].from: no prompt file " + str(tmp_path / "nope.csv") + " (prompt files are relative to the manifest)",
+        "jobs[1].prompt: unknown placeholder {x}; the matrix and prompt file give: y",
+        "jobs[2].matrix: expected a mapping of names to lists of values, with optional 'include' and 'exclude'",
+    ]
