@@ -331,3 +331,29 @@ def test_an_entry_whose_matrix_or_file_is_broken_reports_that_alone(tmp_path: Pa
         "jobs[1].prompt: unknown placeholder {x}; the matrix and prompt file give: y",
         "jobs[2].matrix: expected a mapping of names to lists of values, with optional 'include' and 'exclude'",
     ]
+
+
+def test_jsonl_rows_fill_placeholders_and_a_missing_one_is_named_at_its_row(tmp_path: Path) -> None:
+    (tmp_path / "rows.jsonl").write_text(
+        '{"subject": "cat", "quality": "low"}\n\n{"quality": "high"}\n{"subject": "dog", "model": "acme/none"}\n',
+        encoding="utf-8",
+    )
+    path = write_manifest(
+        tmp_path / "m.yaml",
+        f"""
+        model: {MODEL}
+        jobs:
+          - from: rows.jsonl
+            prompt: "a {{subject}}"
+            image_urls: ["{REF}"]
+        """,
+    )
+    messages = problems_of(path)
+    rows = str(tmp_path / "rows.jsonl")
+    assert f"{rows}:3: row 2: no value for the placeholder {{subject}}" in messages
+    assert any(m.startswith(f"{rows}:4: row 3: model: no input schema for model 'acme/none'") for m in messages)
+    assert len(messages) == 2
+
+    (tmp_path / "rows.jsonl").write_text('{"subject": "cat", "quality": "low"}\n', encoding="utf-8")
+    (job,) = load_manifest(path).jobs
+    assert job.input["prompt"] == "a cat" and job.input["quality"] == "low" and "subject" not in job.input
