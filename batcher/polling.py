@@ -55,6 +55,19 @@ class DurationModel:
             return 0.0
         return durations[max(0, len(durations) // 50 - 1)] * 0.95
 
+    def wait(self, age: float, backoff: float, shortest: float, longest: float) -> float:
+        """The wait before polling a job of this age: learned, or backoff while too little is known.
+
+        Kept between shortest and longest (--poll-interval, --poll-max), except that a
+        job younger than any finished one waits until then: no poll before it can help.
+        """
+        learned = self.next_wait(age)
+        if learned is None:
+            return min(max(backoff, shortest), longest)
+        if age < self.earliest:
+            return max(learned, shortest)
+        return min(max(learned, shortest), longest)
+
     def next_wait(self, age: float) -> float | None:
         """Seconds until the next poll of a job submitted age seconds ago; None while too little is known."""
         durations = self._sorted

@@ -301,9 +301,11 @@ class _Stop(Exception):
 class _Run:
     """State of one run; its methods are the workers' steps."""
 
-    def __init__(self, manifest: Manifest, options: RunOptions, output_dir: Path, journal: Journal) -> None:
+    def __init__(
+        self, manifest: Manifest, jobs: list[Job], options: RunOptions, output_dir: Path, journal: Journal
+    ) -> None:
         self.manifest = manifest
-        self.jobs = select_jobs(manifest, options)
+        self.jobs = jobs
         """The jobs this run works on: all of the manifest's, or a trial's share."""
         self.options = options
         self.output_dir = output_dir
@@ -503,15 +505,9 @@ class _Run:
             delay = min(delay * options.poll_growth, options.poll_max)
 
     def next_wait(self, submitted_at: float, backoff: float) -> float:
-        """The learned wait for a job submitted at submitted_at, or the backoff while little is known."""
-        options = self.options
+        """The wait before the next poll of a job submitted at submitted_at (see `DurationModel.wait`)."""
         age = time.time() - submitted_at
-        learned = self.durations.next_wait(age)
-        if learned is None:
-            return min(max(backoff, options.poll_min), options.poll_max)
-        if age < self.durations.earliest:
-            return max(learned, options.poll_min)  # no job this young has finished: --poll-max need not apply
-        return min(max(learned, options.poll_min), options.poll_max)
+        return self.durations.wait(age, backoff, self.options.poll_min, self.options.poll_max)
 
     async def cancel(self, job: Job, request_id: str, why: str) -> None:
         try:
@@ -668,7 +664,8 @@ async def run_manifest(
     options = options or RunOptions()
     output_dir = (options.output_dir or default_output_dir(manifest, options.shard)).resolve()
     # A bad --only, or jobs another sharding already submitted, fail here, before anything is opened.
-    _check_no_overlap(output_dir, select_jobs(manifest, options))
+    jobs = select_jobs(manifest, options)
+    _check_no_overlap(output_dir, jobs)
     async with AsyncExitStack() as stack:
         base_url, token = await stack.enter_async_context(_api_endpoint(options))
         journal = Journal(output_dir)
@@ -676,7 +673,7 @@ async def run_manifest(
         stack.callback(journal.close)
         for warning in folded.warnings:
             log.warning("%s", warning)
-        run = _Run(manifest, options, output_dir, journal)
+        run = _Run(manifest, jobs, options, output_dir, journal)
         run.records = folded.records
         finished = (r for r in folded.records.values() if r.duration is not None)
         for record in heapq.nsmallest(256, finished, key=lambda r: -(r.finished_at or 0.0))[::-1]:

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from batcher import RunOptions, load_manifest, run_manifest  # noqa: E402
+from batcher.polling import DurationModel  # noqa: E402
 from batcher.state import CHECKPOINT_NAME, JOURNAL_NAME, Journal  # noqa: E402
 
 MODEL = "openai/gpt-image-1-5/image-to-image"
@@ -311,16 +312,11 @@ def bench_resume(args: argparse.Namespace) -> None:
 # -- polls ---------------------------------------------------------------------------------
 
 
-class _Unlearned:
+class _Unlearned(DurationModel):
     """A DurationModel that never learns: batcher's polling as it was before, for comparison."""
-
-    earliest = 0.0
 
     def add(self, seconds: float) -> None:
         pass
-
-    def next_wait(self, age: float) -> None:
-        return None
 
 
 def bench_polls(args: argparse.Namespace) -> None:
@@ -339,7 +335,7 @@ def bench_polls(args: argparse.Namespace) -> None:
         "backoff only (1 s growing 1.5x to 10 s)": (1.0 / scale, 10.0 / scale, False),
         "fixed 1 s": (1.0 / scale, 1.0 / scale, False),
     }
-    learning = batcher.runner.DurationModel
+    learning = DurationModel
     for name, (poll_min, poll_max, learn) in policies.items():
         batcher.runner.DurationModel = learning if learn else _Unlearned  # type: ignore[misc, assignment]
         with SandboxProcess(*flags) as sandbox, tempfile.TemporaryDirectory() as tmp:

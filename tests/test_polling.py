@@ -60,14 +60,7 @@ def simulate(jobs: int, concurrency: int, learn: bool, seed: int = 1) -> tuple[f
     queue: list[tuple[float, int, float]] = []
 
     def wait(job: int, now: float, backoff: float) -> float:
-        # the same rule as runner._Run.next_wait
-        age = now - submitted[job]
-        learned = model.next_wait(age) if learn else None
-        if learned is None:
-            return min(max(backoff, poll_min), poll_max)
-        if age < model.earliest:
-            return max(learned, poll_min)
-        return min(max(learned, poll_min), poll_max)
+        return model.wait(now - submitted[job], backoff, poll_min, poll_max)  # the runner's own rule
 
     def submit(job: int, now: float) -> None:
         submitted[job] = now
@@ -82,7 +75,8 @@ def simulate(jobs: int, concurrency: int, learn: bool, seed: int = 1) -> tuple[f
         polls[job] += 1
         if now - submitted[job] >= durations[job]:
             ratios.append((now - submitted[job] - durations[job]) / durations[job])
-            model.add(durations[job])
+            if learn:
+                model.add(durations[job])
             if started < jobs:
                 submit(started, now)
                 started += 1
