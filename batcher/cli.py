@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 import threading
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from rich.live import Live
 from rich.table import Table
 
 from . import __version__
+from .client import RetryPolicy
 from .cost import load_price_table
 from .dataset import METADATA_NAME, write_metadata
 from .errors import (
@@ -33,14 +35,15 @@ from .errors import (
     ManifestError,
     UsageError,
 )
+from .folders import default_output_dir, noted_folders, parse_shard, read_folder, shard_folders
 from .gallery import write_gallery
 from .manifest import Manifest, load_manifest
 from .preflight import check_urls, input_urls
 from .report import ProgressView, plain_progress_line, print_plan, print_status, print_summary, status_report
-from .runner import RunOptions, RunProgress, cancel_manifest, default_output_dir, parse_shard, run_manifest
+from .runner import RunOptions, RunPlan, RunProgress, RunSummary, cancel_manifest, run_manifest
 from .sandbox import FAULT_KINDS, Sandbox, SandboxConfig
 from .schema import available_models, load_model_schema
-from .state import JOURNAL_NAME, read_journal
+from .state import JOURNAL_NAME, FoldedJournal
 
 __all__ = ["cli", "main"]
 
@@ -96,8 +99,24 @@ def cli() -> None:
 
 
 def _manifest_argument(function: Callable[..., Any]) -> Callable[..., Any]:
+    from .manifest import MAX_JOBS, set_max_jobs
+
+    def cap_jobs(ctx: click.Context, _param: click.Parameter, value: int | None) -> None:
+        # Not a parameter of every command: load_manifest reads the cap, and it ends with the command.
+        if value is not None:
+            ctx.call_on_close(set_max_jobs(value))
+
     function = _schemas_option(
         "Folder of model schemas (<model id>.input.json), searched before the bundled ones; repeatable."
+    )(function)
+    function = click.option(
+        "--max-jobs",
+        type=click.IntRange(min=1),
+        metavar="N",
+        envvar="BATCHER_MAX_JOBS",
+        expose_value=False,
+        callback=cap_jobs,
+        help=f"Refuse a manifest that expands to more than N jobs (default {MAX_JOBS:,}). Env BATCHER_MAX_JOBS.",
     )(function)
     return click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))(function)
 
@@ -134,7 +153,15 @@ def _output_option(function: Callable[..., Any]) -> Callable[..., Any]:
         "-o",
         "--output",
         type=click.Path(path_type=Path, file_okay=False),
-        help="Output folder holding the journal and images [default: output/<manifest name>/].",
+        help="Output folder holding the journal and images [default: output/<manifest name>/ in the "
+        "manifest's project (the folder above it holding .git), whatever the current folder; "
+        "output/sandbox/<manifest name>/ with --sandbox].",
+    )(function)
+
+
+def _sandbox_folder_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--sandbox", is_flag=True, help="The sandbox rehearsal's folder (output/sandbox/<name>/) by default."
     )(function)
 
 
@@ -237,37 +264,61 @@ def _check_input_urls(manifest: Manifest, concurrency: int) -> None:
     click.echo(f"all {len(checks)} input URL(s) serve images within RunComfy's 50 MB limit")
 
 
+def _point_at_noted_folders(manifest: Manifest, looked_in: Path) -> None:
+    """No journal where we looked: say where this manifest's runs are, if the ledger knows."""
+    others = [folder for folder in noted_folders(manifest) if folder != looked_in.resolve()]
+    if others:
+        shown = ", ".join(str(folder) for folder in others[:5])
+        click.echo(f"no journal in {looked_in}; this manifest has runs in: {shown} (use -o)", err=True)
+
+
 def _load_slice(
-    manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, shard: tuple[int, int] | None
+    manifest: Path,
+    schema_dirs: tuple[Path, ...],
+    output: Path | None,
+    shard: tuple[int, int] | None,
+    sandbox: bool = False,
 ) -> tuple[Manifest, Path]:
     """The manifest (or one shard of it) and its output folder."""
     loaded = load_manifest(manifest, schema_dirs)
     if shard:
         loaded = loaded.only_shard(*shard)
-    return loaded, output or default_output_dir(loaded, shard)
+    return loaded, output or default_output_dir(loaded, shard, sandbox=sandbox)
 
 
 @cli.command()
 @_manifest_argument
 @_output_option
 @_shard_option
-def plan(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, shard: tuple[int, int] | None) -> None:
-    """Show the expanded jobs, what is left to do and its estimated cost. No network."""
-    loaded, output_dir = _load_slice(manifest, schema_dirs, output, shard)
-    print_plan(stdout, loaded, read_journal(output_dir / JOURNAL_NAME), output_dir)
+@_sandbox_folder_option
+def plan(
+    manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, shard: tuple[int, int] | None, sandbox: bool
+) -> None:
+    """Show the expanded jobs, what is left to do and its estimated cost. No network.
+
+    Shard folders (shard-K-of-N/) inside the output folder are summed in.
+    """
+    loaded, output_dir = _load_slice(manifest, schema_dirs, output, shard, sandbox)
+    print_plan(stdout, loaded, output_dir)
+    if not (output_dir / JOURNAL_NAME).is_file() and not shard_folders(output_dir):
+        _point_at_noted_folders(loaded, output_dir)
 
 
 @cli.command()
 @_manifest_argument
 @_output_option
+@_sandbox_folder_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, as_json: bool) -> None:
+def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, sandbox: bool, as_json: bool) -> None:
     """Where every job stands, from the journal. Works during a run. No network.
 
     Shard folders (shard-K-of-N/) inside the output folder are summed in.
     """
     loaded = load_manifest(manifest, schema_dirs)
-    report = status_report(loaded, output or default_output_dir(loaded))
+    output_dir = output or default_output_dir(loaded, sandbox=sandbox)
+    report = status_report(loaded, output_dir)
+    if not report.journals:
+        _point_at_noted_folders(loaded, output_dir)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -289,6 +340,33 @@ def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, a
     "--resubmit-uncertain",
     is_flag=True,
     help="Submit again the jobs whose earlier submit may have been accepted (may pay twice).",
+)
+@click.option(
+    "--new-output",
+    is_flag=True,
+    help="Submit even the jobs another output folder already submitted (pays for them again).",
+)
+@click.option(
+    "--lost-after",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds after its submit that a request RunComfy does not know (404001) counts as lost, not lagging.",
+)
+@click.option(
+    "--outage-timeout",
+    default=900.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to wait for RunComfy to answer again once no call gets through, before the run ends.",
+)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask before spending more than --confirm-above.")
+@click.option(
+    "--confirm-above",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="On a terminal, ask before submitting jobs estimated above this many dollars.",
 )
 @click.option("--cancel-on-interrupt", is_flag=True, help="On Ctrl-C, also cancel the jobs still queued at RunComfy.")
 @click.option("--limit", type=click.IntRange(min=1), help="Trial run: only the first N jobs, in manifest order.")
@@ -329,6 +407,13 @@ def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, a
     "--poll-max", default=10.0, show_default=True, type=click.FloatRange(min=0.05), help="Longest wait between polls."
 )
 @click.option(
+    "--retries",
+    default=6,
+    show_default=True,
+    type=click.IntRange(1, 20),
+    help="Attempts per API call on 429, 5xx and connection faults (backoff with jitter between them).",
+)
+@click.option(
     "--read-timeout",
     type=click.FloatRange(min=0.1),
     help="Seconds to wait for an answer [default: 90 for submits, 20 for polls].",
@@ -339,6 +424,19 @@ def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, a
     show_default=True,
     type=click.IntRange(min=1),
     help="Refuse output files larger than this.",
+)
+@click.option(
+    "--max-answer-bytes",
+    default=1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1024),
+    help="The largest API answer read (past it, a submit is held as uncertain and a poll retried).",
+)
+@click.option(
+    "--download-timeout",
+    type=click.FloatRange(min=1),
+    help="Seconds one output file may take in all, retries included [default: 300, more for a larger "
+    "--max-download-bytes].",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress display; errors and the summary only.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
@@ -351,6 +449,11 @@ def run(
     sandbox: bool,
     retry_failed: bool,
     resubmit_uncertain: bool,
+    new_output: bool,
+    lost_after: float,
+    outage_timeout: float,
+    yes: bool,
+    confirm_above: float,
     cancel_on_interrupt: bool,
     limit: int | None,
     only: str | None,
@@ -362,15 +465,18 @@ def run(
     run_timeout: float | None,
     poll_interval: float,
     poll_max: float,
+    retries: int,
     read_timeout: float | None,
     max_download_bytes: int,
+    max_answer_bytes: int,
+    download_timeout: float | None,
     quiet: bool,
     verbose: bool,
 ) -> None:
     """Run MANIFEST, or resume it: nothing already submitted is sent again.
 
     Ctrl-C once stops submitting and finishes the jobs already paid for;
-    twice stops at once. Either way, the same command resumes.
+    twice (or SIGTERM once) stops at once. The command printed at the end resumes.
     """
     _setup_logging(verbose, quiet)
     loaded = load_manifest(manifest, schema_dirs)
@@ -381,6 +487,9 @@ def run(
         sandbox=SandboxConfig(schema_dirs=loaded.schema_dirs) if sandbox else None,
         retry_failed=retry_failed,
         resubmit_uncertain=resubmit_uncertain,
+        new_output=new_output,
+        lost_after=lost_after,
+        outage_timeout=outage_timeout,
         cancel_on_interrupt=cancel_on_interrupt,
         rate=rate,
         limit=limit,
@@ -393,22 +502,78 @@ def run(
         poll_min=poll_interval,
         poll_max=max(poll_max, poll_interval),
         max_download_bytes=max_download_bytes,
+        download_deadline=download_timeout,
+        max_answer_bytes=max_answer_bytes,
+        retry=RetryPolicy(attempts=retries),
         submit_timeout=httpx.Timeout(read_timeout, connect=10.0) if read_timeout else None,
         poll_timeout=httpx.Timeout(read_timeout, connect=10.0) if read_timeout else None,
         handle_signals=True,
     )
     if sandbox:
         stderr.print("[dim]sandbox: a local stand-in for RunComfy; images are test patterns and nothing is charged[/]")
-    summary = _run_with_display(loaded, options, quiet)
-    print_summary(stderr, summary)
-    if summary.interrupted:
-        again = " --sandbox" if sandbox else ""
-        again += f" --shard {shard[0]}/{shard[1]}" if shard else ""
-        stderr.print(f"interrupted; resume with: batcher run {manifest}{again}")
+
+    def on_plan(plan: RunPlan) -> None:
+        _announce(plan, confirm_above=None if yes or sandbox else confirm_above)
+
+    summary = _run_with_display(loaded, options, quiet, on_plan)
+    resume = _resume_command(manifest, summary, schema_dirs, api_base, sandbox, shard, only, limit, concurrency)
+    print_summary(stderr, summary, resume)
     sys.exit(summary.exit_code)
 
 
-def _run_with_display(manifest: Manifest, options: RunOptions, quiet: bool) -> Any:
+def _announce(plan: RunPlan, confirm_above: float | None) -> None:
+    """The line before the first request: what will be sent and its estimate; on a terminal, above
+    confirm_above dollars, ask first (never without a terminal: a cron job must not hang)."""
+    unpriced = f", +{plan.unpriced} job(s) with no price table" if plan.unpriced else ""
+    if plan.sandbox:
+        cost = f"sandbox: nothing is charged; a real run would cost about ${plan.estimate:,.2f}{unpriced}"
+    else:
+        cost = f"estimated ${plan.estimate:,.2f}{unpriced}"
+    rest = [f"{plan.to_finish} already submitted to finish"] if plan.to_finish else []
+    rest += [f"{plan.held} held"] if plan.held else []
+    rest += [f"{plan.done} done"] if plan.done else []
+    tail = f"; {', '.join(rest)}" if rest else ""
+    stderr.print(f"will submit {plan.to_submit} job(s) ({cost}){tail}", markup=False)
+    if confirm_above is None or plan.estimate <= confirm_above:
+        return
+    if not (sys.stdin.isatty() and stderr.is_terminal):
+        return
+    if not click.confirm(f"Spend about ${plan.estimate:,.2f}?", default=False, err=True):
+        raise _Failed("nothing was sent (not confirmed); add --yes to skip this question")
+
+
+def _resume_command(
+    manifest: Path,
+    summary: RunSummary,
+    schema_dirs: tuple[Path, ...],
+    api_base: str | None,
+    sandbox: bool,
+    shard: tuple[int, int] | None,
+    only: str | None,
+    limit: int | None,
+    concurrency: int,
+) -> str:
+    """The command that goes on with this run: every flag that chose its folder, API and jobs."""
+    # Absolute paths: the hint must work from wherever it is pasted (a cron job, another shell).
+    words = ["batcher", "run", str(manifest.resolve()), "-o", str(summary.output_dir)]
+    for folder in schema_dirs:
+        words += ["--schemas", str(folder)]
+    if sandbox:
+        words.append("--sandbox")
+    elif api_base:
+        words += ["--api-base", api_base]
+    if shard:
+        words += ["--shard", f"{shard[0]}/{shard[1]}"]
+    if only is not None:
+        words += ["--only", only]
+    if limit is not None:
+        words += ["--limit", str(limit)]
+    if concurrency != 8:
+        words += ["-c", str(concurrency)]
+    return shlex.join(words)
+
+
+def _run_with_display(manifest: Manifest, options: RunOptions, quiet: bool, on_plan: Callable[[RunPlan], None]) -> Any:
     """Run with a live rich display on a terminal, a plain line every few seconds elsewhere."""
     done = threading.Event()
     live: Live | None = None
@@ -433,7 +598,7 @@ def _run_with_display(manifest: Manifest, options: RunOptions, quiet: bool) -> A
             threads.append(thread)
 
     try:
-        return anyio.run(lambda: run_manifest(manifest, options, on_start=on_start))
+        return anyio.run(lambda: run_manifest(manifest, options, on_start=on_start, on_plan=on_plan))
     finally:
         done.set()
         for thread in threads:
@@ -478,10 +643,17 @@ def cancel(
 @_manifest_argument
 @_output_option
 @_shard_option
-def report(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, shard: tuple[int, int] | None) -> None:
-    """Write the gallery (index.html) and the dataset's metadata.jsonl. No network."""
-    loaded, output_dir = _load_slice(manifest, schema_dirs, output, shard)
-    folded = read_journal(output_dir / JOURNAL_NAME)
+@_sandbox_folder_option
+def report(
+    manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, shard: tuple[int, int] | None, sandbox: bool
+) -> None:
+    """Write the gallery (index.html) and the dataset's metadata.jsonl. No network.
+
+    Shard folders (shard-K-of-N/) inside the output folder are summed in.
+    """
+    loaded, output_dir = _load_slice(manifest, schema_dirs, output, shard, sandbox)
+    view = read_folder(output_dir)
+    folded = FoldedJournal(records=view.records, headers=view.headers, warnings=view.warnings)
     if not folded.records:
         raise _BadInput(f"nothing to report: no journal with jobs in {output_dir} (run the manifest first)")
     try:
@@ -569,6 +741,23 @@ def _allowed(spec: dict[str, Any]) -> str:
 @click.option("--url-ttl", type=float, help="Seconds output URLs stay valid [default: for ever].")
 @click.option("--images-per-job", default=1, show_default=True, type=click.IntRange(1, 10))
 @click.option("--require-token", help="Accept only this bearer token [default: any].")
+@click.option(
+    "--auth-status",
+    default="401",
+    show_default=True,
+    type=click.Choice(["401", "403"]),
+    help="How a wrong token is refused: 401 with RunComfy's 401001 body, or a bare 403.",
+)
+@click.option(
+    "--max-in-flight", type=click.IntRange(min=1), help="An account cap: submits past N queued or running get 429."
+)
+@click.option(
+    "--unknown-window",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds after a submit during which the request answers 404001 (a lagging replica).",
+)
 @click.option("--rate-limit", type=click.FloatRange(min=0.1), help="Answer 429 past this many API requests a second.")
 @click.option("--seed", type=int, help="Seed for faults and failures, to replay a session.")
 @_schemas_option("Folder of model schemas, so the sandbox accepts those models too; repeatable.")
@@ -586,6 +775,9 @@ def sandbox_command(
     url_ttl: float | None,
     images_per_job: int,
     require_token: str | None,
+    auth_status: str,
+    max_in_flight: int | None,
+    unknown_window: float,
     rate_limit: float | None,
     seed: int | None,
     schema_dirs: tuple[Path, ...],
@@ -610,6 +802,9 @@ def sandbox_command(
         url_ttl=url_ttl,
         images_per_job=images_per_job,
         require_token=require_token,
+        auth_status=int(auth_status),
+        max_in_flight=max_in_flight,
+        unknown_window=unknown_window,
         rate_limit=rate_limit,
         seed=seed,
         schema_dirs=schema_dirs,

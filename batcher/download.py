@@ -5,16 +5,20 @@ A file is streamed to a hidden temporary file beside its target, checked
 hashed, fsynced and renamed into place, so a final name never holds a
 partial file. Download hosts never see the API token: this client is a
 separate ``httpx.AsyncClient`` with no credentials, and follows redirects by
-hand so that every hop passes the same checks.
+hand so that every hop passes the same checks. Loopback is reached only at
+the API base's own origin when that base is loopback (the sandbox); each
+file has a total deadline, so a host trickling a byte a second cannot hold a
+worker for ever; and nothing below the output folder is written through a
+link (see `batcher.confined`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import secrets
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -24,12 +28,26 @@ import anyio
 import httpx
 
 from . import __version__
+from .confined import OutputDir, StagedFile
 from .errors import DownloadError, OutputFolderError
-from .netpolicy import resolve_refusal
+from .netpolicy import origin, resolve_refusal
 
-__all__ = ["DEFAULT_MAX_BYTES", "Downloaded", "Downloader", "ExpiredUrlError", "extension_for", "safe_child"]
+__all__ = [
+    "DEFAULT_DEADLINE",
+    "DEFAULT_MAX_BYTES",
+    "Downloaded",
+    "Downloader",
+    "ExpiredUrlError",
+    "deadline_for",
+    "extension_for",
+    "safe_child",
+]
 
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
+DEFAULT_DEADLINE = 300.0
+"""Seconds one file may take, every try, redirect and backoff included (at least; see `deadline_for`)."""
+_SLOWEST_RATE = 512 * 1024
+"""Bytes a second a file at the size cap may need: a larger cap buys a proportionally longer deadline."""
 _MAX_REDIRECTS = 5
 _CHUNK = 64 * 1024
 _WRITE_BATCH = 4 * 1024 * 1024
@@ -86,55 +104,34 @@ def safe_child(root: Path, *parts: str) -> Path:
     return Path(target)
 
 
-def _prepare_folder(target: Path) -> None:
-    """Create the target's folder; in one that already existed, remove temp files a killed run left."""
-    try:
-        target.parent.mkdir(parents=True)
-    except FileExistsError:
-        # The output folder's lock says no other process writes here.
-        for stale in target.parent.glob(f".{target.name}.*.part"):
-            stale.unlink(missing_ok=True)
+def deadline_for(max_bytes: int, floor: float = DEFAULT_DEADLINE) -> float:
+    """The default per-file deadline: floor seconds, or longer when the size cap needs it at 512 KiB/s."""
+    return max(floor, max_bytes / _SLOWEST_RATE)
 
 
-def _create(temporary: Path) -> int:
-    """A new, empty temporary file, unbuffered."""
-    return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+def _create(root: Path, relative: str, part_name: str) -> StagedFile:
+    """A new temporary file beside root/relative, in folders made as needed, never through a link.
+
+    Leftover temporary files of the same target (a killed run's) are removed:
+    the output folder's lock says no other process writes here.
+    """
+    with OutputDir(root, create=True) as folder:
+        name = relative.rsplit("/", 1)[-1]
+        return folder.stage(relative, part_name=part_name, exclusive=True, create_dirs=True, stale=f".{name}.*.part")
 
 
-def _write_whole(target: Path, temporary: Path, data: bytes) -> None:
+def _write_whole(root: Path, relative: str, part_name: str, data: bytes) -> None:
     """Put a file that arrived within one batch in place: one thread hop instead of four."""
-    _prepare_folder(target)
-    fd = _create(temporary)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        _seal(fd, temporary, target)
-    finally:
-        os.close(fd)
-
-
-async def _open_streaming(target: Path, temporary: Path) -> Any:
-    def start() -> int:
-        _prepare_folder(target)
-        return _create(temporary)
-
-    fd = await anyio.to_thread.run_sync(start)
-    with anyio.CancelScope(shield=True):  # the descriptor must end up owned, or closed
-        return await aiofiles.open(fd, "wb", buffering=0)
-
-
-def _seal(fd: int, temporary: Path, target: Path) -> None:
-    """Make the file durable, then give it its final name (POSIX allows renaming an open file)."""
-    os.fsync(fd)
-    os.replace(temporary, target)
+    with _create(root, relative, part_name) as staged:
+        staged.write(data)
+        staged.commit(durable=True)
 
 
 def _content_type_ok(content_type: str) -> bool:
+    """Only an image or a video: a missing type, a web page or an octet stream is not an output file."""
     kind = content_type.split(";")[0].strip().lower()
-    return (
-        not kind or kind.startswith(("image/", "video/")) or kind in ("application/octet-stream", "binary/octet-stream")
-    )
+    major, _, minor = kind.partition("/")
+    return major in ("image", "video") and bool(minor)
 
 
 class Downloader:
@@ -149,10 +146,22 @@ class Downloader:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: httpx.Timeout | None = None,
         max_connections: int = 100,
+        folder: Path | None = None,
+        loopback_origin: str | None = None,
+        deadline: float | None = None,
     ) -> None:
+        """folder: the output folder; targets must lie inside it, and no component below it may be a link
+        (without one, only the target's own name is checked). loopback_origin: the one loopback
+        ``scheme://host:port`` files may come from (`batcher.netpolicy.loopback_origin` of a loopback
+        API base), or None for no loopback at all. deadline: seconds one `fetch` may take in all
+        (default `deadline_for` max_bytes); the per-read timeout alone lets a trickle last for ever.
+        """
         self.max_bytes = max_bytes
         self.attempts = attempts
         self.backoff = backoff
+        self.folder = folder
+        self.loopback_origin = origin(loopback_origin) if loopback_origin else None
+        self.deadline = deadline if deadline is not None else deadline_for(max_bytes)
         self._http = httpx.AsyncClient(
             transport=transport,
             timeout=timeout or httpx.Timeout(60.0, connect=10.0),
@@ -169,7 +178,20 @@ class Downloader:
         await self._http.aclose()
 
     async def fetch(self, url: str, target: Path) -> Downloaded:
-        """Download url to target, retrying transient faults; raises DownloadError when it cannot."""
+        """Download url to target, retrying transient faults; raises DownloadError when it cannot.
+
+        The whole fetch (tries, redirects, backoffs) has `deadline` seconds;
+        past it, a DownloadError that is not permanent (a fresh URL may be faster).
+        """
+        with anyio.move_on_after(self.deadline):
+            return await self._fetch(url, target)
+        msg = (
+            f"downloading {_short(url)} took over {self.deadline:g}s, the per-file deadline: "
+            "the host is too slow or has stalled"
+        )
+        raise DownloadError(msg)
+
+    async def _fetch(self, url: str, target: Path) -> Downloaded:
         error: DownloadError | None = None
         for attempt in range(self.attempts):
             try:
@@ -188,7 +210,7 @@ class Downloader:
     async def _fetch_once(self, url: str, target: Path) -> Downloaded:
         current = url
         for _ in range(_MAX_REDIRECTS + 1):
-            refusal = await resolve_refusal(current)
+            refusal = await resolve_refusal(current, loopback=self.loopback_origin)
             if refusal:
                 raise _PermanentDownloadError(f"refusing to download {_short(current)}: {refusal}")
             try:
@@ -215,7 +237,8 @@ class Downloader:
             raise _PermanentDownloadError(f"the download host answered HTTP {status} for {_short(url)}")
         content_type = response.headers.get("content-type", "")
         if not _content_type_ok(content_type):
-            raise _PermanentDownloadError(f"{_short(url)} is {content_type!r}, not an image or video")
+            kind = repr(content_type) if content_type.strip() else "sent without a Content-Type"
+            raise _PermanentDownloadError(f"{_short(url)} is {kind}, not an image or video (image/*, video/*)")
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise _PermanentDownloadError(f"{_short(url)} came {encoding}-encoded although we asked for identity")
@@ -226,10 +249,11 @@ class Downloader:
                 f"{_short(url)} is {expected:,} bytes, over the {self.max_bytes:,}-byte cap (--max-download-bytes)"
             )
 
-        temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        root, relative = self._place(target)
+        part_name = f".{target.name}.{secrets.token_hex(4)}.part"
         digest = hashlib.sha256()
         size = 0
-        placed = False
+        staged: StagedFile | None = None
         out: Any = None
         pending: list[bytes] = []
         pending_size = 0
@@ -246,7 +270,9 @@ class Downloader:
                 if pending_size >= _WRITE_BATCH:
                     # A large file: stream it through aiofiles, a batch a thread hop.
                     if out is None:
-                        out = await _open_streaming(target, temporary)
+                        staged = await anyio.to_thread.run_sync(_create, root, relative, part_name)
+                        with anyio.CancelScope(shield=True):  # the descriptor must end up owned, or closed
+                            out = await aiofiles.open(staged.fd, "wb", buffering=0, closefd=False)
                     await out.write(b"".join(pending))
                     pending, pending_size = [], 0
             if expected is not None and size != expected:
@@ -255,14 +281,13 @@ class Downloader:
             if size == 0:
                 msg = f"{_short(url)} sent an empty file"
                 raise DownloadError(msg)
-            if out is None:
+            if staged is None:
                 # A typical image: folder, file, fsync and name in one thread hop.
-                await anyio.to_thread.run_sync(_write_whole, target, temporary, b"".join(pending))
+                await anyio.to_thread.run_sync(_write_whole, root, relative, part_name, b"".join(pending))
             else:
                 if pending:
                     await out.write(b"".join(pending))
-                await anyio.to_thread.run_sync(_seal, out.fileno(), temporary, target)
-            placed = True
+                await anyio.to_thread.run_sync(partial(staged.commit, durable=True))
         except OSError as exc:
             msg = f"cannot write {target}: {exc.strerror or exc}; free space or fix permissions, then run again"
             raise OutputFolderError(msg) from exc
@@ -270,10 +295,22 @@ class Downloader:
             if out is not None:
                 with anyio.CancelScope(shield=True):
                     await out.close()
-            if not placed:
-                with contextlib.suppress(OSError):
-                    temporary.unlink(missing_ok=True)
+            if staged is not None:
+                staged.close()  # removes the temporary file unless it was committed
         return Downloaded(path=target, bytes=size, sha256=digest.hexdigest())
+
+    def _place(self, target: Path) -> tuple[Path, str]:
+        """(root, target relative to it): the output folder when known, else the target's own folder."""
+        if self.folder is None:
+            return target.parent, target.name
+        try:
+            relative = target.relative_to(self.folder).as_posix()
+        except ValueError:
+            relative = ""
+        if not relative or relative == ".":
+            msg = f"refusing to write {target}: it is outside the output folder {self.folder}"
+            raise _PermanentDownloadError(msg)
+        return self.folder, relative
 
 
 def _short(url: str) -> str:

@@ -4,11 +4,13 @@
     ├── UsageError                 bad flags, missing token, unsafe URL given by the user
     ├── ManifestError              the manifest file or one of its jobs is wrong
     ├── ApiError                   RunComfy answered with an error (or did not answer)
-    │   ├── AuthError              token missing, expired or refused (401001, 400004)
+    │   ├── AuthError              token refused (HTTP 401/403; 400004, 401001, 403001): the run stops
     │   ├── BalanceError           insufficient balance (400002, HTTP 402)
     │   ├── RequestGoneError       request not found or expired (404001)
     │   ├── ApiValidationError     the service rejected the input (422001)
     │   ├── TransientApiError      429, 5xx, connection trouble: worth retrying
+    │   │   ├── RateLimitedError   429 (or a bare 503) past the retries: "not now", never "not this run"
+    │   │   └── UnreachableError   no connection could be made past the retries: an outage
     │   └── UncertainSubmitError   a submit may or may not have been accepted
     ├── JournalError               the state journal cannot be read or written
     │   ├── JournalCorruptError    a damaged line that is not the last one
@@ -39,9 +41,11 @@ __all__ = [
     "ManifestError",
     "OutputFolderError",
     "Problem",
+    "RateLimitedError",
     "RequestGoneError",
     "TransientApiError",
     "UncertainSubmitError",
+    "UnreachableError",
     "UsageError",
 ]
 
@@ -100,7 +104,9 @@ class ApiError(BatcherError):
 
 
 class AuthError(ApiError):
-    """Raised when the token is missing, expired or refused: nothing more can be done without a new one."""
+    """Raised when the token is missing, expired or refused (HTTP 401 or 403, with or without
+    RunComfy's body): nothing more can be done without a new one, so the run stops at once.
+    A submit refused this way certainly was not accepted."""
 
 
 class BalanceError(ApiError):
@@ -117,6 +123,23 @@ class ApiValidationError(ApiError):
 
 class TransientApiError(ApiError):
     """Raised for 429, 5xx and connection faults that outlived our retries."""
+
+
+class RateLimitedError(TransientApiError):
+    """Raised when a call is refused with 429 (or a bare 503) past the retries.
+
+    For a submit this is certain: nothing was accepted. It means "not now"
+    (often an account's cap on jobs in flight), so the runner sends the job
+    again later in the same run.
+    """
+
+
+class UnreachableError(TransientApiError):
+    """Raised when no connection to RunComfy could be made past the retries.
+
+    For a submit this is certain: the request never left this machine. The
+    runner pauses on it (an outage) rather than failing jobs one by one.
+    """
 
 
 class UncertainSubmitError(ApiError):

@@ -4,16 +4,19 @@ No server, no CDN: inline CSS and a few lines of inline script, relative
 links to the downloaded images. One card per job with its state, prompt,
 parameters, input images, outputs (thumbnails opening full size) and error;
 buttons filter by state (``index.html#failed`` opens filtered); the grid reflows down to a phone's width.
+An output is shown only when its journalled path is a sound one inside the
+folder, reached without links: a tampered journal cannot make the page
+point outside it.
 """
 
 from __future__ import annotations
 
 import html
-import os
 from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
+from .confined import OutputDir
 from .manifest import Job, Manifest
 from .state import FoldedJournal, JobRecord, category
 
@@ -85,13 +88,13 @@ def _href(path: str) -> str:
     return quote(path, safe="/")
 
 
-def _card(job: Job, record: JobRecord | None, output_dir: Path) -> str:
+def _card(job: Job, record: JobRecord | None, folder: OutputDir) -> str:
     state = job_state(record)
     files = sorted(record.files.items()) if record else []
     images = [
         f'<a href="{_href(f.path)}"><img loading="lazy" src="{_href(f.path)}" alt="output {i} of {_e(job.name)}"></a>'
         for i, f in files
-        if (output_dir / f.path).is_file()
+        if folder.has_file(f.path)
     ]
     outputs = "".join(images) or f'<div class="empty">{_e(state)}</div>'
     params = "".join(
@@ -118,13 +121,21 @@ def _card(job: Job, record: JobRecord | None, output_dir: Path) -> str:
 
 
 def write_gallery(manifest: Manifest, output_dir: Path, folded: FoldedJournal) -> Path:
-    """Write ``index.html`` into output_dir (atomically) and return its path."""
+    """Write ``index.html`` into output_dir (atomically) and return its path.
+
+    Raises OutputFolderError for a link where it would write, OSError when it cannot.
+    """
+    with OutputDir(output_dir) as folder:
+        return folder.write_atomically(GALLERY_NAME, _page(manifest, folded, folder).encode())
+
+
+def _page(manifest: Manifest, folded: FoldedJournal, folder: OutputDir) -> str:
     states = Counter(job_state(folded.records.get(job.key)) for job in manifest.jobs)
     buttons = [f'<button data-state="all" aria-pressed="true">all {len(manifest.jobs)}</button>']
     buttons += [f'<button data-state="{s}" aria-pressed="false">{s} {states[s]}</button>' for s in STATES if states[s]]
-    cards = "\n".join(_card(job, folded.records.get(job.key), output_dir) for job in manifest.jobs)
+    cards = "\n".join(_card(job, folded.records.get(job.key), folder) for job in manifest.jobs)
     spent = sum(r.cost or 0.0 for r in folded.records.values())
-    page = f"""<!doctype html>
+    return f"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -146,8 +157,3 @@ def write_gallery(manifest: Manifest, output_dir: Path, folded: FoldedJournal) -
 </body>
 </html>
 """
-    target = output_dir / GALLERY_NAME
-    temporary = target.with_name(f".{GALLERY_NAME}.part")
-    temporary.write_text(page, encoding="utf-8")
-    os.replace(temporary, target)
-    return target

@@ -28,6 +28,14 @@ nothing and editing a job re-runs that job alone.
 Prompt files are streamed: loading checks every row once, and
 `Manifest.iter_jobs` reads them again, so planning a 50,000-row file keeps
 only job identities in memory, never the jobs.
+
+A manifest may come from someone else's repository, so loading is bounded:
+YAML aliases may copy at most `MAX_ALIAS_VALUES` values (a "billion laughs"
+document is refused at its alias), values nest at most `MAX_DEPTH` deep, a
+manifest expands to at most `MAX_JOBS` jobs (counted before expanding;
+raised with ``max_jobs``, ``--max-jobs`` or ``BATCHER_MAX_JOBS``), and
+prompt files and schema folders must lie inside the manifest's own folder,
+symlinks followed (unless ``allow_outside`` or ``BATCHER_ALLOW_OUTSIDE_FILES=1``).
 """
 
 from __future__ import annotations
@@ -38,12 +46,14 @@ import difflib
 import hashlib
 import itertools
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -52,7 +62,7 @@ from .promptfile import KINDS, NO_ROW, PromptFile, Row, from_text
 from .schema import ModelSchema, load_model_schema
 from .template import placeholders, render
 
-__all__ = ["Job", "Manifest", "job_key", "load_manifest", "shard_of"]
+__all__ = ["Job", "Manifest", "job_key", "load_manifest", "set_max_jobs", "shard_of"]
 
 TOP_LEVEL_KEYS = ("model", "schemas", "defaults", "jobs")
 ROW_CONTROL_KEYS = ("id", "repeat", "model")
@@ -61,6 +71,16 @@ ENTRY_CONTROL_KEYS = (*ROW_CONTROL_KEYS, "matrix", "from")
 MAX_REPEAT = 10_000
 MAX_COMBINATIONS = 100_000
 MAX_PROBLEMS = 200
+MAX_JOBS = 1_000_000
+"""The most jobs a manifest may expand to, unless raised (`load_manifest`'s max_jobs)."""
+MAX_ALIAS_VALUES = 1_000_000
+"""The most values YAML aliases may copy, or `ALIAS_RATIO` times the values written out if more."""
+ALIAS_RATIO = 10
+MAX_DEPTH = 50
+"""The deepest a value may nest (a manifest needs a handful); deeper would exhaust Python's stack."""
+MAX_JOBS_ENV = "BATCHER_MAX_JOBS"
+ALLOW_OUTSIDE_ENV = "BATCHER_ALLOW_OUTSIDE_FILES"
+_DIGITS = re.compile(r"^[0-9]{1,9}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SLUG_DROP = re.compile(r"[^a-z0-9]+")
@@ -179,7 +199,7 @@ class _Located:
         self.lines: dict[Path_, int] = {}
         self.problems: dict[tuple[str, int | None, str, str], Problem] = {}
         self.omitted = 0
-        self._anchors: dict[str, Any] = {}
+        self._anchors: dict[str, _Anchor] = {}
         self._stream = True
         try:
             self.data = self._read()
@@ -191,6 +211,9 @@ class _Located:
             self.data = self._read()
 
     def _read(self) -> Any:
+        # What bounds alias expansion: values built (aliases at their expanded size), values
+        # written out in the file, values copied by aliases, and the deepest path reached.
+        self._built = self._written = self._copied = self._deepest = 0
         loader = _SafeLoader(self.text)
         try:
             loader.get_event()  # stream start
@@ -235,6 +258,8 @@ class _Located:
                 for added in set(self.lines) - before:
                     del self.lines[added]
                 index += 1
+        except yaml.YAMLError as exc:  # the first read skimmed this list: its errors surface here
+            raise _invalid_yaml(self.file, exc) from exc
         finally:
             loader.dispose()
 
@@ -260,17 +285,18 @@ class _Located:
         event = loader.get_event()
         start: Any = event.start_mark  # the C parser's marks are not yaml.Mark to the type stubs
         self.lines[path] = start.line + 1
+        if len(path) > MAX_DEPTH:
+            self._refuse(start, f"nested more than {MAX_DEPTH} levels deep")
         if isinstance(event, yaml.AliasEvent):
-            if event.anchor not in self._anchors:
-                raise yaml.composer.ComposerError(None, None, f"found undefined alias {event.anchor!r}", start)
-            return copy.deepcopy(self._anchors[event.anchor])
+            return self._alias(str(event.anchor), len(path), start)
+        if event.anchor is not None:  # measure the anchored value, for the aliases that will copy it
+            outer_deepest, self._deepest = self._deepest, len(path)
+            first = self._built
+        self._built += 1
+        self._written += 1
+        self._deepest = max(self._deepest, len(path))
         if isinstance(event, yaml.ScalarEvent):
-            node = self._scalar_node(loader, event)
-            # The safe constructor's own table, called directly: construct_object would keep every node.
-            construct = loader.yaml_constructors.get(node.tag)
-            if construct is None:
-                raise yaml.constructor.ConstructorError(None, None, f"unsupported YAML tag {node.tag!r}", start)
-            value = construct(loader, node)
+            value = self._scalar(loader, event, start)
         elif isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent):
             plain = "tag:yaml.org,2002:seq" if isinstance(event, yaml.SequenceStartEvent) else "tag:yaml.org,2002:map"
             if event.tag not in (None, "!", plain, "tag:yaml.org,2002:omap"):
@@ -280,8 +306,47 @@ class _Located:
         else:  # pragma: no cover - the parser yields nothing else here
             raise yaml.composer.ComposerError(None, None, f"unexpected {event}", start)
         if event.anchor is not None:
-            self._anchors[event.anchor] = value
+            self._anchors[event.anchor] = _Anchor(value, self._built - first, self._deepest - len(path))
+            self._deepest = max(outer_deepest, self._deepest)
         return value
+
+    def _alias(self, name: str, depth: int, start: Any) -> Any:
+        """A copy of the anchored value, unless copying it passes the alias budget or the depth limit."""
+        anchor = self._anchors.get(name)
+        if anchor is None:
+            raise yaml.composer.ComposerError(None, None, f"found undefined alias {name!r}", start)
+        # Counted before copying: a few hundred bytes of nested aliases can stand for billions of values.
+        self._copied += anchor.size
+        budget = max(MAX_ALIAS_VALUES, ALIAS_RATIO * self._written)
+        if self._copied > budget:
+            self._refuse(
+                start,
+                f"the alias *{name} would make aliases copy more than {budget:,} values, the most a manifest may "
+                "(a 'billion laughs' document?); write the values out, or share fields through 'defaults'",
+            )
+        if depth + anchor.height > MAX_DEPTH:
+            self._refuse(start, f"nested more than {MAX_DEPTH} levels deep (through the alias *{name})")
+        self._built += anchor.size
+        self._deepest = max(self._deepest, depth + anchor.height)
+        return copy.deepcopy(anchor.value)
+
+    def _refuse(self, start: Any, message: str) -> NoReturn:
+        """Stop reading: the document is built to exhaust memory or the stack."""
+        raise ManifestError([Problem(self.file, start.line + 1, "", message)])
+
+    def _scalar(self, loader: Any, event: Any, start: Any) -> Any:
+        node = self._scalar_node(loader, event)
+        # The safe constructor's own table, called directly: construct_object would keep every node.
+        construct = loader.yaml_constructors.get(node.tag)
+        if construct is None:
+            raise yaml.constructor.ConstructorError(None, None, f"unsupported YAML tag {node.tag!r}", start)
+        try:
+            return construct(loader, node)
+        except (ValueError, TypeError, OverflowError) as exc:  # 5,000 digits, a 13th month: not a traceback
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {_short(event.value)} as {kind}", start
+            ) from exc
 
     @staticmethod
     def _scalar_node(loader: Any, event: Any) -> yaml.ScalarNode:
@@ -373,6 +438,15 @@ class _CannotStream(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class _Anchor:
+    """An anchored value, with what each alias of it costs: its values counted, and its depth."""
+
+    value: Any
+    size: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Skimmed:
     """A list counted on the first read, to be parsed again item by item (`_Located.items`)."""
 
@@ -399,13 +473,23 @@ def _parse(path: Path) -> tuple[bytes, _Located]:
         raise ManifestError([Problem(str(path), None, "", f"is not UTF-8 text ({exc.reason})")]) from exc
     try:
         return raw, _Located(text, str(path))
-    except yaml.MarkedYAMLError as exc:
+    except yaml.YAMLError as exc:
+        raise _invalid_yaml(str(path), exc) from exc
+
+
+def _invalid_yaml(file: str, exc: yaml.YAMLError) -> ManifestError:
+    if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         what = exc.problem or exc.context or "invalid YAML"
-        raise ManifestError([Problem(str(path), line, "", f"invalid YAML: {what}")]) from exc
-    except yaml.YAMLError as exc:
-        raise ManifestError([Problem(str(path), None, "", f"invalid YAML: {exc}")]) from exc
+        return ManifestError([Problem(file, line, "", f"invalid YAML: {what}")])
+    return ManifestError([Problem(file, None, "", f"invalid YAML: {exc}")])
+
+
+def _short(value: object) -> str:
+    """repr(value), cut to fit a message: a hostile value may be megabytes long."""
+    shown = repr(value)
+    return shown if len(shown) <= 40 else f"{shown[:30]}… ({len(str(value)):,} characters)"
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
@@ -450,12 +534,22 @@ class _Expander:
         model: str | None,
         defaults: dict[str, Any],
         entries: Callable[[], Iterator[_Entry]],
+        *,
+        max_jobs: int = MAX_JOBS,
+        confined: _Confinement | None = None,
+        own_schema_dirs: Sequence[Path] = (),
     ) -> None:
         self.doc = doc
         self.schema_dirs = tuple(schema_dirs)
         self.model = model
         self.defaults = defaults
         self.entries = entries
+        self.max_jobs = max_jobs
+        self.confined = confined
+        """Where the manifest's own schema folders must stay; None when files outside are allowed."""
+        self.own_schema_dirs = tuple(own_schema_dirs)
+        self.planned = 0
+        """Jobs counted (not expanded) so far by the check, for the cap."""
         self._schemas: dict[str, tuple[ModelSchema | None, str]] = {}
         self.models: dict[str, None] = {}
         self.count = 0
@@ -470,6 +564,10 @@ class _Expander:
     def schema(self, model: str) -> tuple[ModelSchema | None, str]:
         """The model's schema, or None and why not."""
         if model not in self._schemas:
+            escaping = self.confined.schema_file(model, self.own_schema_dirs) if self.confined else None
+            if escaping is not None:
+                self._schemas[model] = (None, escaping)
+                return self._schemas[model]
             try:
                 self._schemas[model] = (load_model_schema(model, self.schema_dirs), "")
             except UsageError as exc:
@@ -478,6 +576,8 @@ class _Expander:
 
     def jobs(self, *, check: bool) -> Iterator[Job]:
         for entry in self.entries():
+            if check and not self._within_cap(entry):
+                return  # expanding on would only burn time and memory before the same refusal
             if check and entry.prompt_file is not None:
                 self.prompt_files.append(entry.prompt_file)
             rows: Iterable[Row] = entry.prompt_file.rows() if entry.prompt_file else (NO_ROW,)
@@ -491,6 +591,25 @@ class _Expander:
                     continue
                 for combination in combinations:
                     yield from self._expand(entry, row, combination, check=check)
+
+    def _within_cap(self, entry: _Entry) -> bool:
+        """Counts entry's jobs before it is expanded; past the cap, reports it on the entry's line."""
+        jobs, exact = _planned_jobs(entry, self.max_jobs - self.planned)
+        self.planned += jobs
+        if self.planned <= self.max_jobs:
+            return True
+        more = "" if exact else "at least "
+        whole = (
+            f"expands to {more}{jobs:,} jobs"
+            if self.planned == jobs
+            else f"brings the manifest to {more}{self.planned:,} jobs (this entry: {more}{jobs:,})"
+        )
+        self.doc.problem(
+            entry.path,
+            f"{whole}, past the cap of {self.max_jobs:,} jobs a manifest may expand to; if you mean it, "
+            f"raise the cap with --max-jobs N ({MAX_JOBS_ENV}=N, or load_manifest(max_jobs=N))",
+        )
+        return False
 
     def _expand(self, entry: _Entry, row: Row, combination: _Combination, *, check: bool) -> Iterator[Job]:
         variables = {**combination.values, **row.values}
@@ -543,12 +662,11 @@ class _Expander:
                     "starting with a letter or digit",
                 )
                 failed = True
-        repeat = variables.get("repeat", entry.repeat)
-        if row.from_text and "repeat" in row.values:
-            repeat = int(repeat) if str(repeat).strip().isdigit() else repeat
-        if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= MAX_REPEAT:
+        given = variables.get("repeat", entry.repeat)
+        repeat = _repeats(given, from_text=row.from_text and "repeat" in row.values)
+        if repeat is None:
             if check:
-                blame.control("repeat", f"expected a whole number from 1 to {MAX_REPEAT}, got {repeat!r}")
+                blame.control("repeat", f"expected a whole number from 1 to {MAX_REPEAT:,}, got {_short(given)}")
             return
         if failed:
             return
@@ -583,6 +701,38 @@ class _Expander:
         source = next(name for name, index in self._sources.items() if index == origin >> 32)
         line = origin & 0xFFFFFFFF
         return f"on line {line}" if source == here else f"at {source}:{line}"
+
+
+def _repeats(value: Any, *, from_text: bool) -> int | None:
+    """value as a number of generations (1 to MAX_REPEAT), or None when it is not one."""
+    if from_text and isinstance(value, str) and _DIGITS.match(value.strip()):
+        value = int(value)  # a CSV cell; no more than 9 ASCII digits, so never a 5,000-digit int()
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_REPEAT:
+        return None
+    return value
+
+
+def _planned_jobs(entry: _Entry, limit: int) -> tuple[int, bool]:
+    """How many jobs entry expands to, counted without expanding it, and whether the count is exact.
+
+    Rows of a prompt file are counted only until the count passes limit. A
+    bad repeat counts nothing: it is reported, not expanded.
+    """
+    combinations = entry.combinations or [_Combination({}, "")]
+    per_row = sum(_repeats(c.values.get("repeat", entry.repeat), from_text=False) or 0 for c in combinations)
+    if entry.prompt_file is None:
+        return per_row, True
+    total = 0
+    for row in entry.prompt_file.rows():
+        if total > limit:
+            return total, False  # past the cap with rows left: no need to read on
+        if row.problem is not None:
+            continue
+        if "repeat" in row.values:  # a row's repeat wins over the matrix's and the entry's
+            total += len(combinations) * (_repeats(row.values["repeat"], from_text=row.from_text) or 0)
+        else:
+            total += per_row
+    return total, True
 
 
 class _Blame:
@@ -651,14 +801,39 @@ class _Blame:
 # --- loading -----------------------------------------------------------------------------------
 
 
-def load_manifest(path: str | Path, schema_dirs: Sequence[Path] = ()) -> Manifest:
+_max_jobs: ContextVar[int | None] = ContextVar("batcher_max_jobs", default=None)
+
+
+def set_max_jobs(value: int | None) -> Callable[[], None]:
+    """Cap the jobs of later `load_manifest` calls in this context that pass no max_jobs (the CLI's --max-jobs).
+
+    Returns the function that puts the previous cap back.
+    """
+    token = _max_jobs.set(value)
+    return lambda: _max_jobs.reset(token)
+
+
+def load_manifest(
+    path: str | Path,
+    schema_dirs: Sequence[Path] = (),
+    *,
+    max_jobs: int | None = None,
+    allow_outside: bool = False,
+) -> Manifest:
     """Read, expand and validate a manifest.
 
     schema_dirs are searched for model schemas before the manifest's own
-    ``schemas:`` folders and the bundled ones. Raises ManifestError listing
-    every problem found, or UsageError when the file cannot be read.
+    ``schemas:`` folders and the bundled ones. A manifest expanding to more
+    than max_jobs jobs is refused before it is expanded (default: the
+    `set_max_jobs` cap, else env BATCHER_MAX_JOBS, else `MAX_JOBS`). Prompt
+    files and schema folders must lie inside the manifest's folder, symlinks
+    followed, unless allow_outside or env BATCHER_ALLOW_OUTSIDE_FILES=1.
+    Raises ManifestError listing every problem found, or UsageError when the
+    file cannot be read or the cap is not a number.
     """
     path = Path(path)
+    cap = _job_cap(max_jobs)
+    outside_ok = allow_outside or os.environ.get(ALLOW_OUTSIDE_ENV, "").strip().lower() in ("1", "true", "yes")
     raw, doc = _parse(path)
     data = doc.data
     if not isinstance(data, dict):
@@ -673,7 +848,9 @@ def load_manifest(path: str | Path, schema_dirs: Sequence[Path] = ()) -> Manifes
             )
 
     folder = path.parent
-    directories = [*schema_dirs, *_schema_folders(doc, data.get("schemas"), folder)]
+    confined = None if outside_ok else _Confinement(folder.resolve())
+    own = _schema_folders(doc, data.get("schemas"), folder, confined)
+    directories = [*schema_dirs, *own]
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or not model):
         doc.problem(("model",), "expected the RunComfy model id, e.g. openai/gpt-image-1-5/image-to-image")
@@ -697,11 +874,13 @@ def load_manifest(path: str | Path, schema_dirs: Sequence[Path] = ()) -> Manifes
 
     def entries() -> Iterator[_Entry]:
         for index, item in doc.items(("jobs",)):
-            entry = _entry(doc, index, item, folder)
+            entry = _entry(doc, index, item, folder, confined)
             if entry is not None:
                 yield entry
 
-    expander = _Expander(doc, directories, model, defaults, entries)
+    expander = _Expander(
+        doc, directories, model, defaults, entries, max_jobs=cap, confined=confined, own_schema_dirs=own
+    )
     digest = hashlib.sha256(raw)
     for _job in expander.jobs(check=True):
         pass
@@ -724,7 +903,60 @@ def load_manifest(path: str | Path, schema_dirs: Sequence[Path] = ()) -> Manifes
     )
 
 
-def _schema_folders(doc: _Located, value: object, folder: Path) -> list[Path]:
+def _job_cap(max_jobs: int | None) -> int:
+    """The job cap: max_jobs if given, else `set_max_jobs`'s, else env BATCHER_MAX_JOBS's, else MAX_JOBS."""
+    if max_jobs is None:
+        max_jobs = _max_jobs.get()
+    if max_jobs is None:
+        raw = os.environ.get(MAX_JOBS_ENV, "").strip()
+        if raw and not re.fullmatch(r"[0-9]{1,15}", raw):
+            msg = f"{MAX_JOBS_ENV}={raw!r} is not a number of jobs; give a whole number like 5000000"
+            raise UsageError(msg)
+        max_jobs = int(raw) if raw else MAX_JOBS
+    if max_jobs < 1:
+        msg = f"the job cap must be at least 1, got {max_jobs}"
+        raise UsageError(msg)
+    return max_jobs
+
+
+@dataclass(frozen=True, slots=True)
+class _Confinement:
+    """The manifest's folder tree, which its prompt files and schema folders must not leave."""
+
+    root: Path
+    """The manifest's folder, symlinks resolved."""
+
+    def escapes(self, path: Path) -> bool:
+        """Whether path leads outside the tree once symlinks (any part of it) are followed."""
+        try:
+            return not path.resolve().is_relative_to(self.root)
+        except ValueError:  # a NUL in the name: no file can be opened by it, as the caller will find
+            return False
+        except (OSError, RuntimeError):  # a symlink loop: refused rather than followed
+            return True
+
+    def refusal(self, what: str) -> str:
+        return (
+            f"{what} leads outside the manifest's folder {self.root} (symlinks followed): a manifest reads files "
+            f"only from its own folder; move it there or, if you trust this manifest, set {ALLOW_OUTSIDE_ENV}=1"
+        )
+
+    def schema_file(self, model: str, directories: Sequence[Path]) -> str | None:
+        """Why the model's schema file in the manifest's own schema folders may not be read, or None.
+
+        (Folders given on the command line are the user's, and trusted.)
+        """
+        parts = model.split("/")
+        if len(parts) < 2 or ".." in parts:
+            return None  # not a model id: load_model_schema says so
+        for directory in directories:
+            candidate = directory.joinpath(*parts[:-1], parts[-1] + ".input.json")  # as load_model_schema looks
+            if candidate.is_file() and self.escapes(candidate):
+                return self.refusal(f"the schema {candidate}")
+        return None
+
+
+def _schema_folders(doc: _Located, value: object, folder: Path, confined: _Confinement | None) -> list[Path]:
     if value is None:
         return []
     names = [value] if isinstance(value, str) else value
@@ -734,15 +966,17 @@ def _schema_folders(doc: _Located, value: object, folder: Path) -> list[Path]:
     found = []
     for index, name in enumerate(names):
         directory = folder / name
-        if directory.is_dir():
+        where: Path_ = ("schemas",) if isinstance(value, str) else ("schemas", index)
+        if confined is not None and confined.escapes(directory):
+            doc.problem(where, confined.refusal(repr(name)))
+        elif directory.is_dir():
             found.append(directory)
         else:
-            where: Path_ = ("schemas",) if isinstance(value, str) else ("schemas", index)
             doc.problem(where, f"no folder {directory} (schema folders are relative to the manifest)")
     return found
 
 
-def _entry(doc: _Located, index: int, item: object, folder: Path) -> _Entry | None:
+def _entry(doc: _Located, index: int, item: object, folder: Path, confined: _Confinement | None) -> _Entry | None:
     where: Path_ = ("jobs", index)
     if not isinstance(item, dict):
         doc.problem(where, "expected a mapping with at least 'prompt' and 'image_urls' (or 'from' a prompt file)")
@@ -755,7 +989,7 @@ def _entry(doc: _Located, index: int, item: object, folder: Path) -> _Entry | No
         repeat=item.get("repeat", 1),
         model=item.get("model"),
         combinations=_matrix(doc, (*where, "matrix"), item["matrix"]) if "matrix" in item else None,
-        prompt_file=_prompt_file(doc, (*where, "from"), item["from"], folder) if "from" in item else None,
+        prompt_file=_prompt_file(doc, (*where, "from"), item["from"], folder, confined) if "from" in item else None,
         placeholders=set(),
     )
     if ("matrix" in item and entry.combinations is None) or ("from" in item and entry.prompt_file is None):
@@ -845,13 +1079,18 @@ def _matches(combination: dict[str, Any], pattern: dict[str, Any]) -> bool:
     return all(combination.get(k) == v for k, v in pattern.items())
 
 
-def _prompt_file(doc: _Located, where: Path_, value: object, folder: Path) -> PromptFile | None:
+def _prompt_file(
+    doc: _Located, where: Path_, value: object, folder: Path, confined: _Confinement | None
+) -> PromptFile | None:
     if not isinstance(value, str) or not value:
         doc.problem(where, "expected the path of a .csv or .jsonl prompt file, relative to the manifest")
         return None
     path = folder / value
     if path.suffix.lower() not in KINDS:
         doc.problem(where, f"{value!r}: a prompt file ends in .csv, .jsonl or .ndjson")
+        return None
+    if confined is not None and confined.escapes(path):  # checked first: whether it exists is none of its business
+        doc.problem(where, confined.refusal(repr(value)))
         return None
     if not path.is_file():
         doc.problem(where, f"no prompt file {path} (prompt files are relative to the manifest)")

@@ -10,21 +10,31 @@ residual time), as ``c * sqrt(age * residual)``. That spacing minimises polls
 for a given mean notice delay relative to job duration (dense where many
 jobs finish, sparse where few do); c = 0.25 aims at a delay under 10% of a
 job's duration.
+
+What is learned is bounded: timestamps a server sends are taken only when
+plausible (after 2020, at most a day ahead), durations only up to a day, and
+every wait after a job's first is at most --poll-max.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections import deque
 from datetime import datetime
 from typing import Any
 
-__all__ = ["DurationModel", "remote_duration"]
+__all__ = ["MAX_DURATION", "DurationModel", "remote_duration"]
 
 _SPACING = 0.25
 _MIN_SAMPLES = 5
 _KEEP = 256
+MAX_DURATION = 86_400.0
+"""The longest duration learned: a longer one is a clock or a server gone wrong, not a job."""
+_FIRST_WAIT_FACTOR = 10
+_EPOCH_FLOOR = 1_577_836_800.0  # 2020-01-01: no RunComfy job started before (0 is the usual default)
+_FUTURE_SLACK = 86_400.0
 
 
 class DurationModel:
@@ -39,8 +49,11 @@ class DurationModel:
         return len(self._recent)
 
     def add(self, seconds: float) -> None:
-        """Learn one finished job's duration (the oldest is forgotten past `keep`: queues change)."""
-        if not math.isfinite(seconds) or seconds <= 0:
+        """Learn one finished job's duration (the oldest is forgotten past `keep`: queues change).
+
+        Nonsense (not positive, not finite, over MAX_DURATION) is ignored.
+        """
+        if not math.isfinite(seconds) or not 0 < seconds <= MAX_DURATION:
             return
         if len(self._recent) == self._recent.maxlen:
             self._sorted.pop(bisect.bisect_left(self._sorted, self._recent[0]))
@@ -55,17 +68,19 @@ class DurationModel:
             return 0.0
         return durations[max(0, len(durations) // 50 - 1)] * 0.95
 
-    def wait(self, age: float, backoff: float, shortest: float, longest: float) -> float:
+    def wait(self, age: float, backoff: float, shortest: float, longest: float, *, first: bool = False) -> float:
         """The wait before polling a job of this age: learned, or backoff while too little is known.
 
-        Kept between shortest and longest (--poll-interval, --poll-max), except that a
-        job younger than any finished one waits until then: no poll before it can help.
+        Kept between shortest and longest (--poll-interval, --poll-max). The
+        ``first`` wait after a submit is the exception: a job younger than any
+        finished one waits until then (no poll before it can help), but no
+        longer than 10 x longest, in case what was learned is wrong.
         """
         learned = self.next_wait(age)
         if learned is None:
             return min(max(backoff, shortest), longest)
-        if age < self.earliest:
-            return max(learned, shortest)
+        if first and age < self.earliest:
+            return min(max(learned, shortest), _FIRST_WAIT_FACTOR * longest)
         return min(max(learned, shortest), longest)
 
     def next_wait(self, age: float) -> float | None:
@@ -84,20 +99,37 @@ class DurationModel:
         return _SPACING * math.sqrt(age * residual)
 
 
-def remote_duration(result: dict[str, Any]) -> float | None:
-    """finished_at - created_at from a result body, as epoch seconds or ISO 8601; None when absent."""
-    created, finished = _instant(result.get("created_at")), _instant(result.get("finished_at"))
-    if created is None or finished is None or finished <= created:
+def remote_duration(result: dict[str, Any], *, now: float | None = None) -> float | None:
+    """finished_at - created_at from a result body, as epoch seconds (or ms) or ISO 8601.
+
+    None when either is absent or implausible (before 2020, more than a day
+    after ``now``), or the duration is not positive or over MAX_DURATION: a
+    server's nonsense must not teach the poll timing, run after run.
+    """
+    now = time.time() if now is None else now
+    created, finished = _instant(result.get("created_at"), now), _instant(result.get("finished_at"), now)
+    if created is None or finished is None or not 0 < finished - created <= MAX_DURATION:
         return None
     return finished - created
 
 
-def _instant(value: object) -> float | None:
+def _instant(value: object, now: float) -> float | None:
+    """value as epoch seconds when it is a plausible moment of a job's life, else None."""
+    seconds: float
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value) / 1000 if value > 1e11 else float(value)  # milliseconds are common too
-    if isinstance(value, str):
         try:
-            return datetime.fromisoformat(value).timestamp()
-        except ValueError:
+            seconds = float(value)
+        except OverflowError:
             return None
-    return None
+        if seconds > 1e11:
+            seconds /= 1000  # milliseconds are common too
+    elif isinstance(value, str) and len(value) <= 64:
+        try:
+            seconds = datetime.fromisoformat(value).timestamp()
+        except (ValueError, OverflowError, OSError):
+            return None
+    else:
+        return None
+    if not math.isfinite(seconds) or not _EPOCH_FLOOR <= seconds <= now + _FUTURE_SLACK:
+        return None
+    return seconds

@@ -6,6 +6,8 @@ works while a run is going and after it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,13 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from .confined import OutputDir
 from .cost import estimate, load_price_table
-from .manifest import Manifest
-from .runner import RunProgress, RunSummary, shard_folders
-from .state import JOURNAL_NAME, FoldedJournal, JobRecord, category, read_journal
+from .folders import FolderView, api_identity, is_rehearsal, read_folder
+from .manifest import Job, Manifest
+from .printable import printable
+from .runner import RunProgress, RunSummary, money
+from .state import CATEGORIES, JOURNAL_NAME, JobRecord, category
 
 __all__ = [
     "JobStanding",
@@ -29,8 +34,6 @@ __all__ = [
     "print_summary",
     "status_report",
 ]
-
-CATEGORIES = ("done", "downloading", "in_flight", "pending", "failed", "uncertain")
 
 
 @dataclass(slots=True)
@@ -56,91 +59,120 @@ class StatusReport:
     counts: dict[str, int]
     failed: list[JobStanding] = field(default_factory=list)
     uncertain: list[JobStanding] = field(default_factory=list)
+    lost: list[JobStanding] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
     spent: float = 0.0
+    """What RunComfy reported for every completed submit in the journals, superseded jobs' included."""
+    spent_superseded: float = 0.0
+    """Of `spent`, what jobs no longer in the manifest cost."""
     to_spend: float = 0.0
     possible_extra_cost: float = 0.0
+    sandbox: bool = False
+    """The journals are a rehearsal's: the money figures were never charged."""
     warnings: list[str] = field(default_factory=list)
     journals: list[str] = field(default_factory=list)
     """Every journal summed: the folder's own and its shards'."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for key in ("spent", "spent_superseded", "to_spend", "possible_extra_cost"):
+            data[key] = money(data[key])
+        return data
 
 
-def _category(record: JobRecord | None, output_dir: Path) -> str:
-    """`category`, except that a done job whose files are gone shows as downloading (the next run fetches them)."""
+def _category(record: JobRecord | None, folder: OutputDir | None) -> str:
+    """`category`, except that a done job whose files are gone (or whose journalled paths are not
+    sound files inside the folder) shows as downloading: the next run fetches them."""
     found = category(record)
     if (
         found == "done"
         and record is not None
-        and not all((output_dir / f.path).is_file() for f in record.files.values())
+        and not (folder is not None and all(folder.has_file(f.path) for f in record.files.values()))
     ):
         return "downloading"
     return found
 
 
-def status_report(manifest: Manifest, output_dir: Path) -> StatusReport:
-    """Where every job of manifest stands according to the journal in output_dir.
+@contextmanager
+def _opened(output_dir: Path) -> Iterator[OutputDir | None]:
+    """The output folder, open for `_category`'s checks; None when it does not exist (yet)."""
+    try:
+        folder = OutputDir(output_dir)
+    except OSError:
+        yield None
+        return
+    with folder:
+        yield folder
+
+
+def status_report(manifest: Manifest, output_dir: Path, view: FolderView | None = None) -> StatusReport:
+    """Where every job of manifest stands according to the journals in output_dir.
 
     Shard folders inside output_dir (``shard-K-of-N/``, from ``run --shard``)
-    are read too and summed: gather the shards' folders from several machines
-    under one output folder and `status` shows the whole manifest.
+    are read too and summed (see `read_folder`): gather the shards' folders
+    from several machines under one output folder and `status` shows the
+    whole manifest.
     """
-    folders = [output_dir, *shard_folders(output_dir)]
-    records: dict[str, tuple[JobRecord, Path]] = {}
-    warnings: list[str] = []
-    journals: list[str] = []
-    for folder in folders:
-        if not (folder / JOURNAL_NAME).is_file():
-            continue
-        folded = read_journal(folder / JOURNAL_NAME)
-        journals.append(str(folder / JOURNAL_NAME))
-        warnings += folded.warnings
-        for key, found in folded.records.items():
-            if key not in records or found.submits > records[key][0].submits:
-                records[key] = (found, folder)
-    counts = dict.fromkeys(CATEGORIES, 0)
+    view = view or read_folder(output_dir)
+    records = view.records
+    counts: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
     report = StatusReport(
         manifest=str(manifest.path),
-        journal=journals[0] if journals else str(output_dir / JOURNAL_NAME),
+        journal=str(view.journals[0]) if view.journals else str(output_dir / JOURNAL_NAME),
         total=manifest.count,
         counts=counts,
-        warnings=warnings,
-        journals=journals,
+        warnings=view.warnings,
+        journals=[str(j) for j in view.journals],
+        sandbox=is_sandbox(view),
     )
     keys: set[str] = set()
-    for job in manifest.iter_jobs():
-        keys.add(job.key)
-        record: JobRecord | None
-        record, folder = records.get(job.key, (None, output_dir))
-        category = _category(record, folder)
-        counts[category] += 1
-        price = estimate(job, manifest.schema_dirs)
-        if record is not None and record.cost:
-            report.spent += record.cost
-        if category == "pending" and price:
-            report.to_spend += price
-        standing = JobStanding(
-            name=job.name,
-            key=job.key,
-            category=category,
-            phase=record.phase if record else "pending",
-            request_id=record.request_id if record else None,
-            error=record.error if record else None,
-            estimate=price,
-        )
-        if category == "failed":
-            report.failed.append(standing)
-        elif category == "uncertain":
-            report.uncertain.append(standing)
-            report.possible_extra_cost += price or 0.0
-    report.orphans = sorted(r.name or r.key for k, (r, _) in records.items() if k not in keys)
+    with _opened(output_dir) as folder:
+        for job in manifest.iter_jobs():
+            keys.add(job.key)
+            record = records.get(job.key)
+            price = estimate(job, manifest.schema_dirs)
+            _add_standing(report, job, record, _category(record, folder), price)
+    report.spent = sum(r.spent for r in records.values())
+    report.spent_superseded = sum(r.spent for k, r in records.items() if k not in keys)
+    report.orphans = sorted(r.name or r.key for k, r in records.items() if k not in keys)
     return report
+
+
+def _add_standing(report: StatusReport, job: Job, record: JobRecord | None, found: str, price: float | None) -> None:
+    report.counts[found] += 1
+    if found == "pending" and price:
+        report.to_spend += price
+    standing = JobStanding(
+        name=job.name,
+        key=job.key,
+        category=found,
+        phase=record.phase if record else "pending",
+        request_id=record.request_id if record else None,
+        error=record.error if record else None,
+        estimate=price,
+    )
+    if found == "failed":
+        report.failed.append(standing)
+    elif found in ("uncertain", "lost"):
+        (report.uncertain if found == "uncertain" else report.lost).append(standing)
+        report.possible_extra_cost += price or 0.0
+
+
+def is_sandbox(view: FolderView) -> bool:
+    """True when the journals were written against a sandbox (their money was never charged)."""
+    bases = [h.get("api_base") for h in view.headers]
+    return bool(bases) and all(isinstance(b, str) and is_rehearsal(api_identity(b)) for b in bases)
 
 
 def _money(value: float) -> str:
     return f"${value:,.2f}"
+
+
+def _spent_line(spent: float, superseded: float, sandbox: bool) -> str:
+    apart = f", of which {_money(superseded)} on jobs no longer in the manifest" if superseded else ""
+    if sandbox:
+        return f"sandbox: would have cost {_money(spent)}{apart} (nothing was charged)"
+    return f"spent {_money(spent)} (as RunComfy reported){apart}"
 
 
 def print_status(console: Console, report: StatusReport) -> None:
@@ -154,9 +186,10 @@ def print_status(console: Console, report: StatusReport) -> None:
         table.add_row(name.replace("_", " "), str(report.counts[name]))
     console.print(table)
     console.print(
-        f"spent {_money(report.spent)} (as RunComfy reported), still to spend about {_money(report.to_spend)}"
+        _spent_line(report.spent, report.spent_superseded, report.sandbox)
+        + f"; still to spend about {_money(report.to_spend)}"
     )
-    _print_problems(console, report.failed, report.uncertain, report.possible_extra_cost, report.orphans)
+    _print_problems(console, report.failed, report.uncertain, report.lost, report.possible_extra_cost, report.orphans)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
 
@@ -165,23 +198,35 @@ def _print_problems(
     console: Console,
     failed: list[JobStanding],
     uncertain: list[JobStanding],
+    lost: list[JobStanding],
     extra: float,
     orphans: list[str],
 ) -> None:
+    refused = [job for job in failed if job.phase == "pending"]
+    failed = [job for job in failed if job.phase != "pending"]
+    if refused:
+        console.print(
+            f"\n[red]{len(refused)} refused[/] by RunComfy (nothing was charged; fix the cause, "
+            "the next run sends them again):"
+        )
+        _print_jobs(console, refused)
     if failed:
         console.print(f"\n[red]{len(failed)} failed[/] (run again with --retry-failed to submit them again):")
-        for job in failed[:50]:
-            console.print(f"  {job.name}: {job.error or job.phase}", markup=False)
-        if len(failed) > 50:
-            console.print(f"  … and {len(failed) - 50} more (batcher status --json lists all)")
+        _print_jobs(console, failed)
+    if lost:
+        console.print(
+            f"\n[yellow]{len(lost)} lost[/]: RunComfy accepted them (they may have been charged), then stopped "
+            "knowing them, so there is no result. Check your RunComfy dashboard, then run again with "
+            "--resubmit-uncertain if you want them generated again:"
+        )
+        _print_jobs(console, lost)
     if uncertain:
         console.print(
             f"\n[yellow]{len(uncertain)} uncertain[/]: their submits may have been accepted and charged, "
             f"but no answer was recorded. Resubmitting could cost up to {_money(extra)} more. "
             "Check your RunComfy dashboard, then run again with --resubmit-uncertain if you want them."
         )
-        for job in uncertain[:50]:
-            console.print(f"  {job.name}: {job.error or ''}", markup=False)
+        _print_jobs(console, uncertain)
     if orphans:
         console.print(
             f"\n{len(orphans)} job(s) in the journal are no longer in the manifest (left alone): "
@@ -189,29 +234,59 @@ def _print_problems(
         )
 
 
-def print_summary(console: Console, summary: RunSummary) -> None:
-    """The closing lines of `batcher run`."""
+def _print_jobs(console: Console, jobs: list[JobStanding]) -> None:
+    for job in jobs[:50]:
+        # Errors are the server's words (or a journal's, written before they were cleaned at the client).
+        console.print(f"  {job.name}: {printable(job.error or job.phase, 300)}", markup=False)
+    if len(jobs) > 50:
+        console.print(f"  … and {len(jobs) - 50} more (batcher status --json lists all)")
+
+
+def print_summary(console: Console, summary: RunSummary, resume: str | None = None) -> None:
+    """The closing lines of `batcher run`; resume is the command that goes on (None: "the same command")."""
     parts = [f"{summary.done}/{summary.total} done"]
-    if summary.failed:
-        parts.append(f"{len(summary.failed)} failed")
-    if summary.uncertain:
-        parts.append(f"{len(summary.uncertain)} uncertain")
-    if summary.unfinished:
-        parts.append(f"{len(summary.unfinished)} not finished")
-    console.print(", ".join(parts) + f"; spent {_money(summary.spent)}. Output: {summary.output_dir}")
-    standings = [JobStanding(o.name, o.key, "failed", o.phase, o.request_id, o.error, None) for o in summary.failed]
-    unsure = [JobStanding(o.name, o.key, "uncertain", o.phase, o.request_id, o.error, None) for o in summary.uncertain]
-    _print_problems(console, standings, unsure, summary.possible_extra_cost, summary.orphans)
-    if summary.stop_reason and not summary.interrupted:
-        console.print(f"\nstopped submitting: {summary.stop_reason}")
+    for count, word in (
+        (len(summary.failed), "failed or refused"),
+        (len(summary.uncertain), "uncertain"),
+        (len(summary.lost), "lost"),
+        (len(summary.unfinished), "not finished"),
+    ):
+        if count:
+            parts.append(f"{count} {word}")
+    spent = _spent_line(summary.spent, summary.spent_superseded, summary.sandbox)
+    console.print(", ".join(parts) + f"; {spent}. Output: {summary.output_dir}")
+
+    def standings(outcomes: list[Any], kind: str) -> list[JobStanding]:
+        return [JobStanding(o.name, o.key, kind, o.phase, o.request_id, o.error, None) for o in outcomes]
+
+    _print_problems(
+        console,
+        standings(summary.failed, "failed"),
+        standings(summary.uncertain, "uncertain"),
+        standings(summary.lost, "lost"),
+        summary.possible_extra_cost,
+        summary.orphans,
+    )
+    again = resume or "the same command"
+    if summary.stop_kind == "budget":
+        console.print(
+            f"\nstopped submitting: {summary.stop_reason}. {len(summary.unfinished)} job(s) not sent, estimated at "
+            f"{_money(summary.left_to_submit)}. To go on, raise --max-cost (to at least "
+            f"${summary.committed + summary.left_to_submit:,.2f} for all of them) and run again."
+        )
+        return
+    if summary.stop_reason and not summary.interrupted and summary.stop_kind != "auth":
+        console.print(f"\nstopped submitting: {printable(summary.stop_reason, 1000)}", markup=False)
     if summary.interrupted or summary.unfinished:
-        console.print("\nRun the same command again to resume: nothing already submitted is sent again.")
+        console.print(f"\nTo resume, run: {again}\n(nothing already submitted is sent again)")
 
 
 PLAN_ROWS_SHOWN = 200
 
 
-def print_plan(console: Console, manifest: Manifest, folded: FoldedJournal, output_dir: Path) -> None:
+def print_plan(console: Console, manifest: Manifest, output_dir: Path) -> None:
+    """The jobs, their state in output_dir's journals (shards summed) and what is left to pay."""
+    view = read_folder(output_dir)
     several = len(manifest.models) > 1
     models = ", ".join(manifest.models)
     table = Table(title=f"{manifest.path}: {manifest.count} jobs for {models}", title_justify="left")
@@ -221,24 +296,25 @@ def print_plan(console: Console, manifest: Manifest, folded: FoldedJournal, outp
     left = 0.0
     unpriced = 0
     # Streamed: a 50,000-row prompt file is planned without holding its jobs.
-    for number, job in enumerate(manifest.iter_jobs(), 1):
-        record = folded.records.get(job.key)
-        category = _category(record, output_dir)
-        price = estimate(job, manifest.schema_dirs)
-        if category == "pending":
-            left += price or 0.0
-            unpriced += price is None
-        if number <= PLAN_ROWS_SHOWN:
-            table.add_row(
-                str(number),
-                job.name,
-                *((job.model,) if several else ()),
-                str(job.input.get("quality", "")),
-                str(job.input.get("image_size", "")),
-                str(len(job.input.get("image_urls", []))),
-                category.replace("_", " "),
-                "?" if price is None else f"{price:.3f}",
-            )
+    with _opened(output_dir) as folder:
+        for number, job in enumerate(manifest.iter_jobs(), 1):
+            record = view.records.get(job.key)
+            category = _category(record, folder)
+            price = estimate(job, manifest.schema_dirs)
+            if category == "pending":
+                left += price or 0.0
+                unpriced += price is None
+            if number <= PLAN_ROWS_SHOWN:
+                table.add_row(
+                    str(number),
+                    job.name,
+                    *((job.model,) if several else ()),
+                    str(job.input.get("quality", "")),
+                    str(job.input.get("image_size", "")),
+                    str(len(job.input.get("image_urls", []))),
+                    category.replace("_", " "),
+                    "?" if price is None else f"{price:.3f}",
+                )
     console.print(table)
     if manifest.count > PLAN_ROWS_SHOWN:
         console.print(f"… {manifest.count - PLAN_ROWS_SHOWN} more jobs not shown")
@@ -249,7 +325,8 @@ def print_plan(console: Console, manifest: Manifest, folded: FoldedJournal, outp
             sources.append(f"{table_info.source}, as of {table_info.as_of}")
     source = f" (prices: {'; '.join(dict.fromkeys(sources))})" if sources else ""
     missing = f"; {unpriced} jobs have no price table" if unpriced else ""
-    console.print(f"estimated cost of what is left to submit: {_money(left)}{source}{missing}")
+    label = "sandbox: would cost about" if is_sandbox(view) else "estimated cost of what is left to submit:"
+    console.print(f"{label} {_money(left)}{source}{missing}")
 
 
 def _clock(seconds: float | None) -> str:
@@ -266,7 +343,9 @@ def plain_progress_line(progress: RunProgress) -> str:
     rate = progress.finished_this_run / progress.elapsed * 60 if progress.elapsed > 0 else 0.0
     return (
         f"[{_clock(progress.elapsed)}] {s['done']}/{progress.total} done, {s['failed']} failed, "
-        f"{s['uncertain']} uncertain, {s['queued']} queued, {s['running']} running, "
+        f"{s['uncertain']} uncertain, "
+        + (f"{s['lost']} lost, " if s["lost"] else "")
+        + f"{s['queued']} queued, {s['running']} running, "
         f"{s['downloading']} downloading, {s['waiting'] + s['submitting']} waiting; "
         f"{rate:.1f} jobs/min, ETA {_clock(progress.eta())}" + (f" — {progress.stopping}" if progress.stopping else "")
     )

@@ -21,12 +21,12 @@ import json
 import logging
 import math
 import os
-import re
+import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +36,9 @@ import anyio.abc
 import httpx
 
 from . import __version__
+from .backpressure import AccountCap, Outage
 from .client import (
+    DEFAULT_MAX_ANSWER_BYTES,
     RateLimiter,
     RequestResult,
     RetryPolicy,
@@ -44,6 +46,7 @@ from .client import (
     api_base_from_env,
     token_from_env,
 )
+from .confined import open_journalled, write_atomically
 from .cost import estimate
 from .dataset import METADATA_NAME, write_metadata
 from .download import DEFAULT_MAX_BYTES, Downloader, extension_for, safe_child
@@ -51,23 +54,41 @@ from .errors import (
     ApiError,
     AuthError,
     BalanceError,
-    BatcherError,
     DownloadError,
     JournalError,
     OutputFolderError,
+    RateLimitedError,
     RequestGoneError,
+    TransientApiError,
     UncertainSubmitError,
+    UnreachableError,
     UsageError,
 )
+from .folders import (
+    SANDBOX_API,
+    api_identity,
+    check_journal_api,
+    check_ledger,
+    check_no_overlap,
+    default_output_dir,
+    is_rehearsal,
+    parse_shard,
+    refuse_linked_default,
+    remember_folder,
+    shard_folders,
+)
 from .manifest import Job, Manifest, shard_of
+from .netpolicy import loopback_origin
 from .polling import DurationModel
+from .printable import printable
 from .sandbox import Sandbox, SandboxConfig
-from .state import JOURNAL_NAME, FileRecord, JobRecord, Journal, category, read_journal
+from .state import JOURNAL_NAME, Category, FileRecord, JobRecord, Journal, category
 
 __all__ = [
     "CancelSummary",
     "JobStatus",
     "RunOptions",
+    "RunPlan",
     "RunProgress",
     "RunSummary",
     "cancel_manifest",
@@ -80,11 +101,13 @@ __all__ = [
 
 log = logging.getLogger("batcher")
 
-JobStatus = Literal["waiting", "submitting", "queued", "running", "downloading", "done", "failed", "uncertain", "held"]
+JobStatus = Literal[
+    "waiting", "submitting", "queued", "running", "downloading", "done", "failed", "uncertain", "lost", "held"
+]
 Action = Literal["submit", "poll", "download", "hold", "done"]
+StopKind = Literal["interrupted", "terminated", "budget", "balance", "outage", "auth", "timeout"]
 
 SANDBOX_TOKEN = "sandbox-token"
-_SHARD_FOLDER = re.compile(r"shard-(\d+)-of-(\d+)")
 _INITIAL_STATUS: dict[Action, JobStatus] = {
     "submit": "waiting",
     "poll": "queued",
@@ -92,6 +115,7 @@ _INITIAL_STATUS: dict[Action, JobStatus] = {
     "hold": "held",
     "done": "done",
 }
+_HELD_STATUS: dict[Category, JobStatus] = {"failed": "failed", "uncertain": "uncertain", "lost": "lost"}
 
 
 def select_jobs(manifest: Manifest, options: RunOptions) -> list[Job]:
@@ -111,55 +135,6 @@ def select_jobs(manifest: Manifest, options: RunOptions) -> list[Job]:
     return jobs
 
 
-def default_output_dir(manifest: Manifest, shard: tuple[int, int] | None = None) -> Path:
-    """``output/<manifest name>/`` under the current folder; a shard's is ``shard-K-of-N/`` inside it."""
-    folder = Path("output") / manifest.name
-    return folder / shard_folder_name(*shard) if shard else folder
-
-
-def shard_folder_name(part: int, shards: int) -> str:
-    return f"shard-{part}-of-{shards}"
-
-
-def shard_folders(output_dir: Path) -> list[Path]:
-    """The shard folders inside output_dir, in order."""
-    found = [p for p in output_dir.glob("shard-*-of-*") if _SHARD_FOLDER.match(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: tuple(int(n) for n in _SHARD_FOLDER.findall(p.name)[0][::-1]))
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"2/4"`` → ``(2, 4)``; raises UsageError for anything else."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match or not 1 <= int(match[1]) <= int(match[2]):
-        msg = f"--shard takes K/N with 1 <= K <= N, like 2/4; got {text!r}"
-        raise UsageError(msg)
-    return int(match[1]), int(match[2])
-
-
-def _check_no_overlap(output_dir: Path, jobs: list[Job]) -> None:
-    """Refuse a run whose jobs another layout of the same output (sharded or not) already submitted.
-
-    A shard's journal knows only its own slice: running 1/2 after 1/4, or
-    unsharded after shards, would submit again what the other journal holds.
-    """
-    if _SHARD_FOLDER.fullmatch(output_dir.name):
-        others = [output_dir.parent, *shard_folders(output_dir.parent)]
-    else:
-        others = shard_folders(output_dir)
-    mine = {job.key for job in jobs}
-    for other in others:
-        if other == output_dir or not (other / JOURNAL_NAME).is_file():
-            continue
-        overlap = [k for k, r in read_journal(other / JOURNAL_NAME).records.items() if k in mine and r.submits]
-        if overlap:
-            msg = (
-                f"{len(overlap)} of these jobs were already submitted by the run journalled in {other}; "
-                "running them here would pay twice. Run with that run's --shard (or without --shard, "
-                "if it had none), or give --output a folder of its own"
-            )
-            raise UsageError(msg)
-
-
 @dataclass(slots=True)
 class RunOptions:
     """Everything `run_manifest` can be told; the CLI's flags map onto these."""
@@ -173,6 +148,14 @@ class RunOptions:
     """Run against an in-process sandbox with this configuration."""
     retry_failed: bool = False
     resubmit_uncertain: bool = False
+    """Submit again the jobs whose submit may have been accepted (uncertain) or that RunComfy lost."""
+    new_output: bool = False
+    """Submit even the jobs another output folder already submitted (noted in the ledger): pays again."""
+    lost_after: float = 300.0
+    """A request RunComfy does not know (404001) this long after its submit is *lost*; before, it is
+    asked again (a replica may not have seen it yet)."""
+    outage_timeout: float = 900.0
+    """How long to wait for RunComfy to answer again once no call gets through, before the run ends."""
     cancel_on_interrupt: bool = False
     poll_min: float = 1.0
     poll_max: float = 10.0
@@ -194,6 +177,11 @@ class RunOptions:
     """Never submit a job that would take the estimated cost of every submit the journal
     records for this manifest (earlier runs included) past this many dollars."""
     max_download_bytes: int = DEFAULT_MAX_BYTES
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
+    """The largest API answer read; past it a submit is uncertain and a poll is retried."""
+    download_deadline: float | None = None
+    """Seconds one output file may take in all (tries, redirects, backoff); None: 300 s, or longer
+    for a larger --max-download-bytes (see `download.deadline_for`)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     download_backoff: float = 0.5
     fsync_interval: float = 0.2
@@ -205,6 +193,9 @@ class RunOptions:
     poll_timeout: httpx.Timeout | None = None
 
     def __post_init__(self) -> None:
+        if self.lost_after < 0 or self.outage_timeout < 0:
+            msg = "--lost-after and --outage-timeout must be 0 or more"
+            raise UsageError(msg)
         if self.concurrency < 1:
             msg = "--concurrency must be at least 1"
             raise UsageError(msg)
@@ -239,11 +230,12 @@ class RunProgress:
             self.statuses[old] -= 1
         self.statuses[status] += 1
         self.status_of[key] = status
-        if status in ("done", "failed") and old not in (None, "done", "failed", "held"):
+        if status in ("done", "failed", "lost") and old not in (None, "done", "failed", "lost", "held"):
             self.finished_this_run += 1
 
     def error(self, name: str, message: str) -> None:
-        self.recent_errors = [*self.recent_errors[-4:], f"{name}: {message}"]
+        # Shown on a live terminal: whatever a server put in it is made printable first.
+        self.recent_errors = [*self.recent_errors[-4:], printable(f"{name}: {message}", 300)]
 
     @property
     def elapsed(self) -> float:
@@ -267,6 +259,22 @@ class JobOutcome:
     error: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class RunPlan:
+    """What a run is about to do, before the first request: for a line (and a confirmation) at the start."""
+
+    to_submit: int
+    estimate: float
+    """Estimated cost of to_submit, in dollars."""
+    unpriced: int
+    """Of to_submit, jobs no price table covers (not in the estimate)."""
+    to_finish: int
+    """Jobs already submitted or completed: polled or downloaded, at no new cost."""
+    held: int
+    done: int
+    sandbox: bool
+
+
 @dataclass(slots=True)
 class RunSummary:
     """What a run did and what is left; `exit_code` follows the CLI's contract."""
@@ -285,17 +293,24 @@ class RunSummary:
     spent: float
     warnings: list[str]
 
+    lost: list[JobOutcome] = field(default_factory=list)
+    stop_kind: StopKind | None = None
+    spent_superseded: float = 0.0
+    """Of `spent`, what jobs no longer in the manifest cost (an edited prompt's earlier version)."""
+    sandbox: bool = False
+    """The figures are a rehearsal's: nothing was charged."""
+    committed: float = 0.0
+    """Estimated cost of every submit journalled for the jobs of this run (what --max-cost counts)."""
+    left_to_submit: float = 0.0
+    """Estimated cost of the jobs never submitted."""
+
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
-        if self.failed or self.uncertain or self.unfinished:
+        if self.failed or self.uncertain or self.unfinished or self.lost:
             return 1
         return 0
-
-
-class _Stop(Exception):
-    """Internal: the whole run must stop now (bad token, journal unwritable)."""
 
 
 class _Run:
@@ -317,10 +332,18 @@ class _Run:
         """How long this manifest's jobs take, to time polls."""
         self.progress = RunProgress(total=len(self.jobs))
         self.stop_submitting: str | None = None
+        self.stop_kind: StopKind | None = None
+        self.halted: str | None = None
+        """Set when every wait must end now (a refused token, SIGTERM, an outage past its patience)."""
+        self.halt_error: AuthError | None = None
+        self.waits: set[anyio.CancelScope] = set()
+        """Polls and downloads in progress: a halt cancels them (submits in flight get their answers)."""
         self.committed = 0.0
         """Estimated cost of every submit journalled for this manifest's jobs, for --max-cost."""
         self.interrupted = False
         self.fatal: BaseException | None = None
+        self.cap = AccountCap(options.concurrency)
+        self.outage = Outage(options.outage_timeout)
         self.client: RunComfyClient
         self.downloader: Downloader
 
@@ -333,6 +356,35 @@ class _Run:
         record.name = record.name or job.name
         return record
 
+    # -- stopping ----------------------------------------------------------------------
+
+    def stop(self, kind: StopKind, reason: str) -> None:
+        """Send no more submits this run (the first reason given is the one reported)."""
+        if self.stop_submitting is None:
+            self.stop_submitting, self.stop_kind = reason, kind
+
+    def halt(self, kind: StopKind, reason: str, error: AuthError | None = None) -> None:
+        """Stop submitting and end every poll and download now; submits in flight still get their
+        answers recorded, so none is left uncertain by the halt itself."""
+        self.stop(kind, reason)
+        if self.halted is None:
+            self.halted, self.halt_error = reason, error
+            self.progress.stopping = reason
+        for scope in list(self.waits):
+            scope.cancel()
+
+    @contextmanager
+    def wait_scope(self) -> Iterator[anyio.CancelScope]:
+        """A poll or download that a halt may cut short (its job resumes next run)."""
+        with anyio.CancelScope() as scope:
+            if self.halted:
+                scope.cancel()
+            self.waits.add(scope)
+            try:
+                yield scope
+            finally:
+                self.waits.discard(scope)
+
     # -- planning -------------------------------------------------------------------
 
     def action_for(self, job: Job) -> Action:
@@ -344,7 +396,7 @@ class _Run:
             # The last run died between sending a submit and recording its answer.
             self.record(job, "uncertain", reason="the run stopped between sending the submit and recording its answer")
             return "submit" if options.resubmit_uncertain else "hold"
-        if record.phase == "uncertain":
+        if record.phase in ("uncertain", "lost"):
             return "submit" if options.resubmit_uncertain else "hold"
         if record.phase == "submitted":
             return "poll"
@@ -357,29 +409,40 @@ class _Run:
 
     async def process(self, job: Job, action: Action) -> None:
         progress = self.progress
+        if self.halted:
+            return
         if action == "submit":
             if self.stop_submitting or not self.within_budget(job):
                 progress.set(job.key, "waiting")
                 return
-            submitted = await self.submit(job)
-            if not submitted:
+            if not await self.submit(job):
                 return
-        record = self.records[job.key]
-        if record.phase == "submitted":
-            # Just submitted: nothing can be done yet, so the first look waits one interval.
-            await self.poll(job, first_wait=self.options.poll_min if action == "submit" else 0.0)
+        elif action == "poll":
+            self.cap.adopt()
+        try:
             record = self.records[job.key]
-        if record.phase == "completed":
-            await self.download(job)
+            if record.phase == "submitted":
+                # Just submitted: nothing can be done yet, so the first look waits one interval.
+                with self.wait_scope():
+                    await self.poll(job, first_wait=self.options.poll_min if action == "submit" else 0.0)
+        finally:
+            if action in ("submit", "poll"):
+                self.cap.release()
+        if self.records[job.key].phase == "completed":
+            with self.wait_scope():
+                await self.download(job)
 
     def within_budget(self, job: Job) -> bool:
         """Count job's estimated price against --max-cost; False (and stop submitting) past the cap."""
         price = _estimate(job, self.manifest.schema_dirs)
         cap = self.options.max_cost
         if cap is not None and self.committed + price > cap + 1e-9:
-            self.stop_submitting = (
-                f"the next job would take the estimated cost to ${self.committed + price:,.2f}, "
-                f"past --max-cost ${cap:,.2f}"
+            spent = sum(r.spent for r in self.records.values())
+            self.stop(
+                "budget",
+                f"--max-cost ${cap:,.2f} reached: this manifest's submits are estimated at ${self.committed:,.2f} "
+                f"(RunComfy reported ${spent:,.2f} spent so far) and the next job would take it to "
+                f"${self.committed + price:,.2f}",
             )
             self.progress.stopping = "cost cap reached: no more submits this run"
             return False
@@ -387,44 +450,107 @@ class _Run:
         return True
 
     async def submit(self, job: Job) -> bool:
+        """Send job until RunComfy takes it, refuses it for good, or the run stops; True once accepted.
+
+        Only a submit certainly not accepted is sent again: 429 (after the
+        account cap comes down) and an outage (after RunComfy answers again)
+        within this run; every other answer is final for this run.
+        """
         progress = self.progress
-        progress.set(job.key, "submitting")
-        # Intent first: if we die while the POST is out, the next run knows it may have been paid.
-        self.record(job, "submitting", name=job.name, model=job.model, input=job.input)
-        try:
-            submission = await self.client.submit(job.model, job.input)
-        except UncertainSubmitError as exc:
-            self.record(job, "uncertain", reason=str(exc))
-            progress.set(job.key, "uncertain")
-            progress.error(job.name, "submit uncertain, held (see --resubmit-uncertain)")
+        price = _estimate(job, self.manifest.schema_dirs)
+        backoff = self.options.retry.base
+        while True:
+            await self.cap.acquire()
+            if self.stop_submitting:
+                # Stopped while waiting for room: this job was never sent.
+                self.cap.release()
+                self.committed -= price
+                progress.set(job.key, "waiting")
+                return False
+            progress.set(job.key, "submitting")
+            # Intent first: if we die while the POST is out, the next run knows it may have been paid.
+            self.record(job, "submitting", name=job.name, model=job.model, input=job.input)
+            try:
+                submission = await self.client.submit(job.model, job.input)
+            except UncertainSubmitError as exc:
+                self.record(job, "uncertain", reason=str(exc))
+                self.cap.release()
+                progress.set(job.key, "uncertain")
+                progress.error(job.name, "submit uncertain, held (see --resubmit-uncertain)")
+                return False
+            except RateLimitedError as exc:
+                # "Not now": an account at its cap of jobs in flight answers so. Fewer in flight, then again.
+                self.record(job, "deferred", reason=str(exc))
+                self.cap.refused()
+                self.cap.release()
+                progress.set(job.key, "waiting")
+                await anyio.sleep(random.uniform(backoff / 2, backoff))
+                backoff = min(backoff * 2, self.options.retry.cap)
+                continue
+            except TransientApiError as exc:
+                # Nothing got through (an outage, or RunComfy's own 500001 past the retries): pause, then again.
+                self.record(job, "deferred", reason=str(exc))
+                self.cap.release()
+                progress.set(job.key, "waiting")
+                if await self.sit_out_outage(job, exc):
+                    continue
+                self.committed -= price
+                return False
+            except AuthError as exc:
+                # Certain: nothing was accepted. The job stays pending; the whole run stops.
+                self.record(job, "deferred", reason=str(exc))
+                self.cap.release()
+                self.committed -= price
+                progress.set(job.key, "waiting")
+                self.halt("auth", str(exc), exc)
+                return False
+            except ApiError as exc:
+                # Refused for certain (validation, bad model, balance): nothing was charged.
+                self.record(job, "refused", reason=str(exc))
+                self.cap.release()
+                self.committed -= price
+                progress.set(job.key, "failed")
+                if isinstance(exc, BalanceError):
+                    progress.error(job.name, "insufficient balance")
+                    self.stop("balance", str(exc))
+                    progress.stopping = "insufficient balance: no more submits this run"
+                else:
+                    progress.error(job.name, str(exc))
+                return False
+            self.outage.reached()
+            try:
+                self.record(job, "submitted", request_id=submission.request_id)
+            except JournalError as exc:
+                # The one thing that must not be lost: say it where the user will see it.
+                msg = f"{exc}. Job {job.name} WAS submitted as request {submission.request_id}: keep this id"
+                log.error("%s", msg)
+                raise JournalError(msg) from exc
+            progress.set(job.key, "queued")
+            return True
+
+    async def sit_out_outage(self, job: Job, exc: ApiError) -> bool:
+        """After a call that could not get through: wait for RunComfy to answer again.
+
+        False when the run must stop (the patience ran out, or something else halted it).
+        """
+        self.outage.failed()
+        self.progress.stopping = f"RunComfy cannot be reached; waiting (up to {self.options.outage_timeout:g}s)"
+        self.progress.error(job.name, str(exc))
+        up = False
+        with self.wait_scope():  # a halt (a refused token elsewhere, SIGTERM) ends the wait too
+            up = await self.outage.wait(lambda: self.client.reachable(job.model))
+        if self.halted:
             return False
-        except AuthError as exc:
-            self.record(job, "refused", reason=str(exc))
-            progress.set(job.key, "waiting")
-            raise _Stop(str(exc)) from exc
-        except BalanceError as exc:
-            self.record(job, "refused", reason=str(exc))
-            progress.set(job.key, "failed")
-            progress.error(job.name, "insufficient balance")
-            self.stop_submitting = self.stop_submitting or str(exc)
-            progress.stopping = "insufficient balance: no more submits this run"
+        if not up:
+            self.halt(
+                "outage",
+                f"RunComfy could not be reached for {self.options.outage_timeout:g}s (--outage-timeout); "
+                f"last error: {exc}",
+            )
             return False
-        except ApiError as exc:
-            # Refused for certain (validation, bad model, retries ran out before acceptance):
-            # nothing was charged, so a later run may try again.
-            self.record(job, "refused", reason=str(exc))
-            progress.set(job.key, "failed")
-            progress.error(job.name, str(exc))
-            return False
-        try:
-            self.record(job, "submitted", request_id=submission.request_id)
-        except JournalError as exc:
-            # The one thing that must not be lost: say it where the user will see it.
-            msg = f"{exc}. Job {job.name} WAS submitted as request {submission.request_id}: keep this id"
-            log.error("%s", msg)
-            raise JournalError(msg) from exc
-        progress.set(job.key, "queued")
-        return True
+        if self.progress.stopping and self.progress.stopping.startswith("RunComfy cannot be reached"):
+            self.progress.stopping = None
+        return not self.halted
 
     async def poll(self, job: Job, first_wait: float = 0.0) -> None:
         options = self.options
@@ -438,23 +564,45 @@ class _Run:
         submitted_at = record.submitted_at or time.time()
         reported_unknown = False
         cancel_asked = False
-        await anyio.sleep(self.next_wait(submitted_at, first_wait) if first_wait else 0.0)
+        await anyio.sleep(self.next_wait(submitted_at, first_wait, first=True) if first_wait else 0.0)
         while True:
             try:
                 result = await self.client.result(request_id)
             except RequestGoneError as exc:
-                self.record(job, "failed", reason=str(exc))
-                progress.set(job.key, "failed")
-                progress.error(job.name, "request expired on RunComfy")
+                if time.time() - submitted_at < options.lost_after:
+                    # Just submitted: a replica that has not seen the request yet answers so.
+                    progress.error(job.name, f"RunComfy does not know the request yet; asking again ({exc})")
+                    await anyio.sleep(delay)
+                    delay = min(delay * options.poll_growth, options.poll_max)
+                    continue
+                reason = (
+                    f"{exc} It was accepted {options.lost_after:g}s+ ago and may have been charged; "
+                    "submit it again only with --resubmit-uncertain"
+                )
+                self.record(job, "lost", reason=reason)
+                progress.set(job.key, "lost")
+                progress.error(job.name, "RunComfy lost the request (held; see --resubmit-uncertain)")
                 return
             except AuthError as exc:
-                raise _Stop(str(exc)) from exc
-            except ApiError as exc:
+                self.halt("auth", str(exc), exc)
+                return
+            except TransientApiError as exc:
+                if isinstance(exc, UnreachableError):
+                    if not await self.sit_out_outage(job, exc):
+                        return
+                    continue
                 # Retries ran out on a poll: the job is still paid for, so keep waiting.
                 progress.error(job.name, f"poll trouble, still waiting: {exc}")
                 await anyio.sleep(delay)
                 delay = min(delay * options.poll_growth, options.poll_max)
                 continue
+            except ApiError as exc:
+                # An answer that asking again will not change (a redirect, a malformed id): hold the job.
+                self.record(job, "note", reason=f"polling stopped: {exc}")
+                progress.set(job.key, "held")
+                progress.error(job.name, str(exc))
+                return
+            self.outage.reached()
             state = result.state
             if state != last_state:
                 self.record(job, "state", state=state if state != "unknown" else result.raw_status)
@@ -477,7 +625,10 @@ class _Run:
             if state == "unknown" and not reported_unknown:
                 reported_unknown = True
                 log.warning(
-                    "job %s: unknown state %r; still polling. Body: %s", job.name, result.raw_status, result.raw
+                    "job %s: unknown state %r; still polling. Body: %s",
+                    job.name,
+                    result.raw_status,
+                    result.for_journal(),
                 )
             progress.set(job.key, "queued" if state == "in_queue" else "running")
 
@@ -504,10 +655,10 @@ class _Run:
             await anyio.sleep(self.next_wait(submitted_at, delay))
             delay = min(delay * options.poll_growth, options.poll_max)
 
-    def next_wait(self, submitted_at: float, backoff: float) -> float:
+    def next_wait(self, submitted_at: float, backoff: float, *, first: bool = False) -> float:
         """The wait before the next poll of a job submitted at submitted_at (see `DurationModel.wait`)."""
         age = time.time() - submitted_at
-        return self.durations.wait(age, backoff, self.options.poll_min, self.options.poll_max)
+        return self.durations.wait(age, backoff, self.options.poll_min, self.options.poll_max, first=first)
 
     async def cancel(self, job: Job, request_id: str, why: str) -> None:
         try:
@@ -528,7 +679,9 @@ class _Run:
             self.progress.error(job.name, reason)
             return
         # The whole answer is kept: fields we do not know today may matter to someone tomorrow.
-        record = self.record(job, "completed", outputs=result.outputs, cost=result.cost, result=result.raw)
+        # What the fold needs, and the rest of the answer up to a bound: a hostile 200 MB answer
+        # must not live in the journal for ever.
+        record = self.record(job, "completed", outputs=result.outputs, cost=result.cost, result=result.for_journal())
         if record.duration is not None:
             self.durations.add(record.duration)
 
@@ -613,9 +766,9 @@ class _Run:
             "manifest_line": job.line,
             "source": job.source,
         }
-        temporary = sidecar.with_name(f".{sidecar.name}.part")
-        temporary.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(temporary, sidecar)
+        data = (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode()
+        # Never through a link: a job folder or .part committed as one must not send this elsewhere.
+        write_atomically(self.output_dir, sidecar.relative_to(self.output_dir).as_posix(), data, create_dirs=True)
 
 
 def _estimate(job: Job, directories: Sequence[Path]) -> float:
@@ -624,12 +777,21 @@ def _estimate(job: Job, directories: Sequence[Path]) -> float:
 
 
 def _file_matches(root: Path, known: FileRecord) -> bool:
-    path = root / known.path
+    """True when the journalled file is in place with its recorded size and hash.
+
+    The journal's path is checked again first: one that is absolute, climbs
+    out with ``..``, crosses a link or names no regular file is never opened,
+    and the file counts as not downloaded (a tampered journal must not make
+    the run read, or vouch for, a file outside the folder).
+    """
+    fd = open_journalled(root, known.path)
+    if fd is None:
+        return False
     try:
-        if path.stat().st_size != known.bytes:
-            return False
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
+        with open(fd, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size != known.bytes:
+                return False
+            digest = hashlib.sha256()
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     except OSError:
@@ -653,24 +815,35 @@ async def run_manifest(
     options: RunOptions | None = None,
     *,
     on_start: Callable[[RunProgress], None] | None = None,
+    on_plan: Callable[[RunPlan], None] | None = None,
 ) -> RunSummary:
     """Run (or resume) every job of manifest; the journal makes calling it again safe.
 
-    on_start receives the live `RunProgress` once the plan is made, for a display.
+    on_plan receives what the run is about to do before its first request
+    (raise from it to stop there: nothing is sent); on_start the live
+    `RunProgress` once the plan is made, for a display.
     Raises UsageError before anything is sent when the token or API base is
-    wrong, JournalLockedError when another run holds the output folder, and
-    AuthError or JournalError when the run had to stop.
+    wrong, the folder's journal belongs to another API, or another folder
+    already submitted these jobs; JournalLockedError when another run holds
+    the output folder; AuthError when RunComfy refused the token (nothing in
+    flight is left uncertain by it); JournalError when the run had to stop.
     """
     options = options or RunOptions()
-    output_dir = (options.output_dir or default_output_dir(manifest, options.shard)).resolve()
+    output_dir = _output_dir(manifest, options)
     # A bad --only, or jobs another sharding already submitted, fail here, before anything is opened.
     jobs = select_jobs(manifest, options)
-    _check_no_overlap(output_dir, jobs)
+    check_no_overlap(output_dir, (job.key for job in jobs))
     async with AsyncExitStack() as stack:
         base_url, token = await stack.enter_async_context(_api_endpoint(options))
+        identity = SANDBOX_API if options.sandbox is not None else api_identity(base_url)
+        if not options.new_output:
+            # Before the folder is even created: a refused run leaves nothing behind.
+            check_ledger(manifest, (job.key for job in jobs), output_dir, identity)
         journal = Journal(output_dir)
         folded = journal.open()
         stack.callback(journal.close)
+        check_journal_api(folded.headers, identity, output_dir)
+        remember_folder(manifest, output_dir, identity)
         for warning in folded.warnings:
             log.warning("%s", warning)
         run = _Run(manifest, jobs, options, output_dir, journal)
@@ -689,6 +862,7 @@ async def run_manifest(
                 submit_timeout=options.submit_timeout,
                 poll_timeout=options.poll_timeout,
                 max_connections=options.concurrency,
+                max_answer_bytes=options.max_answer_bytes,
             )
         )
         run.downloader = await stack.enter_async_context(
@@ -697,6 +871,10 @@ async def run_manifest(
                 transport=options.download_transport,
                 backoff=options.download_backoff,
                 max_connections=options.concurrency,
+                folder=output_dir,
+                # Loopback only at a loopback API base's own origin (the sandbox's): never another local port.
+                loopback_origin=loopback_origin(base_url),
+                deadline=options.download_deadline,
             )
         )
         journal.append(
@@ -704,10 +882,10 @@ async def run_manifest(
             manifest=str(manifest.path),
             manifest_sha256=manifest.sha256,
             version=__version__,
-            api_base=base_url if options.sandbox is None else "sandbox",
+            api_base=base_url if options.sandbox is None else SANDBOX_API,
             jobs=len(manifest.jobs),
         )
-        await _execute(run, on_start)
+        await _execute(run, on_start, on_plan)
         try:
             await anyio.to_thread.run_sync(write_metadata, manifest, output_dir, run.records)
         except OSError as exc:
@@ -716,24 +894,46 @@ async def run_manifest(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _execute(run: _Run, on_start: Callable[[RunProgress], None] | None) -> None:
+async def _execute(
+    run: _Run, on_start: Callable[[RunProgress], None] | None, on_plan: Callable[[RunPlan], None] | None
+) -> None:
     options = run.options
     plan: list[tuple[Job, Action]] = []
+    estimate_left = 0.0
+    unpriced = 0
     for job in run.jobs:
         record = run.records.get(job.key)
+        price = estimate(job, run.manifest.schema_dirs)
         if record is not None:
-            run.committed += record.submits * _estimate(job, run.manifest.schema_dirs)
+            run.committed += record.submits * (price or 0.0)
         action = run.action_for(job)
         plan.append((job, action))
+        if action == "submit":
+            estimate_left += price or 0.0
+            unpriced += price is None
         status = _INITIAL_STATUS[action]
         record = run.records.get(job.key)
-        if action == "hold" and record is not None and record.phase == "uncertain":
-            status = "uncertain"
+        if action == "hold":
+            # Live counters start from the journal's: a resumed run shows the failures it holds.
+            status = _HELD_STATUS.get(category(record), "held")
         elif record is not None and record.downloaded:
             status = "done"  # re-verified by a worker; only a missing or wrong file is fetched again
         run.progress.set(job.key, status)
     # Paid-for work first; new submits after, in manifest order.
     plan.sort(key=lambda item: item[1] == "submit")
+    counts = Counter(action for _, action in plan)
+    if on_plan is not None:
+        on_plan(
+            RunPlan(
+                to_submit=counts["submit"],
+                estimate=estimate_left,
+                unpriced=unpriced,
+                to_finish=counts["poll"] + counts["download"],
+                held=counts["hold"],
+                done=counts["done"],
+                sandbox=options.sandbox is not None,
+            )
+        )
     if on_start is not None:
         on_start(run.progress)
 
@@ -744,7 +944,7 @@ async def _execute(run: _Run, on_start: Callable[[RunProgress], None] | None) ->
             for job, action in plan:
                 if action == "hold":
                     continue
-                if action == "submit" and run.stop_submitting:
+                if run.halted or (action == "submit" and run.stop_submitting):
                     break
                 await send.send((job, action))
 
@@ -753,7 +953,7 @@ async def _execute(run: _Run, on_start: Callable[[RunProgress], None] | None) ->
             async for job, action in jobs:
                 try:
                     await run.process(job, action)
-                except (_Stop, JournalError, OutputFolderError) as exc:
+                except (JournalError, OutputFolderError) as exc:
                     run.fatal = exc
                     group.cancel_scope.cancel()
 
@@ -769,13 +969,18 @@ async def _execute(run: _Run, on_start: Callable[[RunProgress], None] | None) ->
 
     async def watch_signals(scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                if not run.interrupted:
-                    run.interrupted = True
-                    run.stop_submitting = "interrupted"
-                    run.progress.stopping = "interrupted: finishing paid-for jobs; press Ctrl-C again to stop now"
-                else:
+            async for signum in signals:
+                if run.interrupted:
                     scope.cancel()
+                    continue
+                run.interrupted = True
+                if signum == signal.SIGTERM:
+                    # A service manager's "stop": end every wait now, but let submits in flight get
+                    # their answers recorded (cutting one short would leave it uncertain).
+                    run.halt("terminated", "terminated (SIGTERM): stopping now; the same command resumes")
+                else:
+                    run.stop("interrupted", "interrupted")
+                    run.progress.stopping = "interrupted: finishing paid-for jobs; press Ctrl-C again to stop now"
 
     deadline = math.inf if options.run_timeout is None else options.run_timeout
     with anyio.move_on_after(deadline) as run_scope:
@@ -790,28 +995,26 @@ async def _execute(run: _Run, on_start: Callable[[RunProgress], None] | None) ->
                 receive.close()
             outer.cancel_scope.cancel()
     if run_scope.cancelled_caught and not run.interrupted:
-        run.stop_submitting = f"the run timeout of {options.run_timeout:g}s passed"
+        run.stop("timeout", f"the run timeout of {options.run_timeout:g}s passed")
     if run.fatal is None:
         with anyio.CancelScope(shield=True):
             await run.flush_sidecars()
     if run.fatal is not None:
-        if isinstance(run.fatal, _Stop):
-            cause = run.fatal.__cause__
-            raise cause if isinstance(cause, BatcherError) else AuthError(str(run.fatal))
         raise run.fatal
+    if run.halt_error is not None:
+        raise run.halt_error
 
 
 def _summarize(run: _Run, warnings: list[str]) -> RunSummary:
     failed: list[JobOutcome] = []
     uncertain: list[JobOutcome] = []
+    lost: list[JobOutcome] = []
     unfinished: list[JobOutcome] = []
     done = 0
     extra = 0.0
-    spent = 0.0
+    left = 0.0
     for job in run.jobs:
         record = run.records.get(job.key)
-        if record is not None and record.cost:
-            spent += record.cost
         found = category(record)
         if found == "done":
             done += 1
@@ -823,15 +1026,20 @@ def _summarize(run: _Run, warnings: list[str]) -> RunSummary:
             record.request_id if record else None,
             record.error if record else None,
         )
-        if found == "uncertain":
-            uncertain.append(outcome)
+        if found in ("uncertain", "lost"):
+            (uncertain if found == "uncertain" else lost).append(outcome)
             extra += _estimate(job, run.manifest.schema_dirs)
         elif found == "failed":
             failed.append(outcome)
         else:
             unfinished.append(outcome)
+            if found == "pending":
+                left += _estimate(job, run.manifest.schema_dirs)
     manifest_keys = {job.key for job in run.manifest.jobs}
     orphans = sorted(r.name or r.key for k, r in run.records.items() if k not in manifest_keys)
+    # Every completed submit the journal knows was paid for, whether or not its job is still wanted.
+    spent = sum(r.spent for r in run.records.values())
+    superseded = sum(r.spent for k, r in run.records.items() if k not in manifest_keys)
     return RunSummary(
         output_dir=run.output_dir,
         journal=run.output_dir / JOURNAL_NAME,
@@ -843,10 +1051,29 @@ def _summarize(run: _Run, warnings: list[str]) -> RunSummary:
         orphans=orphans,
         interrupted=run.interrupted,
         stop_reason=run.stop_submitting,
-        possible_extra_cost=extra,
-        spent=spent,
+        possible_extra_cost=money(extra),
+        spent=money(spent),
         warnings=warnings,
+        lost=lost,
+        stop_kind=run.stop_kind,
+        spent_superseded=money(superseded),
+        sandbox=run.options.sandbox is not None or is_rehearsal(api_identity(run.client.base_url)),
+        committed=money(run.committed),
+        left_to_submit=money(left),
     )
+
+
+def money(value: float) -> float:
+    """Dollars rounded to a millionth: sums of floats must not show as 0.6510000000000001."""
+    return round(value, 6) + 0.0
+
+
+def _output_dir(manifest: Manifest, options: RunOptions) -> Path:
+    if options.output_dir is not None:
+        return options.output_dir.resolve()
+    folder = default_output_dir(manifest, options.shard, sandbox=options.sandbox is not None)
+    refuse_linked_default(folder, manifest)
+    return folder.resolve()
 
 
 @dataclass(slots=True)
@@ -867,15 +1094,22 @@ async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None)
     RunComfy cancels only queued jobs; running ones are listed as not cancellable.
     """
     options = options or RunOptions()
-    output_dir = (options.output_dir or default_output_dir(manifest, options.shard)).resolve()
+    output_dir = _output_dir(manifest, options)
     summary = CancelSummary()
     async with AsyncExitStack() as stack:
         base_url, token = await stack.enter_async_context(_api_endpoint(options))
         journal = Journal(output_dir)
         folded = journal.open()
         stack.callback(journal.close)
+        check_journal_api(folded.headers, SANDBOX_API if options.sandbox else api_identity(base_url), output_dir)
         client = await stack.enter_async_context(
-            RunComfyClient(token, base_url, retry=options.retry, transport=options.api_transport)
+            RunComfyClient(
+                token,
+                base_url,
+                retry=options.retry,
+                transport=options.api_transport,
+                max_answer_bytes=options.max_answer_bytes,
+            )
         )
         for job in select_jobs(manifest, options):
             record = folded.records.get(job.key)
@@ -886,6 +1120,8 @@ async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None)
                 continue
             try:
                 outcome = await client.cancel(record.request_id)
+            except AuthError:
+                raise  # the token is refused: every other cancel would be refused alike
             except ApiError as exc:
                 summary.errors.append((job.name, str(exc)))
                 continue

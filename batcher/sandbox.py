@@ -95,6 +95,12 @@ class SandboxConfig:
     url_ttl: float | None = None
     """Seconds an output URL stays valid; None for ever."""
     require_token: str | None = None
+    auth_status: int = 401
+    """How a wrong token is refused: 401 with RunComfy's 401001 body, or 403 with a bare message."""
+    max_in_flight: int | None = None
+    """An account's cap on jobs queued or running: a submit past it gets 429 (nothing accepted)."""
+    unknown_window: float = 0.0
+    """Seconds after a submit during which the request is not known yet (404001), like a replica lagging."""
     rate_limit: float | None = None
     """API requests a second (a token bucket of one second's burst); more get 429 with Retry-After."""
     seed: int | None = None
@@ -166,6 +172,8 @@ class Sandbox:
         self.rate_limited_at: list[float] = []
         self._bucket = 0.0
         self._bucket_at = 0.0
+        self.account_refusals = 0
+        """Submits refused with 429 because max_in_flight jobs were queued or running."""
         self.credentials_seen_by_file_host = 0
         """File requests that carried an Authorization header: must stay 0."""
         self.port: int | None = None
@@ -180,6 +188,7 @@ class Sandbox:
             "calls": dict(self.calls),
             "faults": dict(self.faults_injected),
             "unanswered_submits": sum(1 for s in self.submits if not s.answered),
+            "account_refusals": self.account_refusals,
             "rate_calls_at": self.api_calls_at,
             "rate_limited_at": self.rate_limited_at,
         }
@@ -218,6 +227,8 @@ class Sandbox:
             return _json(429, {"error_message": "Rate limit exceeded"}, [("retry-after", "1")])
         if self.config.require_token is not None:
             if headers.get("authorization") != f"Bearer {self.config.require_token}":
+                if self.config.auth_status == 403:
+                    return _json(403, {"error_message": "Forbidden"})
                 return _error(401, 401001, "Invalid or missing API token")
         elif not headers.get("authorization", "").startswith("Bearer "):
             return _error(401, 401001, "Missing API token")
@@ -275,6 +286,17 @@ class Sandbox:
             detail = [{"loc": p.field, "msg": p.message} for p in problems]
             return _error(422, 422001, "Validation failed", detail)
         now = time.time()
+        cap = self.config.max_in_flight
+        if (
+            cap is not None
+            and sum(self._state(j, now) in ("in_queue", "in_progress") for j in self.jobs.values()) >= cap
+        ):
+            self.account_refusals += 1
+            return _json(
+                429,
+                {"error_message": f"Too many requests in flight for this account (limit {cap})"},
+                [("retry-after", f"{self.config.retry_after:g}")],
+            )
         request_id = f"sbx-{int(now * 1000):x}-{self.rng.getrandbits(48):012x}"
         record = SubmitRecord(request_id, payload, now, answered=fault is None)
         self.jobs[request_id] = job = self._job_for(record)
@@ -335,9 +357,9 @@ class Sandbox:
         if fault in ("429", "500", "503", "drop"):
             return self._fault_response(fault)
         job = self._find(request_id)
-        if job is None:
-            return _error(404, 404001, "Request not found or expired")
         now = time.time()
+        if job is None or now < job.record.accepted_at + self.config.unknown_window:
+            return _error(404, 404001, "Request not found or expired")
         state = self._state(job, now)
         payload: dict[str, Any] = {"request_id": request_id, "status": state}
         if state == "in_queue":

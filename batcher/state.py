@@ -24,8 +24,9 @@ import errno
 import fcntl
 import gc
 import hashlib
-import json
 import os
+import re
+import stat
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -34,10 +35,12 @@ from typing import Any, Literal
 
 import orjson
 
+from .confined import OutputDir, write_atomically
 from .errors import JournalCorruptError, JournalError, JournalLockedError
 from .polling import remote_duration
 
 __all__ = [
+    "CATEGORIES",
     "CHECKPOINT_NAME",
     "JOURNAL_NAME",
     "Category",
@@ -57,13 +60,15 @@ CHECKPOINT_MIN_BYTES = int(os.environ.get("BATCHER_CHECKPOINT_MIN_BYTES", 1024 *
 """Journals smaller than this fold in well under a second: no checkpoint (the torture test sets 0)."""
 LOCK_NAME = ".batcher.lock"
 
-Phase = Literal["pending", "submitting", "uncertain", "submitted", "completed", "failed", "cancelled"]
+Phase = Literal["pending", "submitting", "uncertain", "submitted", "completed", "failed", "cancelled", "lost"]
 """Where a job stands, from the journal's point of view.
 
 pending     never submitted, or certainly refused: submit it
 submitting  intent written, answer not: the run died mid-submit (resumes as uncertain)
 uncertain   the submit's fate is unknown: held until --resubmit-uncertain
 submitted   RunComfy has it: poll it
+lost        accepted (maybe charged), then unknown to RunComfy past the grace period: held until
+            --resubmit-uncertain, never by --retry-failed
 completed   outputs known: download what is missing (done once every file is down)
 failed      RunComfy reported failure: held until --retry-failed
 cancelled   cancelled: held until --retry-failed
@@ -73,10 +78,54 @@ _CRC_TAIL = len(',"crc":"00000000"}')
 
 
 def encode_event(event: dict[str, Any]) -> bytes:
-    """One journal line, newline included, with its CRC."""
-    body = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+    """One journal line, newline included, with its CRC; never fails, and never writes what cannot be read.
+
+    Written by orjson, the library that reads it back, so writer and reader
+    agree on what JSON is. What they would refuse is made to fit rather than
+    refused: NaN and infinities become null (orjson's own rule), integers past
+    64 bits become strings, lone surrogates U+FFFD, other keys and values
+    their ``str``. Refusing would stop a run at its worst moments: the
+    ``submitting`` intent of a job about to be sent, or the ``completed``
+    answer of one already paid for. (``json.dumps``, the writer before, wrote
+    NaN, which orjson refuses: one odd number from a server made the journal
+    unreadable for good.) Fields change only where they could not be read back.
+    """
+    body = _dumps(event)
     crc = zlib.crc32(body)
     return body[:-1] + b',"crc":"%08x"}\n' % crc
+
+
+def _dumps(value: Any) -> bytes:
+    """orjson's JSON for value, made readable first where orjson would refuse it (see `encode_event`)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError: a big integer, a lone surrogate, a foreign type, deep nesting
+        return orjson.dumps(_readable(value, 0))
+
+
+_INT64 = range(-(2**63), 2**64)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_DEPTH = 200
+"""orjson writes at most 254 levels of nesting; past this, a value is kept as its text."""
+
+
+def _readable(value: Any, depth: int) -> Any:
+    """value, with what orjson cannot write turned into something it can (see `encode_event`)."""
+    if isinstance(value, str):
+        return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        return value if value in _INT64 else str(value)
+    if depth >= _MAX_DEPTH:
+        return _readable(str(value), depth)
+    if isinstance(value, dict):
+        return {
+            _readable(k if isinstance(k, str) else str(k), depth): _readable(v, depth + 1) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_readable(item, depth + 1) for item in value]
+    return _readable(str(value), depth)
 
 
 _CRC_MARK = b',"crc":"'
@@ -120,12 +169,19 @@ class JobRecord:
     error: str | None = None
     cost: float | None = None
     submits: int = 0
-    """How many times a submit was sent for this job, across every run."""
+    """How many submits of this job may have been accepted (so paid for), across every run:
+    each send counts, and a certain refusal takes its send back."""
     request_ids: list[str] = field(default_factory=list)
     submitted_at: float | None = None
     finished_at: float | None = None
     duration: float | None = None
     """Seconds from submit to finish, as RunComfy reported them (else as seen here): for poll timing."""
+    spent: float = 0.0
+    """What RunComfy reported for every completed submit of this job, across every run (a retried
+    job was paid for more than once: `cost` is the latest only)."""
+    refused: bool = False
+    """pending because RunComfy refused the last submit for good (validation, balance), as opposed
+    to never sent or sent back for later (429, an outage, a refused token)."""
 
     @property
     def downloaded(self) -> bool:
@@ -147,6 +203,8 @@ class JobRecord:
             self.remote_state = "completed"
             self.outputs = list(event.get("outputs", []))
             self.cost = event.get("cost")
+            if isinstance(self.cost, int | float) and self.cost > 0:
+                self.spent += self.cost
             self.finished_at = event.get("t")
             self.error = None
             self.duration = remote_duration(event.get("result") or {})
@@ -167,9 +225,19 @@ class JobRecord:
             self.error = None
             self.cost = None
             self.finished_at = None
+            self.refused = False
         elif kind == "refused":
+            # Certainly not accepted: the send is not counted as a (possibly paid) submit.
             self.phase = "pending"
             self.error = event.get("reason")
+            self.refused = True
+            self.submits = max(0, self.submits - 1)
+        elif kind == "deferred":
+            # Certainly not accepted, and not for good: sent again in this run or the next, no flag needed.
+            self.phase = "pending"
+            self.error = None
+            self.refused = False
+            self.submits = max(0, self.submits - 1)
         elif kind == "uncertain":
             self.phase = "uncertain"
             self.error = event.get("reason")
@@ -192,10 +260,25 @@ class JobRecord:
             self.phase = "cancelled"
             self.remote_state = "cancelled"
             self.finished_at = event.get("t")
+        elif kind == "lost":
+            self.phase = "lost"
+            self.error = event.get("reason")
+        elif kind not in _QUIET_KINDS:
+            # A mistyped or future kind must not be dropped in silence: the fold would lie.
+            msg = f"unknown event kind {kind!r}"
+            raise ValueError(msg)
 
 
-Category = Literal["done", "downloading", "in_flight", "pending", "failed", "uncertain"]
-"""Where a job stands for a person: the rows of `batcher status`, the gallery's filters."""
+_QUIET_KINDS = frozenset({"run"})
+"""Kinds that change no record."""
+
+Category = Literal["done", "downloading", "in_flight", "pending", "failed", "uncertain", "lost"]
+"""Where a job stands for a person: the rows of `batcher status`, the gallery's filters.
+
+failed covers RunComfy's failures and cancellations (sent again with --retry-failed) and its
+certain refusals (nothing charged; sent again by the next run); lost and uncertain may have
+been charged and are sent again only with --resubmit-uncertain."""
+CATEGORIES: tuple[Category, ...] = ("done", "downloading", "in_flight", "pending", "failed", "uncertain", "lost")
 
 
 def category(record: JobRecord | None) -> Category:
@@ -203,9 +286,11 @@ def category(record: JobRecord | None) -> Category:
     if record is None:
         return "pending"
     if record.phase == "pending":
-        return "failed" if record.error else "pending"  # refused for certain: shown, retried next run
+        return "failed" if record.refused else "pending"  # refused for certain: shown, sent again next run
     if record.phase in ("submitting", "uncertain"):
         return "uncertain"
+    if record.phase == "lost":
+        return "lost"
     if record.phase == "submitted":
         return "in_flight"
     if record.phase == "completed":
@@ -290,6 +375,19 @@ def fold_bytes(
     return folded
 
 
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of the regular file at path, refusing a link or a device (a planted
+    ``state.jsonl -> /dev/zero`` must not hang `status`)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a link or a device?); remove it")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read()
+    finally:
+        os.close(fd)
+
+
 def read_journal(path: Path) -> FoldedJournal:
     """Fold the journal at path without locking it (safe while a run writes it); empty if absent.
 
@@ -297,11 +395,11 @@ def read_journal(path: Path) -> FoldedJournal:
     lines after those are folded.
     """
     try:
-        data = path.read_bytes()
+        data = _read_regular_file(path)
     except FileNotFoundError:
         return FoldedJournal()
     except OSError as exc:
-        msg = f"cannot read the journal {path}: {exc.strerror}"
+        msg = f"cannot read the journal {path}: {exc.strerror or exc}"
         raise JournalError(msg) from exc
     # The fold allocates millions of short-lived dicts and no cycles: the cyclic
     # collector would only rescan the growing record table again and again.
@@ -326,8 +424,8 @@ def read_journal(path: Path) -> FoldedJournal:
 # second) and folds only the tail. The checkpoint is derived data: any
 # mismatch, damage or version change means it is ignored, never trusted.
 
-_CHECKPOINT_VERSION = 2
-_RECORD_FIELDS = 14
+_CHECKPOINT_VERSION = 3
+_RECORD_FIELDS = 16
 
 
 def _record_row(record: JobRecord) -> list[Any]:
@@ -347,6 +445,8 @@ def _record_row(record: JobRecord) -> list[Any]:
         record.submitted_at,
         record.finished_at,
         record.duration,
+        record.spent,
+        record.refused,
     ]
 
 
@@ -361,7 +461,9 @@ def write_checkpoint(journal_path: Path, folded: FoldedJournal, length: int) -> 
     """Save folded, the state of journal_path's first length bytes, for `read_journal` to start from."""
     digest = hashlib.sha256()
     lines = 0
-    with journal_path.open("rb") as handle:
+    with OutputDir(journal_path.parent, error=JournalError) as folder:
+        fd = folder.open_file((journal_path.name,), os.O_RDONLY)
+    with open(fd, "rb") as handle:
         left = length
         while left:
             chunk = handle.read(min(left, 1 << 20))
@@ -378,14 +480,7 @@ def write_checkpoint(journal_path: Path, folded: FoldedJournal, length: int) -> 
         "headers": folded.headers,
         "records": [_record_row(r) for r in folded.records.values()],
     }
-    target = journal_path.with_name(CHECKPOINT_NAME)
-    temporary = target.with_name(f".{target.name}.part")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, orjson.dumps(payload))
-    finally:
-        os.close(fd)
-    os.replace(temporary, target)
+    write_atomically(journal_path.parent, CHECKPOINT_NAME, _dumps(payload), mode=0o600, error=JournalError)
 
 
 def _load_checkpoint(path: Path, data: bytes) -> tuple[FoldedJournal, int] | None:
@@ -426,7 +521,14 @@ class Journal:
         """The journal's state: folded on open, and kept up to date by `append`."""
 
     def open(self) -> FoldedJournal:
-        """Lock the folder, fold what is there, cut a torn tail, and get ready to append."""
+        """Lock the folder, fold what is there, cut a torn tail, and get ready to append.
+
+        Raises JournalError naming any symbolic link directly inside the
+        folder, before anything is read or sent: a repository could have
+        committed one (``state.jsonl -> ~/.bashrc``, a job folder pointing
+        elsewhere) to make the run write through it. Deeper links are caught
+        where batcher writes (see `batcher.confined`).
+        """
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -434,8 +536,11 @@ class Journal:
             raise JournalError(msg) from exc
         self._lock()
         try:
+            with OutputDir(self.directory, error=JournalError) as folder:
+                folder.refuse_links_in_root()
+                # Opened before it is read: a link there must be neither read nor cut short.
+                self._fd = folder.open_file((JOURNAL_NAME,), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             folded = self.folded = read_journal(self.path)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             if os.fstat(self._fd).st_size != folded.good_length:
                 os.ftruncate(self._fd, folded.good_length)
             if folded.good_length and os.pread(self._fd, 1, folded.good_length - 1) != b"\n":
@@ -453,7 +558,8 @@ class Journal:
     def _lock(self) -> None:
         lock_path = self.directory / LOCK_NAME
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            with OutputDir(self.directory, error=JournalError) as folder:
+                fd = folder.open_file((LOCK_NAME,), os.O_RDWR | os.O_CREAT, 0o600)  # never through a link
         except OSError as exc:
             msg = f"cannot create the lock file {lock_path}: {exc.strerror}"
             raise JournalError(msg) from exc

@@ -20,6 +20,9 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RUNCOMFY_API_TOKEN", raising=False)
     monkeypatch.delenv("RUNCOMFY_API_BASE", raising=False)
+    # The per-user ledger of output folders: each test's own, never the real one.
+    monkeypatch.delenv("BATCHER_LEDGER", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / ".state"))
     # Every journal gets a checkpoint, so that resumes in tests start from one and fold only the tail.
     monkeypatch.setattr("batcher.state.CHECKPOINT_MIN_BYTES", 0)
 

@@ -89,20 +89,21 @@ def test_sandbox_run_then_status(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(cli, ["run", str(path), "--sandbox", "--poll-interval", "0.05"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "3/3 done" in result.output
-    assert len(list((tmp_path / "output" / "demo").glob("job-*/*.png"))) == 3
+    # A rehearsal has a folder of its own, so the real run that follows starts clean.
+    assert len(list((tmp_path / "output" / "sandbox" / "demo").glob("job-*/*.png"))) == 3
 
-    result = runner.invoke(cli, ["status", str(path), "--json"], catch_exceptions=False)
+    result = runner.invoke(cli, ["status", str(path), "--sandbox", "--json"], catch_exceptions=False)
     assert result.exit_code == 0
     report = json.loads(result.output)
-    assert report["counts"]["done"] == 3 and report["failed"] == [] and report["spent"] > 0
+    assert report["counts"]["done"] == 3 and report["failed"] == [] and report["spent"] > 0 and report["sandbox"]
 
-    result = runner.invoke(cli, ["status", str(path)], catch_exceptions=False)
-    assert "done" in result.output
+    result = runner.invoke(cli, ["status", str(path), "--sandbox"], catch_exceptions=False)
+    assert "done" in result.output and "sandbox: would have cost" in result.output
 
 
 def test_a_locked_output_folder_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     path = many_jobs_manifest(tmp_path / "m.yaml", 1)
-    with another_run_holding(tmp_path / "output" / "m"):
+    with another_run_holding(tmp_path / "output" / "sandbox" / "m"):
         result = runner.invoke(cli, ["run", str(path), "--sandbox"], catch_exceptions=False)
     assert result.exit_code == 2
     assert "another batcher run" in result.output
@@ -111,11 +112,11 @@ def test_a_locked_output_folder_exits_2(runner: CliRunner, tmp_path: Path) -> No
 def test_a_damaged_journal_is_named(runner: CliRunner, tmp_path: Path) -> None:
     path = many_jobs_manifest(tmp_path / "m.yaml", 2)
     assert runner.invoke(cli, ["run", str(path), "--sandbox", "--poll-interval", "0.05"]).exit_code == 0
-    journal = tmp_path / "output" / "m" / "state.jsonl"
+    journal = tmp_path / "output" / "sandbox" / "m" / "state.jsonl"
     lines = journal.read_bytes().splitlines(keepends=True)
     lines[1] = lines[1][:10] + b"X" + lines[1][11:]
     journal.write_bytes(b"".join(lines))
-    result = runner.invoke(cli, ["status", str(path)], catch_exceptions=False)
+    result = runner.invoke(cli, ["status", str(path), "--sandbox"], catch_exceptions=False)
     assert result.exit_code == 2
     assert "line 2 is damaged" in result.output
 
@@ -143,8 +144,8 @@ def test_prices_can_be_overridden(runner: CliRunner, tmp_path: Path, monkeypatch
 def test_status_works_while_a_run_holds_the_folder(runner: CliRunner, tmp_path: Path) -> None:
     path = many_jobs_manifest(tmp_path / "m.yaml", 2)
     assert runner.invoke(cli, ["run", str(path), "--sandbox", "--poll-interval", "0.05"]).exit_code == 0
-    with another_run_holding(tmp_path / "output" / "m"):
-        result = runner.invoke(cli, ["status", str(path), "--json"], catch_exceptions=False)
+    with another_run_holding(tmp_path / "output" / "sandbox" / "m"):
+        result = runner.invoke(cli, ["status", str(path), "--sandbox", "--json"], catch_exceptions=False)
     assert result.exit_code == 0 and json.loads(result.output)["counts"]["done"] == 2
 
 

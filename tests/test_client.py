@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from batcher import (
+    ApiError,
     ApiValidationError,
     AuthError,
     BalanceError,
@@ -173,9 +174,13 @@ async def test_cancel_reports_the_outcome() -> None:
     seen: list[httpx.Request] = []
     answers = [status(200, {"request_id": "r", "status": "in_progress", "outcome": "not_cancellable"})]
     async with _client(answers, seen) as client:
-        outcome = await client.cancel("r/../x")
+        outcome = await client.cancel("r-1")
+        # An id that could steer the URL (or one 100,000 characters long) is never sent.
+        for bad in ("r/../x", "r" * 100_000, "r\x1b[2J"):
+            with pytest.raises(ApiError, match="malformed"):
+                await client.cancel(bad)
     assert outcome.outcome == "not_cancellable" and outcome.state == "in_progress"
-    assert seen[0].url.raw_path == b"/v1/requests/r%2F..%2Fx/cancel"
+    assert len(seen) == 1 and seen[0].url.raw_path == b"/v1/requests/r-1/cancel"
     assert seen[0].method == "POST"
 
 

@@ -134,7 +134,7 @@ async def test_a_body_truncated_on_the_wire_is_retried_then_refused(
 ) -> None:
     sandbox = start_sandbox(fault_rate=1.0, faults=("truncate",), fault_paths=("file",))
     url = f"{sandbox.url}/files/sbx-1-000000000000/0.png"
-    async with Downloader(backoff=0.001, attempts=3) as downloader:
+    async with Downloader(backoff=0.001, attempts=3, loopback_origin=sandbox.url) as downloader:
         with pytest.raises(DownloadError, match=r"RemoteProtocolError|sent"):
             await downloader.fetch(url, tmp_path / "a.png")
     assert sandbox.sandbox.calls["file"] == 3

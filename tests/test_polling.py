@@ -33,19 +33,53 @@ def test_old_durations_are_forgotten_and_nonsense_ignored() -> None:
     assert len(model) == 5 and model.earliest == pytest.approx(4.75)
 
 
+T0 = 1_700_000_000  # November 2023
+
+
 @pytest.mark.parametrize(
     ("result", "expected"),
     [
-        ({"created_at": 100.0, "finished_at": 130.5}, 30.5),
-        ({"created_at": 1_700_000_000_000, "finished_at": 1_700_000_012_000}, 12.0),  # milliseconds
-        ({"created_at": "2026-11-25T10:00:00Z", "finished_at": "2026-11-25T10:01:30+00:00"}, 90.0),
+        ({"created_at": T0 + 0.0, "finished_at": T0 + 30.5}, 30.5),
+        ({"created_at": T0 * 1000, "finished_at": T0 * 1000 + 12_000}, 12.0),  # milliseconds
+        ({"created_at": "2025-11-25T10:00:00Z", "finished_at": "2025-11-25T10:01:30+00:00"}, 90.0),
         ({"created_at": "yesterday", "finished_at": "today"}, None),
-        ({"created_at": 5, "finished_at": 4}, None),
+        ({"created_at": T0 + 5, "finished_at": T0 + 4}, None),
         ({}, None),
+        # A server's nonsense must not teach the poll timing: zero epoch, before 2020, far future,
+        # longer than a day, not a number, absurdly long.
+        ({"created_at": 0, "finished_at": T0}, None),
+        ({"created_at": 100.0, "finished_at": 130.5}, None),
+        ({"created_at": -5, "finished_at": T0}, None),
+        ({"created_at": T0, "finished_at": 4_000_000_000}, None),
+        ({"created_at": T0, "finished_at": T0 + 90_000}, None),
+        ({"created_at": True, "finished_at": T0}, None),
+        ({"created_at": T0, "finished_at": 10**400}, None),
+        ({"created_at": T0, "finished_at": float("nan")}, None),
+        ({"created_at": "2025-11-25T10:00:00Z" + " " * 100_000, "finished_at": T0}, None),
     ],
 )
 def test_remote_duration(result: dict[str, object], expected: float | None) -> None:
     assert remote_duration(result) == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_a_duration_longer_than_a_day_is_not_learned() -> None:
+    model = DurationModel()
+    for seconds in (20.0, 25.0, 30.0, 35.0, 1.7e9, 90_000.0):
+        model.add(seconds)
+    assert len(model) == 4
+
+
+def test_every_wait_after_the_first_is_bounded_by_the_longest() -> None:
+    model = DurationModel()
+    for _ in range(5):
+        model.add(3000.0)  # jobs take 50 minutes
+    assert model.wait(1.0, 1.0, 1.0, 10.0) == 10.0  # was 2849 s: --poll-max was not a bound below `earliest`
+    assert model.wait(1.0, 1.0, 1.0, 10.0, first=True) == 100.0  # the first waits for the fastest, at most 10x
+    model = DurationModel()
+    for _ in range(5):
+        model.add(40.0)
+    assert model.wait(2.0, 1.0, 1.0, 10.0, first=True) == pytest.approx(36.0)
+    assert model.wait(2.0, 1.0, 1.0, 10.0) == 10.0
 
 
 def simulate(jobs: int, concurrency: int, learn: bool, seed: int = 1) -> tuple[float, float]:
@@ -59,12 +93,12 @@ def simulate(jobs: int, concurrency: int, learn: bool, seed: int = 1) -> tuple[f
     ratios: list[float] = []
     queue: list[tuple[float, int, float]] = []
 
-    def wait(job: int, now: float, backoff: float) -> float:
-        return model.wait(now - submitted[job], backoff, poll_min, poll_max)  # the runner's own rule
+    def wait(job: int, now: float, backoff: float, first: bool = False) -> float:
+        return model.wait(now - submitted[job], backoff, poll_min, poll_max, first=first)  # the runner's own rule
 
     def submit(job: int, now: float) -> None:
         submitted[job] = now
-        heapq.heappush(queue, (now + wait(job, now, poll_min), job, poll_min))
+        heapq.heappush(queue, (now + wait(job, now, poll_min, first=True), job, poll_min))
 
     started = 0
     for job in range(min(concurrency, jobs)):

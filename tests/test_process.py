@@ -97,7 +97,10 @@ def test_first_signal_stops_submitting_and_finishes_paid_jobs(
     folded = read_journal(tmp_path / "out" / JOURNAL_NAME)
     submitted = [r for r in folded.records.values() if r.request_ids]
     assert 0 < len(submitted) < 20
-    assert all(r.downloaded for r in submitted), "paid-for jobs are finished before exiting"
+    if signum == signal.SIGINT:
+        assert all(r.downloaded for r in submitted), "paid-for jobs are finished before exiting"
+    # SIGTERM (a service manager's stop) ends the waits at once; no submit is left uncertain.
+    assert not any(r.phase in ("uncertain", "submitting") for r in folded.records.values())
     assert len(sandbox.sandbox.submits) == len(submitted)
 
     # Resume does the rest, sending nothing twice.

@@ -28,20 +28,21 @@ def test_shards_run_apart_and_status_sums_them(runner: CliRunner, tmp_path: Path
     for part in (1, 2, 3):
         result = runner.invoke(cli, ["run", str(path), "--shard", f"{part}/3", *FAST], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-    folders = sorted(p.name for p in (tmp_path / "output" / "m").iterdir())
+    folders = sorted(p.name for p in (tmp_path / "output" / "sandbox" / "m").iterdir())
     assert folders == ["shard-1-of-3", "shard-2-of-3", "shard-3-of-3"]
     per_shard = [
-        (tmp_path / "output" / "m" / name / "state.jsonl").read_text().count('"downloaded"') for name in folders
+        (tmp_path / "output" / "sandbox" / "m" / name / "state.jsonl").read_text().count('"downloaded"')
+        for name in folders
     ]
     assert sum(per_shard) == 12 and all(per_shard)  # every job once, in exactly one shard
 
-    result = runner.invoke(cli, ["status", str(path), "--json"], catch_exceptions=False)
+    result = runner.invoke(cli, ["status", str(path), "--sandbox", "--json"], catch_exceptions=False)
     report = json.loads(result.output)
     assert report["counts"]["done"] == 12 and report["total"] == 12
     assert len(report["journals"]) == 3  # the three shards' (the folder itself has none)
 
-    one = runner.invoke(cli, ["plan", str(path), "--shard", "2/3"], catch_exceptions=False)
-    assert f"{per_shard[1]} jobs" in one.output and "left to submit: $0.00" in one.output
+    one = runner.invoke(cli, ["plan", str(path), "--shard", "2/3", "--sandbox"], catch_exceptions=False)
+    assert f"{per_shard[1]} jobs" in one.output and "sandbox: would cost about $0.00" in one.output
 
 
 def test_shard_layouts_that_would_pay_twice_are_refused(runner: CliRunner, tmp_path: Path) -> None:
@@ -133,6 +134,6 @@ def test_schemas_command_and_a_user_model_run(runner: CliRunner, tmp_path: Path)
     )
     result = runner.invoke(cli, ["run", str(path), "--schemas", str(folder), *FAST], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "output" / "pixels").glob("*/*.png"))) == 2
-    plan = runner.invoke(cli, ["plan", str(path), "--schemas", str(folder)], catch_exceptions=False)
+    assert len(list((tmp_path / "output" / "sandbox" / "pixels").glob("*/*.png"))) == 2
+    plan = runner.invoke(cli, ["plan", str(path), "--schemas", str(folder), "--sandbox"], catch_exceptions=False)
     assert "2 jobs have no price table" not in plan.output  # both done: nothing left to price

@@ -1,0 +1,362 @@
+"""The money promise on the paths a person takes: each drives the real CLI against the sandbox
+and judges what the sandbox saw (submits per job) and what the output folder holds."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+
+from batcher import SandboxThread, load_manifest, read_journal, run_manifest
+from batcher.cli import cli
+from batcher.state import JOURNAL_NAME, category
+
+from .conftest import TOKEN, fast_options, many_jobs_manifest
+
+StartSandbox = Callable[..., SandboxThread]
+FAST = ["--poll-interval", "0.05", "--poll-max", "0.1", "--retries", "3", "-q"]
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    return CliRunner()
+
+
+def _run(runner: CliRunner, *args: str) -> Result:
+    return runner.invoke(cli, ["run", *FAST, *args], catch_exceptions=False)
+
+
+def _submits_per_job(sandbox: SandboxThread) -> Counter[str]:
+    return Counter(record.body["prompt"] for record in sandbox.sandbox.submits)
+
+
+def _categories(folder: Path) -> Counter[str]:
+    return Counter(category(r) for r in read_journal(folder / JOURNAL_NAME).records.values())
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- 1. a sandbox rehearsal, then the real run ---------------------------------------------------
+
+
+def test_a_rehearsal_then_the_real_run_pays_for_every_job(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 4)
+    rehearsal = _run(runner, str(manifest), "--sandbox")
+    assert rehearsal.exit_code == 0, rehearsal.output
+    assert "sandbox: would have cost" in rehearsal.output and "nothing was charged" in rehearsal.output
+    assert (tmp_path / "output" / "sandbox" / "m" / JOURNAL_NAME).is_file()
+
+    real = start_sandbox()  # stands in for RunComfy: "drop --sandbox"
+    result = _run(runner, str(manifest), "--api-base", real.url)
+    assert result.exit_code == 0, result.output
+    assert _submits_per_job(real) == {f"prompt number {i}": 1 for i in range(4)}
+    assert _categories(tmp_path / "output" / "m") == {"done": 4}
+
+
+def test_a_folder_belongs_to_one_api(runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    assert _run(runner, str(manifest), "--sandbox", "-o", "out").exit_code == 0
+    before = (tmp_path / "out" / JOURNAL_NAME).read_bytes()
+    other = start_sandbox()
+    result = _run(runner, str(manifest), "--api-base", other.url, "-o", "out")
+    assert result.exit_code == 2, result.output
+    assert "belongs to runs against the in-process sandbox" in result.output and "-o" in result.output
+    assert "Traceback" not in result.output
+    assert other.sandbox.submits == [] and (tmp_path / "out" / JOURNAL_NAME).read_bytes() == before
+    for command in (["status", str(manifest), "-o", "out"], ["cancel", str(manifest), "-o", "out"]):
+        extra = ["--api-base", other.url] if command[0] == "cancel" else []
+        checked = runner.invoke(cli, [*command, *extra], catch_exceptions=False)
+        assert checked.exit_code == (2 if command[0] == "cancel" else 0), checked.output
+
+
+# -- 2. another working folder ------------------------------------------------------------------------
+
+
+def test_the_default_folder_follows_the_manifest_not_the_current_folder(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / "manifests").mkdir()
+    manifest = many_jobs_manifest(project / "manifests" / "london.yaml", 3)
+    sandbox = start_sandbox()
+    monkeypatch.chdir(project)
+    assert _run(runner, "manifests/london.yaml", "--api-base", sandbox.url).exit_code == 0
+    assert (project / "output" / "london" / JOURNAL_NAME).is_file()
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.chdir(home)  # a cron job started from $HOME
+    plan = runner.invoke(cli, ["plan", str(manifest)], catch_exceptions=False)
+    assert plan.output.count(" done ") == 3 and " pending " not in plan.output, plan.output
+    again = _run(runner, str(manifest), "--api-base", sandbox.url)
+    assert again.exit_code == 0, again.output
+    assert len(sandbox.sandbox.submits) == 3
+    assert not (home / "output").exists()
+
+
+def test_another_output_folder_never_pays_again_without_asking(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
+    sandbox = start_sandbox()
+    assert _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "first").exit_code == 0
+    result = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "second")
+    assert result.exit_code == 2, result.output
+    assert str(tmp_path / "first") in result.output and "--new-output" in result.output
+    assert len(sandbox.sandbox.submits) == 3
+    paid_again = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "second", "--new-output")
+    assert paid_again.exit_code == 0, paid_again.output
+    assert len(sandbox.sandbox.submits) == 6
+
+
+# -- 3. the resume hint -----------------------------------------------------------------------------------
+
+
+def test_the_resume_hint_is_a_command_that_works(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 4)
+    sandbox = start_sandbox(queue_delay=0.0, run_delay=3.0)
+    stopped = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out/x", "-c", "2", "--timeout", "1")
+    assert stopped.exit_code == 1, stopped.output
+    hint = stopped.output.split("To resume, run: ")[1].splitlines()[0]
+    words = shlex.split(hint)
+    assert words[:2] == ["batcher", "run"] and "-o" in words and "--api-base" in words and "-c" in words
+    resumed = runner.invoke(cli, [*words[1:], *FAST], catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    assert _submits_per_job(sandbox) == {f"prompt number {i}": 1 for i in range(4)}
+    assert _categories(tmp_path / "out" / "x") == {"done": 4}
+
+
+# -- 4. a wrong token ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_token_stops_at_once_and_leaves_nothing_uncertain(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)
+    sandbox = start_sandbox(require_token="right-token-123", auth_status=status)
+    result = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "-c", "4")
+    assert result.exit_code == 2, result.output
+    assert result.output.count("refused the API token") == 1 and "Traceback" not in result.output
+    assert "uncertain" not in _categories(tmp_path / "out")
+    assert sandbox.sandbox.calls.get("submit", 0) <= 4  # the ones in flight, then nothing more
+
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", "right-token-123")
+    fixed = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out")
+    assert fixed.exit_code == 0, fixed.output
+    assert _submits_per_job(sandbox) == {f"prompt number {i}": 1 for i in range(6)}
+
+
+def test_cancel_with_a_refused_token_says_so_once(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
+    sandbox = start_sandbox(queue_delay=30.0, require_token=TOKEN)
+    assert _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "--timeout", "1").exit_code == 1
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", "wrong-token-456")
+    result = runner.invoke(cli, ["cancel", str(manifest), "--api-base", sandbox.url, "-o", "out"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("refused the API token") == 1
+
+
+# -- 5. an outage -------------------------------------------------------------------------------------------------
+
+
+def test_an_outage_pauses_then_ends_with_one_message_and_the_next_run_sends_everything(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 4)
+    down = f"http://127.0.0.1:{_closed_port()}"
+    result = _run(runner, str(manifest), "--api-base", down, "-o", "out", "--retries", "2", "--outage-timeout", "1")
+    assert result.exit_code == 1, result.output
+    assert "could not be reached" in result.output
+    assert "failed" not in result.output and "--retry-failed" not in result.output
+    assert _categories(tmp_path / "out") == {"pending": 4}
+
+    sandbox = start_sandbox()
+    back = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out")
+    assert back.exit_code == 0, back.output
+    assert _submits_per_job(sandbox) == {f"prompt number {i}": 1 for i in range(4)}
+
+
+# -- 6. a 404 on a poll ------------------------------------------------------------------------------------------------
+
+
+def test_a_request_not_known_yet_is_asked_again_not_failed(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
+    sandbox = start_sandbox(unknown_window=0.5)
+    result = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out")
+    assert result.exit_code == 0, result.output
+    assert _submits_per_job(sandbox) == {f"prompt number {i}": 1 for i in range(3)}
+
+
+def test_a_lost_request_is_held_and_sent_again_only_when_asked(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    sandbox = start_sandbox(unknown_window=3600)
+    result = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "--lost-after", "0.3")
+    assert result.exit_code == 1, result.output
+    assert "2 lost" in result.output and "--resubmit-uncertain" in result.output
+    status = runner.invoke(cli, ["status", str(manifest), "-o", "out", "--json"], catch_exceptions=False)
+    assert json.loads(status.output)["counts"]["lost"] == 2
+    retried = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "--retry-failed")
+    assert retried.exit_code == 1 and len(sandbox.sandbox.submits) == 2
+    sandbox.sandbox.config.unknown_window = 0.0
+    resubmitted = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "--resubmit-uncertain")
+    assert resubmitted.exit_code == 0, resubmitted.output
+    assert len(sandbox.sandbox.submits) == 4
+
+
+# -- 7. 429 past the retries ----------------------------------------------------------------------------------------------
+
+
+def test_an_account_cap_slows_the_run_down_and_refuses_nothing(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 10)
+    sandbox = start_sandbox(max_in_flight=2, retry_after=0.05, run_delay=0.2)
+    result = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "-c", "8", "--retries", "1")
+    assert result.exit_code == 0, result.output
+    assert sandbox.sandbox.account_refusals > 0
+    assert _submits_per_job(sandbox) == {f"prompt number {i}": 1 for i in range(10)}
+    journal = (tmp_path / "out" / JOURNAL_NAME).read_text()
+    assert '"e":"refused"' not in journal and '"e":"deferred"' in journal
+
+
+# -- 8. --max-cost -----------------------------------------------------------------------------------------------------------------
+
+
+def test_the_cost_cap_says_how_to_go_on(runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 5)
+    sandbox = start_sandbox()
+    args = [str(manifest), "--api-base", sandbox.url, "-o", "out", "--max-cost", "0.03"]
+    first = _run(runner, *args)
+    assert first.exit_code == 1, first.output
+    assert "raise --max-cost" in first.output and "To resume" not in first.output
+    sent = len(sandbox.sandbox.submits)
+    assert 0 < sent < 5
+    again = _run(runner, *args)
+    assert "--max-cost $0.03 reached" in again.output and "raise --max-cost" in again.output
+    assert len(sandbox.sandbox.submits) == sent
+    raised = _run(runner, *args[:-1], "1")
+    assert raised.exit_code == 0 and len(sandbox.sandbox.submits) == 5
+
+
+# -- 9. shards and the whole -----------------------------------------------------------------------------------------------------------
+
+
+def test_unsharded_plan_status_and_report_sum_the_shards(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)
+    sandbox = start_sandbox()
+    for shard in ("1/2", "2/2"):
+        assert _run(runner, str(manifest), "--api-base", sandbox.url, "--shard", shard).exit_code == 0
+    plan = runner.invoke(cli, ["plan", str(manifest)], catch_exceptions=False)
+    assert plan.output.count(" done ") == 6, plan.output
+    status = runner.invoke(cli, ["status", str(manifest), "--json"], catch_exceptions=False)
+    assert json.loads(status.output)["counts"]["done"] == 6
+    report = runner.invoke(cli, ["report", str(manifest)], catch_exceptions=False)
+    assert report.exit_code == 0, report.output
+    rows = [json.loads(line) for line in (tmp_path / "output" / "m" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all((tmp_path / "output" / "m" / row["file_name"]).is_file() for row in rows)
+
+
+# -- 10. money adds up ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_spent_counts_superseded_jobs_and_prints_no_float_noise(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 3, quality="medium")
+    sandbox = start_sandbox()
+    assert _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out").exit_code == 0
+    before = json.loads(runner.invoke(cli, ["status", str(manifest), "-o", "out", "--json"]).output)["spent"]
+    manifest.write_text(manifest.read_text().replace("prompt number 0", "an edited prompt"))
+    assert _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out").exit_code == 0
+    status = runner.invoke(cli, ["status", str(manifest), "-o", "out", "--json"])
+    report = json.loads(status.output)
+    assert report["spent"] == round(before * 4 / 3, 6) and report["spent_superseded"] == round(before / 3, 6)
+    assert all(len(repr(report[key]).split(".")[-1]) <= 6 for key in ("spent", "spent_superseded", "to_spend"))
+
+
+def test_a_resumed_run_counts_the_failures_it_holds(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
+    sandbox = start_sandbox(fail_rate=1.0)
+    assert _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out").exit_code == 1
+    again = runner.invoke(
+        cli, ["run", str(manifest), "--api-base", sandbox.url, "-o", "out", "--poll-interval", "0.05"]
+    )
+    assert "0/3 done, 3 failed" in again.output, again.output
+
+
+# -- 11. a figure before spending ----------------------------------------------------------------------------------------------------------
+
+
+def test_the_run_says_what_it_will_send_and_never_waits_without_a_terminal(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 4, quality="high")
+    sandbox = start_sandbox()
+    result = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "--confirm-above", "0")
+    assert result.exit_code == 0, result.output
+    assert "will submit 4 job(s)" in result.output and "$" in result.output
+    assert len(sandbox.sandbox.submits) == 4
+
+
+# -- answers that carry a request_id beside an error, or an error body on a gateway status ---------------
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "phase"),
+    [
+        (200, {"request_id": "r-1", "error_code": 400002, "error_message": "insufficient balance"}, "submitted"),
+        (422, {"request_id": "r-1", "error_code": 422001, "error_message": "bad input"}, "submitted"),
+        (502, {"error_code": 422001, "error_message": "bad input"}, "uncertain"),
+        (504, {"error_code": 500001, "error_message": "retry"}, "uncertain"),
+        (200, {"request_id": "r/../../x" + "y" * 100_000}, "uncertain"),
+        (200, {"request_id": 12345}, "uncertain"),
+    ],
+)
+async def test_an_answer_that_may_mean_accepted_is_never_sent_again(
+    tmp_path: Path, status: int, body: dict[str, object], phase: str
+) -> None:
+    posts: list[httpx.Request] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posts.append(request)
+            return httpx.Response(status, json=body)
+        return httpx.Response(200, json={"request_id": "r-1", "status": "in_progress"})
+
+    manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
+    for _ in range(2):
+        options = fast_options(api_transport=httpx.MockTransport(api), output_dir=tmp_path / "out", run_timeout=0.5)
+        await run_manifest(manifest, options)
+    assert len(posts) == 1
+    (record,) = read_journal(tmp_path / "out" / JOURNAL_NAME).records.values()
+    assert record.phase == phase and record.submits == 1
+    if phase == "submitted":
+        assert record.request_id == "r-1"
