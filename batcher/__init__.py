@@ -10,8 +10,7 @@ The library is the product; the ``batcher`` command is one consumer of it::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .api import run
 from .client import RetryPolicy, RunComfyClient
 from .errors import (

@@ -38,9 +38,9 @@ def run(
         raise UsageError(msg)
     loaded = load_manifest(manifest, [Path(folder) for folder in schemas])
     if sandbox is True:
-        options["sandbox"] = SandboxConfig(schema_dirs=loaded.schema_dirs)
+        options.update(sandbox=True, sandbox_config=SandboxConfig(schema_dirs=loaded.schema_dirs))
     elif isinstance(sandbox, SandboxConfig):
-        options["sandbox"] = sandbox
+        options.update(sandbox=True, sandbox_config=sandbox)
     if "output_dir" in options and options["output_dir"] is not None:
         options["output_dir"] = Path(options["output_dir"])
     return anyio.run(run_manifest, loaded, RunOptions(**options))

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from . import __version__
+from ._version import __version__
 from .client import RetryPolicy
 from .cost import load_price_table
 from .dataset import METADATA_NAME, write_metadata
@@ -39,8 +39,9 @@ from .folders import default_output_dir, noted_folders, parse_shard, read_folder
 from .gallery import write_gallery
 from .manifest import Manifest, load_manifest
 from .preflight import check_urls, input_urls
-from .report import ProgressView, plain_progress_line, print_plan, print_status, print_summary, status_report
-from .runner import RunOptions, RunPlan, RunProgress, RunSummary, cancel_manifest, run_manifest
+from .progress import ProgressView, RunProgress, plain_progress_line
+from .report import print_plan, print_status, print_summary, status_report
+from .runner import RunOptions, RunPlan, RunSummary, cancel_manifest, run_manifest
 from .sandbox import FAULT_KINDS, Sandbox, SandboxConfig
 from .schema import available_models, load_model_schema
 from .state import JOURNAL_NAME, FoldedJournal
@@ -227,6 +228,7 @@ def init(path: Path) -> None:
     if path.exists():
         raise _BadInput(f"{path} already exists; choose another name or remove it")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(STARTER_MANIFEST.format(name=path), encoding="utf-8")
     except OSError as exc:
         raise _BadInput(f"cannot write {path}: {exc.strerror or exc}") from exc
@@ -484,7 +486,8 @@ def run(
         output_dir=output,
         concurrency=concurrency,
         api_base=api_base,
-        sandbox=SandboxConfig(schema_dirs=loaded.schema_dirs) if sandbox else None,
+        sandbox=sandbox,
+        sandbox_config=SandboxConfig(schema_dirs=loaded.schema_dirs) if sandbox else None,
         retry_failed=retry_failed,
         resubmit_uncertain=resubmit_uncertain,
         new_output=new_output,
@@ -626,7 +629,8 @@ def cancel(
     options = RunOptions(
         output_dir=output,
         api_base=api_base,
-        sandbox=SandboxConfig(schema_dirs=loaded.schema_dirs) if sandbox else None,
+        sandbox=sandbox,
+        sandbox_config=SandboxConfig(schema_dirs=loaded.schema_dirs) if sandbox else None,
         shard=shard,
     )
     summary = anyio.run(cancel_manifest, loaded, options)

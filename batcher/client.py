@@ -90,20 +90,30 @@ JobState = Literal["in_queue", "in_progress", "completed", "failed", "cancelled"
 TERMINAL_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 _STATE_WORDS: dict[str, JobState] = {
+    # What RunComfy documents.
     "in_queue": "in_queue",
-    "queued": "in_queue",
-    "pending": "in_queue",
     "in_progress": "in_progress",
-    "running": "in_progress",
-    "processing": "in_progress",
     "completed": "completed",
-    "succeeded": "completed",
-    "success": "completed",
-    "cancelled": "cancelled",
-    "canceled": "cancelled",
     "failed": "failed",
-    "error": "failed",
+    "cancelled": "cancelled",
+    # Terminal for RunComfy's CLI too (src/poll.rs `inference_is_terminal`, src/cmd/mod.rs
+    # `finish_inference_result`): "succeeded" is its success, "canceled" its cancellation.
+    "succeeded": "completed",
+    "canceled": "cancelled",
+    # Not finished for RunComfy's ComfyUI nodes (runcomfy/execution.py), which say "Waiting in
+    # queue." for pending and waiting and "Generating..." for starting and processing: so the first
+    # two are queued (cancellable, --queue-timeout) and the last two running (--job-timeout).
+    "pending": "in_queue",
+    "waiting": "in_queue",
+    "starting": "in_progress",
+    "processing": "in_progress",
+    # Generic words for the same two states; harmless, since neither ends a job.
+    "queued": "in_queue",
+    "running": "in_progress",
 }
+"""Every state word batcher reads. A word ends a job only when RunComfy's own clients end it there:
+a wrong "failed" could lead --retry-failed to pay for a job still running, while an unknown word
+costs only polls (it is logged and polled on). So "success" and "error" are not read as ends."""
 
 _OUTPUT_KEYS = ("image", "images", "video", "videos")
 _MAX_QUEUE_POSITION = 10_000_000
@@ -144,7 +154,10 @@ def api_base_from_env(flag: str | None) -> str:
 
 
 def normalize_state(word: object) -> JobState:
-    """RunComfy's state words, spelled one way; ``unknown`` for anything new."""
+    """RunComfy's state words, spelled one way; ``unknown`` for anything new (still polled).
+
+    Case and surrounding space are ignored, as RunComfy's CLI and MCP server lower-case the word.
+    """
     return _STATE_WORDS.get(str(word).strip().lower(), "unknown")
 
 

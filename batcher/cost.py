@@ -2,8 +2,11 @@
 
 A table is a JSON file beside the model's input schema
 (``<model>.pricing.json``): ``keys`` names the input fields that set the
-price, and ``prices`` nests one level per key. Estimates are upper bounds
-where the input leaves the price open (``image_size: auto``).
+price, and ``prices`` nests one level per key. ``source``, ``as_of``,
+``unit`` (RunComfy's ``price_unit``, ``output`` for an image) and ``note``
+say where the numbers come from; other fields (``provenance``) are for
+people and ignored. Where a table prices a field the service may resolve
+either way, it should give the upper bound.
 
 Prices change: a folder named by ``BATCHER_PRICES``, laid out the same way
 (``openai/gpt-image-1-5/image-to-image.pricing.json``), overrides the
@@ -37,6 +40,10 @@ class PriceTable:
     prices: dict[str, Any]
     source: str
     as_of: str
+    unit: str = "output"
+    """RunComfy's ``price_unit`` (``output`` for an image model, ``second`` for video)."""
+    note: str = ""
+    """One line on how the prices go, as RunComfy's ``pricing_note``."""
 
     def price(self, payload: dict[str, Any]) -> float | None:
         """The price of one job with this input, or None when the table does not say."""
@@ -58,6 +65,8 @@ def _load(path: Path) -> PriceTable | None:
             prices=data["prices"],
             source=data.get("source", ""),
             as_of=data.get("as_of", ""),
+            unit=str(data.get("unit") or "output"),
+            note=str(data.get("note") or ""),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -5,8 +5,10 @@ A file is streamed to a hidden temporary file beside its target, checked
 hashed, fsynced and renamed into place, so a final name never holds a
 partial file. Download hosts never see the API token: this client is a
 separate ``httpx.AsyncClient`` with no credentials, and follows redirects by
-hand so that every hop passes the same checks. Loopback is reached only at
-the API base's own origin when that base is loopback (the sandbox); each
+hand so that every hop passes the same checks (`batcher.redirects`).
+Loopback is reached only at the API base's own origin when that base is
+loopback (the sandbox). A failed try is repeated with the same backoff as API
+calls (`batcher.retrying`), unless a fresh URL or nothing would help; each
 file has a total deadline, so a host trickling a byte a second cannot hold a
 worker for ever; and nothing below the output folder is written through a
 link (see `batcher.confined`).
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import aiofiles
 import anyio
@@ -30,7 +32,9 @@ import httpx
 from . import __version__
 from .confined import OutputDir, StagedFile
 from .errors import DownloadError, OutputFolderError
-from .netpolicy import origin, resolve_refusal
+from .netpolicy import origin
+from .redirects import RefusedHopError, TooManyRedirectsError, anonymous_client, display_url, follow
+from .retrying import RetryPolicy, TryAgain, retrying
 
 __all__ = [
     "DEFAULT_DEADLINE",
@@ -44,11 +48,11 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
+"""The default cap on one output file (``--max-download-bytes``)."""
 DEFAULT_DEADLINE = 300.0
 """Seconds one file may take, every try, redirect and backoff included (at least; see `deadline_for`)."""
 _SLOWEST_RATE = 512 * 1024
 """Bytes a second a file at the size cap may need: a larger cap buys a proportionally longer deadline."""
-_MAX_REDIRECTS = 5
 _CHUNK = 64 * 1024
 _WRITE_BATCH = 4 * 1024 * 1024
 """A file up to this size is held in memory and written in one go (this model's PNGs are 1-3 MB);
@@ -157,18 +161,15 @@ class Downloader:
         (default `deadline_for` max_bytes); the per-read timeout alone lets a trickle last for ever.
         """
         self.max_bytes = max_bytes
-        self.attempts = attempts
-        self.backoff = backoff
+        self.retry = RetryPolicy(attempts=attempts, base=backoff)
         self.folder = folder
         self.loopback_origin = origin(loopback_origin) if loopback_origin else None
         self.deadline = deadline if deadline is not None else deadline_for(max_bytes)
-        self._http = httpx.AsyncClient(
-            transport=transport,
+        self._http = anonymous_client(
+            user_agent=f"batcher/{__version__}",
             timeout=timeout or httpx.Timeout(60.0, connect=10.0),
-            follow_redirects=False,
+            transport=transport,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            # identity: a compressed body could expand past the size cap (a "gzip bomb").
-            headers={"User-Agent": f"batcher/{__version__}", "Accept-Encoding": "identity"},
         )
 
     async def __aenter__(self) -> Downloader:
@@ -186,44 +187,27 @@ class Downloader:
         with anyio.move_on_after(self.deadline):
             return await self._fetch(url, target)
         msg = (
-            f"downloading {_short(url)} took over {self.deadline:g}s, the per-file deadline: "
+            f"downloading {display_url(url)} took over {self.deadline:g}s, the per-file deadline: "
             "the host is too slow or has stalled"
         )
         raise DownloadError(msg)
 
     async def _fetch(self, url: str, target: Path) -> Downloaded:
-        error: DownloadError | None = None
-        for attempt in range(self.attempts):
-            try:
-                return await self._fetch_once(url, target)
-            except ExpiredUrlError:
-                raise
-            except _PermanentDownloadError:
-                raise
-            except DownloadError as exc:
-                error = exc
-            if attempt + 1 < self.attempts:
-                await anyio.sleep(self.backoff * 2**attempt)
-        assert error is not None
-        raise error
+        return await retrying(
+            partial(self._fetch_once, url, target), policy=self.retry, retry_on=_worth_another_try, name=f"download {display_url(url)}"
+        )
 
     async def _fetch_once(self, url: str, target: Path) -> Downloaded:
-        current = url
-        for _ in range(_MAX_REDIRECTS + 1):
-            refusal = await resolve_refusal(current, loopback=self.loopback_origin)
-            if refusal:
-                raise _PermanentDownloadError(f"refusing to download {_short(current)}: {refusal}")
-            try:
-                async with self._http.stream("GET", current) as response:
-                    if response.is_redirect:
-                        location = response.headers.get("location", "")
-                        current = urljoin(current, location)
-                        continue
-                    return await self._save(response, current, target)
-            except httpx.TransportError as exc:
-                msg = f"download of {_short(current)} failed: {type(exc).__name__}: {exc}"
-                raise DownloadError(msg) from exc
-        raise _PermanentDownloadError(f"too many redirects downloading {_short(url)}")
+        try:
+            async with follow(self._http, url, loopback=self.loopback_origin) as response:
+                return await self._save(response, str(response.url), target)
+        except RefusedHopError as exc:
+            raise _PermanentDownloadError(f"refusing to download {display_url(exc.url)}: {exc.reason}") from exc
+        except TooManyRedirectsError as exc:
+            raise _PermanentDownloadError(f"too many redirects downloading {display_url(url)}") from exc
+        except httpx.TransportError as exc:
+            msg = f"download of {display_url(_hop_url(exc, url))} failed: {type(exc).__name__}: {exc}"
+            raise DownloadError(msg) from exc
 
     async def _save(self, response: httpx.Response, url: str, target: Path) -> Downloaded:
         status = response.status_code
@@ -231,22 +215,22 @@ class Downloader:
             msg = f"the output URL answered HTTP {status}; it has probably expired"
             raise ExpiredUrlError(msg)
         if status >= 500 or status == 429:
-            msg = f"the download host answered HTTP {status} for {_short(url)}"
+            msg = f"the download host answered HTTP {status} for {display_url(url)}"
             raise DownloadError(msg)
         if status != 200:
-            raise _PermanentDownloadError(f"the download host answered HTTP {status} for {_short(url)}")
+            raise _PermanentDownloadError(f"the download host answered HTTP {status} for {display_url(url)}")
         content_type = response.headers.get("content-type", "")
         if not _content_type_ok(content_type):
             kind = repr(content_type) if content_type.strip() else "sent without a Content-Type"
-            raise _PermanentDownloadError(f"{_short(url)} is {kind}, not an image or video (image/*, video/*)")
+            raise _PermanentDownloadError(f"{display_url(url)} is {kind}, not an image or video (image/*, video/*)")
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
-            raise _PermanentDownloadError(f"{_short(url)} came {encoding}-encoded although we asked for identity")
+            raise _PermanentDownloadError(f"{display_url(url)} came {encoding}-encoded although we asked for identity")
         declared = response.headers.get("content-length")
         expected = int(declared) if declared and declared.isdigit() else None
         if expected is not None and expected > self.max_bytes:
             raise _PermanentDownloadError(
-                f"{_short(url)} is {expected:,} bytes, over the {self.max_bytes:,}-byte cap (--max-download-bytes)"
+                f"{display_url(url)} is {expected:,} bytes, over the {self.max_bytes:,}-byte cap (--max-download-bytes)"
             )
 
         root, relative = self._place(target)
@@ -262,7 +246,7 @@ class Downloader:
                 size += len(chunk)
                 if size > self.max_bytes:
                     raise _PermanentDownloadError(
-                        f"{_short(url)} is over the {self.max_bytes:,}-byte cap (--max-download-bytes)"
+                        f"{display_url(url)} is over the {self.max_bytes:,}-byte cap (--max-download-bytes)"
                     )
                 digest.update(chunk)
                 pending.append(chunk)
@@ -276,10 +260,10 @@ class Downloader:
                     await out.write(b"".join(pending))
                     pending, pending_size = [], 0
             if expected is not None and size != expected:
-                msg = f"{_short(url)} sent {size:,} bytes of the {expected:,} it announced"
+                msg = f"{display_url(url)} sent {size:,} bytes of the {expected:,} it announced"
                 raise DownloadError(msg)
             if size == 0:
-                msg = f"{_short(url)} sent an empty file"
+                msg = f"{display_url(url)} sent an empty file"
                 raise DownloadError(msg)
             if staged is None:
                 # A typical image: folder, file, fsync and name in one thread hop.
@@ -313,7 +297,16 @@ class Downloader:
         return self.folder, relative
 
 
-def _short(url: str) -> str:
-    """A URL for messages: without its query, which may hold a signature."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+def _worth_another_try(exc: Exception) -> TryAgain | None:
+    """Downloads' rule: a fault another try may mend; not an expired URL (a fresh one is needed) nor a permanent one."""
+    if isinstance(exc, DownloadError) and not isinstance(exc, ExpiredUrlError) and not exc.permanent:
+        return TryAgain()
+    return None
+
+
+def _hop_url(exc: httpx.TransportError, fallback: str) -> str:
+    """The URL of the hop that failed: httpx attaches its request to the error."""
+    try:
+        return str(exc.request.url)
+    except RuntimeError:  # raised before any request was made
+        return fallback

@@ -18,12 +18,12 @@ from urllib.parse import quote
 
 from .confined import OutputDir
 from .manifest import Job, Manifest
-from .state import FoldedJournal, JobRecord, category
+from .standing import CATEGORIES, Category, category_of, money
+from .state import FoldedJournal, JobRecord
 
-__all__ = ["GALLERY_NAME", "job_state", "write_gallery"]
+__all__ = ["GALLERY_NAME", "write_gallery"]
 
 GALLERY_NAME = "index.html"
-STATES = ("done", "running", "pending", "failed", "uncertain")
 
 _CSS = """
 :root { color-scheme: light dark; --bg: #f6f6f4; --card: #fff; --ink: #1d1d1b; --dim: #6b6b66; --line: #e2e2dc; }
@@ -49,7 +49,8 @@ main { display: grid; gap: 16px; grid-template-columns: repeat(auto-fill, minmax
 .name { font-weight: 600; overflow-wrap: anywhere; }
 .state { font-size: 12px; padding: 2px 8px; border-radius: 999px; white-space: nowrap; }
 .state-done { background: #d8f0dc; color: #1b5e20; } .state-failed { background: #fadada; color: #8a1c1c; }
-.state-uncertain { background: #fbecc8; color: #7a5200; } .state-running, .state-pending { background: #e3e8f4; color: #243a73; }
+.state-uncertain, .state-lost { background: #fbecc8; color: #7a5200; }
+.state-in_flight, .state-downloading, .state-pending { background: #e3e8f4; color: #243a73; }
 .prompt { margin: 0; }
 .params { display: flex; flex-wrap: wrap; gap: 4px; margin: 0; padding: 0; list-style: none; }
 .params li { font-size: 12px; color: var(--dim); border: 1px solid var(--line); border-radius: 6px; padding: 1px 6px; }
@@ -74,10 +75,9 @@ if (location.hash.length > 1) { show(location.hash.slice(1)); }  /* index.html#f
 """
 
 
-def job_state(record: JobRecord | None) -> str:
-    """The gallery's word for a job: `category`, with in-flight and downloading shown as running."""
-    found = category(record)
-    return "running" if found in ("in_flight", "downloading") else found
+def _label(found: Category) -> str:
+    """The word shown for a category, as `status` shows it."""
+    return found.replace("_", " ")
 
 
 def _e(value: object) -> str:
@@ -89,14 +89,14 @@ def _href(path: str) -> str:
 
 
 def _card(job: Job, record: JobRecord | None, folder: OutputDir) -> str:
-    state = job_state(record)
+    state = category_of(record, folder)
     files = sorted(record.files.items()) if record else []
     images = [
         f'<a href="{_href(f.path)}"><img loading="lazy" src="{_href(f.path)}" alt="output {i} of {_e(job.name)}"></a>'
         for i, f in files
         if folder.has_file(f.path)
     ]
-    outputs = "".join(images) or f'<div class="empty">{_e(state)}</div>'
+    outputs = "".join(images) or f'<div class="empty">{_label(state)}</div>'
     params = "".join(
         f"<li>{_e(k)}: {_e(v)}</li>" for k, v in sorted(job.input.items()) if k not in ("prompt", "image_urls")
     )
@@ -111,7 +111,7 @@ def _card(job: Job, record: JobRecord | None, folder: OutputDir) -> str:
     return f"""<article class="card" data-state="{state}" id="{_e(job.key)}">
 <div class="outputs">{outputs}</div>
 <div class="body">
-<div class="title"><span class="name">{_e(job.name)}</span><span class="state state-{state}">{state}</span></div>
+<div class="title"><span class="name">{_e(job.name)}</span><span class="state state-{state}">{_label(state)}</span></div>
 <p class="prompt">{_e(job.input.get("prompt", ""))}</p>
 <ul class="params">{params}</ul>
 <div class="inputs">{inputs}</div>
@@ -130,11 +130,15 @@ def write_gallery(manifest: Manifest, output_dir: Path, folded: FoldedJournal) -
 
 
 def _page(manifest: Manifest, folded: FoldedJournal, folder: OutputDir) -> str:
-    states = Counter(job_state(folded.records.get(job.key)) for job in manifest.jobs)
+    states = Counter(category_of(folded.records.get(job.key), folder) for job in manifest.jobs)
     buttons = [f'<button data-state="all" aria-pressed="true">all {len(manifest.jobs)}</button>']
-    buttons += [f'<button data-state="{s}" aria-pressed="false">{s} {states[s]}</button>' for s in STATES if states[s]]
+    buttons += [
+        f'<button data-state="{s}" aria-pressed="false">{_label(s)} {states[s]}</button>'
+        for s in CATEGORIES
+        if states[s]
+    ]
     cards = "\n".join(_card(job, folded.records.get(job.key), folder) for job in manifest.jobs)
-    spent = sum(r.cost or 0.0 for r in folded.records.values())
+    spent = money(sum(r.spent for r in folded.records.values()))  # as `status` counts it
     return f"""<!doctype html>
 <html lang="en">
 <head>

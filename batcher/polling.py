@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 import time
 from collections import deque
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 __all__ = ["MAX_DURATION", "DurationModel", "remote_duration"]
@@ -100,7 +101,7 @@ class DurationModel:
 
 
 def remote_duration(result: dict[str, Any], *, now: float | None = None) -> float | None:
-    """finished_at - created_at from a result body, as epoch seconds (or ms) or ISO 8601.
+    """finished_at - created_at from a result body (each read by `_instant`).
 
     None when either is absent or implausible (before 2020, more than a day
     after ``now``), or the duration is not positive or over MAX_DURATION: a
@@ -113,23 +114,62 @@ def remote_duration(result: dict[str, Any], *, now: float | None = None) -> floa
     return finished - created
 
 
+_MILLISECONDS_ABOVE = 1e11
+"""An epoch number above this is read as milliseconds (1e11 seconds is the year 5138; 1e11 ms is 1973)."""
+_MAX_STAMP_CHARS = 64
+_NUMERIC = re.compile(r"[+-]?\d+(?:\.\d*)?")
+"""Epoch seconds or milliseconds written as a string: no exponent, so never infinity."""
+
+
 def _instant(value: object, now: float) -> float | None:
-    """value as epoch seconds when it is a plausible moment of a job's life, else None."""
-    seconds: float
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            seconds = float(value)
-        except OverflowError:
-            return None
-        if seconds > 1e11:
-            seconds /= 1000  # milliseconds are common too
-    elif isinstance(value, str) and len(value) <= 64:
-        try:
-            seconds = datetime.fromisoformat(value).timestamp()
-        except (ValueError, OverflowError, OSError):
-            return None
-    else:
-        return None
-    if not math.isfinite(seconds) or not _EPOCH_FLOOR <= seconds <= now + _FUTURE_SLACK:
+    """value as epoch seconds when it is a plausible moment of a job's life, else None.
+
+    RunComfy sends ``created_at`` / ``finished_at`` as strings (its CLI declares
+    them ``Option<String>``) in a format no client pins down, so every usual one
+    is read: ISO 8601 with ``Z`` or an offset, any fraction of a second, ``T``
+    or a space between date and time, and without a zone (read as UTC, which is
+    what a server means; the local zone would shift every duration by hours
+    when only one end has a zone); epoch seconds or milliseconds, as a number
+    or a numeric string.
+    """
+    seconds = _epoch_seconds(value)
+    if seconds is None or not math.isfinite(seconds) or not _EPOCH_FLOOR <= seconds <= now + _FUTURE_SLACK:
         return None
     return seconds
+
+
+def _epoch_seconds(value: object) -> float | None:
+    """value as epoch seconds, unchecked; None when it is no timestamp batcher reads."""
+    if isinstance(value, bool):
+        return None  # a bool is an int to Python, never a moment to a server
+    if isinstance(value, int | float):
+        return _from_epoch(value)
+    if not isinstance(value, str) or len(value) > _MAX_STAMP_CHARS:
+        return None
+    text = value.strip()
+    if _NUMERIC.fullmatch(text):
+        return _from_epoch(float(text))
+    return _from_iso(text)
+
+
+def _from_epoch(value: float) -> float | None:
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer of 400 digits
+        return None
+    # Milliseconds are common too; as seconds they would lie past the year 5000.
+    return seconds / 1000 if seconds > _MILLISECONDS_ABOVE else seconds
+
+
+def _from_iso(text: str) -> float | None:
+    try:
+        # Upper case: Python reads "Z" and "T" but not "z" and "t", which ISO 8601 allows.
+        moment = datetime.fromisoformat(text.upper())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    try:
+        return moment.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return None

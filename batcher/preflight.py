@@ -3,13 +3,15 @@
 A job whose reference image is gone, private, an HTML error page or over
 the service's 50 MB limit still costs a submit, then fails. This checks
 every distinct input URL once, concurrently and without credentials (HEAD,
-or a one-byte ranged GET where HEAD is refused), before any money is spent.
+or a one-byte ranged GET where HEAD is refused), before any money is spent;
+redirects are followed as downloads follow them (`batcher.redirects`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +20,8 @@ import httpx
 
 from . import __version__
 from .manifest import Job
-from .netpolicy import resolve_refusal
+from .netpolicy import ANY_LOOPBACK
+from .redirects import MAX_REDIRECTS, RefusedHopError, TooManyRedirectsError, anonymous_client, follow
 from .schema import ModelSchema
 
 __all__ = ["MAX_INPUT_BYTES", "UrlCheck", "check_urls", "input_urls"]
@@ -26,7 +29,6 @@ __all__ = ["MAX_INPUT_BYTES", "UrlCheck", "check_urls", "input_urls"]
 MAX_INPUT_BYTES = 50 * 1024 * 1024
 """RunComfy's limit for one input file."""
 _ORIGINS_KEPT = 5
-_MAX_REDIRECTS = 5
 _RANGE_TOTAL = re.compile(r"/(\d+)\s*$")
 
 
@@ -80,10 +82,8 @@ async def check_urls(
     """Fill in each check's problem (None when the URL serves an image within the limit)."""
     limiter = anyio.CapacityLimiter(concurrency)
     async with (
-        httpx.AsyncClient(
-            timeout=httpx.Timeout(request_timeout),
-            transport=transport,
-            headers={"User-Agent": f"batcher/{__version__} (pre-flight)", "Accept-Encoding": "identity"},
+        anonymous_client(
+            user_agent=f"batcher/{__version__} (pre-flight)", timeout=httpx.Timeout(request_timeout), transport=transport
         ) as client,
         anyio.create_task_group() as group,
     ):
@@ -100,24 +100,30 @@ async def check_urls(
 
 
 async def _check(client: httpx.AsyncClient, check: UrlCheck) -> None:
-    url = check.url
-    for _ in range(_MAX_REDIRECTS + 1):
-        refusal = await resolve_refusal(url)
-        if refusal:
-            check.problem = refusal
-            return
-        response = await client.head(url)
-        if response.status_code in (403, 405, 501) or (response.is_success and "content-type" not in response.headers):
-            # Some hosts refuse HEAD (signed URLs are often signed for GET only): ask for one byte instead.
-            async with client.stream("GET", url, headers={"Range": "bytes=0-0"}) as streamed:
-                response = streamed
-        if response.is_redirect and "location" in response.headers:
-            url = str(response.url.join(response.headers["location"]))
-            continue
-        break
-    else:
-        check.problem = f"more than {_MAX_REDIRECTS} redirects"
+    try:
+        # The user's own URLs: any loopback one may be checked (a local server of theirs).
+        async with follow(client, check.url, loopback=ANY_LOOPBACK, open_hop=_probe) as response:
+            _judge(check, response)
+    except RefusedHopError as exc:
+        check.problem = exc.reason
+    except TooManyRedirectsError:
+        check.problem = f"more than {MAX_REDIRECTS} redirects"
+
+
+@asynccontextmanager
+async def _probe(client: httpx.AsyncClient, url: str) -> AsyncIterator[httpx.Response]:
+    """One hop: HEAD, or a one-byte ranged GET where HEAD is refused or names no type."""
+    response = await client.head(url)
+    if response.status_code in (403, 405, 501) or (response.is_success and "content-type" not in response.headers):
+        # Some hosts refuse HEAD (signed URLs are often signed for GET only): ask for one byte instead.
+        async with client.stream("GET", url, headers={"Range": "bytes=0-0"}) as ranged:
+            yield ranged
         return
+    yield response
+
+
+def _judge(check: UrlCheck, response: httpx.Response) -> None:
+    """Fill in check from the answer its URL finally led to."""
     if not response.is_success:
         check.problem = f"answers HTTP {response.status_code}"
         return

@@ -1,52 +1,35 @@
-"""What a person reads: the run summary, `status`, `plan`, and the live progress line.
+"""What a person reads after the fact: the run summary, `status` and `plan`.
 
 Status comes from the journal alone (read without the run's lock), so it
-works while a run is going and after it.
+works while a run is going and after it. Every figure comes from
+`standing.tally`, as the run summary's does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
-from .confined import OutputDir
 from .cost import estimate, load_price_table
 from .folders import FolderView, api_identity, is_rehearsal, read_folder
-from .manifest import Job, Manifest
+from .manifest import Manifest
 from .printable import printable
-from .runner import RunProgress, RunSummary, money
-from .state import CATEGORIES, JOURNAL_NAME, JobRecord, category
+from .runner import RunSummary
+from .standing import CATEGORIES, JobStanding, category_of, opened, tally
+from .state import JOURNAL_NAME
 
 __all__ = [
-    "JobStanding",
-    "ProgressView",
     "StatusReport",
-    "plain_progress_line",
+    "is_sandbox",
     "print_plan",
     "print_status",
     "print_summary",
     "status_report",
 ]
-
-
-@dataclass(slots=True)
-class JobStanding:
-    """One job as `status` shows it."""
-
-    name: str
-    key: str
-    category: str
-    phase: str
-    request_id: str | None
-    error: str | None
-    estimate: float | None
 
 
 @dataclass(slots=True)
@@ -74,35 +57,7 @@ class StatusReport:
     """Every journal summed: the folder's own and its shards'."""
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("spent", "spent_superseded", "to_spend", "possible_extra_cost"):
-            data[key] = money(data[key])
-        return data
-
-
-def _category(record: JobRecord | None, folder: OutputDir | None) -> str:
-    """`category`, except that a done job whose files are gone (or whose journalled paths are not
-    sound files inside the folder) shows as downloading: the next run fetches them."""
-    found = category(record)
-    if (
-        found == "done"
-        and record is not None
-        and not (folder is not None and all(folder.has_file(f.path) for f in record.files.values()))
-    ):
-        return "downloading"
-    return found
-
-
-@contextmanager
-def _opened(output_dir: Path) -> Iterator[OutputDir | None]:
-    """The output folder, open for `_category`'s checks; None when it does not exist (yet)."""
-    try:
-        folder = OutputDir(output_dir)
-    except OSError:
-        yield None
-        return
-    with folder:
-        yield folder
+        return asdict(self)
 
 
 def status_report(manifest: Manifest, output_dir: Path, view: FolderView | None = None) -> StatusReport:
@@ -114,48 +69,25 @@ def status_report(manifest: Manifest, output_dir: Path, view: FolderView | None 
     whole manifest.
     """
     view = view or read_folder(output_dir)
-    records = view.records
-    counts: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
-    report = StatusReport(
+    with opened(output_dir) as folder:
+        sums = tally(manifest.iter_jobs(), view.records, manifest.schema_dirs, folder)
+    return StatusReport(
         manifest=str(manifest.path),
         journal=str(view.journals[0]) if view.journals else str(output_dir / JOURNAL_NAME),
         total=manifest.count,
-        counts=counts,
+        counts=sums.counts,
+        failed=sums.failed,
+        uncertain=sums.uncertain,
+        lost=sums.lost,
+        orphans=sums.orphans,
+        spent=sums.spent,
+        spent_superseded=sums.spent_superseded,
+        to_spend=sums.to_spend,
+        possible_extra_cost=sums.possible_extra_cost,
+        sandbox=is_sandbox(view),
         warnings=view.warnings,
         journals=[str(j) for j in view.journals],
-        sandbox=is_sandbox(view),
     )
-    keys: set[str] = set()
-    with _opened(output_dir) as folder:
-        for job in manifest.iter_jobs():
-            keys.add(job.key)
-            record = records.get(job.key)
-            price = estimate(job, manifest.schema_dirs)
-            _add_standing(report, job, record, _category(record, folder), price)
-    report.spent = sum(r.spent for r in records.values())
-    report.spent_superseded = sum(r.spent for k, r in records.items() if k not in keys)
-    report.orphans = sorted(r.name or r.key for k, r in records.items() if k not in keys)
-    return report
-
-
-def _add_standing(report: StatusReport, job: Job, record: JobRecord | None, found: str, price: float | None) -> None:
-    report.counts[found] += 1
-    if found == "pending" and price:
-        report.to_spend += price
-    standing = JobStanding(
-        name=job.name,
-        key=job.key,
-        category=found,
-        phase=record.phase if record else "pending",
-        request_id=record.request_id if record else None,
-        error=record.error if record else None,
-        estimate=price,
-    )
-    if found == "failed":
-        report.failed.append(standing)
-    elif found in ("uncertain", "lost"):
-        (report.uncertain if found == "uncertain" else report.lost).append(standing)
-        report.possible_extra_cost += price or 0.0
 
 
 def is_sandbox(view: FolderView) -> bool:
@@ -202,8 +134,8 @@ def _print_problems(
     extra: float,
     orphans: list[str],
 ) -> None:
-    refused = [job for job in failed if job.phase == "pending"]
-    failed = [job for job in failed if job.phase != "pending"]
+    refused = [job for job in failed if job.refused]
+    failed = [job for job in failed if not job.refused]
     if refused:
         console.print(
             f"\n[red]{len(refused)} refused[/] by RunComfy (nothing was charged; fix the cause, "
@@ -255,17 +187,8 @@ def print_summary(console: Console, summary: RunSummary, resume: str | None = No
             parts.append(f"{count} {word}")
     spent = _spent_line(summary.spent, summary.spent_superseded, summary.sandbox)
     console.print(", ".join(parts) + f"; {spent}. Output: {summary.output_dir}")
-
-    def standings(outcomes: list[Any], kind: str) -> list[JobStanding]:
-        return [JobStanding(o.name, o.key, kind, o.phase, o.request_id, o.error, None) for o in outcomes]
-
     _print_problems(
-        console,
-        standings(summary.failed, "failed"),
-        standings(summary.uncertain, "uncertain"),
-        standings(summary.lost, "lost"),
-        summary.possible_extra_cost,
-        summary.orphans,
+        console, summary.failed, summary.uncertain, summary.lost, summary.possible_extra_cost, summary.orphans
     )
     again = resume or "the same command"
     if summary.stop_kind == "budget":
@@ -296,10 +219,10 @@ def print_plan(console: Console, manifest: Manifest, output_dir: Path) -> None:
     left = 0.0
     unpriced = 0
     # Streamed: a 50,000-row prompt file is planned without holding its jobs.
-    with _opened(output_dir) as folder:
+    with opened(output_dir) as folder:
         for number, job in enumerate(manifest.iter_jobs(), 1):
             record = view.records.get(job.key)
-            category = _category(record, folder)
+            category = category_of(record, folder)
             price = estimate(job, manifest.schema_dirs)
             if category == "pending":
                 left += price or 0.0
@@ -327,56 +250,3 @@ def print_plan(console: Console, manifest: Manifest, output_dir: Path) -> None:
     missing = f"; {unpriced} jobs have no price table" if unpriced else ""
     label = "sandbox: would cost about" if is_sandbox(view) else "estimated cost of what is left to submit:"
     console.print(f"{label} {_money(left)}{source}{missing}")
-
-
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "--:--"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
-
-
-def plain_progress_line(progress: RunProgress) -> str:
-    """One line for logs and non-terminals."""
-    s = progress.statuses
-    rate = progress.finished_this_run / progress.elapsed * 60 if progress.elapsed > 0 else 0.0
-    return (
-        f"[{_clock(progress.elapsed)}] {s['done']}/{progress.total} done, {s['failed']} failed, "
-        f"{s['uncertain']} uncertain, "
-        + (f"{s['lost']} lost, " if s["lost"] else "")
-        + f"{s['queued']} queued, {s['running']} running, "
-        f"{s['downloading']} downloading, {s['waiting'] + s['submitting']} waiting; "
-        f"{rate:.1f} jobs/min, ETA {_clock(progress.eta())}" + (f" — {progress.stopping}" if progress.stopping else "")
-    )
-
-
-class ProgressView:
-    """A rich renderable over a live `RunProgress`: counts, throughput, ETA, recent errors."""
-
-    def __init__(self, progress: RunProgress) -> None:
-        self.progress = progress
-
-    def __rich__(self) -> RenderableType:
-        p = self.progress
-        s = p.statuses
-        done = s["done"]
-        width = 30
-        filled = int(width * done / p.total) if p.total else width
-        bar = Text("█" * filled + "░" * (width - filled), style="green")
-        line = Text.assemble(
-            bar,
-            f" {done}/{p.total}  ",
-            (f"{s['failed']} failed  ", "red" if s["failed"] else "dim"),
-            (f"{s['uncertain']} uncertain  ", "yellow" if s["uncertain"] else "dim"),
-            f"{s['waiting'] + s['submitting']} waiting  {s['queued']} queued  {s['running']} running  "
-            f"{s['downloading']} downloading",
-        )
-        rate = p.finished_this_run / p.elapsed * 60 if p.elapsed > 0 else 0.0
-        timing = Text(f"elapsed {_clock(p.elapsed)}  ETA {_clock(p.eta())}  {rate:.1f} jobs/min", style="dim")
-        parts: list[RenderableType] = [line, timing]
-        if p.stopping:
-            parts.append(Text(p.stopping, style="yellow"))
-        for error in p.recent_errors[-3:]:
-            parts.append(Text(error[:200], style="red", no_wrap=True, overflow="ellipsis"))
-        return Group(*parts)

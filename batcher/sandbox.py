@@ -1,11 +1,17 @@
 """A local RunComfy-compatible server for rehearsals and tests.
 
 It speaks the four calls of the Model API (submit, status, result, cancel)
-plus model info, runs jobs on a clock (queue delay, then run delay), serves
-real, deterministic PNGs, and injects faults at a chosen rate: 429 with
-Retry-After, 500 with RunComfy's error body, bare 502 and 503, dropped
-connections (before or after accepting a submit), answers slower than the
-client's read timeout, and truncated bodies.
+plus model info and the account balance, runs jobs on a clock (queue delay,
+then run delay), serves real, deterministic PNGs, and injects faults at a
+chosen rate: 429 with Retry-After, 500 with RunComfy's error body, bare 502
+and 503, dropped connections (before or after accepting a submit), answers
+slower than the client's read timeout, and truncated bodies.
+
+It speaks RunComfy's dialect by default (see `DIALECTS`), and on request
+each variant that RunComfy's own clients show they meet: other state words,
+other timestamp formats, errors sent with HTTP 200. It can refuse as the
+real service does (`REFUSALS`): a balance that runs out, a token refused
+with 400004, another user's request.
 
 It is a small HTTP/1.1 server on h11 and anyio rather than an ASGI app,
 because the faults worth rehearsing live below HTTP: a reset with no answer,
@@ -25,9 +31,10 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -40,7 +47,16 @@ from .cost import load_price_table
 from .errors import UsageError
 from .schema import load_model_schema
 
-__all__ = ["FAULT_KINDS", "Sandbox", "SandboxConfig", "SandboxThread", "SubmitRecord", "make_png"]
+__all__ = [
+    "DIALECTS",
+    "FAULT_KINDS",
+    "REFUSALS",
+    "Sandbox",
+    "SandboxConfig",
+    "SandboxThread",
+    "SubmitRecord",
+    "make_png",
+]
 
 FAULT_KINDS = ("429", "500", "502", "503", "drop", "drop_after_accept", "slow", "truncate")
 """Fault names for `SandboxConfig.faults`.
@@ -54,6 +70,104 @@ drop_after_accept  accept the submit (or do the call), then reset without answer
 slow               do the call, then answer after `slow_seconds` (past a client's read timeout)
 truncate           announce the full length, send half the body, close
 """
+
+
+DIALECTS = ("runcomfy", "cli", "nodes", "errors-as-200", "epoch-ms")
+"""Names for `SandboxConfig.dialect`: how the sandbox words its answers.
+
+runcomfy       (default) what RunComfy documents and its clients read: in_queue, in_progress,
+               completed, failed, cancelled; created_at/finished_at as ISO 8601 strings in UTC
+               with "Z" and milliseconds; status_url and result_url in every answer;
+               error bodies with their HTTP status (402 for 400002, a low balance)
+cli            the words RunComfy's CLI also ends on (src/poll.rs): succeeded, canceled; timestamps
+               with a +00:00 offset and microseconds; a failure's error as a string; 400002 with
+               HTTP 400 (the CLI reads 400 and 422 alike, so only the code tells)
+nodes          the words RunComfy's ComfyUI nodes wait through (runcomfy/execution.py): pending,
+               waiting (queued), starting, processing (running); timestamps without a zone (UTC);
+               a submit answer with the request_id alone and no URLs anywhere; a low balance as a
+               bare 402 (what the nodes' client checks); cancel's outcome cancellation_requested
+errors-as-200  RunComfy's error bodies (400001/400002/400004/401001/403001/404001/422001) with
+               HTTP 200 and a top-level error_code, as RunComfy's MCP server warns some APIs do
+epoch-ms       timestamps as epoch milliseconds (numbers); otherwise as runcomfy
+
+RunComfy does not document its timestamp format (its CLI only declares them strings), so
+the dialects between them cover what a server is likely to send.
+"""
+
+REFUSALS = {
+    "balance": (400002, "Insufficient balance. Please top up your account."),
+    "token": (400004, "Invalid or expired API token, or the account is inactive."),
+    "other-user": (403001, "This request belongs to another user."),
+}
+"""Names for `SandboxConfig.refuse`: RunComfy's refusal to give, and where.
+
+balance     every submit: 400002 (a low balance; see also `SandboxConfig.balance_usd`)
+token       every API call: 400004 with HTTP 401
+other-user  every status, result and cancel: 403001 with HTTP 403
+"""
+
+_NOMINAL_BALANCE = 1_000_000.0
+"""What the balance endpoint reports for an unlimited account (no `balance_usd` set)."""
+
+
+def _iso_z(moment: float) -> str:
+    """2026-11-26T10:00:00.123Z"""
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _iso_offset(moment: float) -> str:
+    """2026-11-26T10:00:00.123456+00:00"""
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="microseconds")
+
+
+def _iso_naive(moment: float) -> str:
+    """2026-11-26T10:00:00.123456 (UTC, though it does not say so)"""
+    return datetime.fromtimestamp(moment, UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+def _epoch_ms(moment: float) -> int:
+    return round(moment * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class _Dialect:
+    """How one dialect words its answers (see `DIALECTS`)."""
+
+    queued: tuple[str, ...] = ("in_queue",)
+    """Words said while a job waits, each for an equal share of the queue delay, in order."""
+    running: tuple[str, ...] = ("in_progress",)
+    """Words said while a job runs, each for an equal share of the run delay, in order."""
+    completed: str = "completed"
+    failed: str = "failed"
+    cancelled: str = "cancelled"
+    cancel_outcome: str = "cancelled"
+    stamp: Callable[[float], str | int] = _iso_z
+    urls: bool = True
+    """status_url and result_url in every answer, cancel_url too in a submit's."""
+    error_as_text: bool = False
+    """A failed job's error as a string rather than an object."""
+    errors_as_200: bool = False
+    balance_status: int = 402
+    balance_body: bool = True
+
+
+_DIALECTS: dict[str, _Dialect] = {
+    "runcomfy": _Dialect(),
+    "cli": _Dialect(
+        completed="succeeded", cancelled="canceled", stamp=_iso_offset, error_as_text=True, balance_status=400
+    ),
+    "nodes": _Dialect(
+        queued=("pending", "waiting"),
+        running=("starting", "processing"),
+        cancel_outcome="cancellation_requested",
+        stamp=_iso_naive,
+        urls=False,
+        error_as_text=True,
+        balance_body=False,
+    ),
+    "errors-as-200": _Dialect(errors_as_200=True),
+    "epoch-ms": _Dialect(stamp=_epoch_ms),
+}
 
 
 _SANDBOX_ID = re.compile(r"^sbx-([0-9a-f]{1,16})-[0-9a-f]{12}$")
@@ -107,11 +221,24 @@ class SandboxConfig:
     fault_paths: tuple[str, ...] = ("submit", "result", "status", "cancel", "file")
     schema_dirs: tuple[Path, ...] = ()
     """Folders of user model schemas, so the sandbox validates (and accepts) those models too."""
+    dialect: str = "runcomfy"
+    """How answers are worded: one of `DIALECTS`."""
+    balance_usd: float | None = None
+    """The account's starting balance: each accepted submit is debited its price (from the
+    bundled price table), and a submit it cannot pay for is refused with 400002. None: unlimited."""
+    refuse: str | None = None
+    """Refuse with one of `REFUSALS` (balance, token, other-user), as RunComfy would."""
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULT_KINDS)
         if unknown:
             msg = f"unknown sandbox fault(s): {', '.join(sorted(unknown))}; known: {', '.join(FAULT_KINDS)}"
+            raise UsageError(msg)
+        if self.dialect not in DIALECTS:
+            msg = f"unknown sandbox dialect {self.dialect!r}; known: {', '.join(DIALECTS)}"
+            raise UsageError(msg)
+        if self.refuse is not None and self.refuse not in REFUSALS:
+            msg = f"unknown sandbox refusal {self.refuse!r}; known: {', '.join(REFUSALS)}"
             raise UsageError(msg)
 
 
@@ -174,6 +301,10 @@ class Sandbox:
         self._bucket_at = 0.0
         self.account_refusals = 0
         """Submits refused with 429 because max_in_flight jobs were queued or running."""
+        self.balance_usd = self.config.balance_usd
+        """What is left of the account's balance (None: unlimited); `top_up` adds to it."""
+        self.balance_refusals = 0
+        """Submits refused with 400002 (the balance could not pay, or refuse="balance")."""
         self.credentials_seen_by_file_host = 0
         """File requests that carried an Authorization header: must stay 0."""
         self.port: int | None = None
@@ -189,9 +320,25 @@ class Sandbox:
             "faults": dict(self.faults_injected),
             "unanswered_submits": sum(1 for s in self.submits if not s.answered),
             "account_refusals": self.account_refusals,
+            "balance_refusals": self.balance_refusals,
+            "balance_usd": self.balance_usd,
             "rate_calls_at": self.api_calls_at,
             "rate_limited_at": self.rate_limited_at,
         }
+
+    def top_up(self, amount: float) -> None:
+        """Add to a limited balance, as a user would on RunComfy's site."""
+        if self.balance_usd is not None:
+            self.balance_usd += amount
+
+    @property
+    def dialect(self) -> _Dialect:
+        """The dialect in force (read each time: a test may switch it between runs)."""
+        return _DIALECTS[self.config.dialect]
+
+    def _refusal(self, status: int, code: int, message: str, detail: Any = None) -> _Response:
+        """RunComfy's error body with its HTTP status, or with 200 in the errors-as-200 dialect."""
+        return _error(200 if self.dialect.errors_as_200 else status, code, message, detail)
 
     def _pick_fault(self, kind: str) -> str | None:
         config = self.config
@@ -229,17 +376,23 @@ class Sandbox:
             if headers.get("authorization") != f"Bearer {self.config.require_token}":
                 if self.config.auth_status == 403:
                     return _json(403, {"error_message": "Forbidden"})
-                return _error(401, 401001, "Invalid or missing API token")
+                return self._refusal(401, 401001, "Invalid or missing API token")
         elif not headers.get("authorization", "").startswith("Bearer "):
-            return _error(401, 401001, "Missing API token")
+            return self._refusal(401, 401001, "Missing API token")
+        if self.config.refuse == "token":
+            return self._refusal(401, *REFUSALS["token"])
+        if segments == ["prod", "v2", "balance"] and method == "GET":
+            return self._balance()
         if segments[:2] == ["v1", "models"] and len(segments) > 2:
             model = "/".join(segments[2:])
             if method == "POST":
                 return self._submit(model, body)
             if method == "GET":
-                return _json(200, {"model_id": model, "base_price_usd": 0.133, "price_unit": "image"})
+                return self._model_info(model)
         if segments[:2] == ["v1", "requests"] and len(segments) == 4:
             request_id, action = segments[2], segments[3]
+            if self.config.refuse == "other-user" and action in ("status", "result", "cancel"):
+                return self._refusal(403, *REFUSALS["other-user"])
             if action == "status" and method == "GET":
                 return self._look(request_id, with_output=False, kind="status")
             if action == "result" and method == "GET":
@@ -249,6 +402,28 @@ class Sandbox:
             if action == "cancel" and method == "POST":
                 return self._cancel(request_id)
         return _error(404, 404000, f"no route for {method} {path}")
+
+    def _balance(self) -> _Response:
+        """RunComfy's balance endpoint, as its CLI reads it: GET /prod/v2/balance on the core API
+        (api.runcomfy.net; one wallet pays for every product), answering ``balance_usd``."""
+        self._count("balance")
+        left = self.balance_usd if self.balance_usd is not None else _NOMINAL_BALANCE
+        return _json(200, {"balance_usd": round(left, 6), "currency": "USD"})
+
+    def _model_info(self, model: str) -> _Response:
+        """Model info as RunComfy's clients read it: ``base_price_usd`` (at the schema's defaults),
+        ``price_unit`` and ``pricing_note``, from the bundled price table."""
+        self._count("model")
+        try:
+            schema = load_model_schema(model, self.config.schema_dirs)
+        except UsageError:
+            return self._refusal(400, 400001, f"Unknown model id {model!r}")
+        info: dict[str, Any] = {"model_id": model}
+        table = load_price_table(model, self.config.schema_dirs)
+        price = table.price(schema.with_defaults({})) if table else None
+        if table is not None and price is not None:
+            info.update(base_price_usd=price, price_unit=table.unit, pricing_note=table.note, currency="USD")
+        return _json(200, info)
 
     def _take_token(self) -> bool:
         assert self.config.rate_limit is not None
@@ -280,11 +455,14 @@ class Sandbox:
         try:
             schema = load_model_schema(model, self.config.schema_dirs)
         except UsageError:
-            return _error(400, 400001, f"Unknown model id {model!r}")
+            return self._refusal(400, 400001, f"Unknown model id {model!r}")
         problems = schema.validate(payload)
         if problems:
             detail = [{"loc": p.field, "msg": p.message} for p in problems]
-            return _error(422, 422001, "Validation failed", detail)
+            return self._refusal(422, 422001, "Validation failed", detail)
+        price = self._price_of(model, payload)
+        if not self._can_pay(price):
+            return self._balance_refusal()
         now = time.time()
         cap = self.config.max_in_flight
         if (
@@ -302,21 +480,37 @@ class Sandbox:
         self.jobs[request_id] = job = self._job_for(record)
         job.model = model
         self.submits.append(record)
+        if self.balance_usd is not None:
+            self.balance_usd -= price  # debited when accepted: a hold, as a card payment would be
         if fault is not None:
             return self._fault_response(fault, answer=self._submit_answer(request_id))
         return self._submit_answer(request_id)
 
-    def _submit_answer(self, request_id: str) -> _Response:
+    def _can_pay(self, price: float) -> bool:
+        if self.config.refuse == "balance":
+            return False
+        # A hair of slack: the balance is a sum of float prices.
+        return self.balance_usd is None or price <= self.balance_usd + 1e-9
+
+    def _balance_refusal(self) -> _Response:
+        """400002 the way the dialect sends it: with its HTTP status and body, or a bare 402."""
+        self.balance_refusals += 1
+        dialect = self.dialect
+        if not dialect.balance_body:
+            return _Response(402, b"Payment Required", [("content-type", "text/plain")])
+        return self._refusal(dialect.balance_status, *REFUSALS["balance"])
+
+    def _urls(self, request_id: str) -> dict[str, str]:
+        """The URLs of a request, as RunComfy names them in its answers."""
         base = f"http://{self.host}:{self.port}/v1/requests/{request_id}"
-        return _json(
-            200,
-            {
-                "request_id": request_id,
-                "status_url": f"{base}/status",
-                "result_url": f"{base}/result",
-                "cancel_url": f"{base}/cancel",
-            },
-        )
+        return {"status_url": f"{base}/status", "result_url": f"{base}/result"}
+
+    def _submit_answer(self, request_id: str) -> _Response:
+        payload: dict[str, Any] = {"request_id": request_id}
+        if self.dialect.urls:
+            cancel = f"http://{self.host}:{self.port}/v1/requests/{request_id}/cancel"
+            payload.update(self._urls(request_id), cancel_url=cancel)
+        return _json(200, payload)
 
     def _job_for(self, record: SubmitRecord) -> _Job:
         run_at = record.accepted_at + self.config.queue_delay
@@ -351,6 +545,16 @@ class Sandbox:
             return "in_progress"
         return "failed" if job.will_fail else "completed"
 
+    def _word(self, job: _Job, state: str, now: float) -> str:
+        """The dialect's word for a job's state; a phase with several words says each in turn."""
+        dialect = self.dialect
+        if state == "in_queue":
+            return _phase_word(dialect.queued, job.record.accepted_at, job.run_at, now)
+        if state == "in_progress":
+            return _phase_word(dialect.running, job.run_at, job.done_at, now)
+        words = {"completed": dialect.completed, "failed": dialect.failed, "cancelled": dialect.cancelled}
+        return words[state]
+
     def _look(self, request_id: str, *, with_output: bool, kind: str, cost: bool = False) -> _Response:
         self._count(kind)
         fault = self._pick_fault(kind)
@@ -359,30 +563,48 @@ class Sandbox:
         job = self._find(request_id)
         now = time.time()
         if job is None or now < job.record.accepted_at + self.config.unknown_window:
-            return _error(404, 404001, "Request not found or expired")
+            return self._refusal(404, 404001, "Request not found or expired")
         state = self._state(job, now)
-        payload: dict[str, Any] = {"request_id": request_id, "status": state}
+        dialect = self.dialect
+        payload: dict[str, Any] = {"request_id": request_id, "status": self._word(job, state, now)}
         if state == "in_queue":
             payload["queue_position"] = sum(1 for j in self.jobs.values() if self._state(j, now) == "in_queue")
         if with_output:
-            payload.update(output=None, error=None, created_at=job.record.accepted_at, finished_at=None)
+            if job.model:
+                payload["model_id"] = job.model  # RunComfy's nodes check it when it is there
+            payload.update(output=None, error=None, created_at=dialect.stamp(job.record.accepted_at), finished_at=None)
             if state == "completed":
                 payload["output"] = self._outputs(request_id, now)
-                payload["finished_at"] = job.done_at
+                payload["finished_at"] = dialect.stamp(job.done_at)
                 if cost:
                     payload["cost"] = self._price(job) * self.config.images_per_job
             elif state == "failed":
-                payload["error"] = {"message": "sandbox: the model failed on this input", "code": "generation_failed"}
+                message = "sandbox: the model failed on this input"
+                payload["error"] = (
+                    message if dialect.error_as_text else {"message": message, "code": "generation_failed"}
+                )
+        if dialect.urls:
+            payload.update(self._urls(request_id))
         response = _json(200, payload)
         if fault is not None:
             return self._fault_response(fault, answer=response)
         return response
 
     def _price(self, job: _Job) -> float:
-        """What the real service would charge, from the bundled price table (0 when unknown)."""
-        table = load_price_table(job.model) if job.model else None
-        price = table.price(job.record.body) if table else None
-        return price or 0.0
+        """What the real service would charge for job (0 when unknown)."""
+        return self._price_of(job.model, job.record.body) if job.model else 0.0
+
+    def _price_of(self, model: str, payload: dict[str, Any]) -> float:
+        """What the real service would charge for this input, from the price table (0 when unknown).
+
+        Defaults are filled first: a body without ``quality`` is charged at the default quality.
+        """
+        table = load_price_table(model, self.config.schema_dirs)
+        if table is None:
+            return 0.0
+        with suppress(UsageError):  # no schema: price the body as sent
+            payload = load_model_schema(model, self.config.schema_dirs).with_defaults(payload)
+        return table.price(payload) or 0.0
 
     def _outputs(self, request_id: str, now: float) -> dict[str, Any]:
         expiry = f"?expires={now + self.config.url_ttl:.3f}" if self.config.url_ttl is not None else ""
@@ -432,12 +654,18 @@ class Sandbox:
         self._count("cancel")
         job = self._find(request_id)
         if job is None:
-            return _error(404, 404001, "Request not found or expired")
-        state = self._state(job, time.time())
+            return self._refusal(404, 404001, "Request not found or expired")
+        now = time.time()
+        state = self._state(job, now)
         if state == "in_queue":
             job.cancelled = True
-            return _json(200, {"request_id": request_id, "status": "cancelled", "outcome": "cancelled"})
-        return _json(200, {"request_id": request_id, "status": state, "outcome": "not_cancellable"})
+            dialect = self.dialect
+            return _json(
+                200, {"request_id": request_id, "status": dialect.cancelled, "outcome": dialect.cancel_outcome}
+            )
+        return _json(
+            200, {"request_id": request_id, "status": self._word(job, state, now), "outcome": "not_cancellable"}
+        )
 
     def _fault_response(self, fault: str, answer: _Response | None = None) -> _Response:
         if fault == "429":
@@ -529,6 +757,14 @@ class Sandbox:
             raise
         finally:
             await listener.aclose()
+
+
+def _phase_word(words: tuple[str, ...], start: float, end: float, now: float) -> str:
+    """Of words said in turn from start to end, the one said at now."""
+    if len(words) == 1 or end <= start:
+        return words[0]
+    share = (now - start) / (end - start)
+    return words[min(len(words) - 1, max(0, int(share * len(words))))]
 
 
 async def _next_event(connection: h11.Connection, stream: anyio.abc.SocketStream) -> Any:

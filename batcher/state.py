@@ -31,25 +31,24 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
 from .confined import OutputDir, write_atomically
 from .errors import JournalCorruptError, JournalError, JournalLockedError
-from .polling import remote_duration
+from .records import EVENT_KINDS, EventKind, FileRecord, JobRecord, Phase
 
 __all__ = [
-    "CATEGORIES",
     "CHECKPOINT_NAME",
+    "EVENT_KINDS",
     "JOURNAL_NAME",
-    "Category",
+    "EventKind",
     "FileRecord",
     "FoldedJournal",
     "JobRecord",
     "Journal",
     "Phase",
-    "category",
     "encode_event",
     "read_journal",
 ]
@@ -59,20 +58,6 @@ CHECKPOINT_NAME = "state.checkpoint"
 CHECKPOINT_MIN_BYTES = int(os.environ.get("BATCHER_CHECKPOINT_MIN_BYTES", 1024 * 1024))
 """Journals smaller than this fold in well under a second: no checkpoint (the torture test sets 0)."""
 LOCK_NAME = ".batcher.lock"
-
-Phase = Literal["pending", "submitting", "uncertain", "submitted", "completed", "failed", "cancelled", "lost"]
-"""Where a job stands, from the journal's point of view.
-
-pending     never submitted, or certainly refused: submit it
-submitting  intent written, answer not: the run died mid-submit (resumes as uncertain)
-uncertain   the submit's fate is unknown: held until --resubmit-uncertain
-submitted   RunComfy has it: poll it
-lost        accepted (maybe charged), then unknown to RunComfy past the grace period: held until
-            --resubmit-uncertain, never by --retry-failed
-completed   outputs known: download what is missing (done once every file is down)
-failed      RunComfy reported failure: held until --retry-failed
-cancelled   cancelled: held until --retry-failed
-"""
 
 _CRC_TAIL = len(',"crc":"00000000"}')
 
@@ -144,160 +129,6 @@ def _decode_event(line: bytes) -> dict[str, Any] | None:
     except ValueError:  # orjson.JSONDecodeError is a ValueError
         return None
     return event if isinstance(event, dict) and "e" in event else None
-
-
-@dataclass(frozen=True, slots=True)
-class FileRecord:
-    """A downloaded output: where it is (relative to the output folder) and what it holds."""
-
-    path: str
-    bytes: int
-    sha256: str
-
-
-@dataclass(slots=True)
-class JobRecord:
-    """Everything the journal knows about one job."""
-
-    key: str
-    name: str = ""
-    phase: Phase = "pending"
-    request_id: str | None = None
-    remote_state: str | None = None
-    outputs: list[str] = field(default_factory=list)
-    files: dict[int, FileRecord] = field(default_factory=dict)
-    error: str | None = None
-    cost: float | None = None
-    submits: int = 0
-    """How many submits of this job may have been accepted (so paid for), across every run:
-    each send counts, and a certain refusal takes its send back."""
-    request_ids: list[str] = field(default_factory=list)
-    submitted_at: float | None = None
-    finished_at: float | None = None
-    duration: float | None = None
-    """Seconds from submit to finish, as RunComfy reported them (else as seen here): for poll timing."""
-    spent: float = 0.0
-    """What RunComfy reported for every completed submit of this job, across every run (a retried
-    job was paid for more than once: `cost` is the latest only)."""
-    refused: bool = False
-    """pending because RunComfy refused the last submit for good (validation, balance), as opposed
-    to never sent or sent back for later (429, an outage, a refused token)."""
-
-    @property
-    def downloaded(self) -> bool:
-        """True when every output has a recorded file."""
-        return self.phase == "completed" and len(self.files) >= len(self.outputs) > 0
-
-    def apply(self, event: dict[str, Any]) -> None:
-        """Fold one event into this record (most frequent kinds first: this runs for every line)."""
-        kind = event["e"]
-        if "name" in event:
-            self.name = event["name"]
-        if kind == "state":
-            self.remote_state = event.get("state")
-        elif kind == "downloaded":
-            self.files[int(event["index"])] = FileRecord(event["path"], int(event["bytes"]), event["sha256"])
-            self.error = None
-        elif kind == "completed":
-            self.phase = "completed"
-            self.remote_state = "completed"
-            self.outputs = list(event.get("outputs", []))
-            self.cost = event.get("cost")
-            if isinstance(self.cost, int | float) and self.cost > 0:
-                self.spent += self.cost
-            self.finished_at = event.get("t")
-            self.error = None
-            self.duration = remote_duration(event.get("result") or {})
-            if self.duration is None and self.submitted_at is not None and self.finished_at is not None:
-                self.duration = self.finished_at - self.submitted_at
-        elif kind == "submitted":
-            self.phase = "submitted"
-            self.request_id = event["request_id"]
-            self.request_ids.append(event["request_id"])
-            self.submitted_at = event.get("t")
-        elif kind == "submitting":
-            self.phase = "submitting"
-            self.submits += 1
-            self.request_id = None
-            self.remote_state = None
-            self.outputs = []
-            self.files = {}
-            self.error = None
-            self.cost = None
-            self.finished_at = None
-            self.refused = False
-        elif kind == "refused":
-            # Certainly not accepted: the send is not counted as a (possibly paid) submit.
-            self.phase = "pending"
-            self.error = event.get("reason")
-            self.refused = True
-            self.submits = max(0, self.submits - 1)
-        elif kind == "deferred":
-            # Certainly not accepted, and not for good: sent again in this run or the next, no flag needed.
-            self.phase = "pending"
-            self.error = None
-            self.refused = False
-            self.submits = max(0, self.submits - 1)
-        elif kind == "uncertain":
-            self.phase = "uncertain"
-            self.error = event.get("reason")
-        elif kind == "urls":
-            self.outputs = list(event.get("outputs", []))
-        elif kind == "download_failed":
-            self.error = event.get("reason")
-            # The file it was meant to (re)place is missing or wrong: the record must not claim it.
-            index = event.get("index")
-            if index is not None:
-                self.files.pop(int(index), None)
-        elif kind == "note":
-            self.error = event.get("reason")
-        elif kind == "failed":
-            self.phase = "failed"
-            self.remote_state = "failed"
-            self.error = event.get("reason")
-            self.finished_at = event.get("t")
-        elif kind == "cancelled":
-            self.phase = "cancelled"
-            self.remote_state = "cancelled"
-            self.finished_at = event.get("t")
-        elif kind == "lost":
-            self.phase = "lost"
-            self.error = event.get("reason")
-        elif kind not in _QUIET_KINDS:
-            # A mistyped or future kind must not be dropped in silence: the fold would lie.
-            msg = f"unknown event kind {kind!r}"
-            raise ValueError(msg)
-
-
-_QUIET_KINDS = frozenset({"run"})
-"""Kinds that change no record."""
-
-Category = Literal["done", "downloading", "in_flight", "pending", "failed", "uncertain", "lost"]
-"""Where a job stands for a person: the rows of `batcher status`, the gallery's filters.
-
-failed covers RunComfy's failures and cancellations (sent again with --retry-failed) and its
-certain refusals (nothing charged; sent again by the next run); lost and uncertain may have
-been charged and are sent again only with --resubmit-uncertain."""
-CATEGORIES: tuple[Category, ...] = ("done", "downloading", "in_flight", "pending", "failed", "uncertain", "lost")
-
-
-def category(record: JobRecord | None) -> Category:
-    """A job's category from its record (None: never seen by the journal)."""
-    if record is None:
-        return "pending"
-    if record.phase == "pending":
-        return "failed" if record.refused else "pending"  # refused for certain: shown, sent again next run
-    if record.phase in ("submitting", "uncertain"):
-        return "uncertain"
-    if record.phase == "lost":
-        return "lost"
-    if record.phase == "submitted":
-        return "in_flight"
-    if record.phase == "completed":
-        if record.downloaded:
-            return "done"
-        return "failed" if record.error else "downloading"
-    return "failed"
 
 
 @dataclass(slots=True)
@@ -580,7 +411,7 @@ class Journal:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
 
-    def append(self, kind: str, job: str | None = None, **fields: Any) -> JobRecord | None:
+    def append(self, kind: EventKind, job: str | None = None, **fields: Any) -> JobRecord | None:
         """Write one event now and fold it into `folded`; returns the job's record.
 
         Raises JournalError (disk full, folder gone) so the run stops.

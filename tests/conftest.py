@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +13,8 @@ from batcher.state import Journal
 
 TOKEN = "sk-test-SENTINEL-7f3a9"
 REF = "https://example.org/ref.jpg"
+MODEL = "openai/gpt-image-1-5/image-to-image"
+"""The bundled model most tests' manifests use."""
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +77,28 @@ def many_jobs_manifest(path: Path, count: int, *, quality: str = "low") -> Path:
         lines += [f"  - id: job-{i:04d}", f'    prompt: "prompt number {i}"', f"    image_urls: ['{REF}']"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def user_schema_folder(root: Path, model: str = "acme/pixel-art/text-to-image") -> Path:
+    """A folder of the user's own model schemas under root, holding one for model (prompt, palette, steps)."""
+    folder = root / "my-schemas"
+    target = folder / (model + ".input.json")
+    target.parent.mkdir(parents=True)
+    target.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "required": ["prompt"],
+                "properties": {
+                    "prompt": {"type": "string"},
+                    "palette": {"type": "string", "enum": ["gameboy", "nes"], "default": "nes"},
+                    "steps": {"type": "integer", "minimum": 1, "default": 20},
+                },
+            }
+        ),
+        encoding="utf-8",
+    )
+    return folder
 
 
 @contextmanager

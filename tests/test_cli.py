@@ -63,7 +63,7 @@ def test_validate_and_plan_need_no_token_or_network(runner: CliRunner, tmp_path:
     assert result.exit_code == 0 and "3 jobs" in result.output
     result = runner.invoke(cli, ["plan", str(path)], catch_exceptions=False)
     assert result.exit_code == 0
-    assert "job-0002" in result.output and "$0.15" in result.output  # 3 x 0.051, auto size priced as the larger
+    assert "job-0002" in result.output and "$0.10" in result.output  # 3 x $0.034: medium, any size
 
 
 def test_run_without_token_exits_2_before_sending(runner: CliRunner, tmp_path: Path) -> None:
@@ -155,3 +155,19 @@ def test_init_writes_a_valid_starter_and_never_overwrites(runner: CliRunner, tmp
     result = runner.invoke(cli, ["validate", "starter.yaml"], catch_exceptions=False)
     assert result.exit_code == 0 and "3 jobs" in result.output
     assert runner.invoke(cli, ["init", "starter.yaml"]).exit_code == 2
+
+
+def test_init_creates_the_folders_it_needs(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(cli, ["init", "sub/dir/m.yaml"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(cli, ["validate", "sub/dir/m.yaml"]).exit_code == 0
+
+
+async def test_the_library_takes_one_type_per_option(tmp_path: Path) -> None:
+    from batcher import RunOptions, UsageError, load_manifest, run_manifest
+
+    manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
+    summary = await run_manifest(manifest, RunOptions(sandbox=True, poll_min=0.02, poll_max=0.05))
+    assert summary.done == 1 and summary.sandbox
+    with pytest.raises(UsageError, match="sandbox_config"):
+        RunOptions(sandbox={"seed": 1})  # type: ignore[arg-type]

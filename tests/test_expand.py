@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -12,9 +11,7 @@ from batcher import ManifestError, load_manifest
 from batcher.manifest import shard_of
 from batcher.schema import bundled_schema_dir
 
-from .conftest import REF, write_manifest
-
-MODEL = "openai/gpt-image-1-5/image-to-image"
+from .conftest import MODEL, REF, user_schema_folder, write_manifest
 
 
 def problems_of(path: Path) -> list[str]:
@@ -229,27 +226,6 @@ def test_prompt_file_digest_is_part_of_the_manifest_hash(tmp_path: Path) -> None
     before = load_manifest(path).sha256
     (tmp_path / "p.csv").write_text("prompt\ndog\n", encoding="utf-8")
     assert load_manifest(path).sha256 != before
-
-
-def user_schema_folder(root: Path, model: str = "acme/pixel-art/text-to-image") -> Path:
-    folder = root / "my-schemas"
-    target = folder / (model + ".input.json")
-    target.parent.mkdir(parents=True)
-    target.write_text(
-        json.dumps(
-            {
-                "type": "object",
-                "required": ["prompt"],
-                "properties": {
-                    "prompt": {"type": "string"},
-                    "palette": {"type": "string", "enum": ["gameboy", "nes"], "default": "nes"},
-                    "steps": {"type": "integer", "minimum": 1, "default": 20},
-                },
-            }
-        ),
-        encoding="utf-8",
-    )
-    return folder
 
 
 def test_models_per_job_and_user_schemas(tmp_path: Path) -> None:

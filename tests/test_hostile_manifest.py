@@ -20,9 +20,7 @@ from batcher.cli import cli
 from batcher.errors import ManifestError, UsageError
 from batcher.schema import load_model_schema
 
-from .conftest import REF, write_manifest
-
-MODEL = "openai/gpt-image-1-5/image-to-image"
+from .conftest import MODEL, REF, write_manifest
 
 
 def _laughs(levels: int, fan_out: int = 9) -> str:
@@ -102,7 +100,7 @@ def test_ordinary_anchors_keep_working(tmp_path: Path) -> None:
 def test_the_alias_budget_grows_with_what_the_file_writes_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A long manifest merging the same few fields into every job copies much through aliases, yet
     # no more than ten times what it writes out: allowed. A bomb of the same size is not.
-    monkeypatch.setattr("batcher.manifest.MAX_ALIAS_VALUES", 1_000)
+    monkeypatch.setattr("batcher.yamlread.MAX_ALIAS_VALUES", 1_000)
     lines = [f"model: {MODEL}", "x-shared: &s {quality: low, background: opaque, output_format: png}", "jobs:"]
     for i in range(400):  # 400 merges of 7 values each: 2,800 copied, 4,000+ written
         lines += ["  - <<: *s", f"    prompt: 'prompt {i}'", f"    image_urls: ['{REF}']"]

@@ -197,7 +197,7 @@ def test_the_editor_schema_accepts_the_examples_and_catches_typos() -> None:
 
 
 def test_a_jobs_list_is_streamed_unless_it_uses_anchors(tmp_path: Path) -> None:
-    from batcher.manifest import _Located, _Skimmed
+    from batcher.yamlread import LocatedYaml, Skimmed
 
     streamed = f"""
     model: openai/gpt-image-1-5/image-to-image
@@ -211,8 +211,8 @@ def test_a_jobs_list_is_streamed_unless_it_uses_anchors(tmp_path: Path) -> None:
     defaults: &base {{quality: low}}
     """
     path = write_manifest(tmp_path / "s.yaml", streamed)
-    doc = _Located(path.read_text(), str(path))
-    assert doc.data["jobs"] == _Skimmed(2, 3)
+    doc = LocatedYaml(path.read_text(), str(path), stream="jobs")
+    assert doc.data["jobs"] == Skimmed(2, 3)
     assert [item["prompt"] for _, item in doc.items(("jobs",))] == ["one", "two"]
     kept = {(), ("model",), ("schemas",), ("schemas", 0), ("jobs",), ("defaults",), ("defaults", "quality")}
     assert set(doc.lines) == kept  # nothing of the jobs: they are read again one at a time
@@ -227,5 +227,5 @@ def test_a_jobs_list_is_streamed_unless_it_uses_anchors(tmp_path: Path) -> None:
     path = write_manifest(tmp_path / "a.yaml", anchored)
     with pytest.raises(ManifestError, match="x-shared"):  # unknown top-level key, reported once, list read whole
         load_manifest(path)
-    doc = _Located(path.read_text(), str(path))
+    doc = LocatedYaml(path.read_text(), str(path), stream="jobs")
     assert isinstance(doc.data["jobs"], list) and doc.data["jobs"][0]["background"] == "opaque"

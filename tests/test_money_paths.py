@@ -16,7 +16,8 @@ from click.testing import CliRunner, Result
 
 from batcher import SandboxThread, load_manifest, read_journal, run_manifest
 from batcher.cli import cli
-from batcher.state import JOURNAL_NAME, category
+from batcher.standing import category
+from batcher.state import JOURNAL_NAME
 
 from .conftest import TOKEN, fast_options, many_jobs_manifest
 

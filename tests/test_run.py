@@ -141,7 +141,7 @@ async def test_accept_then_reset_is_held_as_uncertain_and_never_resent(
     summary = await _run(manifest, sandbox)
     assert summary.exit_code == 1
     assert [o.name for o in summary.uncertain] == ["job-0000"]
-    assert summary.possible_extra_cost == pytest.approx(0.2)
+    assert summary.possible_extra_cost == pytest.approx(0.133)
     assert len(sandbox.sandbox.submits) == 1 and not sandbox.sandbox.submits[0].answered
 
     sandbox.sandbox.config.fault_rate = 0.0
@@ -213,7 +213,7 @@ async def test_a_second_runner_on_the_same_folder_fails_fast(tmp_path: Path, sta
 
 async def test_in_process_sandbox_needs_no_token(tmp_path: Path) -> None:
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 2))
-    options = fast_options(token=None, sandbox=SandboxConfig(queue_delay=0.01, run_delay=0.01), output_dir=Path("o"))
+    options = fast_options(token=None, sandbox=True, sandbox_config=SandboxConfig(queue_delay=0.01, run_delay=0.01), output_dir=Path("o"))
     summary = await run_manifest(manifest, options)
     assert summary.done == 2
 
@@ -343,13 +343,13 @@ async def test_unknown_states_empty_outputs_and_unsafe_urls_fail_one_job_each(tm
 
 async def test_max_cost_stops_submitting_at_the_cap_across_runs(tmp_path: Path, start_sandbox: StartSandbox) -> None:
     sandbox = start_sandbox()
-    manifest = many_jobs_manifest(tmp_path / "m.yaml", 10)  # low quality, auto size: $0.013 each
-    summary = await _run(manifest, sandbox, concurrency=2, max_cost=0.05)
-    assert len(sandbox.sandbox.submits) == 3  # a 4th would make $0.052
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 10)  # low quality: $0.009 each
+    summary = await _run(manifest, sandbox, concurrency=2, max_cost=0.03)
+    assert len(sandbox.sandbox.submits) == 3  # a 4th would make $0.036
     assert summary.done == 3 and len(summary.unfinished) == 7 and summary.exit_code == 1
     assert "--max-cost" in (summary.stop_reason or "")
     # The cap counts what earlier runs submitted too.
-    again = await _run(manifest, sandbox, max_cost=0.08)
+    again = await _run(manifest, sandbox, max_cost=0.06)
     assert len(sandbox.sandbox.submits) == 6 and again.done == 6
 
 

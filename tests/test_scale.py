@@ -12,8 +12,7 @@ from click.testing import CliRunner
 from batcher import SandboxThread
 from batcher.cli import cli
 
-from .conftest import REF, many_jobs_manifest, write_manifest
-from .test_expand import user_schema_folder
+from .conftest import REF, many_jobs_manifest, user_schema_folder, write_manifest
 
 FAST = ["--sandbox", "--poll-interval", "0.05", "-q"]
 

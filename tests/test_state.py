@@ -158,7 +158,7 @@ def test_a_flipped_byte_before_the_last_line_is_always_caught(position: int, fli
 
 
 def test_a_failed_redownload_no_longer_claims_the_file() -> None:
-    from batcher.state import category
+    from batcher.standing import category
 
     events = [*_events(), {"t": 2.0, "e": "download_failed", "job": "a", "index": 0, "reason": "disk"}]
     record = fold_bytes(_journal_bytes(events)).records["a"]

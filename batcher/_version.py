@@ -1,0 +1,5 @@
+"""batcher's version, in a module of its own so that any module can import it without import-order tricks."""
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,136 @@
+"""Where does a URL someone else named lead? Redirects followed by hand, every hop checked, no credentials.
+
+Downloads (URLs from an API answer) and the pre-flight check (URLs from a
+manifest) both fetch URLs batcher did not choose. httpx would follow their
+redirects on its own and check no hop, so neither lets it: `follow` walks
+at most `MAX_REDIRECTS` redirects and checks every hop before connecting
+(a usable URL, then `batcher.netpolicy.resolve_refusal`: its scheme and every
+address its host resolves to). Each hop goes out on a client made by
+`anonymous_client`: no Authorization header, no cookie kept from one answer
+for a later request, no redirect followed behind our back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from .netpolicy import resolve_refusal
+from .printable import printable
+
+__all__ = [
+    "MAX_REDIRECTS",
+    "HopOpener",
+    "RefusedHopError",
+    "TooManyRedirectsError",
+    "anonymous_client",
+    "display_url",
+    "follow",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+"""Redirects followed from one URL; one more is an error."""
+
+HopOpener = Callable[[httpx.AsyncClient, str], AbstractAsyncContextManager[httpx.Response]]
+"""Sends one hop's request and holds its answer open while the caller reads it."""
+
+_DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own default
+
+
+class RefusedHopError(Exception):
+    """A hop (the URL itself, or a redirect's target) may not be fetched: ``url`` is that hop's, ``reason`` why."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{display_url(url)}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class TooManyRedirectsError(Exception):
+    """More than `MAX_REDIRECTS` redirects from one URL."""
+
+
+def display_url(url: str) -> str:
+    """A URL for messages and logs: without its query, which may hold a signature; control characters removed."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a broken IPv6 literal
+        return printable(url.partition("?")[0], 300)
+    return printable(f"{parts.scheme}://{parts.netloc}{parts.path}", len(url) + 1)
+
+
+def anonymous_client(
+    *,
+    user_agent: str,
+    timeout: httpx.Timeout,
+    transport: httpx.AsyncBaseTransport | None = None,
+    limits: httpx.Limits = _DEFAULT_LIMITS,
+) -> httpx.AsyncClient:
+    """An HTTP client for URLs others name: no credentials, no cookies kept, no redirect followed, identity encoding."""
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=timeout,
+        limits=limits,
+        follow_redirects=False,
+        # A cookie one host sets would go back with every later request to it: files are fetched by URL alone.
+        cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+        # identity: a compressed body could expand past any size cap (a "gzip bomb").
+        headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
+    )
+
+
+def _get(client: httpx.AsyncClient, url: str) -> AbstractAsyncContextManager[httpx.Response]:
+    return client.stream("GET", url)
+
+
+@asynccontextmanager
+async def follow(
+    client: httpx.AsyncClient, url: str, *, loopback: str | None, open_hop: HopOpener = _get
+) -> AsyncIterator[httpx.Response]:
+    """The answer url finally leads to, open, its body unread; every hop checked before it is sent.
+
+    loopback is `resolve_refusal`'s: which loopback URLs a hop may use.
+    open_hop sends one hop (default: a streamed GET). Raises RefusedHopError
+    for a hop that may not be fetched, TooManyRedirectsError past
+    `MAX_REDIRECTS`, and whatever httpx raises.
+    """
+    if client.follow_redirects or "authorization" in client.headers:
+        msg = "follow() needs a client without credentials that follows no redirect: see anonymous_client()"
+        raise ValueError(msg)
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        refusal = _malformed(current) or await resolve_refusal(current, loopback=loopback)
+        if refusal:
+            raise RefusedHopError(current, refusal)
+        started = time.monotonic()
+        async with open_hop(client, current) as response:
+            took = time.monotonic() - started
+            log.debug("%s %s: HTTP %d in %.3f s", response.request.method, display_url(current), response.status_code, took)
+            if not response.has_redirect_location:  # a 304, or a 3xx naming nowhere, is an answer like any other
+                yield response
+                return
+            location = response.headers["location"]
+        try:
+            current = urljoin(current, location)
+        except ValueError as exc:  # a broken IPv6 literal
+            raise RefusedHopError(location, f"a redirect to something that is not a URL ({exc})") from exc
+    msg = f"more than {MAX_REDIRECTS} redirects from {display_url(url)}"
+    raise TooManyRedirectsError(msg)
+
+
+def _malformed(url: str) -> str | None:
+    """Why url cannot even be sent (a control character, a broken host or port), or None."""
+    try:
+        httpx.URL(url)
+        urlsplit(url).port  # noqa: B018 - parsing it is the check: out of range raises
+    except (httpx.InvalidURL, ValueError) as exc:
+        return f"not a usable URL ({printable(str(exc), 200)})"
+    return None

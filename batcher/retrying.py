@@ -1,0 +1,109 @@
+"""When is a failed call tried again, and after how long?
+
+One loop for every call batcher repeats (API submits, polls and cancels,
+output downloads), in the spirit of hynek/stamina: capped exponential
+backoff with full jitter, a server's ``Retry-After`` honoured up to
+`RetryPolicy.max_retry_after`. What is worth another try is the caller's
+rule, a predicate on the exception an attempt raised: it answers `TryAgain`
+(carrying the server's Retry-After, when there was one) or None (raise it
+now). When the tries run out, the last exception is raised as it is. Submits
+cost money, so theirs says yes only to what certainly was not accepted (see
+`batcher.client`).
+
+`set_testing(True)` makes every wait zero (retries and the rate limiter's
+pauses), so that tests never really sleep; it is off unless a test turns it on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+
+__all__ = ["RetryPolicy", "TryAgain", "is_testing", "parse_retry_after", "retrying", "set_testing"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_testing = False
+
+
+def set_testing(testing: bool) -> None:
+    """Turn waiting off (True) or back on (False): with it off, every retry and every rate-limit pause is instant."""
+    global _testing
+    _testing = testing
+
+
+def is_testing() -> bool:
+    """True while `set_testing` has turned waiting off."""
+    return _testing
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter; `Retry-After` wins when the server sends one."""
+
+    attempts: int = 6
+    base: float = 0.5
+    cap: float = 30.0
+    max_retry_after: float = 120.0
+
+    def delays(self) -> Iterator[float]:
+        """Upper bounds of each wait between attempts (attempts - 1 of them)."""
+        for attempt in range(self.attempts - 1):
+            yield min(self.cap, self.base * 2**attempt)
+
+    def wait(self, bound: float, retry_after: float | None) -> float:
+        """The wait before the next attempt: the server's Retry-After (at most max_retry_after), else 0 to bound."""
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after)
+        return random.uniform(0, bound)
+
+
+@dataclass(frozen=True, slots=True)
+class TryAgain:
+    """A predicate's answer: worth another try, after ``retry_after`` seconds when the server named them."""
+
+    retry_after: float | None = None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds; None when absent or an HTTP date (rare: our own backoff then)."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+async def retrying(
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    policy: RetryPolicy,
+    retry_on: Callable[[Exception], TryAgain | None],
+    name: str,
+) -> T:
+    """``await attempt()`` until it returns, raises what retry_on answers None for, or has had policy.attempts tries.
+
+    The exception that ends it is raised as it is; name says in the debug log which call is retried.
+    """
+    bounds = [*policy.delays(), None]
+    for tried, bound in enumerate(bounds, start=1):
+        try:
+            return await attempt()
+        except Exception as exc:
+            verdict = retry_on(exc)
+            if verdict is None or bound is None:
+                raise
+            delay = 0.0 if _testing else policy.wait(bound, verdict.retry_after)
+            log.debug("%s: %s; try %d of %d in %.2f s", name, str(exc) or type(exc).__name__, tried + 1, len(bounds), delay)
+        # Outside the except block: the error just handled must not become the context of a later one.
+        await anyio.sleep(delay)
+    msg = "unreachable: the last try returns or raises"
+    raise AssertionError(msg)

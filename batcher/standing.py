@@ -1,0 +1,193 @@
+"""Where each job stands, and what the jobs add up to: one vocabulary and one sum for every view.
+
+The run summary, `status`, `plan`, the gallery and `metadata.jsonl` all
+read a job's `Category` from `category_of` and their figures from `tally`,
+so they cannot disagree about a job or about money.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .confined import OutputDir
+from .cost import estimate
+from .manifest import Job
+from .state import JobRecord
+
+__all__ = [
+    "CATEGORIES",
+    "Category",
+    "JobStanding",
+    "Tally",
+    "category",
+    "category_of",
+    "money",
+    "opened",
+    "tally",
+]
+
+Category = Literal["done", "downloading", "in_flight", "pending", "failed", "uncertain", "lost"]
+"""Where a job stands for a person: the rows of `batcher status`, the gallery's filters.
+
+done         every output file in place
+downloading  completed at RunComfy; files still to fetch (or gone since, or not sound)
+in_flight    submitted: queued or running at RunComfy
+pending      never sent, or sent back for later (429, an outage, a refused token): sent by the next run
+failed       RunComfy's failures and cancellations (sent again with --retry-failed), and its certain
+             refusals (nothing charged; sent again by the next run)
+uncertain    the submit may have been accepted: sent again only with --resubmit-uncertain
+lost         accepted (maybe charged), then unknown to RunComfy: sent again only with --resubmit-uncertain
+"""
+CATEGORIES: tuple[Category, ...] = ("done", "downloading", "in_flight", "pending", "failed", "uncertain", "lost")
+
+
+def category(record: JobRecord | None) -> Category:
+    """A job's category from its record alone (None: never seen by the journal)."""
+    if record is None:
+        return "pending"
+    phase = record.phase
+    if phase == "pending":
+        return "failed" if record.refused else "pending"
+    if phase in ("submitting", "uncertain"):
+        return "uncertain"
+    if phase == "lost":
+        return "lost"
+    if phase == "submitted":
+        return "in_flight"
+    if phase == "completed":
+        if record.downloaded:
+            return "done"
+        return "failed" if record.error else "downloading"
+    return "failed"
+
+
+def category_of(record: JobRecord | None, folder: OutputDir | None) -> Category:
+    """`category`, checked against the folder: a done job whose files are gone (or whose journalled
+    paths are not sound files inside it) is downloading again; the next run fetches them."""
+    found = category(record)
+    if found != "done" or record is None:
+        return found
+    intact = folder is not None and all(folder.has_file(f.path) for f in record.files.values())
+    return found if intact else "downloading"
+
+
+def money(value: float) -> float:
+    """Dollars rounded to a millionth: sums of floats must not show as 0.6510000000000001."""
+    return round(value, 6) + 0.0
+
+
+@dataclass(slots=True)
+class JobStanding:
+    """One job that needs a person's eyes (failed, refused, uncertain, lost, unfinished)."""
+
+    name: str
+    key: str
+    category: Category
+    phase: str
+    request_id: str | None
+    error: str | None
+    estimate: float | None
+
+    @property
+    def refused(self) -> bool:
+        """Refused for certain by RunComfy: nothing was charged, and the next run sends it again."""
+        return self.category == "failed" and self.phase == "pending"
+
+
+@dataclass(slots=True)
+class Tally:
+    """Counts, the jobs behind the problem counts, and money, over a set of jobs and their records."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+    failed: list[JobStanding] = field(default_factory=list)
+    uncertain: list[JobStanding] = field(default_factory=list)
+    lost: list[JobStanding] = field(default_factory=list)
+    unfinished: list[JobStanding] = field(default_factory=list)
+    """pending, in flight or downloading."""
+    orphans: list[str] = field(default_factory=list)
+    """Jobs in the journal no longer in the manifest."""
+    spent: float = 0.0
+    """What RunComfy reported for every completed submit in the records, superseded jobs' included."""
+    spent_superseded: float = 0.0
+    """Of `spent`, what jobs no longer in the manifest cost (an edited prompt's earlier version)."""
+    committed: float = 0.0
+    """Estimated cost of every submit the records count as possibly paid, for these jobs."""
+    to_spend: float = 0.0
+    """Estimated cost of the pending jobs."""
+    possible_extra_cost: float = 0.0
+    """Estimated cost of sending the uncertain and lost jobs again."""
+    unpriced: int = 0
+    """Pending jobs no price table covers."""
+
+    @property
+    def done(self) -> int:
+        return self.counts["done"]
+
+
+def tally(
+    jobs: Iterable[Job],
+    records: Mapping[str, JobRecord],
+    schema_dirs: Sequence[Path],
+    folder: OutputDir | None,
+    *,
+    manifest_keys: set[str] | None = None,
+) -> Tally:
+    """Sum jobs against their records. manifest_keys (default: the keys of jobs) says which records
+    are still wanted; the others are orphans, and their money is shown apart."""
+    result = Tally()
+    seen: set[str] = set()
+    for job in jobs:
+        seen.add(job.key)
+        record = records.get(job.key)
+        found = category_of(record, folder)
+        result.counts[found] += 1
+        price = estimate(job, schema_dirs)
+        if record is not None:
+            result.committed += record.submits * (price or 0.0)
+        if found == "done":
+            continue
+        standing = JobStanding(
+            name=job.name,
+            key=job.key,
+            category=found,
+            phase=record.phase if record else "pending",
+            request_id=record.request_id if record else None,
+            error=record.error if record else None,
+            estimate=price,
+        )
+        if found == "pending":
+            result.to_spend += price or 0.0
+            result.unpriced += price is None
+        if found in ("uncertain", "lost"):
+            result.possible_extra_cost += price or 0.0
+        if found == "failed":
+            result.failed.append(standing)
+        elif found == "uncertain":
+            result.uncertain.append(standing)
+        elif found == "lost":
+            result.lost.append(standing)
+        else:
+            result.unfinished.append(standing)
+    wanted = manifest_keys if manifest_keys is not None else seen
+    result.spent = money(sum(r.spent for r in records.values()))
+    result.spent_superseded = money(sum(r.spent for k, r in records.items() if k not in wanted))
+    result.orphans = sorted(r.name or r.key for k, r in records.items() if k not in wanted)
+    for name in ("committed", "to_spend", "possible_extra_cost"):
+        setattr(result, name, money(getattr(result, name)))
+    return result
+
+
+@contextmanager
+def opened(output_dir: Path) -> Iterator[OutputDir | None]:
+    """The output folder, open for `category_of`'s checks; None when it does not exist (yet)."""
+    try:
+        folder = OutputDir(output_dir)
+    except OSError:
+        yield None
+        return
+    with folder:
+        yield folder

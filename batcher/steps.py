@@ -1,0 +1,520 @@
+"""What one job goes through: submit, poll, cancel, download, sidecar.
+
+`JobSteps` holds what the steps share during a run (the journal, the
+client, the downloader, the live progress, the account cap and outage
+state, the reasons to stop) and is fully built in its constructor. Its
+`process` takes one job one step further, as far as it can go in this run;
+`runner` feeds it jobs from a pool of workers.
+
+Stopping comes in two strengths. `stop` sends no more submits (the budget
+is reached, Ctrl-C, the balance ran out). `halt` also ends every poll and
+download at once (a refused token, SIGTERM, an outage past its patience)
+while submits in flight still get their answers recorded, so a halt never
+leaves a job uncertain. A refused token is kept as `halt_error`, for the
+loop to raise once the workers are done.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+
+from .backpressure import AccountCap, Outage
+from .client import RequestResult, RunComfyClient
+from .cost import estimate
+from .download import Downloader
+from .errors import (
+    ApiError,
+    AuthError,
+    BalanceError,
+    DownloadError,
+    JournalError,
+    OutputFolderError,
+    RateLimitedError,
+    RequestGoneError,
+    TransientApiError,
+    UncertainSubmitError,
+    UnreachableError,
+)
+from .jobfiles import file_matches, output_path, write_sidecar
+from .manifest import Job, Manifest
+from .polling import DurationModel, remote_duration
+from .progress import RunProgress
+from .state import EventKind, JobRecord, Journal
+
+if TYPE_CHECKING:
+    from .options import RunOptions
+
+__all__ = ["Action", "JobSteps", "StopKind", "price_of"]
+
+log = logging.getLogger("batcher")
+
+Action = Literal["submit", "poll", "download", "hold", "done"]
+"""What a run does next with a job, decided once from its record (`JobSteps.action_for`)."""
+StopKind = Literal["interrupted", "terminated", "budget", "balance", "outage", "auth", "timeout"]
+"""Why a run sent no more submits."""
+
+
+class JobSteps:
+    """What one run's workers share, and the steps they take each job through."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        jobs: list[Job],
+        options: RunOptions,
+        output_dir: Path,
+        journal: Journal,
+        client: RunComfyClient,
+        downloader: Downloader,
+    ) -> None:
+        self.manifest = manifest
+        self.jobs = jobs
+        """The jobs this run works on: all of the manifest's, or a trial's share."""
+        self.options = options
+        self.output_dir = output_dir
+        self.journal = journal
+        self.client = client
+        self.downloader = downloader
+        self.records: dict[str, JobRecord] = journal.folded.records
+        self.sidecars: list[tuple[Job, JobRecord]] = []
+        """Sidecars waiting to be written, by `flush_sidecars`."""
+        self.durations = DurationModel()
+        """How long this manifest's jobs take, to time polls."""
+        self.progress = RunProgress(total=len(self.jobs))
+        self.stop_submitting: str | None = None
+        self.stop_kind: StopKind | None = None
+        self.halted: str | None = None
+        """Set when every wait must end now (a refused token, SIGTERM, an outage past its patience)."""
+        self.halt_error: AuthError | None = None
+        self.waits: set[anyio.CancelScope] = set()
+        """Polls and downloads in progress: a halt cancels them (submits in flight get their answers)."""
+        self.committed = 0.0
+        """Estimated cost of every submit journalled for this manifest's jobs, for --max-cost."""
+        self.interrupted = False
+        self.fatal: BaseException | None = None
+        self.cap = AccountCap(options.concurrency)
+        self.outage = Outage(options.outage_timeout)
+
+    # -- journal helpers -----------------------------------------------------------
+
+    def record(self, job: Job, kind: EventKind, **fields: Any) -> JobRecord:
+        """Journal an event for job and fold it into the in-memory record."""
+        record = self.journal.append(kind, job.key, **fields)
+        assert record is not None  # an event with a job always has a record
+        record.name = record.name or job.name
+        return record
+
+    # -- stopping ----------------------------------------------------------------------
+
+    def stop(self, kind: StopKind, reason: str) -> None:
+        """Send no more submits this run (the first reason given is the one reported)."""
+        if self.stop_submitting is None:
+            self.stop_submitting, self.stop_kind = reason, kind
+
+    def halt(self, kind: StopKind, reason: str, error: AuthError | None = None) -> None:
+        """Stop submitting and end every poll and download now; submits in flight still get their
+        answers recorded, so none is left uncertain by the halt itself."""
+        self.stop(kind, reason)
+        if self.halted is None:
+            self.halted, self.halt_error = reason, error
+            self.progress.stopping = reason
+        for scope in list(self.waits):
+            scope.cancel()
+
+    @contextmanager
+    def wait_scope(self) -> Iterator[anyio.CancelScope]:
+        """A poll or download that a halt may cut short (its job resumes next run)."""
+        with anyio.CancelScope() as scope:
+            if self.halted:
+                scope.cancel()
+            self.waits.add(scope)
+            try:
+                yield scope
+            finally:
+                self.waits.discard(scope)
+
+    # -- planning -------------------------------------------------------------------
+
+    def action_for(self, job: Job) -> Action:
+        record = self.records.get(job.key)
+        options = self.options
+        if record is None or record.phase == "pending":
+            return "submit"
+        if record.phase == "submitting":
+            # The last run died between sending a submit and recording its answer.
+            self.record(job, "uncertain", reason="the run stopped between sending the submit and recording its answer")
+            return "submit" if options.resubmit_uncertain else "hold"
+        if record.phase in ("uncertain", "lost"):
+            return "submit" if options.resubmit_uncertain else "hold"
+        if record.phase == "submitted":
+            return "poll"
+        if record.phase == "completed":
+            return "download"
+        # failed or cancelled
+        return "submit" if options.retry_failed else "hold"
+
+    # -- the steps ---------------------------------------------------------------------
+
+    async def process(self, job: Job, action: Action) -> None:
+        progress = self.progress
+        if self.halted:
+            return
+        if action == "submit":
+            if self.stop_submitting or not self.within_budget(job):
+                progress.set(job.key, "pending")
+                return
+            if not await self.submit(job):
+                return
+        elif action == "poll":
+            self.cap.adopt()
+        try:
+            record = self.records[job.key]
+            if record.phase == "submitted":
+                # Just submitted: nothing can be done yet, so the first look waits one interval.
+                with self.wait_scope():
+                    await self.poll(job, first_wait=self.options.poll_min if action == "submit" else 0.0)
+        finally:
+            if action in ("submit", "poll"):
+                self.cap.release()
+        if self.records[job.key].phase == "completed":
+            with self.wait_scope():
+                await self.download(job)
+
+    def within_budget(self, job: Job) -> bool:
+        """Count job's estimated price against --max-cost; False (and stop submitting) past the cap."""
+        price = price_of(job, self.manifest.schema_dirs)
+        cap = self.options.max_cost
+        if cap is not None and self.committed + price > cap + 1e-9:
+            spent = sum(r.spent for r in self.records.values())
+            self.stop(
+                "budget",
+                f"--max-cost ${cap:,.2f} reached: this manifest's submits are estimated at ${self.committed:,.2f} "
+                f"(RunComfy reported ${spent:,.2f} spent so far) and the next job would take it to "
+                f"${self.committed + price:,.2f}",
+            )
+            self.progress.stopping = "cost cap reached: no more submits this run"
+            return False
+        self.committed += price
+        return True
+
+    async def submit(self, job: Job) -> bool:
+        """Send job until RunComfy takes it, refuses it for good, or the run stops; True once accepted.
+
+        Only a submit certainly not accepted is sent again: 429 (after the
+        account cap comes down) and an outage (after RunComfy answers again)
+        within this run; every other answer is final for this run.
+        """
+        progress = self.progress
+        price = price_of(job, self.manifest.schema_dirs)
+        backoff = self.options.retry.base
+        while True:
+            await self.cap.acquire()
+            if self.stop_submitting:
+                # Stopped while waiting for room: this job was never sent.
+                self.cap.release()
+                self.committed -= price
+                progress.set(job.key, "pending")
+                return False
+            progress.set(job.key, "submitting")
+            # Intent first: if we die while the POST is out, the next run knows it may have been paid.
+            self.record(job, "submitting", name=job.name, model=job.model, input=job.input)
+            try:
+                submission = await self.client.submit(job.model, job.input)
+            except UncertainSubmitError as exc:
+                self.record(job, "uncertain", reason=str(exc))
+                self.cap.release()
+                progress.set(job.key, "uncertain")
+                progress.error(job.name, "submit uncertain, held (see --resubmit-uncertain)")
+                return False
+            except RateLimitedError as exc:
+                # "Not now": an account at its cap of jobs in flight answers so. Fewer in flight, then again.
+                self.record(job, "deferred", reason=str(exc))
+                self.cap.refused()
+                self.cap.release()
+                progress.set(job.key, "pending")
+                await anyio.sleep(random.uniform(backoff / 2, backoff))
+                backoff = min(backoff * 2, self.options.retry.cap)
+                continue
+            except TransientApiError as exc:
+                # Nothing got through (an outage, or RunComfy's own 500001 past the retries): pause, then again.
+                self.record(job, "deferred", reason=str(exc))
+                self.cap.release()
+                progress.set(job.key, "pending")
+                if await self.sit_out_outage(job, exc):
+                    continue
+                self.committed -= price
+                return False
+            except AuthError as exc:
+                # Certain: nothing was accepted. The job stays pending; the whole run stops.
+                self.record(job, "deferred", reason=str(exc))
+                self.cap.release()
+                self.committed -= price
+                progress.set(job.key, "pending")
+                self.halt("auth", str(exc), exc)
+                return False
+            except ApiError as exc:
+                # Refused for certain (validation, bad model, balance): nothing was charged.
+                self.record(job, "refused", reason=str(exc))
+                self.cap.release()
+                self.committed -= price
+                progress.set(job.key, "failed")
+                if isinstance(exc, BalanceError):
+                    progress.error(job.name, "insufficient balance")
+                    self.stop("balance", str(exc))
+                    progress.stopping = "insufficient balance: no more submits this run"
+                else:
+                    progress.error(job.name, str(exc))
+                return False
+            self.outage.reached()
+            try:
+                self.record(job, "submitted", request_id=submission.request_id)
+            except JournalError as exc:
+                # The one thing that must not be lost: say it where the user will see it.
+                msg = f"{exc}. Job {job.name} WAS submitted as request {submission.request_id}: keep this id"
+                log.error("%s", msg)
+                raise JournalError(msg) from exc
+            progress.set(job.key, "queued")
+            return True
+
+    async def sit_out_outage(self, job: Job, exc: ApiError) -> bool:
+        """After a call that could not get through: wait for RunComfy to answer again.
+
+        False when the run must stop (the patience ran out, or something else halted it).
+        """
+        self.outage.failed()
+        self.progress.stopping = f"RunComfy cannot be reached; waiting (up to {self.options.outage_timeout:g}s)"
+        self.progress.error(job.name, str(exc))
+        up = False
+        with self.wait_scope():  # a halt (a refused token elsewhere, SIGTERM) ends the wait too
+            up = await self.outage.wait(lambda: self.client.reachable(job.model))
+        if self.halted:
+            return False
+        if not up:
+            self.halt(
+                "outage",
+                f"RunComfy could not be reached for {self.options.outage_timeout:g}s (--outage-timeout); "
+                f"last error: {exc}",
+            )
+            return False
+        if self.progress.stopping and self.progress.stopping.startswith("RunComfy cannot be reached"):
+            self.progress.stopping = None
+        return not self.halted
+
+    async def poll(self, job: Job, first_wait: float = 0.0) -> None:
+        options = self.options
+        progress = self.progress
+        record = self.records[job.key]
+        assert record.request_id is not None
+        request_id = record.request_id
+        delay = options.poll_min
+        last_state = record.remote_state
+        queued_since = running_since = time.monotonic()
+        submitted_at = record.submitted_at or time.time()
+        reported_unknown = False
+        cancel_asked = False
+        await anyio.sleep(self.next_wait(submitted_at, first_wait, first=True) if first_wait else 0.0)
+        while True:
+            try:
+                result = await self.client.result(request_id)
+            except RequestGoneError as exc:
+                if time.time() - submitted_at < options.lost_after:
+                    # Just submitted: a replica that has not seen the request yet answers so.
+                    progress.error(job.name, f"RunComfy does not know the request yet; asking again ({exc})")
+                    await anyio.sleep(delay)
+                    delay = min(delay * options.poll_growth, options.poll_max)
+                    continue
+                reason = (
+                    f"{exc} It was accepted {options.lost_after:g}s+ ago and may have been charged; "
+                    "submit it again only with --resubmit-uncertain"
+                )
+                self.record(job, "lost", reason=reason)
+                progress.set(job.key, "lost")
+                progress.error(job.name, "RunComfy lost the request (held; see --resubmit-uncertain)")
+                return
+            except AuthError as exc:
+                self.halt("auth", str(exc), exc)
+                return
+            except TransientApiError as exc:
+                if isinstance(exc, UnreachableError):
+                    if not await self.sit_out_outage(job, exc):
+                        return
+                    continue
+                # Retries ran out on a poll: the job is still paid for, so keep waiting.
+                progress.error(job.name, f"poll trouble, still waiting: {exc}")
+                await anyio.sleep(delay)
+                delay = min(delay * options.poll_growth, options.poll_max)
+                continue
+            except ApiError as exc:
+                # An answer that asking again will not change (a redirect, a malformed id): hold the job.
+                self.record(job, "note", reason=f"polling stopped: {exc}")
+                progress.set(job.key, "held")
+                progress.error(job.name, str(exc))
+                return
+            self.outage.reached()
+            state = result.state
+            if state != last_state:
+                self.record(job, "state", state=state if state != "unknown" else result.raw_status)
+                last_state = state
+                if state == "in_progress":
+                    running_since = time.monotonic()
+            if state == "completed":
+                self.finish(job, result)
+                return
+            if state == "failed":
+                reason = result.error or "RunComfy reported the job failed without a reason"
+                self.record(job, "failed", reason=reason)
+                progress.set(job.key, "failed")
+                progress.error(job.name, reason)
+                return
+            if state == "cancelled":
+                self.record(job, "cancelled")
+                progress.set(job.key, "failed")
+                return
+            if state == "unknown" and not reported_unknown:
+                reported_unknown = True
+                log.warning(
+                    "job %s: unknown state %r; still polling. Body: %s",
+                    job.name,
+                    result.raw_status,
+                    result.for_journal(),
+                )
+            progress.set(job.key, "queued" if state == "in_queue" else "running")
+
+            now = time.monotonic()
+            if state == "in_queue":
+                wants_cancel = self.interrupted and options.cancel_on_interrupt
+                timed_out = options.queue_timeout is not None and now - queued_since > options.queue_timeout
+                if (wants_cancel or timed_out) and not cancel_asked:
+                    cancel_asked = True
+                    why = (
+                        "interrupted (--cancel-on-interrupt)"
+                        if wants_cancel
+                        else f"queued over {options.queue_timeout:g}s"
+                    )
+                    await self.cancel(job, request_id, why)
+                    delay = options.poll_min
+                    continue
+            elif options.job_timeout is not None and now - running_since > options.job_timeout:
+                reason = f"still running after {options.job_timeout:g}s (--job-timeout); the next run keeps polling it"
+                self.record(job, "note", reason=reason)
+                progress.set(job.key, "held")
+                progress.error(job.name, reason)
+                return
+            await anyio.sleep(self.next_wait(submitted_at, delay))
+            delay = min(delay * options.poll_growth, options.poll_max)
+
+    def next_wait(self, submitted_at: float, backoff: float, *, first: bool = False) -> float:
+        """The wait before the next poll of a job submitted at submitted_at (see `DurationModel.wait`)."""
+        age = time.time() - submitted_at
+        return self.durations.wait(age, backoff, self.options.poll_min, self.options.poll_max, first=first)
+
+    async def cancel(self, job: Job, request_id: str, why: str) -> None:
+        try:
+            outcome = await self.client.cancel(request_id)
+        except ApiError as exc:
+            self.progress.error(job.name, f"cancel failed: {exc}")
+            return
+        if outcome.outcome == "cancelled" or outcome.state == "cancelled":
+            self.record(job, "note", reason=f"cancel asked: {why}")
+        else:
+            self.progress.error(job.name, f"not cancellable ({outcome.state or outcome.outcome}); waiting for it")
+
+    def finish(self, job: Job, result: RequestResult) -> None:
+        if not result.outputs:
+            reason = "RunComfy reported the job completed but returned no output files"
+            self.record(job, "failed", reason=reason)
+            self.progress.set(job.key, "failed")
+            self.progress.error(job.name, reason)
+            return
+        # The answer is kept up to a bound (fields unknown today may matter tomorrow; a hostile
+        # 200 MB answer must not live in the journal for ever), with RunComfy's own duration read
+        # here, so that the journal's fold depends on no parsing of answers.
+        record = self.record(
+            job,
+            "completed",
+            outputs=result.outputs,
+            cost=result.cost,
+            duration=remote_duration(result.raw),
+            result=result.for_journal(),
+        )
+        if record.duration is not None:
+            self.durations.add(record.duration)
+
+    async def download(self, job: Job) -> None:
+        progress = self.progress
+        record = self.records[job.key]
+        refreshed = False
+        index = 0
+        while index < len(record.outputs):
+            url = record.outputs[index]
+            target = self.target_path(job, index, url)
+            known = record.files.get(index)
+            if known is not None and await anyio.to_thread.run_sync(file_matches, self.output_dir, known):
+                index += 1
+                continue
+            progress.set(job.key, "downloading")
+            try:
+                got = await self.downloader.fetch(url, target)
+            except DownloadError as exc:
+                # Signed URLs expire, and hosts move: ask RunComfy for fresh URLs once.
+                if refreshed or record.request_id is None or exc.permanent:
+                    self.download_failed(job, index, str(exc))
+                    return
+                refreshed = True
+                try:
+                    fresh = await self.client.result(record.request_id)
+                except ApiError as api_exc:
+                    self.download_failed(job, index, f"{exc}; refreshing the URL failed: {api_exc}")
+                    return
+                if not fresh.outputs:
+                    self.download_failed(job, index, f"{exc}; RunComfy no longer lists outputs")
+                    return
+                record = self.record(job, "urls", outputs=fresh.outputs)
+                continue
+            relative = got.path.relative_to(self.output_dir).as_posix()
+            record = self.record(job, "downloaded", index=index, path=relative, bytes=got.bytes, sha256=got.sha256)
+            index += 1
+        # Written in batches (see flush_sidecars): they are derived from the journal, and
+        # a resumed run writes them again, so a kill can delay them but not lose them.
+        self.sidecars.append((job, record))
+        progress.set(job.key, "done")
+
+    def download_failed(self, job: Job, index: int, reason: str) -> None:
+        self.record(job, "download_failed", index=index, reason=reason)
+        self.progress.set(job.key, "failed")
+        self.progress.error(job.name, reason)
+
+    def target_path(self, job: Job, index: int, url: str) -> Path:
+        return output_path(self.output_dir, job, index, url)
+
+    async def flush_sidecars(self) -> None:
+        """Write the waiting sidecars in one thread hop (one per job cost a millisecond of CPU each)."""
+        waiting, self.sidecars = self.sidecars, []
+        if not waiting:
+            return
+
+        def write_all() -> None:
+            for job, record in waiting:
+                try:
+                    self.write_sidecar(job, record)
+                except OSError as exc:
+                    msg = f"cannot write the sidecar of {job.name}: {exc.strerror or exc}"
+                    raise OutputFolderError(msg) from exc
+
+        await anyio.to_thread.run_sync(write_all)
+
+    def write_sidecar(self, job: Job, record: JobRecord) -> None:
+        write_sidecar(self.output_dir, self.manifest, job, record)
+
+
+def price_of(job: Job, directories: Sequence[Path]) -> float:
+    """The job's price; 0 where no table says (the cap then cannot count it)."""
+    return estimate(job, directories) or 0.0
