@@ -24,9 +24,10 @@ from rich.live import Live
 from rich.table import Table
 
 from ._version import __version__
-from .client import RetryPolicy
+from .client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy
 from .cost import load_price_table
 from .dataset import METADATA_NAME, write_metadata
+from .download import DEFAULT_MAX_BYTES
 from .errors import (
     AuthError,
     BatcherError,
@@ -42,7 +43,7 @@ from .preflight import check_urls, input_urls
 from .progress import ProgressView, RunProgress, plain_progress_line
 from .report import print_plan, print_status, print_summary, status_report
 from .runner import RunOptions, RunPlan, RunSummary, cancel_manifest, run_manifest
-from .sandbox import FAULT_KINDS, Sandbox, SandboxConfig
+from .sandbox import DIALECTS, FAULT_KINDS, REFUSALS, Sandbox, SandboxConfig
 from .schema import available_models, load_model_schema
 from .state import JOURNAL_NAME, FoldedJournal
 
@@ -174,11 +175,15 @@ def _api_base_option(function: Callable[..., Any]) -> Callable[..., Any]:
     )(function)
 
 
-def _setup_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
-    logging.basicConfig(level=level, format="batcher: %(message)s", stream=sys.stderr, force=True)
-    if not verbose:
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+def _setup_logging(verbosity: int, quiet: bool) -> None:
+    """Warnings (errors only with quiet); from ``-v`` (1) batcher's own lines too, one per API call; from
+    ``-vv`` (2) httpx's and httpcore's. A bool counts as 0 or 1: ``-v`` as a flag. The token is in none."""
+    logging.basicConfig(
+        level=logging.ERROR if quiet else logging.WARNING, format="batcher: %(message)s", stream=sys.stderr, force=True
+    )
+    logging.getLogger("batcher").setLevel(logging.DEBUG if verbosity >= 1 else logging.NOTSET)
+    for library in ("httpx", "httpcore"):
+        logging.getLogger(library).setLevel(logging.DEBUG if verbosity >= 2 else logging.NOTSET)
 
 
 STARTER_MANIFEST = """\
@@ -422,14 +427,14 @@ def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, s
 )
 @click.option(
     "--max-download-bytes",
-    default=100 * 1024 * 1024,
+    default=DEFAULT_MAX_BYTES,
     show_default=True,
     type=click.IntRange(min=1),
     help="Refuse output files larger than this.",
 )
 @click.option(
     "--max-answer-bytes",
-    default=1024 * 1024,
+    default=DEFAULT_MAX_ANSWER_BYTES,
     show_default=True,
     type=click.IntRange(min=1024),
     help="The largest API answer read (past it, a submit is held as uncertain and a poll retried).",
@@ -441,7 +446,12 @@ def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, s
     "--max-download-bytes].",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress display; errors and the summary only.")
-@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="-v: one log line per API call (call, model or request id, HTTP status, time); -vv: the HTTP library's too.",
+)
 def run(
     manifest: Path,
     schema_dirs: tuple[Path, ...],
@@ -473,7 +483,7 @@ def run(
     max_answer_bytes: int,
     download_timeout: float | None,
     quiet: bool,
-    verbose: bool,
+    verbose: int,
 ) -> None:
     """Run MANIFEST, or resume it: nothing already submitted is sent again.
 
@@ -763,6 +773,15 @@ def _allowed(spec: dict[str, Any]) -> str:
     help="Seconds after a submit during which the request answers 404001 (a lagging replica).",
 )
 @click.option("--rate-limit", type=click.FloatRange(min=0.1), help="Answer 429 past this many API requests a second.")
+@click.option(
+    "--dialect",
+    default="runcomfy",
+    show_default=True,
+    type=click.Choice(list(DIALECTS)),
+    help="How answers are worded: RunComfy's own, or as each of its clients has seen them.",
+)
+@click.option("--balance", type=click.FloatRange(min=0), help="The account's balance in USD [default: unlimited].")
+@click.option("--refuse", type=click.Choice(list(REFUSALS)), help="Refuse every call as RunComfy would.")
 @click.option("--seed", type=int, help="Seed for faults and failures, to replay a session.")
 @_schemas_option("Folder of model schemas, so the sandbox accepts those models too; repeatable.")
 def sandbox_command(
@@ -783,6 +802,9 @@ def sandbox_command(
     max_in_flight: int | None,
     unknown_window: float,
     rate_limit: float | None,
+    dialect: str,
+    balance: float | None,
+    refuse: str | None,
     seed: int | None,
     schema_dirs: tuple[Path, ...],
 ) -> None:
@@ -810,6 +832,9 @@ def sandbox_command(
         max_in_flight=max_in_flight,
         unknown_window=unknown_window,
         rate_limit=rate_limit,
+        dialect=dialect,
+        balance_usd=balance,
+        refuse=refuse,
         seed=seed,
         schema_dirs=schema_dirs,
     )

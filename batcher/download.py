@@ -29,7 +29,7 @@ import aiofiles
 import anyio
 import httpx
 
-from . import __version__
+from ._version import __version__
 from .confined import OutputDir, StagedFile
 from .errors import DownloadError, OutputFolderError
 from .netpolicy import origin
@@ -159,6 +159,7 @@ class Downloader:
         ``scheme://host:port`` files may come from (`batcher.netpolicy.loopback_origin` of a loopback
         API base), or None for no loopback at all. deadline: seconds one `fetch` may take in all
         (default `deadline_for` max_bytes); the per-read timeout alone lets a trickle last for ever.
+        attempts, backoff: tries per file, and the first backoff bound (`RetryPolicy`: doubling, full jitter).
         """
         self.max_bytes = max_bytes
         self.retry = RetryPolicy(attempts=attempts, base=backoff)
@@ -194,7 +195,10 @@ class Downloader:
 
     async def _fetch(self, url: str, target: Path) -> Downloaded:
         return await retrying(
-            partial(self._fetch_once, url, target), policy=self.retry, retry_on=_worth_another_try, name=f"download {display_url(url)}"
+            partial(self._fetch_once, url, target),
+            policy=self.retry,
+            retry_on=_worth_another_try,
+            name=f"download {display_url(url)}",
         )
 
     async def _fetch_once(self, url: str, target: Path) -> Downloaded:

@@ -65,7 +65,6 @@ from .yamlread import LocatedYaml, Skimmed
 
 __all__ = [
     "MAX_JOBS",
-    "TOP_LEVEL_KEYS",
     "Job",
     "Manifest",
     "in_shard",

@@ -48,7 +48,10 @@ def is_loopback_host(host: str) -> bool:
 
 def scheme_refusal(url: str) -> str | None:
     """Why url may not be used (its scheme or host), or None when it may."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # a broken IPv6 literal: a URL from an answer must not crash its caller
+        return f"{url[:200]!r} is not a URL ({exc})"
     if parts.scheme not in ("http", "https"):
         return f"only https URLs are allowed, not {parts.scheme or 'a scheme-less'} URL {url!r}"
     if not parts.hostname:

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import httpx
 
-from . import __version__
+from ._version import __version__
 from .manifest import Job
 from .netpolicy import ANY_LOOPBACK
 from .redirects import MAX_REDIRECTS, RefusedHopError, TooManyRedirectsError, anonymous_client, follow
@@ -83,7 +83,9 @@ async def check_urls(
     limiter = anyio.CapacityLimiter(concurrency)
     async with (
         anonymous_client(
-            user_agent=f"batcher/{__version__} (pre-flight)", timeout=httpx.Timeout(request_timeout), transport=transport
+            user_agent=f"batcher/{__version__} (pre-flight)",
+            timeout=httpx.Timeout(request_timeout),
+            transport=transport,
         ) as client,
         anyio.create_task_group() as group,
     ):

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, assert_never, get_args
 
-__all__ = ["EVENT_KINDS", "MAX_DURATION", "EventKind", "FileRecord", "JobRecord", "Phase"]
+from .polling import MAX_DURATION
+
+__all__ = ["EVENT_KINDS", "EventKind", "FileRecord", "JobRecord", "Phase"]
 
 EventKind = Literal[
     "run",
@@ -50,8 +52,6 @@ cancelled        cancelled at RunComfy
 lost             accepted, then unknown to RunComfy past the grace period
 """
 EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
-MAX_DURATION = 24 * 3600.0
-"""Longer than this is not a job's duration but a bad clock: ignored for poll timing."""
 
 Phase = Literal["pending", "submitting", "uncertain", "submitted", "completed", "failed", "cancelled", "lost"]
 """Where a job stands, from the journal's point of view.

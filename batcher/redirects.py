@@ -32,6 +32,8 @@ __all__ = [
     "anonymous_client",
     "display_url",
     "follow",
+    "held_location",
+    "hold_location",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ HopOpener = Callable[[httpx.AsyncClient, str], AbstractAsyncContextManager[httpx
 """Sends one hop's request and holds its answer open while the caller reads it."""
 
 _DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own default
+_REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+_HELD_LOCATION = "x-batcher-held-location"
 
 
 class RefusedHopError(Exception):
@@ -67,6 +71,23 @@ def display_url(url: str) -> str:
     return printable(f"{parts.scheme}://{parts.netloc}{parts.path}", len(url) + 1)
 
 
+async def hold_location(response: httpx.Response) -> None:
+    """A response hook: move a redirect's Location aside, where httpx does not read it (see `held_location`).
+
+    httpx parses a Location even when it follows no redirect, and one it
+    cannot parse became a protocol error: a transient fault, tried again and
+    again (a poll went on all night). Set aside, it is ours to judge.
+    """
+    if 300 <= response.status_code < 400 and "location" in response.headers:
+        response.headers[_HELD_LOCATION] = response.headers.pop("location")
+
+
+def held_location(response: httpx.Response) -> str | None:
+    """The Location of a response seen by `hold_location`, or None."""
+    location: str | None = response.headers.get(_HELD_LOCATION)
+    return location
+
+
 def anonymous_client(
     *,
     user_agent: str,
@@ -84,6 +105,7 @@ def anonymous_client(
         cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
         # identity: a compressed body could expand past any size cap (a "gzip bomb").
         headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
+        event_hooks={"response": [hold_location]},
     )
 
 
@@ -102,7 +124,11 @@ async def follow(
     for a hop that may not be fetched, TooManyRedirectsError past
     `MAX_REDIRECTS`, and whatever httpx raises.
     """
-    if client.follow_redirects or "authorization" in client.headers:
+    if (
+        client.follow_redirects
+        or "authorization" in client.headers
+        or hold_location not in client.event_hooks["response"]
+    ):
         msg = "follow() needs a client without credentials that follows no redirect: see anonymous_client()"
         raise ValueError(msg)
     current = url
@@ -113,15 +139,17 @@ async def follow(
         started = time.monotonic()
         async with open_hop(client, current) as response:
             took = time.monotonic() - started
-            log.debug("%s %s: HTTP %d in %.3f s", response.request.method, display_url(current), response.status_code, took)
-            if not response.has_redirect_location:  # a 304, or a 3xx naming nowhere, is an answer like any other
+            log.debug(
+                "%s %s: HTTP %d in %.3f s", response.request.method, display_url(current), response.status_code, took
+            )
+            location = held_location(response) if response.status_code in _REDIRECT_STATUSES else None
+            if location is None:  # a 304, or a 3xx naming nowhere, is an answer like any other
                 yield response
                 return
-            location = response.headers["location"]
         try:
             current = urljoin(current, location)
         except ValueError as exc:  # a broken IPv6 literal
-            raise RefusedHopError(location, f"a redirect to something that is not a URL ({exc})") from exc
+            raise RefusedHopError(location, f"not a usable URL ({exc})") from exc
     msg = f"more than {MAX_REDIRECTS} redirects from {display_url(url)}"
     raise TooManyRedirectsError(msg)
 

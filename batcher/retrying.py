@@ -102,7 +102,9 @@ async def retrying(
             if verdict is None or bound is None:
                 raise
             delay = 0.0 if _testing else policy.wait(bound, verdict.retry_after)
-            log.debug("%s: %s; try %d of %d in %.2f s", name, str(exc) or type(exc).__name__, tried + 1, len(bounds), delay)
+            log.debug(
+                "%s: %s; try %d of %d in %.2f s", name, str(exc) or type(exc).__name__, tried + 1, len(bounds), delay
+            )
         # Outside the except block: the error just handled must not become the context of a later one.
         await anyio.sleep(delay)
     msg = "unreachable: the last try returns or raises"

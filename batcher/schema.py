@@ -128,7 +128,7 @@ class ModelSchema:
 
     def _unknown_field_message(self, name: str) -> str:
         known = sorted(self.properties)
-        close = difflib.get_close_matches(name, known, n=1)
+        close = difflib.get_close_matches(str(name), known, n=1)  # YAML keys may be numbers
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown field for {self.model_id}{hint}; expected one of: {', '.join(known)}"
 

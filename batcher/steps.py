@@ -46,6 +46,7 @@ from .errors import (
 from .jobfiles import file_matches, output_path, write_sidecar
 from .manifest import Job, Manifest
 from .polling import DurationModel, remote_duration
+from .printable import printable
 from .progress import RunProgress
 from .state import EventKind, JobRecord, Journal
 
@@ -316,6 +317,7 @@ class JobSteps:
         request_id = record.request_id
         delay = options.poll_min
         last_state = record.remote_state
+        last_word: str | None = None
         queued_since = running_since = time.monotonic()
         submitted_at = record.submitted_at or time.time()
         reported_unknown = False
@@ -359,12 +361,23 @@ class JobSteps:
                 progress.error(job.name, str(exc))
                 return
             self.outage.reached()
+            said_model = result.raw.get("model_id")
+            if isinstance(said_model, str) and said_model and said_model != job.model:
+                # As RunComfy's nodes check: an answer about another model is not this job's.
+                reason = f"polling stopped: RunComfy says request {request_id} is for {printable(said_model, 120)}"
+                self.record(job, "note", reason=f"{reason}, not {job.model}")
+                progress.set(job.key, "held")
+                progress.error(job.name, reason)
+                return
             state = result.state
-            if state != last_state:
-                self.record(job, "state", state=state if state != "unknown" else result.raw_status)
-                last_state = state
-                if state == "in_progress":
+            if state != last_state or result.raw_status != last_word:
+                # The service's own word is kept too (succeeded, waiting, processing…): what it said.
+                self.record(
+                    job, "state", state=state if state != "unknown" else result.raw_status, word=result.raw_status
+                )
+                if state == "in_progress" and last_state != "in_progress":
                     running_since = time.monotonic()
+                last_state, last_word = state, result.raw_status
             if state == "completed":
                 self.finish(job, result)
                 return

@@ -238,8 +238,9 @@ class LocatedYaml:
                 continue
             key = self._value(loader, (*path, "\0key"))
             del self.lines[(*path, "\0key")]
-            if not isinstance(key, str | int) or isinstance(key, bool):
-                self._report(Problem(self.file, line, "", f"keys must be text, got {key!r}"))
+            if not isinstance(key, str):
+                # `1: x` reads as a number key; every key of a manifest is a name, and later steps count on it.
+                self._report(Problem(self.file, line, "", f"keys must be text, got {key!r} (quote it)"))
                 self._value(loader, (*path, "\0skipped"))
                 self.lines.pop((*path, "\0skipped"), None)
                 continue

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from batcher import RunOptions, load_manifest, run_manifest  # noqa: E402
-from batcher.polling import DurationModel  # noqa: E402
+from batcher.polling import DurationModel, remote_duration  # noqa: E402
 from batcher.state import CHECKPOINT_NAME, JOURNAL_NAME, Journal  # noqa: E402
 
 MODEL = "openai/gpt-image-1-5/image-to-image"
@@ -355,8 +356,9 @@ def bench_polls(args: argparse.Namespace) -> None:
                 event = json.loads(line)
                 if event["e"] == "completed":
                     result = event["result"]
-                    delay = event["t"] - result["finished_at"]
-                    duration = result["finished_at"] - result["created_at"]
+                    # Timestamps come as RunComfy writes them (ISO strings): read them as batcher does.
+                    delay = remote_duration({"created_at": result["finished_at"], "finished_at": event["t"]}) or 0.0
+                    duration = remote_duration(result) or math.nan
                     delays.append(delay)
                     ratios.append(delay / duration)
             per_job = (calls.get("result", 0) + calls.get("status", 0)) / args.poll_jobs

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -21,11 +22,21 @@ from batcher import (
     UsageError,
 )
 from batcher.client import api_base_from_env, collect_output_urls, normalize_state, token_from_env
+from batcher.errors import RateLimitedError, UnreachableError
+from batcher.retrying import set_testing
 
 from .conftest import TOKEN
 
 MODEL = "openai/gpt-image-1-5/image-to-image"
 FAST = RetryPolicy(attempts=4, base=0.001, cap=0.002, max_retry_after=0.01)
+
+
+@pytest.fixture(autouse=True)
+def no_waiting() -> Iterator[None]:
+    """Retries and the rate limiter's pauses take no time here (a 429 used to cost this file 4 s of pacing)."""
+    set_testing(True)
+    yield
+    set_testing(False)
 
 
 def _client(answers: list[Callable[[httpx.Request], httpx.Response]], seen: list[httpx.Request]) -> RunComfyClient:
@@ -126,12 +137,48 @@ async def test_refusals_become_actionable_errors(
     assert len(seen) == 1
 
 
-async def test_submit_gives_up_after_the_retry_budget() -> None:
+@pytest.mark.parametrize(
+    ("answer", "kind"),
+    [
+        (status(429, {}, {"retry-after": "0"}), RateLimitedError),
+        (status(503, b"busy"), RateLimitedError),
+        (raises(httpx.ConnectError), UnreachableError),
+        (status(500, {"error_code": 500001, "error_message": "Internal error"}), TransientApiError),
+    ],
+    ids=["429", "bare-503", "connect-error", "500001"],
+)
+async def test_submit_gives_up_after_the_retry_budget(
+    answer: Callable[..., httpx.Response], kind: type[TransientApiError]
+) -> None:
     seen: list[httpx.Request] = []
-    async with _client([status(429, {}, {"retry-after": "0"})] * 4, seen) as client:
-        with pytest.raises(TransientApiError, match="was not accepted"):
+    async with _client([answer] * 4, seen) as client:
+        with pytest.raises(kind, match="was not accepted") as caught:
             await client.submit(MODEL, {"prompt": "x"})
+    # The runner tells "not now" (requeue), an outage (pause) and other trouble apart by these kinds.
+    assert type(caught.value) is kind
     assert len(seen) == 4
+
+
+async def test_each_call_logs_one_line_without_the_token(caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[httpx.Request] = []
+    answers: list[Callable[[httpx.Request], httpx.Response]] = [
+        status(429, {}, {"retry-after": "0"}),
+        ok,
+        raises(httpx.ReadTimeout),
+        status(200, {"request_id": "r-1", "status": "in_queue"}),
+        status(200, {"request_id": "r-1", "status": "cancelled", "outcome": "cancelled"}),
+    ]
+    caplog.set_level(logging.DEBUG, logger="batcher")
+    async with _client(answers, seen) as client:
+        await client.submit(MODEL, {"prompt": "x"})
+        await client.result("r-1")
+        await client.cancel("r-1")
+    calls = [r.getMessage() for r in caplog.records if r.name == "batcher.client"]
+    assert [line.split(":")[0] for line in calls] == [f"submit {MODEL}"] * 2 + ["result r-1"] * 2 + ["cancel r-1"]
+    assert "HTTP 429 in" in calls[0] and "HTTP 200 in" in calls[1] and "ReadTimeout in" in calls[2]
+    assert all(line.endswith(" s") for line in calls)
+    assert any("try 2 of 4" in r.getMessage() for r in caplog.records if r.name == "batcher.retrying")
+    assert TOKEN not in caplog.text
 
 
 async def test_polls_retry_anything_transient_and_honour_retry_after() -> None:
@@ -234,11 +281,28 @@ async def test_a_server_echoing_the_token_never_gets_it_into_messages() -> None:
     assert TOKEN not in json.dumps(result.raw)
 
 
+@pytest.mark.parametrize(
+    ("verbosity", "shown"),
+    [(False, []), (0, []), (True, ["batcher"]), (1, ["batcher"]), (2, ["batcher", "httpx", "httpcore"])],
+)
+def test_verbosity_chooses_whose_lines_are_shown(verbosity: int, shown: list[str]) -> None:
+    from batcher.cli import _setup_logging
+
+    _setup_logging(verbosity, False)  # a bool: `-v` as a flag; an int: `-v` counted
+    try:
+        loggers = {"batcher": "batcher.client", "httpx": "httpx", "httpcore": "httpcore.http11"}
+        assert [
+            name for name, logger in loggers.items() if logging.getLogger(logger).isEnabledFor(logging.DEBUG)
+        ] == shown
+    finally:
+        _setup_logging(0, False)
+
+
 async def test_the_rate_limiter_halves_on_429_and_recovers(monkeypatch: pytest.MonkeyPatch) -> None:
     from batcher.client import RateLimiter
 
     clock = [100.0]
-    monkeypatch.setattr("batcher.client.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("batcher.pacing.time.monotonic", lambda: clock[0])
     limiter = RateLimiter(10.0)
     limiter.refused()
     assert limiter.rate == 5.0
@@ -276,3 +340,41 @@ async def test_the_rate_limiter_halves_on_429_and_recovers(monkeypatch: pytest.M
         clock[0] += 10
         unlimited._recover(clock[0])
     assert unlimited.rate is None  # back past twice the refused pace: the limit is lifted
+
+
+async def test_headers_are_the_ones_runcomfys_own_clients_send() -> None:
+    seen: list[httpx.Request] = []
+    async with _client([ok], seen) as client:
+        await client.submit("openai/gpt-image-1-5/image-to-image", {"prompt": "x"})
+    headers = seen[0].headers
+    assert headers["accept"] == "application/json" and headers["cache-control"] == "no-cache"
+    assert headers["user-agent"].startswith("batcher/") and headers["authorization"] == f"Bearer {TOKEN}"
+
+
+async def test_a_redirect_from_the_api_never_carries_the_token_elsewhere() -> None:
+    import http.server
+    import threading
+
+    hits: list[dict[str, str]] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(dict(self.headers))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Elsewhere)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        other = f"http://127.0.0.1:{server.server_address[1]}/v1/requests/r-1/result"
+        seen: list[httpx.Request] = []
+        async with _client([status(302, b"", {"location": other})], seen) as client:
+            with pytest.raises(ApiError, match="redirect"):
+                await client.result("r-1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(seen) == 1 and hits == []

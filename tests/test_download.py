@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 import gzip
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from batcher import DownloadError, SandboxThread
-from batcher.download import Downloader, safe_child
+from batcher.download import DEFAULT_MAX_BYTES, Downloader, safe_child
 from batcher.netpolicy import address_refusal, scheme_refusal
+from batcher.retrying import set_testing
 from batcher.sandbox import make_png
 
 PNG = make_png("x")
 PUBLIC = "https://93.184.216.34"  # a literal public address: resolves to itself, no DNS needed
 
 
-def _downloader(handler: Callable[[httpx.Request], httpx.Response], seen: list[httpx.Request], **kw: int) -> Downloader:
+@pytest.fixture(autouse=True)
+def no_waiting() -> Iterator[None]:
+    """Retries take no time here: what is retried, and how often, is the subject."""
+    set_testing(True)
+    yield
+    set_testing(False)
+
+
+def _downloader(
+    handler: Callable[[httpx.Request], httpx.Response], seen: list[httpx.Request], *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Downloader:
     def record(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         return handler(request)
 
-    return Downloader(transport=httpx.MockTransport(record), backoff=0.001, attempts=2, **kw)
+    return Downloader(transport=httpx.MockTransport(record), backoff=0.001, attempts=2, max_bytes=max_bytes)
 
 
 def _png(request: httpx.Request) -> httpx.Response:
@@ -94,6 +105,62 @@ async def test_redirects_are_checked_at_every_hop(tmp_path: Path) -> None:
         with pytest.raises(DownloadError, match="link-local"):
             await downloader.fetch(f"{PUBLIC}/a.png", tmp_path / "a.png")
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize(("hops", "fetched"), [(5, True), (6, False)])
+async def test_downloads_follow_at_most_five_redirects(tmp_path: Path, hops: int, fetched: bool) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        step = int(request.url.path.strip("/") or 0)
+        if step < hops:
+            # relative Locations, and a cookie that must not ride along to the next hop
+            return httpx.Response(302, headers={"location": f"/{step + 1}", "set-cookie": "session=s3cret; Path=/"})
+        return _png(request)
+
+    async with _downloader(handler, seen) as downloader:
+        if fetched:
+            assert (await downloader.fetch(f"{PUBLIC}/0", tmp_path / "a.png")).bytes == len(PNG)
+        else:
+            with pytest.raises(DownloadError, match="too many redirects") as caught:
+                await downloader.fetch(f"{PUBLIC}/0", tmp_path / "a.png")
+            assert caught.value.permanent
+    assert len(seen) == min(hops, 5) + 1
+    assert all("cookie" not in request.headers and "authorization" not in request.headers for request in seen)
+
+
+@pytest.mark.parametrize(
+    "location", ["https://exa\x9bmple.org/a.png", "https://[::1/a.png"], ids=["control-character", "broken-ipv6"]
+)
+async def test_a_redirect_to_something_unusable_is_a_permanent_error(tmp_path: Path, location: str) -> None:
+    seen: list[httpx.Request] = []
+    header = [(b"location", location.encode("latin-1"))]  # as a server sends it: bytes
+    async with _downloader(lambda request: httpx.Response(302, headers=header), seen) as downloader:
+        with pytest.raises(DownloadError, match="not a usable URL") as caught:
+            await downloader.fetch(f"{PUBLIC}/a.png", tmp_path / "a.png")
+        assert caught.value.permanent and len(seen) == 1
+        with pytest.raises(DownloadError, match="not a usable URL"):
+            await downloader.fetch(location, tmp_path / "a.png")  # the same, named by the API itself
+    assert len(seen) == 1
+
+
+async def test_transient_faults_are_retried_and_an_expired_url_is_not(tmp_path: Path) -> None:
+    seen: list[httpx.Request] = []
+    answers = iter([httpx.Response(503), httpx.Response(429)])
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return next(answers, None) or _png(request)
+
+    async with Downloader(transport=httpx.MockTransport(flaky), attempts=3) as downloader:
+        assert (await downloader.fetch(f"{PUBLIC}/a.png", tmp_path / "a.png")).bytes == len(PNG)
+    assert len(seen) == 3
+
+    seen.clear()
+    async with _downloader(_answer(403, b"expired"), seen) as downloader:
+        with pytest.raises(DownloadError, match="expired"):
+            await downloader.fetch(f"{PUBLIC}/b.png", tmp_path / "b.png")
+    assert len(seen) == 1, "an expired URL needs a fresh one, not another try"
 
 
 def _answer(status: int, body: bytes, **headers: str) -> Callable[[httpx.Request], httpx.Response]:

@@ -442,7 +442,7 @@ async def test_a_result_naming_many_outputs_is_read_quickly(serve: Callable[[Ans
 # -- 7. redirects ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("call", ["result", "status", "cancel"])
+@pytest.mark.parametrize("call", ["result", "cancel"])
 @pytest.mark.parametrize("body", [b"", b'{"error_code":500001,"error_message":"moved"}'], ids=["bare", "with-body"])
 async def test_a_redirect_on_an_api_call_is_a_clear_final_error(
     serve: Callable[[Answer], RawServer], call: str, body: bytes

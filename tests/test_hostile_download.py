@@ -108,8 +108,12 @@ async def test_private_addresses_in_ipv6_disguise_are_refused_before_connecting(
     tmp_path: Path, address: str, inner: str
 ) -> None:
     seen: list[httpx.Request] = []
-    transport = httpx.MockTransport(lambda request: seen.append(request) or httpx.Response(200, content=PNG))
-    async with Downloader(transport=transport, attempts=1) as downloader:
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=PNG)
+
+    async with Downloader(transport=httpx.MockTransport(answer), attempts=1) as downloader:
         with pytest.raises(DownloadError, match=inner.replace(".", r"\.")) as caught:
             await downloader.fetch(f"https://[{address}]/latest/meta-data", tmp_path / "a.png")
     assert seen == [] and caught.value.permanent

@@ -360,3 +360,14 @@ def test_schema_folders_and_files_from_outside_are_refused(
 def test_schema_folders_given_on_the_command_line_are_trusted(tmp_path: Path, outside: Path) -> None:
     path = _project(tmp_path, f"- prompt: x\n  image_urls: ['{REF}']\n  model: acme/model\n")
     assert load_manifest(path, [outside]).models == ("acme/model",)
+
+
+@pytest.mark.parametrize(
+    "where", ["defaults:\n  2: y\n", "jobs:\n  - prompt: x\n    image_urls: ['https://a/b.png']\n    1: x\n"]
+)
+def test_number_keys_are_problems_not_tracebacks(tmp_path: Path, where: str) -> None:
+    path = tmp_path / "m.yaml"
+    jobs = "" if where.startswith("jobs") else "jobs:\n  - prompt: x\n    image_urls: ['https://a/b.png']\n"
+    path.write_text("model: openai/gpt-image-1-5/image-to-image\n" + where + jobs, encoding="utf-8")
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 2 and "keys must be text" in result.output, result.output

@@ -62,6 +62,61 @@ def test_remote_duration(result: dict[str, object], expected: float | None) -> N
     assert remote_duration(result) == (pytest.approx(expected) if expected is not None else None)
 
 
+NOW_2026 = 1_795_700_000.0  # 2026-11-26: the moments below are plausible against it, whatever the clock says
+
+
+@pytest.mark.parametrize(
+    ("created", "finished", "expected"),
+    [
+        # ISO 8601 as RunComfy's answers carry them (strings; the CLI declares Option<String>).
+        ("2026-11-26T10:00:00Z", "2026-11-26T10:00:30Z", 30.0),
+        ("2026-11-26T10:00:00.250Z", "2026-11-26T10:00:30.750Z", 30.5),  # milliseconds
+        ("2026-11-26T10:00:00.123456+00:00", "2026-11-26T10:00:01.123456+00:00", 1.0),  # microseconds
+        ("2026-11-26T10:00:00.000000001Z", "2026-11-26T10:00:02.500000001Z", 2.5),  # nanoseconds
+        ("2026-11-26T11:00:00+01:00", "2026-11-26T10:00:45Z", 45.0),  # offsets
+        ("2026-11-26T05:30:00-04:30", "2026-11-26T10:01:00+00:00", 60.0),
+        ("2026-11-26T10:00:00+0000", "2026-11-26T10:00:10+0000", 10.0),  # offset without a colon
+        ("2026-11-26t10:00:00z", "2026-11-26T10:00:05Z", 5.0),  # lower case, as ISO 8601 allows
+        ("2026-11-26 10:00:00", "2026-11-26 10:00:07", 7.0),  # a space, no zone
+        ("2026-11-26T10:00:00", "2026-11-26T10:00:20Z", 20.0),  # no zone is UTC
+        # Epoch seconds and milliseconds, as numbers or numeric strings, mixed with ISO.
+        ("1795687200", "1795687212.5", 12.5),
+        (" 1795687200000 ", "1795687203000", 3.0),
+        (1_795_687_200_000, "2026-11-26T10:00:09Z", 9.0),
+        ("2026-11-26T10:00:00Z", 1_795_687_204, 4.0),
+        # Nonsense stays None.
+        ("2026-13-01T00:00:00Z", "2026-11-26T10:00:00Z", None),
+        ("", "2026-11-26T10:00:00Z", None),
+        ("NaN", "2026-11-26T10:00:00Z", None),
+        ("1e400", "2026-11-26T10:00:00Z", None),
+        ("-1795687200", "2026-11-26T10:00:00Z", None),
+        ("2026-11-26T10:00:00Z", "2026-11-28T10:00:00Z", None),  # after now + a day
+        ("2019-12-31T23:59:59Z", "2026-11-26T10:00:00Z", None),  # before 2020
+        ("2026-11-26T10:00:00Z", None, None),  # not finished yet
+    ],
+)
+def test_remote_duration_reads_every_timestamp_format(
+    created: object, finished: object, expected: float | None
+) -> None:
+    result = {"created_at": created, "finished_at": finished}
+    duration = remote_duration(result, now=NOW_2026)
+    assert duration == (pytest.approx(expected, abs=1e-3) if expected is not None else None)
+
+
+def test_a_timestamp_without_a_zone_is_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read as local time, a naive end against a "Z" start would shift the duration by the zone's offset."""
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # +05:30, no daylight saving
+    time.tzset()
+    try:
+        result = {"created_at": "2026-11-26T10:00:00Z", "finished_at": "2026-11-26T10:00:20"}
+        assert remote_duration(result, now=NOW_2026) == pytest.approx(20.0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_a_duration_longer_than_a_day_is_not_learned() -> None:
     model = DurationModel()
     for seconds in (20.0, 25.0, 30.0, 35.0, 1.7e9, 90_000.0):

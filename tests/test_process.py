@@ -22,6 +22,9 @@ from .conftest import TOKEN, many_jobs_manifest
 
 StartSandbox = Callable[..., SandboxThread]
 
+# Real processes and real signals: seconds each. `pytest -m "not slow"` is the quick loop.
+pytestmark = pytest.mark.slow
+
 
 def _start(manifest: Path, sandbox: SandboxThread, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "RUNCOMFY_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}

@@ -28,7 +28,8 @@ async def finished_run(tmp_path: Path) -> Path:
     options = fast_options(
         token=None,
         output_dir=Path("output/night"),
-        sandbox=True, sandbox_config=SandboxConfig(queue_delay=0.01, run_delay=0.01, fail_rate=0.4, seed=5),
+        sandbox=True,
+        sandbox_config=SandboxConfig(queue_delay=0.01, run_delay=0.01, fail_rate=0.4, seed=5),
     )
     summary = await run_manifest(load_manifest(path), options)
     assert 0 < summary.done < JOBS, "the fixture wants both done and failed jobs"

@@ -213,7 +213,9 @@ async def test_a_second_runner_on_the_same_folder_fails_fast(tmp_path: Path, sta
 
 async def test_in_process_sandbox_needs_no_token(tmp_path: Path) -> None:
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 2))
-    options = fast_options(token=None, sandbox=True, sandbox_config=SandboxConfig(queue_delay=0.01, run_delay=0.01), output_dir=Path("o"))
+    options = fast_options(
+        token=None, sandbox=True, sandbox_config=SandboxConfig(queue_delay=0.01, run_delay=0.01), output_dir=Path("o")
+    )
     summary = await run_manifest(manifest, options)
     assert summary.done == 2
 
