@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
 import threading
@@ -24,7 +25,8 @@ from rich.live import Live
 from rich.table import Table
 
 from ._version import __version__
-from .client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy
+from .account import look_up
+from .client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy, api_base_from_env
 from .cost import load_price_table
 from .dataset import METADATA_NAME, write_metadata
 from .download import DEFAULT_MAX_BYTES
@@ -36,7 +38,14 @@ from .errors import (
     ManifestError,
     UsageError,
 )
-from .folders import default_output_dir, noted_folders, parse_shard, read_folder, shard_folders
+from .folders import (
+    default_output_dir,
+    noted_folders,
+    parse_shard,
+    read_folder,
+    refuse_linked_default,
+    shard_folders,
+)
 from .gallery import write_gallery
 from .manifest import Manifest, load_manifest
 from .preflight import check_urls, input_urls
@@ -274,6 +283,10 @@ def _check_input_urls(manifest: Manifest, concurrency: int) -> None:
 def _point_at_noted_folders(manifest: Manifest, looked_in: Path) -> None:
     """No journal where we looked: say where this manifest's runs are, if the ledger knows."""
     others = [folder for folder in noted_folders(manifest) if folder != looked_in.resolve()]
+    rehearsal = default_output_dir(manifest, sandbox=True).resolve()
+    if rehearsal in others:
+        click.echo(f"no journal in {looked_in}; the sandbox rehearsal's is in {rehearsal}: add --sandbox", err=True)
+        others.remove(rehearsal)
     if others:
         shown = ", ".join(str(folder) for folder in others[:5])
         click.echo(f"no journal in {looked_in}; this manifest has runs in: {shown} (use -o)", err=True)
@@ -298,15 +311,42 @@ def _load_slice(
 @_output_option
 @_shard_option
 @_sandbox_folder_option
+@_api_base_option
+@click.option("--offline", is_flag=True, help="Do not ask RunComfy for the balance and live price.")
 def plan(
-    manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, shard: tuple[int, int] | None, sandbox: bool
+    manifest: Path,
+    schema_dirs: tuple[Path, ...],
+    output: Path | None,
+    shard: tuple[int, int] | None,
+    sandbox: bool,
+    api_base: str | None,
+    offline: bool,
 ) -> None:
-    """Show the expanded jobs, what is left to do and its estimated cost. No network.
+    """Show the expanded jobs, what is left to do and its estimated cost.
 
-    Shard folders (shard-K-of-N/) inside the output folder are summed in.
+    With RUNCOMFY_API_TOKEN set (and not --offline) it first asks RunComfy for
+    the account's balance and the model's live price (a few seconds at most);
+    otherwise no network. Shard folders (shard-K-of-N/) inside the output
+    folder are summed in.
     """
     loaded, output_dir = _load_slice(manifest, schema_dirs, output, shard, sandbox)
+    balance = None
+    token = os.environ.get("RUNCOMFY_API_TOKEN", "").strip()
+    if token and not offline and not sandbox:
+        if output is None:
+            refuse_linked_default(output_dir, loaded)
+        output_dir.mkdir(parents=True, exist_ok=True)  # the live price is kept there, for status and run
+        account = anyio.run(
+            lambda: look_up(
+                api_base_from_env(api_base), token, loaded.models, output_dir, schema_dirs=loaded.schema_dirs
+            )
+        )
+        for line in account.said:
+            click.echo(f"price: {line}", err=True)
+        balance = account.balance
     print_plan(stdout, loaded, output_dir)
+    if balance is not None:
+        stdout.print(f"account balance: ${balance:,.2f}")
     if not (output_dir / JOURNAL_NAME).is_file() and not shard_folders(output_dir):
         _point_at_noted_folders(loaded, output_dir)
 
@@ -366,6 +406,9 @@ def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, s
     show_default=True,
     type=click.FloatRange(min=0),
     help="Seconds to wait for RunComfy to answer again once no call gets through, before the run ends.",
+)
+@click.option(
+    "--over-balance", is_flag=True, help="Start even when the jobs to submit are estimated over the account's balance."
 )
 @click.option("-y", "--yes", is_flag=True, help="Do not ask before spending more than --confirm-above.")
 @click.option(
@@ -464,6 +507,7 @@ def run(
     new_output: bool,
     lost_after: float,
     outage_timeout: float,
+    over_balance: bool,
     yes: bool,
     confirm_above: float,
     cancel_on_interrupt: bool,
@@ -501,6 +545,7 @@ def run(
         retry_failed=retry_failed,
         resubmit_uncertain=resubmit_uncertain,
         new_output=new_output,
+        over_balance=over_balance,
         lost_after=lost_after,
         outage_timeout=outage_timeout,
         cancel_on_interrupt=cancel_on_interrupt,
@@ -543,10 +588,14 @@ def _announce(plan: RunPlan, confirm_above: float | None) -> None:
     else:
         cost = f"estimated ${plan.estimate:,.2f}{unpriced}"
     rest = [f"{plan.to_finish} already submitted to finish"] if plan.to_finish else []
+    rest += [f"{plan.superseded} no longer in the manifest but paid for, to finish"] if plan.superseded else []
     rest += [f"{plan.held} held"] if plan.held else []
     rest += [f"{plan.done} done"] if plan.done else []
     tail = f"; {', '.join(rest)}" if rest else ""
-    stderr.print(f"will submit {plan.to_submit} job(s) ({cost}){tail}", markup=False)
+    for line in plan.prices:
+        stderr.print(f"price: {line}", markup=False)
+    balance = f"; balance ${plan.balance:,.2f}" if plan.balance is not None and not plan.sandbox else ""
+    stderr.print(f"will submit {plan.to_submit} job(s) ({cost}){balance}{tail}", markup=False)
     if confirm_above is None or plan.estimate <= confirm_above:
         return
     if not (sys.stdin.isatty() and stderr.is_terminal):
@@ -568,7 +617,7 @@ def _resume_command(
 ) -> str:
     """The command that goes on with this run: every flag that chose its folder, API and jobs."""
     # Absolute paths: the hint must work from wherever it is pasted (a cron job, another shell).
-    words = ["batcher", "run", str(manifest.resolve()), "-o", str(summary.output_dir)]
+    words = [*_this_command(), "run", str(manifest.resolve()), "-o", str(summary.output_dir)]
     for folder in schema_dirs:
         words += ["--schemas", str(folder)]
     if sandbox:
@@ -584,6 +633,16 @@ def _resume_command(
     if concurrency != 8:
         words += ["-c", str(concurrency)]
     return shlex.join(words)
+
+
+def _this_command() -> list[str]:
+    """How batcher was started, so a printed command works as pasted (a venv's batcher is not on PATH)."""
+    started = sys.argv[0] if sys.argv else ""
+    if started.endswith("__main__.py"):
+        return [sys.executable, "-m", "batcher"]
+    if os.sep in started and os.path.isfile(started):
+        return [os.path.abspath(started)]
+    return ["batcher"]
 
 
 def _run_with_display(manifest: Manifest, options: RunOptions, quiet: bool, on_plan: Callable[[RunPlan], None]) -> Any:
@@ -669,6 +728,7 @@ def report(
     view = read_folder(output_dir)
     folded = FoldedJournal(records=view.records, headers=view.headers, warnings=view.warnings)
     if not folded.records:
+        _point_at_noted_folders(loaded, output_dir)
         raise _BadInput(f"nothing to report: no journal with jobs in {output_dir} (run the manifest first)")
     try:
         rows = write_metadata(loaded, output_dir, folded.records)
@@ -781,6 +841,9 @@ def _allowed(spec: dict[str, Any]) -> str:
     help="How answers are worded: RunComfy's own, or as each of its clients has seen them.",
 )
 @click.option("--balance", type=click.FloatRange(min=0), help="The account's balance in USD [default: unlimited].")
+@click.option(
+    "--model-price", type=click.FloatRange(min=0), help="base_price_usd to answer [default: the bundled table's]."
+)
 @click.option("--refuse", type=click.Choice(list(REFUSALS)), help="Refuse every call as RunComfy would.")
 @click.option("--seed", type=int, help="Seed for faults and failures, to replay a session.")
 @_schemas_option("Folder of model schemas, so the sandbox accepts those models too; repeatable.")
@@ -804,6 +867,7 @@ def sandbox_command(
     rate_limit: float | None,
     dialect: str,
     balance: float | None,
+    model_price: float | None,
     refuse: str | None,
     seed: int | None,
     schema_dirs: tuple[Path, ...],
@@ -834,6 +898,7 @@ def sandbox_command(
         rate_limit=rate_limit,
         dialect=dialect,
         balance_usd=balance,
+        model_price=model_price,
         refuse=refuse,
         seed=seed,
         schema_dirs=schema_dirs,

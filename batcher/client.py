@@ -415,6 +415,16 @@ class RunComfyClient:
         body = await self._call(f"result {request_id}", "GET", path, "polling a result", {"include_cost": "true"})
         return _parse_result(request_id, body)
 
+    async def model_info(self, model_id: str) -> dict[str, Any]:
+        """``GET /v1/models/{id}``: the model's live price (``base_price_usd``, ``price_unit``, ``pricing_note``)."""
+        path = f"/v1/models/{quote(model_id, safe='/')}"
+        return await self._call(f"model {model_id}", "GET", path, "reading the model's price")
+
+    async def balance(self) -> dict[str, Any]:
+        """``GET /balance`` on this client's base: the account's ``balance_usd``. Only for a client made
+        for the balance host itself (see `batcher.account`): the token goes to no host a response names."""
+        return await self._call("balance", "GET", "balance", "reading the account's balance")
+
     async def cancel(self, request_id: str) -> CancelOutcome:
         """Ask RunComfy to cancel a queued request; in-progress ones answer ``not_cancellable``."""
         path = self._request_path(request_id, "cancel")

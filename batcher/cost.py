@@ -26,7 +26,7 @@ from typing import Any
 from .manifest import Job
 from .schema import bundled_schema_dir
 
-__all__ = ["PRICES_ENV", "PriceTable", "estimate", "load_price_table"]
+__all__ = ["PRICES_ENV", "PriceTable", "estimate", "forget_price_tables", "load_price_table"]
 
 PRICES_ENV = "BATCHER_PRICES"
 
@@ -81,6 +81,12 @@ def estimate(job: Job, directories: Sequence[Path] = ()) -> float | None:
     """One job's price, or None when no table says; directories are the manifest's schema folders."""
     table = load_price_table(job.model, directories)
     return table.price(job.input) if table else None
+
+
+def forget_price_tables() -> None:
+    """Drop the cached tables: a run just wrote a new one (the live price) where they are looked up."""
+    _find.cache_clear()
+    _load.cache_clear()
 
 
 @cache

@@ -59,6 +59,8 @@ class Entry:
     combinations: list[Combination] | None
     prompt_file: PromptFile | None
     placeholders: set[str]
+    folder: Path
+    """The manifest's folder: local images are relative to it (a prompt file's rows' too)."""
 
     @property
     def templated(self) -> bool:
@@ -87,6 +89,7 @@ def read_entry(
         combinations=combinations,
         prompt_file=prompt_file,
         placeholders=set(),
+        folder=folder,
     )
     if not entry.templated:
         return entry

@@ -2,7 +2,8 @@
 
 Every combination of an entry's matrix, for every row of its prompt file,
 is filled in (defaults, then the entry's fields, then the variables), its
-schema defaults added, and repeated ``repeat`` times; each repeat is a `Job`
+schema defaults added, its local images checked and replaced by references
+(`batcher.localimages`), and repeated ``repeat`` times; each repeat is a `Job`
 with its own identity. The manifest's job count is computed before an entry
 is expanded and capped at `MAX_JOBS` (raised with `set_max_jobs`, ``--max-jobs``
 or ``BATCHER_MAX_JOBS``), so a few hundred bytes cannot ask for billions of jobs.
@@ -22,6 +23,7 @@ from typing import Any
 from .entries import ROW_CONTROL_KEYS, Combination, Entry
 from .errors import Problem, UsageError
 from .job import Job, job_key, slug_name
+from .localimages import LocalImages, Normalised, identity_form
 from .manifestfolder import Confinement
 from .problems import Problems, shorten
 from .promptfile import NO_ROW, PromptFile, Row, from_text
@@ -101,6 +103,8 @@ class Expander:
         self._sources: dict[str, int] = {}
         self.prompt_files: list[PromptFile] = []
         """Every prompt file read by the check, for the manifest's hash."""
+        self.local_images = LocalImages(confined)
+        """Checks each local image once per load; `iter_jobs` reuses what the check found."""
 
     def schema(self, model: str) -> tuple[ModelSchema | None, str]:
         """The model's schema, or None and why not."""
@@ -170,9 +174,12 @@ class Expander:
             blame.whole(f"no value for the placeholder {{{exc.args[0]}}}")
             return
         raw_id = variables.get("id", raw_id)
-        filled = schema.with_defaults({**self.defaults, **fields, **from_variables})
+        local = self.local_images.normalise(
+            schema, schema.with_defaults({**self.defaults, **fields, **from_variables}), entry.folder
+        )
+        filled = local.input
 
-        failed = check and not self._valid(schema, filled, raw_id, fields, from_variables, blame)
+        failed = check and not self._valid(schema, local, raw_id, fields, from_variables, blame)
         given = variables.get("repeat", entry.repeat)
         repeat = _repeats(given, from_text=row.from_text and "repeat" in row.values)
         if repeat is None:
@@ -183,15 +190,16 @@ class Expander:
             return
 
         source, line = blame.origin()
+        identity = identity_form(filled, local.source)
         for repeat_index in range(repeat):
-            key = job_key(model, filled, repeat_index)
+            key = job_key(model, identity, repeat_index)
             if raw_id:
                 name = raw_id if repeat == 1 else f"{raw_id}-{repeat_index + 1}"
             else:
                 name = slug_name(str(filled.get("prompt", "")), key)
             if check and not self._register(key, name if raw_id else None, model, (source, line), blame):
                 continue
-            yield Job(key, name, model, filled, repeat_index, line, source)
+            yield Job(key, name, model, filled, repeat_index, line, source, local.source)
 
     def _model_schema(self, entry: Entry, variables: dict[str, Any], blame: _Blame) -> tuple[str, ModelSchema] | None:
         """The job's model (a variable's, else the entry's, else the manifest's) and its schema; None if reported."""
@@ -214,15 +222,22 @@ class Expander:
     def _valid(
         self,
         schema: ModelSchema,
-        filled: dict[str, Any],
+        local: Normalised,
         raw_id: object,
         fields: dict[str, Any],
         from_variables: dict[str, Any],
         blame: _Blame,
     ) -> bool:
-        """Whether the filled input fits the schema and the id is usable; each problem reported where it is fixed."""
+        """Whether the filled input fits the schema, its local images are sound and the id is usable.
+
+        Each problem is reported where it is fixed. The schema sees each local
+        image as the data URI it will be sent as (`localimages.STAND_IN`).
+        """
         valid = True
-        for error in schema.validate(filled):
+        for dotted, message in local.problems:
+            blame.field(dotted, message, fields, from_variables, self.defaults)
+            valid = False
+        for error in schema.validate(local.for_schema):
             blame.field(error.field, error.message, fields, from_variables, self.defaults)
             valid = False
         if raw_id is not None and (not isinstance(raw_id, str) or not _JOB_ID.match(raw_id)):

@@ -46,6 +46,7 @@ __all__ = [
     "check_ledger",
     "check_no_overlap",
     "default_output_dir",
+    "forget_gone_folders",
     "is_rehearsal",
     "ledger_path",
     "noted_folders",
@@ -292,21 +293,32 @@ def noted_folders(manifest: Manifest) -> list[Path]:
 
 
 def check_ledger(manifest: Manifest, keys: Iterable[str], output_dir: Path, identity: str) -> None:
-    """Refuse when another folder noted for this manifest (by path or name) and API already submitted
-    some of these jobs: sending them from here would pay twice."""
+    """Refuse when sending these jobs from output_dir could pay for them twice.
+
+    Two ways: another folder the ledger notes for the same API already
+    submitted some of them (by job identity, so a renamed or copied manifest
+    is caught too), or a folder noted for this manifest is gone (moved or
+    archived: its journal is the only record of what it paid for).
+    """
     here = str(output_dir.resolve())
     path = str(manifest.path.resolve())
     mine = set(keys)
-    seen: set[str] = set()
+    checked: set[str] = set()
+    gone: list[Path] = []
     for entry in _entries():
-        if entry.api != identity or entry.output == here or entry.output in seen:
+        if entry.api != identity or entry.output in checked:
             continue
-        if entry.manifest != path and entry.name != manifest.name:
-            continue
-        seen.add(entry.output)
+        checked.add(entry.output)
         other = Path(entry.output)
         if here.startswith(entry.output + os.sep) or entry.output.startswith(here + os.sep):
             continue  # a shard of this folder, or its parent: check_no_overlap's business
+        if not (other / JOURNAL_NAME).is_file() and not shard_folders(other):
+            # A rehearsal's folder may go freely (nothing was paid); the others' journals are the money.
+            if identity != SANDBOX_API and (entry.manifest == path or entry.name == manifest.name):
+                gone.append(other)
+            continue
+        if entry.output == here:
+            continue  # this folder's own journal: the run resumes from it
         try:
             view = read_folder(other)
         except BatcherError:
@@ -315,7 +327,37 @@ def check_ledger(manifest: Manifest, keys: Iterable[str], output_dir: Path, iden
         if overlap:
             msg = (
                 f"{overlap} of these jobs were already submitted from {other} (noted in {ledger_path()}); "
-                f"running them from {output_dir} would pay for them again. Resume there with: -o {other} "
+                f"sending them from {output_dir} would pay for them again. Go on with them there: {_resume_hint(other)} "
                 "(or add --new-output to pay for them again here)"
             )
             raise UsageError(msg)
+    if gone and not (output_dir / JOURNAL_NAME).is_file():
+        # With a journal here, this folder is the run (a project moved whole); without one, the
+        # jobs the gone folder paid for would be sent again from scratch.
+        msg = (
+            f"{gone[0]} held a run of this manifest against this API and its journal is gone: it was the only "
+            "record of what that run paid for. If you moved the folder, run with -o <its new place>; if you "
+            "deleted it on purpose, add --new-output (any jobs it submitted will be paid for again)"
+        )
+        raise UsageError(msg)
+
+
+def _resume_hint(folder: Path) -> str:
+    match = _SHARD_FOLDER.fullmatch(folder.name)
+    if match:
+        return f"-o {folder.parent} --shard {match[1]}/{match[2]}"
+    return f"-o {folder}"
+
+
+def forget_gone_folders() -> None:
+    """Drop ledger entries whose folder no longer holds a journal (``--new-output`` said to pay again)."""
+    path = ledger_path()
+    entries = _entries()
+    kept = [e for e in entries if (Path(e.output) / JOURNAL_NAME).is_file() or shard_folders(Path(e.output))]
+    if len(kept) == len(entries):
+        return
+    lines = "".join(json.dumps({k: getattr(e, k) for k in e.__slots__}) + "\n" for e in kept)
+    with contextlib.suppress(OSError):
+        temporary = path.with_name(f".{path.name}.part")
+        temporary.write_text(lines, encoding="utf-8")
+        os.replace(temporary, path)

@@ -2,7 +2,8 @@
 
 No server, no CDN: inline CSS and a few lines of inline script, relative
 links to the downloaded images. One card per job with its state, prompt,
-parameters, input images, outputs (thumbnails opening full size) and error;
+parameters, input images (a local one by name, or as a thumbnail when it lies in the
+output folder), outputs (thumbnails opening full size) and error;
 buttons filter by state (``index.html#failed`` opens filtered); the grid reflows down to a phone's width.
 An output is shown only when its journalled path is a sound one inside the
 folder, reached without links: a tampered journal cannot make the page
@@ -12,11 +13,13 @@ point outside it.
 from __future__ import annotations
 
 import html
+import os
 from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
 from .confined import OutputDir
+from .localimages import parse_reference
 from .manifest import Job, Manifest
 from .standing import CATEGORIES, Category, category_of, money
 from .state import FoldedJournal, JobRecord
@@ -48,7 +51,8 @@ main { display: grid; gap: 16px; grid-template-columns: repeat(auto-fill, minmax
 .title { display: flex; justify-content: space-between; align-items: center; gap: 8px; }
 .name { font-weight: 600; overflow-wrap: anywhere; }
 .state { font-size: 12px; padding: 2px 8px; border-radius: 999px; white-space: nowrap; }
-.state-done { background: #d8f0dc; color: #1b5e20; } .state-failed { background: #fadada; color: #8a1c1c; }
+.state-done { background: #d8f0dc; color: #1b5e20; }
+.state-failed, .state-refused { background: #fadada; color: #8a1c1c; }
 .state-uncertain, .state-lost { background: #fbecc8; color: #7a5200; }
 .state-in_flight, .state-downloading, .state-pending { background: #e3e8f4; color: #243a73; }
 .prompt { margin: 0; }
@@ -88,6 +92,30 @@ def _href(path: str) -> str:
     return quote(path, safe="/")
 
 
+def _input(job: Job, n: int, value: object, folder: OutputDir) -> str:
+    """One input image: a URL's thumbnail; a local image's only when it lies in the output folder, else its name.
+
+    Never a data URI: the page would carry megabytes of base64, and the journal never holds them anyway.
+    """
+    url = str(value)
+    if url.startswith(("https://", "http://")):
+        return f'<a href="{_e(url)}" rel="noreferrer"><img loading="lazy" src="{_e(url)}" alt="input {n}"></a>'
+    found = parse_reference(url)
+    if found is None or job.local is None:
+        return ""
+    path_text, sha256 = found
+    image = Path(os.path.abspath(job.local.folder / path_text))
+    name = image.name
+    if image.is_relative_to(Path(os.path.abspath(folder.root))):
+        relative = image.relative_to(os.path.abspath(folder.root)).as_posix()
+        if folder.has_file(relative):  # a relative link, checked as outputs are: no "..", no links
+            return (
+                f'<a href="{_href(relative)}"><img loading="lazy" src="{_href(relative)}" '
+                f'alt="input {n}: {_e(name)}"></a>'
+            )
+    return f'<span class="small" title="{_e(path_text)} · sha256 {_e(sha256)}">{_e(name)}</span>'
+
+
 def _card(job: Job, record: JobRecord | None, folder: OutputDir) -> str:
     state = category_of(record, folder)
     files = sorted(record.files.items()) if record else []
@@ -100,11 +128,7 @@ def _card(job: Job, record: JobRecord | None, folder: OutputDir) -> str:
     params = "".join(
         f"<li>{_e(k)}: {_e(v)}</li>" for k, v in sorted(job.input.items()) if k not in ("prompt", "image_urls")
     )
-    inputs = "".join(
-        f'<a href="{_e(url)}" rel="noreferrer"><img loading="lazy" src="{_e(url)}" alt="input {n}"></a>'
-        for n, url in enumerate(job.input.get("image_urls", []), 1)
-        if str(url).startswith(("https://", "http://"))
-    )
+    inputs = "".join(_input(job, n, url, folder) for n, url in enumerate(job.input.get("image_urls", []), 1))
     error = f'<p class="error">{_e(record.error)}</p>' if record and record.error and state != "done" else ""
     request = f" · request {_e(record.request_id)}" if record and record.request_id else ""
     cost = f" · ${record.cost:.3f}" if record and record.cost else ""

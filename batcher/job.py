@@ -3,7 +3,9 @@
 A job's identity (`Job.key`) is a hash of what is sent (model, input with
 schema defaults filled) and its repeat index, so reordering jobs changes
 nothing and editing a job re-runs that job alone; shards are cut by it, so
-they are stable under reordering too.
+they are stable under reordering too. A local image counts by its content
+(`batcher.localimages.identity_form`: its sha256, not its path), so editing
+the image re-runs its jobs and moving or renaming the folder does not.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from .localimages import LocalSource
 
 __all__ = ["Job", "in_shard", "job_key", "shard_of", "slug_name"]
 
@@ -34,6 +38,8 @@ class Job:
     """Where the job comes from, for messages: a line of `source`."""
     source: str = ""
     """The manifest, or the prompt file holding the job's row."""
+    local: LocalSource | None = field(default=None, compare=False)
+    """Where its local images are read from when it is sent (`batcher.localimages.payload_for`); None without."""
 
     @property
     def origin(self) -> str:
@@ -42,7 +48,11 @@ class Job:
 
 
 def job_key(model: str, payload: dict[str, Any], repeat_index: int) -> str:
-    """The stable identity of a job; see the module docstring."""
+    """The stable identity of a job; see the module docstring.
+
+    payload is the input as its identity counts it: local images as their
+    hashes (`batcher.localimages.identity_form`), everything else as sent.
+    """
     canonical = json.dumps(
         {"model": model, "input": payload, "repeat": repeat_index},
         sort_keys=True,

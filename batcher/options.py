@@ -57,6 +57,10 @@ class RunOptions:
     retry_failed: bool = False
     resubmit_uncertain: bool = False
     """Submit again the jobs whose submit may have been accepted (uncertain) or that RunComfy lost."""
+    over_balance: bool = False
+    """Start even when the jobs to submit are estimated over the account's balance."""
+    live_prices: bool = True
+    """Ask RunComfy for the balance and each model's live price before the first submit."""
     new_output: bool = False
     """Submit even the jobs another output folder already submitted (noted in the ledger): pays again."""
     lost_after: float = 300.0

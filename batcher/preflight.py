@@ -5,6 +5,8 @@ the service's 50 MB limit still costs a submit, then fails. This checks
 every distinct input URL once, concurrently and without credentials (HEAD,
 or a one-byte ranged GET where HEAD is refused), before any money is spent;
 redirects are followed as downloads follow them (`batcher.redirects`).
+Local images (and data URIs) are not URLs to fetch: loading the manifest
+already checked each file (`batcher.localimages`), so they are skipped here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import anyio
 import httpx
 
 from ._version import __version__
+from .localimages import MAX_IMAGE_BYTES
 from .manifest import Job
 from .netpolicy import ANY_LOOPBACK
 from .redirects import MAX_REDIRECTS, RefusedHopError, TooManyRedirectsError, anonymous_client, follow
@@ -26,8 +29,8 @@ from .schema import ModelSchema
 
 __all__ = ["MAX_INPUT_BYTES", "UrlCheck", "check_urls", "input_urls"]
 
-MAX_INPUT_BYTES = 50 * 1024 * 1024
-"""RunComfy's limit for one input file."""
+MAX_INPUT_BYTES = MAX_IMAGE_BYTES
+"""RunComfy's limit for one input file (a local image is held to the same)."""
 _ORIGINS_KEPT = 5
 _RANGE_TOTAL = re.compile(r"/(\d+)\s*$")
 
@@ -63,8 +66,8 @@ def input_urls(jobs: Iterable[Job], schemas: dict[str, ModelSchema]) -> dict[str
         for name, is_list in fields.get(job.model, {}).items():
             value: Any = job.input.get(name)
             for url in value if is_list and isinstance(value, list) else [value]:
-                if not isinstance(url, str):
-                    continue
+                if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+                    continue  # a local image's reference (checked when loading), a data: URI: nothing to fetch
                 check = checks.setdefault(url, UrlCheck(url))
                 check.uses += 1
                 if len(check.origins) < _ORIGINS_KEPT and job.origin not in check.origins:

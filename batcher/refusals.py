@@ -93,7 +93,8 @@ def refusal(response: httpx.Response, body: Mapping[str, Any] | None, doing: str
     code = error_code(body)
     text = str(body.get("error_message") or body.get("message") or "") if body else ""
     detail = body.get("detail") if body else None
-    said = f": {text}" if text else ""
+    # RunComfy's own sentence ends in a full stop, and ours follow it with another: keep one.
+    said = f": {text.rstrip().rstrip('.')}" if text else ""
     tag = f"HTTP {status}" + (f", error {code}" if code is not None else "")
     kwargs: dict[str, Any] = {"status_code": status, "error_code": code, "detail": detail}
     if code in (400004, 401001, 403001) or status in (401, 403):

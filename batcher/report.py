@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
 
+from .account import price_dirs
 from .cost import estimate, load_price_table
 from .folders import FolderView, api_identity, is_rehearsal, read_folder
 from .manifest import Manifest
@@ -40,6 +41,7 @@ class StatusReport:
     journal: str
     total: int
     counts: dict[str, int]
+    refused: list[JobStanding] = field(default_factory=list)
     failed: list[JobStanding] = field(default_factory=list)
     uncertain: list[JobStanding] = field(default_factory=list)
     lost: list[JobStanding] = field(default_factory=list)
@@ -49,6 +51,9 @@ class StatusReport:
     spent_superseded: float = 0.0
     """Of `spent`, what jobs no longer in the manifest cost."""
     to_spend: float = 0.0
+    """Estimated cost of what the next run sends (pending and refused jobs)."""
+    in_flight_cost: float = 0.0
+    """Estimated cost of the jobs accepted and not finished (RunComfy reports it when they end)."""
     possible_extra_cost: float = 0.0
     sandbox: bool = False
     """The journals are a rehearsal's: the money figures were never charged."""
@@ -70,13 +75,15 @@ def status_report(manifest: Manifest, output_dir: Path, view: FolderView | None 
     """
     view = view or read_folder(output_dir)
     with opened(output_dir) as folder:
-        sums = tally(manifest.iter_jobs(), view.records, manifest.schema_dirs, folder)
+        sums = tally(manifest.iter_jobs(), view.records, price_dirs(output_dir, manifest.schema_dirs), folder)
     return StatusReport(
         manifest=str(manifest.path),
         journal=str(view.journals[0]) if view.journals else str(output_dir / JOURNAL_NAME),
         total=manifest.count,
         counts=sums.counts,
+        refused=sums.refused,
         failed=sums.failed,
+        in_flight_cost=sums.in_flight_cost,
         uncertain=sums.uncertain,
         lost=sums.lost,
         orphans=sums.orphans,
@@ -119,23 +126,27 @@ def print_status(console: Console, report: StatusReport) -> None:
     console.print(table)
     console.print(
         _spent_line(report.spent, report.spent_superseded, report.sandbox)
+        + (f"; in flight about {_money(report.in_flight_cost)}" if report.in_flight_cost else "")
         + f"; still to spend about {_money(report.to_spend)}"
     )
-    _print_problems(console, report.failed, report.uncertain, report.lost, report.possible_extra_cost, report.orphans)
+    _print_problems(console, report, report.possible_extra_cost)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
 
 
-def _print_problems(
-    console: Console,
-    failed: list[JobStanding],
-    uncertain: list[JobStanding],
-    lost: list[JobStanding],
-    extra: float,
-    orphans: list[str],
-) -> None:
-    refused = [job for job in failed if job.refused]
-    failed = [job for job in failed if not job.refused]
+class _Problems(Protocol):
+    """What `status` and a run's summary both list: the jobs that need a person's eyes."""
+
+    refused: list[JobStanding]
+    failed: list[JobStanding]
+    uncertain: list[JobStanding]
+    lost: list[JobStanding]
+    orphans: list[str]
+
+
+def _print_problems(console: Console, problems: _Problems, extra: float) -> None:
+    refused, failed, uncertain, lost = problems.refused, problems.failed, problems.uncertain, problems.lost
+    orphans = problems.orphans
     if refused:
         console.print(
             f"\n[red]{len(refused)} refused[/] by RunComfy (nothing was charged; fix the cause, "
@@ -178,7 +189,8 @@ def print_summary(console: Console, summary: RunSummary, resume: str | None = No
     """The closing lines of `batcher run`; resume is the command that goes on (None: "the same command")."""
     parts = [f"{summary.done}/{summary.total} done"]
     for count, word in (
-        (len(summary.failed), "failed or refused"),
+        (len(summary.refused), "refused"),
+        (len(summary.failed), "failed"),
         (len(summary.uncertain), "uncertain"),
         (len(summary.lost), "lost"),
         (len(summary.unfinished), "not finished"),
@@ -187,9 +199,7 @@ def print_summary(console: Console, summary: RunSummary, resume: str | None = No
             parts.append(f"{count} {word}")
     spent = _spent_line(summary.spent, summary.spent_superseded, summary.sandbox)
     console.print(", ".join(parts) + f"; {spent}. Output: {summary.output_dir}")
-    _print_problems(
-        console, summary.failed, summary.uncertain, summary.lost, summary.possible_extra_cost, summary.orphans
-    )
+    _print_problems(console, summary, summary.possible_extra_cost)
     again = resume or "the same command"
     if summary.stop_kind == "budget":
         console.print(
@@ -210,6 +220,7 @@ PLAN_ROWS_SHOWN = 200
 def print_plan(console: Console, manifest: Manifest, output_dir: Path) -> None:
     """The jobs, their state in output_dir's journals (shards summed) and what is left to pay."""
     view = read_folder(output_dir)
+    prices = price_dirs(output_dir, manifest.schema_dirs)
     several = len(manifest.models) > 1
     models = ", ".join(manifest.models)
     table = Table(title=f"{manifest.path}: {manifest.count} jobs for {models}", title_justify="left")
@@ -223,7 +234,7 @@ def print_plan(console: Console, manifest: Manifest, output_dir: Path) -> None:
         for number, job in enumerate(manifest.iter_jobs(), 1):
             record = view.records.get(job.key)
             category = category_of(record, folder)
-            price = estimate(job, manifest.schema_dirs)
+            price = estimate(job, prices)
             if category == "pending":
                 left += price or 0.0
                 unpriced += price is None
@@ -243,7 +254,7 @@ def print_plan(console: Console, manifest: Manifest, output_dir: Path) -> None:
         console.print(f"… {manifest.count - PLAN_ROWS_SHOWN} more jobs not shown")
     sources = []
     for model in manifest.models:
-        table_info = load_price_table(model, manifest.schema_dirs)
+        table_info = load_price_table(model, prices)
         if table_info:
             sources.append(f"{table_info.source}, as of {table_info.as_of}")
     source = f" (prices: {'; '.join(dict.fromkeys(sources))})" if sources else ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import re
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -30,17 +31,19 @@ import anyio
 import anyio.abc
 
 from ._version import __version__
+from .account import Account, look_up, price_dirs
 from .client import RateLimiter, RunComfyClient
 from .cost import estimate
 from .dataset import METADATA_NAME, write_metadata
 from .download import Downloader
 from .endpoint import Endpoint, open_endpoint
-from .errors import ApiError, AuthError, JournalError, OutputFolderError
+from .errors import ApiError, AuthError, BalanceError, JournalError, OutputFolderError
 from .folders import (
     check_journal_api,
     check_ledger,
     check_no_overlap,
     default_output_dir,
+    forget_gone_folders,
     is_rehearsal,
     refuse_linked_default,
     remember_folder,
@@ -68,6 +71,9 @@ __all__ = [
 
 log = logging.getLogger("batcher")
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+"""A journalled job name fit for a folder (a tampered journal's is replaced by the key)."""
+
 _INITIAL_STATUS: dict[Action, JobStatus] = {
     "submit": "pending",
     "poll": "queued",
@@ -76,6 +82,7 @@ _INITIAL_STATUS: dict[Action, JobStatus] = {
     "done": "done",
 }
 _HELD_STATUS: dict[Category, JobStatus] = {"failed": "failed", "uncertain": "uncertain", "lost": "lost"}
+"""The live status of a job this run holds: the journal's word for it, so the counters start from it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +99,12 @@ class RunPlan:
     held: int
     done: int
     sandbox: bool
+    superseded: int = 0
+    """Jobs no longer in the manifest, paid for and not finished: polled and downloaded all the same."""
+    balance: float | None = None
+    """The account's balance as RunComfy said it before the run (None: not known)."""
+    prices: list[str] = field(default_factory=list)
+    """One line per model on which price the estimate uses (live or bundled) and why."""
 
 
 @dataclass(slots=True)
@@ -106,7 +119,7 @@ class RunSummary:
     total: int
     done: int
     failed: list[JobStanding]
-    """Failed at RunComfy, cancelled, or refused for certain (see `JobStanding.refused`)."""
+    """Failed at RunComfy or cancelled: sent again with --retry-failed."""
     uncertain: list[JobStanding]
     lost: list[JobStanding]
     unfinished: list[JobStanding]
@@ -126,13 +139,17 @@ class RunSummary:
     """Estimated cost of the jobs never submitted."""
     sandbox: bool
     """The figures are a rehearsal's: nothing was charged."""
+    refused: list[JobStanding] = field(default_factory=list)
+    """Refused for certain by RunComfy (validation, balance): nothing charged; the next run sends them."""
+    in_flight_cost: float = 0.0
+    """Estimated cost of the jobs accepted and not finished."""
     warnings: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
-        if self.failed or self.uncertain or self.unfinished or self.lost:
+        if self.failed or self.refused or self.uncertain or self.unfinished or self.lost:
             return 1
         return 0
 
@@ -163,6 +180,8 @@ async def _open_run(
         )
         if ledger and not options.new_output:
             check_ledger(manifest, (job.key for job in jobs), output_dir, endpoint.identity)
+        elif ledger:
+            forget_gone_folders()
         journal = Journal(output_dir)
         journal.open()
         stack.callback(journal.close)
@@ -232,6 +251,17 @@ async def run_manifest(
             )
         )
         run = JobSteps(manifest, jobs, options, output_dir, journal, client, downloader)
+        account = Account()
+        if options.live_prices:
+            account = await look_up(
+                endpoint.base_url,
+                endpoint.token,
+                manifest.models,
+                output_dir,
+                schema_dirs=manifest.schema_dirs,
+                transport=options.api_transport,
+            )
+        run.price_dirs = price_dirs(output_dir, manifest.schema_dirs)
         finished = (r for r in folded.records.values() if r.duration is not None)
         for record in heapq.nsmallest(256, finished, key=lambda r: -(r.finished_at or 0.0))[::-1]:
             run.durations.add(record.duration or 0.0)  # the last run's jobs say how long this run's take
@@ -243,7 +273,7 @@ async def run_manifest(
             api_base=endpoint.identity if endpoint.sandbox else endpoint.base_url,
             jobs=len(manifest.jobs),
         )
-        await _execute(run, on_start, on_plan)
+        await _execute(run, account, on_start, on_plan)
         try:
             await anyio.to_thread.run_sync(write_metadata, manifest, output_dir, run.records)
         except OSError as exc:
@@ -253,15 +283,19 @@ async def run_manifest(
 
 
 async def _execute(
-    run: JobSteps, on_start: Callable[[RunProgress], None] | None, on_plan: Callable[[RunPlan], None] | None
+    run: JobSteps,
+    account: Account,
+    on_start: Callable[[RunProgress], None] | None,
+    on_plan: Callable[[RunPlan], None] | None,
 ) -> None:
     options = run.options
     plan: list[tuple[Job, Action]] = []
     estimate_left = 0.0
     unpriced = 0
+    finishing = 0
     for job in run.jobs:
         record = run.records.get(job.key)
-        price = estimate(job, run.manifest.schema_dirs)
+        price = estimate(job, run.price_dirs)
         if record is not None:
             run.committed += record.submits * (price or 0.0)
         action = run.action_for(job)
@@ -276,7 +310,11 @@ async def _execute(
             status = _HELD_STATUS.get(category(record), "held")
         elif record is not None and record.downloaded:
             status = "done"  # re-verified by a worker; only a missing or wrong file is fetched again
+        finishing += action in ("poll", "download") and status != "done"
         run.progress.set(job.key, status)
+    superseded = _superseded_in_flight(run)
+    plan += superseded
+    run.progress.total += len(superseded)
     # Paid-for work first; new submits after, in manifest order.
     plan.sort(key=lambda item: item[1] == "submit")
     counts = Counter(action for _, action in plan)
@@ -286,12 +324,23 @@ async def _execute(
                 to_submit=counts["submit"],
                 estimate=estimate_left,
                 unpriced=unpriced,
-                to_finish=counts["poll"] + counts["download"],
+                to_finish=finishing,
+                superseded=len(superseded),
                 held=counts["hold"],
                 done=counts["done"],
                 sandbox=options.sandbox,
+                balance=account.balance,
+                prices=account.said,
             )
         )
+    over = account.balance is not None and counts["submit"] and estimate_left > account.balance + 1e-9
+    if over and not options.over_balance:
+        msg = (
+            f"the {counts['submit']} job(s) to submit are estimated at ${estimate_left:,.2f}, over the account's "
+            f"balance of ${account.balance:,.2f}. Top up, send fewer (--limit, --max-cost), or add --over-balance "
+            "to go anyway (RunComfy refuses submits once the balance runs out; nothing is lost)"
+        )
+        raise BalanceError(msg)
     if on_start is not None:
         on_start(run.progress)
 
@@ -363,16 +412,38 @@ async def _execute(
         raise run.halt_error
 
 
+def _superseded_in_flight(run: JobSteps) -> list[tuple[Job, Action]]:
+    """Jobs the journal holds that the manifest no longer does (an edited prompt's earlier version),
+    accepted and not finished: paid for, so they are polled and downloaded like any other."""
+    if run.options.shard is None and (run.options.only is not None or run.options.limit is not None):
+        return []  # a trial run works on its share only
+    wanted = {job.key for job in run.manifest.iter_jobs()}
+    found: list[tuple[Job, Action]] = []
+    for key, record in run.records.items():
+        if key in wanted or not (
+            record.phase == "submitted" or (record.phase == "completed" and not record.downloaded)
+        ):
+            continue
+        name = record.name if _SAFE_NAME.fullmatch(record.name or "") else key[:12]
+        found.append(
+            (Job(key=key, name=name, model="", input={}), "poll" if record.phase == "submitted" else "download")
+        )
+        run.progress.set(key, "queued" if record.phase == "submitted" else "downloading")
+    return found
+
+
 def _summarize(run: JobSteps, warnings: list[str], endpoint: Endpoint) -> RunSummary:
     manifest_keys = {job.key for job in run.manifest.iter_jobs()}
     with opened(run.output_dir) as folder:
-        sums = tally(run.jobs, run.records, run.manifest.schema_dirs, folder, manifest_keys=manifest_keys)
+        sums = tally(run.jobs, run.records, run.price_dirs, folder, manifest_keys=manifest_keys)
     return RunSummary(
         output_dir=run.output_dir,
         journal=run.output_dir / JOURNAL_NAME,
         total=len(run.jobs),
         done=sums.done,
         failed=sums.failed,
+        refused=sums.refused,
+        in_flight_cost=sums.in_flight_cost,
         uncertain=sums.uncertain,
         lost=sums.lost,
         unfinished=sums.unfinished,

@@ -45,6 +45,7 @@ import h11
 
 from .cost import load_price_table
 from .errors import UsageError
+from .localimages import check_inline_images
 from .schema import load_model_schema
 
 __all__ = [
@@ -226,6 +227,8 @@ class SandboxConfig:
     balance_usd: float | None = None
     """The account's starting balance: each accepted submit is debited its price (from the
     bundled price table), and a submit it cannot pay for is refused with 400002. None: unlimited."""
+    model_price: float | None = None
+    """``base_price_usd`` to answer for every model (default: the bundled table's, at the defaults)."""
     refuse: str | None = None
     """Refuse with one of `REFUSALS` (balance, token, other-user), as RunComfy would."""
 
@@ -421,6 +424,8 @@ class Sandbox:
         info: dict[str, Any] = {"model_id": model}
         table = load_price_table(model, self.config.schema_dirs)
         price = table.price(schema.with_defaults({})) if table else None
+        if self.config.model_price is not None:
+            price = self.config.model_price  # a price change at RunComfy, for rehearsals and tests
         if table is not None and price is not None:
             info.update(base_price_usd=price, price_unit=table.unit, pricing_note=table.note, currency="USD")
         return _json(200, info)
@@ -456,7 +461,10 @@ class Sandbox:
             schema = load_model_schema(model, self.config.schema_dirs)
         except UsageError:
             return self._refusal(400, 400001, f"Unknown model id {model!r}")
-        problems = schema.validate(payload)
+        # Inline images (data: URIs, as RunComfy's nodes send local files) are decoded and judged here;
+        # the schema then sees each as a short stand-in, never megabytes of base64.
+        stood_in, problems = check_inline_images(schema, payload)
+        problems = sorted([*problems, *schema.validate(stood_in)], key=lambda p: p.field)
         if problems:
             detail = [{"loc": p.field, "msg": p.message} for p in problems]
             return self._refusal(422, 422001, "Validation failed", detail)
@@ -697,17 +705,17 @@ class Sandbox:
                 request = await _next_event(connection, stream)
                 if not isinstance(request, h11.Request):
                     return
-                body = b""
+                body = bytearray()  # appended in place: a 60 MB submit of inline images arrives in 64 KiB pieces
                 while True:
                     event = await _next_event(connection, stream)
                     if isinstance(event, h11.Data):
-                        body += bytes(event.data)
+                        body += event.data
                     elif isinstance(event, h11.EndOfMessage):
                         break
                     else:
                         return
                 headers = {k.decode().lower(): v.decode() for k, v in request.headers}
-                response = self.handle(request.method.decode(), request.target.decode(), headers, body)
+                response = self.handle(request.method.decode(), request.target.decode(), headers, bytes(body))
                 if not await self._send(connection, stream, response):
                     return
                 if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:

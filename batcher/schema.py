@@ -22,8 +22,9 @@ from urllib.parse import urlsplit
 import jsonschema
 
 from .errors import UsageError
+from .problems import shorten
 
-__all__ = ["FieldError", "ModelSchema", "bundled_schema_dir", "load_model_schema"]
+__all__ = ["IMAGE_FORMAT", "FieldError", "ModelSchema", "bundled_schema_dir", "load_model_schema"]
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)+$")
 
@@ -44,8 +45,20 @@ def _is_http_url(value: object) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
+# An image sent inline, as RunComfy's own ComfyUI nodes send one ("data:image/png;base64,..."). Only the
+# shape is checked here; whether the bytes decode to that type is the receiver's check (the sandbox's).
+_IMAGE_DATA_URI = re.compile(r"data:image/(png|jpeg|webp|gif);base64,[A-Za-z0-9+/]*={0,2}", re.ASCII)
+
+
+def _is_image_uri(value: object) -> bool:
+    """An http(s) URL, or an image as a base64 data URI: what an ``image_uri`` field takes."""
+    return _is_http_url(value) or (isinstance(value, str) and _IMAGE_DATA_URI.fullmatch(value) is not None)
+
+
+IMAGE_FORMAT = "image_uri"
+"""The schema format of a field holding an image: a URL, a data URI, or in a manifest a local file."""
 _FORMATS = jsonschema.FormatChecker()
-_FORMATS.checks("image_uri")(_is_http_url)
+_FORMATS.checks(IMAGE_FORMAT)(_is_image_uri)
 _FORMATS.checks("uri")(_is_http_url)
 
 
@@ -88,6 +101,11 @@ class ModelSchema:
     def properties(self) -> dict[str, Any]:
         props: dict[str, Any] = self.schema.get("properties", {})
         return props
+
+    @property
+    def image_fields(self) -> dict[str, bool]:
+        """Fields holding images (format ``image_uri``, or a list of them): name → whether it is a list."""
+        return self._checks.image_fields
 
     @property
     def required(self) -> list[str]:
@@ -157,6 +175,14 @@ class _Checks:
             if name not in required and "default" in spec
         }
         self._seen: dict[tuple[str, Any], tuple[FieldError, ...]] = {}
+        self.image_fields: dict[str, bool] = {}
+        for name, spec in schema.get("properties", {}).items():
+            if not isinstance(spec, dict):
+                continue
+            if spec.get("format") == IMAGE_FORMAT:
+                self.image_fields[name] = False
+            elif isinstance(spec.get("items"), dict) and spec["items"].get("format") == IMAGE_FORMAT:
+                self.image_fields[name] = True
 
     def field_errors(self, name: str, value: Any) -> tuple[FieldError, ...]:
         assert self.by_field is not None
@@ -205,6 +231,8 @@ def _explain(error: jsonschema.ValidationError) -> str:
         return f"{value!r} is not allowed; expected one of: {options}"
     if error.validator == "required":
         return str(error.message).replace("is a required property", "is required")
+    if error.validator == "format" and error.validator_value == IMAGE_FORMAT:
+        return f"{shorten(value)} is not an http(s) URL, an image data: URI or a local image file"
     if error.validator == "format":
         return f"{value!r} is not an http(s) URL"
     if error.validator == "minItems":

@@ -30,19 +30,29 @@ __all__ = [
     "tally",
 ]
 
-Category = Literal["done", "downloading", "in_flight", "pending", "failed", "uncertain", "lost"]
+Category = Literal["done", "downloading", "in_flight", "pending", "refused", "failed", "uncertain", "lost"]
 """Where a job stands for a person: the rows of `batcher status`, the gallery's filters.
 
 done         every output file in place
 downloading  completed at RunComfy; files still to fetch (or gone since, or not sound)
 in_flight    submitted: queued or running at RunComfy
 pending      never sent, or sent back for later (429, an outage, a refused token): sent by the next run
-failed       RunComfy's failures and cancellations (sent again with --retry-failed), and its certain
-             refusals (nothing charged; sent again by the next run)
+refused      RunComfy refused the submit for certain (validation, balance): nothing charged, sent again by
+             the next run (fix the cause first)
+failed       RunComfy's failures and cancellations: sent again with --retry-failed
 uncertain    the submit may have been accepted: sent again only with --resubmit-uncertain
 lost         accepted (maybe charged), then unknown to RunComfy: sent again only with --resubmit-uncertain
 """
-CATEGORIES: tuple[Category, ...] = ("done", "downloading", "in_flight", "pending", "failed", "uncertain", "lost")
+CATEGORIES: tuple[Category, ...] = (
+    "done",
+    "downloading",
+    "in_flight",
+    "pending",
+    "refused",
+    "failed",
+    "uncertain",
+    "lost",
+)
 
 
 def category(record: JobRecord | None) -> Category:
@@ -51,7 +61,7 @@ def category(record: JobRecord | None) -> Category:
         return "pending"
     phase = record.phase
     if phase == "pending":
-        return "failed" if record.refused else "pending"
+        return "refused" if record.refused else "pending"
     if phase in ("submitting", "uncertain"):
         return "uncertain"
     if phase == "lost":
@@ -92,17 +102,13 @@ class JobStanding:
     error: str | None
     estimate: float | None
 
-    @property
-    def refused(self) -> bool:
-        """Refused for certain by RunComfy: nothing was charged, and the next run sends it again."""
-        return self.category == "failed" and self.phase == "pending"
-
 
 @dataclass(slots=True)
 class Tally:
     """Counts, the jobs behind the problem counts, and money, over a set of jobs and their records."""
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+    refused: list[JobStanding] = field(default_factory=list)
     failed: list[JobStanding] = field(default_factory=list)
     uncertain: list[JobStanding] = field(default_factory=list)
     lost: list[JobStanding] = field(default_factory=list)
@@ -117,7 +123,9 @@ class Tally:
     committed: float = 0.0
     """Estimated cost of every submit the records count as possibly paid, for these jobs."""
     to_spend: float = 0.0
-    """Estimated cost of the pending jobs."""
+    """Estimated cost of the jobs the next run sends: pending and refused."""
+    in_flight_cost: float = 0.0
+    """Estimated cost of the jobs accepted and not finished (RunComfy reports their cost when they end)."""
     possible_extra_cost: float = 0.0
     """Estimated cost of sending the uncertain and lost jobs again."""
     unpriced: int = 0
@@ -159,12 +167,16 @@ def tally(
             error=record.error if record else None,
             estimate=price,
         )
-        if found == "pending":
+        if found in ("pending", "refused"):
             result.to_spend += price or 0.0
             result.unpriced += price is None
+        elif found in ("in_flight", "downloading") and not (record is not None and record.cost is not None):
+            result.in_flight_cost += price or 0.0
         if found in ("uncertain", "lost"):
             result.possible_extra_cost += price or 0.0
-        if found == "failed":
+        if found == "refused":
+            result.refused.append(standing)
+        elif found == "failed":
             result.failed.append(standing)
         elif found == "uncertain":
             result.uncertain.append(standing)
@@ -176,7 +188,7 @@ def tally(
     result.spent = money(sum(r.spent for r in records.values()))
     result.spent_superseded = money(sum(r.spent for k, r in records.items() if k not in wanted))
     result.orphans = sorted(r.name or r.key for k, r in records.items() if k not in wanted)
-    for name in ("committed", "to_spend", "possible_extra_cost"):
+    for name in ("committed", "to_spend", "in_flight_cost", "possible_extra_cost"):
         setattr(result, name, money(getattr(result, name)))
     return result
 

@@ -44,6 +44,7 @@ from .errors import (
     UnreachableError,
 )
 from .jobfiles import file_matches, output_path, write_sidecar
+from .localimages import payload_for
 from .manifest import Job, Manifest
 from .polling import DurationModel, remote_duration
 from .printable import printable
@@ -85,6 +86,8 @@ class JobSteps:
         self.client = client
         self.downloader = downloader
         self.records: dict[str, JobRecord] = journal.folded.records
+        self.price_dirs: tuple[Path, ...] = tuple(manifest.schema_dirs)
+        """Where prices are looked up: the live tables a run fetched first (see `batcher.account`)."""
         self.sidecars: list[tuple[Job, JobRecord]] = []
         """Sidecars waiting to be written, by `flush_sidecars`."""
         self.durations = DurationModel()
@@ -191,7 +194,7 @@ class JobSteps:
 
     def within_budget(self, job: Job) -> bool:
         """Count job's estimated price against --max-cost; False (and stop submitting) past the cap."""
-        price = price_of(job, self.manifest.schema_dirs)
+        price = price_of(job, self.price_dirs)
         cap = self.options.max_cost
         if cap is not None and self.committed + price > cap + 1e-9:
             spent = sum(r.spent for r in self.records.values())
@@ -214,7 +217,7 @@ class JobSteps:
         within this run; every other answer is final for this run.
         """
         progress = self.progress
-        price = price_of(job, self.manifest.schema_dirs)
+        price = price_of(job, self.price_dirs)
         backoff = self.options.retry.base
         while True:
             await self.cap.acquire()
@@ -228,7 +231,7 @@ class JobSteps:
             # Intent first: if we die while the POST is out, the next run knows it may have been paid.
             self.record(job, "submitting", name=job.name, model=job.model, input=job.input)
             try:
-                submission = await self.client.submit(job.model, job.input)
+                submission = await self.client.submit(job.model, payload_for(job))  # local images inline, only here
             except UncertainSubmitError as exc:
                 self.record(job, "uncertain", reason=str(exc))
                 self.cap.release()
@@ -362,7 +365,7 @@ class JobSteps:
                 return
             self.outage.reached()
             said_model = result.raw.get("model_id")
-            if isinstance(said_model, str) and said_model and said_model != job.model:
+            if isinstance(said_model, str) and said_model and job.model and said_model != job.model:
                 # As RunComfy's nodes check: an answer about another model is not this job's.
                 reason = f"polling stopped: RunComfy says request {request_id} is for {printable(said_model, 120)}"
                 self.record(job, "note", reason=f"{reason}, not {job.model}")
@@ -522,7 +525,13 @@ class JobSteps:
                     msg = f"cannot write the sidecar of {job.name}: {exc.strerror or exc}"
                     raise OutputFolderError(msg) from exc
 
-        await anyio.to_thread.run_sync(write_all)
+        try:
+            await anyio.to_thread.run_sync(write_all)
+        except BaseException:
+            # Cancelled before the thread ran (the run's end cancels the fsync loop), or failed: the final
+            # flush writes them again, or reports why it cannot. Writing one twice does no harm.
+            self.sidecars = waiting + self.sidecars
+            raise
 
     def write_sidecar(self, job: Job, record: JobRecord) -> None:
         write_sidecar(self.output_dir, self.manifest, job, record)

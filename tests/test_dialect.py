@@ -17,10 +17,20 @@ from typing import Any
 import httpx
 import pytest
 
-from batcher import AuthError, RunSummary, SandboxThread, UsageError, load_manifest, read_journal, run_manifest
+from batcher import (
+    AuthError,
+    BalanceError,
+    RunSummary,
+    SandboxThread,
+    UsageError,
+    load_manifest,
+    read_journal,
+    run_manifest,
+)
 from batcher.client import normalize_state
 from batcher.cost import estimate
 from batcher.polling import remote_duration
+from batcher.runner import RunPlan
 from batcher.sandbox import DIALECTS, SandboxConfig
 from batcher.standing import category
 from batcher.state import JOURNAL_NAME
@@ -148,7 +158,8 @@ async def test_a_balance_that_runs_out_stops_submits_and_a_top_up_finishes_the_r
     """400002 as each dialect sends it: 402 with RunComfy's body, 400 with it, a bare 402, or HTTP 200."""
     sandbox = start_sandbox(dialect=dialect, balance_usd=0.03)  # three low-quality jobs at $0.009
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)
-    first = await _run(manifest, sandbox, concurrency=1)
+    # --over-balance: past the check before the first submit, to meet RunComfy's own refusal mid-run.
+    first = await _run(manifest, sandbox, concurrency=1, over_balance=True)
     assert first.exit_code == 1 and first.stop_kind == "balance", first.stop_reason
     assert len(sandbox.sandbox.submits) == 3
     assert sandbox.sandbox.calls["submit"] == 4 and sandbox.sandbox.balance_refusals == 1, "no submit after it"
@@ -288,3 +299,30 @@ async def test_a_result_about_another_model_is_not_taken_for_this_job(tmp_path: 
     summary = await run_manifest(manifest, options)
     assert summary.done == 0 and len(summary.unfinished) == 1
     assert "someone/else" in (summary.unfinished[0].error or "")
+
+
+async def test_a_run_estimated_over_the_balance_stops_before_its_first_submit(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox(balance_usd=0.03)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)  # 6 x $0.009 = $0.054
+    seen: list[RunPlan] = []
+    with pytest.raises(BalanceError, match=r"over the account's balance of \$0\.03"):
+        options = fast_options(api_base=sandbox.url, output_dir=Path("out"), live_prices=True)
+        await run_manifest(load_manifest(manifest), options, on_plan=seen.append)
+    assert sandbox.sandbox.submits == [] and seen[0].balance == 0.03
+    assert any("agrees with the bundled table" in line for line in seen[0].prices), seen[0].prices
+
+
+async def test_the_live_price_sets_the_estimates_and_is_kept_for_status(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox(model_price=0.266)  # RunComfy doubles its price: $0.266 for the default (high) job
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2, quality="medium")
+    seen: list[RunPlan] = []
+    options = fast_options(api_base=sandbox.url, output_dir=Path("out"), live_prices=True)
+    summary = await run_manifest(load_manifest(manifest), options, on_plan=seen.append)
+    assert summary.done == 2
+    assert seen[0].estimate == pytest.approx(2 * 0.068) and "using the live one" in seen[0].prices[0]
+    table = json.loads((Path("out") / ".prices/openai/gpt-image-1-5/image-to-image.pricing.json").read_text())
+    assert table["prices"]["medium"] == pytest.approx(0.068) and "live" in table["source"]

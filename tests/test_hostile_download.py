@@ -87,7 +87,9 @@ async def test_output_urls_on_other_loopback_ports_are_never_fetched(tmp_path: P
         # localhost and 127.0.0.1 being one host.
         own = load_manifest(many_jobs_manifest(tmp_path / "own.yaml", 1))
         base = local.replace("127.0.0.1", "localhost")
-        options = fast_options(output_dir=Path("own"), api_base=base, api_transport=scripted_api(f"{local}/x.png"))
+        options = fast_options(
+            output_dir=Path("own"), api_base=base, api_transport=scripted_api(f"{local}/x.png"), new_output=True
+        )
         summary = await run_manifest(own, options)
         assert summary.done == 1 and hits == ["/x.png"]
 

@@ -137,8 +137,9 @@ def test_the_resume_hint_is_a_command_that_works(
     assert stopped.exit_code == 1, stopped.output
     hint = stopped.output.split("To resume, run: ")[1].splitlines()[0]
     words = shlex.split(hint)
-    assert words[:2] == ["batcher", "run"] and "-o" in words and "--api-base" in words and "-c" in words
-    resumed = runner.invoke(cli, [*words[1:], *FAST], catch_exceptions=False)
+    start = words.index("run")  # after how batcher was started: `batcher`, a venv's path, or python -m batcher
+    assert "-o" in words and "--api-base" in words and "-c" in words
+    resumed = runner.invoke(cli, [*words[start:], *FAST], catch_exceptions=False)
     assert resumed.exit_code == 0, resumed.output
     assert _submits_per_job(sandbox) == {f"prompt number {i}": 1 for i in range(4)}
     assert _categories(tmp_path / "out" / "x") == {"done": 4}
@@ -361,3 +362,63 @@ async def test_an_answer_that_may_mean_accepted_is_never_sent_again(
     assert record.phase == phase and record.submits == 1
     if phase == "submitted":
         assert record.request_id == "r-1"
+
+
+# -- found by the adversarial review ------------------------------------------------------------------------------
+
+
+def test_a_renamed_or_copied_manifest_does_not_pay_again(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
+    sandbox = start_sandbox()
+    assert _run(runner, str(manifest), "--api-base", sandbox.url).exit_code == 0
+    renamed = tmp_path / "m-v2.yaml"
+    manifest.rename(renamed)
+    result = _run(runner, str(renamed), "--api-base", sandbox.url)
+    assert result.exit_code == 2, result.output
+    assert str(tmp_path / "output" / "m") in result.output and len(sandbox.sandbox.submits) == 3
+
+
+def test_a_moved_output_folder_is_missed_not_paid_again(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
+    sandbox = start_sandbox()
+    assert _run(runner, str(manifest), "--api-base", sandbox.url).exit_code == 0
+    (tmp_path / "output" / "m").rename(tmp_path / "archive")
+    result = _run(runner, str(manifest), "--api-base", sandbox.url)
+    assert (
+        result.exit_code == 2
+        and "is gone" in result.output.replace("journal is gone", "is gone")
+        and "--new-output" in result.output
+    ), result.output
+    moved = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "archive")
+    assert moved.exit_code == 0 and len(sandbox.sandbox.submits) == 3, moved.output
+
+
+def test_jobs_edited_away_while_in_flight_are_still_finished(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    sandbox = start_sandbox(queue_delay=2.0, run_delay=0.2)
+    assert _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "--timeout", "1").exit_code == 1
+    manifest.write_text(manifest.read_text().replace("prompt number", "an edited prompt"))
+    result = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out")
+    assert result.exit_code == 0, result.output
+    assert "2 no longer in the manifest but paid for, to finish" in result.output
+    records = read_journal(tmp_path / "out" / JOURNAL_NAME).records.values()
+    assert len(records) == 4 and all(r.downloaded for r in records)  # the paid-for old ones too
+    assert len(sandbox.sandbox.submits) == 4
+
+
+def test_jobs_refused_for_balance_are_their_own_count_and_still_to_spend(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 4)  # $0.009 each
+    sandbox = start_sandbox(balance_usd=0.02)
+    result = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "-c", "1", "--over-balance")
+    assert result.exit_code == 1 and "refused" in result.output and "--retry-failed" not in result.output
+    status = json.loads(runner.invoke(cli, ["status", str(manifest), "-o", "out", "--json"]).output)
+    assert status["counts"]["refused"] == 1 and status["counts"]["pending"] == 1 and status["counts"]["done"] == 2
+    assert status["to_spend"] == pytest.approx(2 * 0.009)
