@@ -409,9 +409,26 @@ class RunComfyClient:
             raise ApiError(msg)
         return f"/v1/requests/{quote(request_id, safe='')}/{action}"
 
-    async def result(self, request_id: str) -> RequestResult:
-        """The request's current state, and its outputs once completed (with cost where offered)."""
-        path = self._request_path(request_id, "result")
+    def own_url(self, url: object) -> str | None:
+        """url when it is on this client's API base (same scheme, host and port, no credentials in it,
+        of a sane length), else None: a URL from an answer must not send the token anywhere else."""
+        if not isinstance(url, str) or len(url) > 2000 or printable(url, 2000) != url:
+            return None
+        try:
+            parts, base = httpx.URL(url), httpx.URL(self.base_url)
+        except (httpx.InvalidURL, ValueError):
+            return None
+        if parts.userinfo or (parts.scheme, parts.host, parts.port) != (base.scheme, base.host, base.port):
+            return None
+        return url
+
+    async def result(self, request_id: str, *, url: str | None = None) -> RequestResult:
+        """The request's current state, and its outputs once completed (with cost where offered).
+
+        url: the submit answer's ``result_url`` (RunComfy's CLI prefers it), used only while it is on
+        the API base's own origin (checked again here: a journal may have been edited)."""
+        own = self.own_url(url)
+        path = own or self._request_path(request_id, "result")
         body = await self._call(f"result {request_id}", "GET", path, "polling a result", {"include_cost": "true"})
         return _parse_result(request_id, body)
 

@@ -22,12 +22,22 @@ from .printable import printable
 __all__ = ["JobStatus", "ProgressView", "RunProgress", "plain_progress_line"]
 
 JobStatus = Literal[
-    "pending", "submitting", "queued", "running", "downloading", "done", "failed", "uncertain", "lost", "held"
+    "pending",
+    "submitting",
+    "queued",
+    "running",
+    "downloading",
+    "done",
+    "refused",
+    "failed",
+    "uncertain",
+    "lost",
+    "held",
 ]
 """A job's live status: `standing.Category`, with in flight split into queued and running, and two
 passing states of its own (submitting; held: this run stopped waiting for it)."""
 
-_ENDED: frozenset[JobStatus] = frozenset({"done", "failed", "lost", "held"})
+_ENDED: frozenset[JobStatus] = frozenset({"done", "refused", "failed", "lost", "held"})
 _LEFT: tuple[JobStatus, ...] = ("pending", "submitting", "queued", "running", "downloading")
 
 
@@ -51,7 +61,7 @@ class RunProgress:
             self.statuses[old] -= 1
         self.statuses[status] += 1
         self.status_of[key] = status
-        if status in ("done", "failed", "lost") and old is not None and old not in _ENDED:
+        if status in ("done", "refused", "failed", "lost") and old is not None and old not in _ENDED:
             self.finished_this_run += 1
 
     def error(self, name: str, message: str) -> None:
@@ -85,6 +95,7 @@ def plain_progress_line(progress: RunProgress) -> str:
     """One line for logs and non-terminals."""
     s = progress.statuses
     lost = f"{s['lost']} lost, " if s["lost"] else ""
+    lost += f"{s['refused']} refused, " if s["refused"] else ""
     return (
         f"[{_clock(progress.elapsed)}] {s['done']}/{progress.total} done, {s['failed']} failed, "
         f"{s['uncertain']} uncertain, {lost}{s['pending'] + s['submitting']} pending, "

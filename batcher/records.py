@@ -104,6 +104,8 @@ class JobRecord:
     refused: bool = False
     """pending because RunComfy refused the last submit for good (validation, balance), as opposed
     to never sent or sent back for later (429, an outage, a refused token)."""
+    result_url: str | None = None
+    """The submit answer's ``result_url``, when it was on the API base's own origin (else built from the id)."""
 
     @property
     def downloaded(self) -> bool:
@@ -147,6 +149,8 @@ class JobRecord:
             self.request_id = event["request_id"]
             self.request_ids.append(event["request_id"])
             self.submitted_at = event.get("t")
+            url = event.get("result_url")
+            self.result_url = url if isinstance(url, str) else None
         elif kind == "submitting":
             self.phase = "submitting"
             self.submits += 1

@@ -7,7 +7,7 @@ works while a run is going and after it. Every figure comes from
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +20,7 @@ from .folders import FolderView, api_identity, is_rehearsal, read_folder
 from .manifest import Manifest
 from .printable import printable
 from .runner import RunSummary
-from .standing import CATEGORIES, JobStanding, category_of, opened, tally
+from .standing import CATEGORIES, JobStanding, Tally, category_of, opened, tally
 from .state import JOURNAL_NAME
 
 __all__ = [
@@ -34,27 +34,12 @@ __all__ = [
 
 
 @dataclass(slots=True)
-class StatusReport:
-    """Counts, problem jobs and money, for `batcher status` (and its --json)."""
+class StatusReport(Tally):
+    """What `batcher status` (and its --json) shows: the `Tally` of a manifest's jobs, and where it was read."""
 
-    manifest: str
-    journal: str
-    total: int
-    counts: dict[str, int]
-    refused: list[JobStanding] = field(default_factory=list)
-    failed: list[JobStanding] = field(default_factory=list)
-    uncertain: list[JobStanding] = field(default_factory=list)
-    lost: list[JobStanding] = field(default_factory=list)
-    orphans: list[str] = field(default_factory=list)
-    spent: float = 0.0
-    """What RunComfy reported for every completed submit in the journals, superseded jobs' included."""
-    spent_superseded: float = 0.0
-    """Of `spent`, what jobs no longer in the manifest cost."""
-    to_spend: float = 0.0
-    """Estimated cost of what the next run sends (pending and refused jobs)."""
-    in_flight_cost: float = 0.0
-    """Estimated cost of the jobs accepted and not finished (RunComfy reports it when they end)."""
-    possible_extra_cost: float = 0.0
+    manifest: str = ""
+    journal: str = ""
+    total: int = 0
     sandbox: bool = False
     """The journals are a rehearsal's: the money figures were never charged."""
     warnings: list[str] = field(default_factory=list)
@@ -77,20 +62,10 @@ def status_report(manifest: Manifest, output_dir: Path, view: FolderView | None 
     with opened(output_dir) as folder:
         sums = tally(manifest.iter_jobs(), view.records, price_dirs(output_dir, manifest.schema_dirs), folder)
     return StatusReport(
+        **{f.name: getattr(sums, f.name) for f in fields(Tally)},
         manifest=str(manifest.path),
         journal=str(view.journals[0]) if view.journals else str(output_dir / JOURNAL_NAME),
         total=manifest.count,
-        counts=sums.counts,
-        refused=sums.refused,
-        failed=sums.failed,
-        in_flight_cost=sums.in_flight_cost,
-        uncertain=sums.uncertain,
-        lost=sums.lost,
-        orphans=sums.orphans,
-        spent=sums.spent,
-        spent_superseded=sums.spent_superseded,
-        to_spend=sums.to_spend,
-        possible_extra_cost=sums.possible_extra_cost,
         sandbox=is_sandbox(view),
         warnings=view.warnings,
         journals=[str(j) for j in view.journals],

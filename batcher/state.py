@@ -255,8 +255,8 @@ def read_journal(path: Path) -> FoldedJournal:
 # second) and folds only the tail. The checkpoint is derived data: any
 # mismatch, damage or version change means it is ignored, never trusted.
 
-_CHECKPOINT_VERSION = 3
-_RECORD_FIELDS = 16
+_CHECKPOINT_VERSION = 4
+_RECORD_FIELDS = 17
 
 
 def _record_row(record: JobRecord) -> list[Any]:
@@ -278,6 +278,7 @@ def _record_row(record: JobRecord) -> list[Any]:
         record.duration,
         record.spent,
         record.refused,
+        record.result_url,
     ]
 
 

@@ -48,7 +48,7 @@ from .localimages import payload_for
 from .manifest import Job, Manifest
 from .polling import DurationModel, remote_duration
 from .printable import printable
-from .progress import RunProgress
+from .progress import JobStatus, RunProgress
 from .state import EventKind, JobRecord, Journal
 
 if TYPE_CHECKING:
@@ -249,27 +249,19 @@ class JobSteps:
                 continue
             except TransientApiError as exc:
                 # Nothing got through (an outage, or RunComfy's own 500001 past the retries): pause, then again.
-                self.record(job, "deferred", reason=str(exc))
-                self.cap.release()
-                progress.set(job.key, "pending")
+                self.not_accepted(job, "deferred", exc, "pending")
                 if await self.sit_out_outage(job, exc):
+                    self.committed += price
                     continue
-                self.committed -= price
                 return False
             except AuthError as exc:
                 # Certain: nothing was accepted. The job stays pending; the whole run stops.
-                self.record(job, "deferred", reason=str(exc))
-                self.cap.release()
-                self.committed -= price
-                progress.set(job.key, "pending")
+                self.not_accepted(job, "deferred", exc, "pending")
                 self.halt("auth", str(exc), exc)
                 return False
             except ApiError as exc:
                 # Refused for certain (validation, bad model, balance): nothing was charged.
-                self.record(job, "refused", reason=str(exc))
-                self.cap.release()
-                self.committed -= price
-                progress.set(job.key, "failed")
+                self.not_accepted(job, "refused", exc, "refused")
                 if isinstance(exc, BalanceError):
                     progress.error(job.name, "insufficient balance")
                     self.stop("balance", str(exc))
@@ -279,7 +271,8 @@ class JobSteps:
                 return False
             self.outage.reached()
             try:
-                self.record(job, "submitted", request_id=submission.request_id)
+                url = self.client.own_url(submission.raw.get("result_url"))
+                self.record(job, "submitted", request_id=submission.request_id, **({"result_url": url} if url else {}))
             except JournalError as exc:
                 # The one thing that must not be lost: say it where the user will see it.
                 msg = f"{exc}. Job {job.name} WAS submitted as request {submission.request_id}: keep this id"
@@ -287,6 +280,13 @@ class JobSteps:
                 raise JournalError(msg) from exc
             progress.set(job.key, "queued")
             return True
+
+    def not_accepted(self, job: Job, kind: EventKind, exc: ApiError, status: JobStatus) -> None:
+        """A submit RunComfy certainly did not take: journalled as such, its room and estimate given back."""
+        self.record(job, kind, reason=str(exc))
+        self.cap.release()
+        self.committed -= price_of(job, self.price_dirs)
+        self.progress.set(job.key, status)
 
     async def sit_out_outage(self, job: Job, exc: ApiError) -> bool:
         """After a call that could not get through: wait for RunComfy to answer again.
@@ -328,7 +328,7 @@ class JobSteps:
         await anyio.sleep(self.next_wait(submitted_at, first_wait, first=True) if first_wait else 0.0)
         while True:
             try:
-                result = await self.client.result(request_id)
+                result = await self.client.result(request_id, url=record.result_url)
             except RequestGoneError as exc:
                 if time.time() - submitted_at < options.lost_after:
                     # Just submitted: a replica that has not seen the request yet answers so.

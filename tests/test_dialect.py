@@ -326,3 +326,31 @@ async def test_the_live_price_sets_the_estimates_and_is_kept_for_status(
     assert seen[0].estimate == pytest.approx(2 * 0.068) and "using the live one" in seen[0].prices[0]
     table = json.loads((Path("out") / ".prices/openai/gpt-image-1-5/image-to-image.pricing.json").read_text())
     assert table["prices"]["medium"] == pytest.approx(0.068) and "live" in table["source"]
+
+
+@pytest.mark.parametrize(
+    ("result_url", "polled"),
+    [
+        ("https://model-api.runcomfy.net/v1/requests/r-1/result-elsewhere", "/v1/requests/r-1/result-elsewhere"),
+        ("https://evil.test/v1/requests/r-1/result", "/v1/requests/r-1/result"),
+        ("https://user:pw@model-api.runcomfy.net/x", "/v1/requests/r-1/result"),
+    ],
+)
+async def test_the_result_url_of_a_submit_is_used_only_on_the_api_base(
+    tmp_path: Path, result_url: str, polled: str
+) -> None:
+    import httpx
+
+    seen: list[httpx.URL] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url)
+        if request.method == "POST":
+            return httpx.Response(200, json={"request_id": "r-1", "result_url": result_url})
+        return httpx.Response(200, json={"request_id": "r-1", "status": "in_progress"})
+
+    manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
+    options = fast_options(api_transport=httpx.MockTransport(api), output_dir=tmp_path / "out", run_timeout=0.3)
+    await run_manifest(manifest, options)
+    polls = seen[1:]
+    assert polls and all(url.host == "model-api.runcomfy.net" and url.path == polled for url in polls), polls
