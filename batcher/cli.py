@@ -592,7 +592,7 @@ def _announce(plan: RunPlan, confirm_above: float | None) -> None:
     rest += [f"{plan.held} held"] if plan.held else []
     rest += [f"{plan.done} done"] if plan.done else []
     tail = f"; {', '.join(rest)}" if rest else ""
-    for line in plan.prices:
+    for line in [] if plan.sandbox else plan.prices:  # a rehearsal's prices are the bundled ones, and not paid
         stderr.print(f"price: {line}", markup=False)
     balance = f"; balance ${plan.balance:,.2f}" if plan.balance is not None and not plan.sandbox else ""
     stderr.print(f"will submit {plan.to_submit} job(s) ({cost}){balance}{tail}", markup=False)
