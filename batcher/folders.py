@@ -54,6 +54,7 @@ __all__ = [
     "project_root",
     "read_folder",
     "refuse_linked_default",
+    "rehearsal_only",
     "remember_folder",
     "shard_folder_name",
     "shard_folders",
@@ -223,6 +224,12 @@ def check_journal_api(headers: Iterable[dict[str, object]], identity: str, outpu
             "own with -o (a --sandbox rehearsal's default is output/sandbox/<name>/, a real run's output/<name>/)"
         )
         raise UsageError(msg)
+
+
+def rehearsal_only(headers: Iterable[dict[str, object]]) -> bool:
+    """True when every run a journal's headers record was against a sandbox: its money was never charged."""
+    bases = [header.get("api_base") for header in headers]
+    return bool(bases) and all(isinstance(b, str) and is_rehearsal(api_identity(b)) for b in bases)
 
 
 def is_rehearsal(identity: str) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .confined import OutputDir
+from .folders import rehearsal_only
 from .localimages import parse_reference
 from .manifest import Job, Manifest
 from .standing import CATEGORIES, Category, category_of, money
@@ -163,6 +164,7 @@ def _page(manifest: Manifest, folded: FoldedJournal, folder: OutputDir) -> str:
     ]
     cards = "\n".join(_card(job, folded.records.get(job.key), folder) for job in manifest.jobs)
     spent = money(sum(r.spent for r in folded.records.values()))  # as `status` counts it
+    money_said = f"sandbox: would have cost ${spent:.2f}" if rehearsal_only(folded.headers) else f"spent ${spent:.2f}"
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -174,7 +176,7 @@ def _page(manifest: Manifest, folded: FoldedJournal, folder: OutputDir) -> str:
 <body>
 <header>
 <h1>{_e(manifest.name)}</h1>
-<div class="meta">{_e(manifest.model)} · {len(manifest.jobs)} jobs · {states["done"]} done · spent ${spent:.2f}
+<div class="meta">{_e(manifest.model)} · {len(manifest.jobs)} jobs · {states["done"]} done · {money_said}
  · manifest {_e(manifest.path)}</div>
 </header>
 <nav>{"".join(buttons)}</nav>

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .account import price_dirs
 from .cost import estimate, load_price_table
-from .folders import FolderView, api_identity, is_rehearsal, read_folder
+from .folders import FolderView, read_folder, rehearsal_only
 from .manifest import Manifest
 from .printable import printable
 from .runner import RunSummary
@@ -74,8 +74,7 @@ def status_report(manifest: Manifest, output_dir: Path, view: FolderView | None 
 
 def is_sandbox(view: FolderView) -> bool:
     """True when the journals were written against a sandbox (their money was never charged)."""
-    bases = [h.get("api_base") for h in view.headers]
-    return bool(bases) and all(isinstance(b, str) and is_rehearsal(api_identity(b)) for b in bases)
+    return rehearsal_only(view.headers)
 
 
 def _money(value: float) -> str:
