@@ -36,6 +36,7 @@ from .confined import write_atomically
 from .cost import PriceTable, forget_price_tables, load_price_table
 from .errors import ApiError, AuthError, BatcherError, OutputFolderError, UsageError
 from .netpolicy import is_loopback_host, scheme_refusal
+from .printable import printable
 from .schema import load_model_schema
 
 __all__ = [
@@ -144,12 +145,21 @@ async def _live_price(client: RunComfyClient, model: str, output_dir: Path, sche
         where = f"the bundled table ({table.source}, as of {table.as_of})" if table else "no price table"
         return f"{model}: RunComfy's live price could not be read; using {where}"
     live = info.get("base_price_usd")
-    if not isinstance(live, int | float) or isinstance(live, bool) or not 0 <= live <= _MAX_PRICE:
+    if not isinstance(live, int | float) or isinstance(live, bool) or not 0 < live <= _MAX_PRICE:
         return f"{model}: RunComfy gave no usable live price; using the bundled table"
-    unit = str(info.get("price_unit") or "output")
+    # Server text, shown on a terminal and kept in a file that is shown again: made printable, short.
+    unit = printable(info.get("price_unit") or "output", 40)
+    note = printable(info.get("pricing_note") or "", 300)
     default = _default_price(model, table, schema_dirs)
     if table is None or not default:
         return f"{model}: RunComfy's live price is ${live:g} per {unit}; no table says how settings change it"
+    if live < default:
+        # Estimates guard budgets (--max-cost, the balance check, --confirm-above): a lower live price, or a
+        # hostile 0, must never lower them. A price cut only leaves the estimates on the safe side.
+        return (
+            f"{model}: the API's live price at the default settings is ${live:g} per {unit}, below the bundled "
+            f"table's ${default:g}: the estimates keep the bundled (higher) prices"
+        )
     factor = float(live) / default
     today = time.strftime("%Y-%m-%d")
     scaled = {
@@ -157,7 +167,7 @@ async def _live_price(client: RunComfyClient, model: str, output_dir: Path, sche
         "keys": list(table.keys),
         "prices": _scaled(table.prices, factor),
         "unit": unit,
-        "note": str(info.get("pricing_note") or table.note),
+        "note": note or table.note,
         "source": f"RunComfy's live price (GET /v1/models/{model}: ${live:g} per {unit} at the default settings), "
         f"with the bundled table's ratios between settings",
         "as_of": today,

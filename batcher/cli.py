@@ -44,6 +44,7 @@ from .folders import (
     parse_shard,
     read_folder,
     refuse_linked_default,
+    rehearsal_only,
     shard_folders,
 )
 from .gallery import write_gallery
@@ -332,7 +333,10 @@ def plan(
     loaded, output_dir = _load_slice(manifest, schema_dirs, output, shard, sandbox)
     balance = None
     token = os.environ.get("RUNCOMFY_API_TOKEN", "").strip()
-    if token and not offline and not sandbox:
+    headers = read_folder(output_dir).headers
+    if token and not offline and not sandbox and not rehearsal_only(headers):
+        if api_base is None and headers and isinstance(headers[-1].get("api_base"), str):
+            api_base = str(headers[-1]["api_base"])  # the API this folder's runs talked to, not the default
         if output is None:
             refuse_linked_default(output_dir, loaded)
         output_dir.mkdir(parents=True, exist_ok=True)  # the live price is kept there, for status and run

@@ -321,7 +321,8 @@ def check_ledger(manifest: Manifest, keys: Iterable[str], output_dir: Path, iden
             continue  # a shard of this folder, or its parent: check_no_overlap's business
         if not (other / JOURNAL_NAME).is_file() and not shard_folders(other):
             # A rehearsal's folder may go freely (nothing was paid); the others' journals are the money.
-            if identity != SANDBOX_API and (entry.manifest == path or entry.name == manifest.name):
+            # By path only: another project's manifest may well have the same name (london.yaml).
+            if identity != SANDBOX_API and entry.manifest == path:
                 gone.append(other)
             continue
         if entry.output == here:

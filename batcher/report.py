@@ -123,7 +123,7 @@ def _print_problems(console: Console, problems: _Problems, extra: float) -> None
     orphans = problems.orphans
     if refused:
         console.print(
-            f"\n[red]{len(refused)} refused[/] by RunComfy (nothing was charged; fix the cause, "
+            f"\n[red]{len(refused)} refused[/] (certainly not accepted, nothing was charged; fix the cause, "
             "the next run sends them again):"
         )
         _print_jobs(console, refused)
@@ -146,8 +146,8 @@ def _print_problems(console: Console, problems: _Problems, extra: float) -> None
         _print_jobs(console, uncertain)
     if orphans:
         console.print(
-            f"\n{len(orphans)} job(s) in the journal are no longer in the manifest (left alone): "
-            + ", ".join(orphans[:10])
+            f"\n{len(orphans)} job(s) in the journal are no longer in the manifest (those paid for and not "
+            "finished are still polled and downloaded by `run`; the rest are left alone): " + ", ".join(orphans[:10])
         )
 
 

@@ -417,23 +417,26 @@ def _superseded_in_flight(run: JobSteps) -> list[tuple[Job, Action]]:
     accepted and not finished: paid for, so they are polled and downloaded like any other."""
     if run.options.shard is None and (run.options.only is not None or run.options.limit is not None):
         return []  # a trial run works on its share only
-    wanted = {job.key for job in run.manifest.iter_jobs()}
+    # The jobs as loaded (not read again: a local image edited since would change every key).
+    wanted = {job.key for job in run.manifest.jobs}
     found: list[tuple[Job, Action]] = []
     for key, record in run.records.items():
         if key in wanted or not (
             record.phase == "submitted" or (record.phase == "completed" and not record.downloaded)
         ):
             continue
-        name = record.name if _SAFE_NAME.fullmatch(record.name or "") else key[:12]
-        found.append(
-            (Job(key=key, name=name, model="", input={}), "poll" if record.phase == "submitted" else "download")
-        )
+        job = Job(key=key, name=_safe_name(record.name, key), model="", input={})
+        found.append((job, "poll" if record.phase == "submitted" else "download"))
         run.progress.set(key, "queued" if record.phase == "submitted" else "downloading")
     return found
 
 
+def _safe_name(name: str, key: str) -> str:
+    return name if _SAFE_NAME.fullmatch(name or "") else key[:12]
+
+
 def _summarize(run: JobSteps, warnings: list[str], endpoint: Endpoint) -> RunSummary:
-    manifest_keys = {job.key for job in run.manifest.iter_jobs()}
+    manifest_keys = {job.key for job in run.manifest.jobs}
     with opened(run.output_dir) as folder:
         sums = tally(run.jobs, run.records, run.price_dirs, folder, manifest_keys=manifest_keys)
     return RunSummary(
@@ -483,7 +486,14 @@ async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None)
     jobs = select_jobs(manifest, options)
     async with _open_run(manifest, options, jobs, ledger=False) as (_, journal, client):
         folded = journal.folded
-        for job in jobs:
+        # Jobs edited out of the manifest while queued are paid for all the same: cancel them too.
+        wanted = {job.key for job in manifest.jobs}
+        superseded = [
+            Job(key=key, name=_safe_name(record.name, key), model="", input={})
+            for key, record in folded.records.items()
+            if key not in wanted and record.phase == "submitted" and options.only is None and options.limit is None
+        ]
+        for job in [*jobs, *superseded]:
             record = folded.records.get(job.key)
             if record is None or record.phase in ("pending", "uncertain", "submitting"):
                 summary.not_submitted += 1

@@ -422,3 +422,68 @@ def test_jobs_refused_for_balance_are_their_own_count_and_still_to_spend(
     status = json.loads(runner.invoke(cli, ["status", str(manifest), "-o", "out", "--json"]).output)
     assert status["counts"]["refused"] == 1 and status["counts"]["pending"] == 1 and status["counts"]["done"] == 2
     assert status["to_spend"] == pytest.approx(2 * 0.009)
+
+
+# -- found by the second review ---------------------------------------------------------------------------------------
+
+
+def test_jobs_edited_away_while_queued_are_cancelled_too(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    sandbox = start_sandbox(queue_delay=60.0)
+    assert _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "--timeout", "1").exit_code == 1
+    manifest.write_text(manifest.read_text().replace("prompt number", "an edited prompt"))
+    result = runner.invoke(cli, ["cancel", str(manifest), "--api-base", sandbox.url, "-o", "out"])
+    assert result.exit_code == 0 and "cancelled 2 job(s)" in result.output, result.output
+
+
+def test_another_project_with_a_manifest_of_the_same_name_is_not_blocked(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox()
+    (tmp_path / "p1").mkdir()
+    (tmp_path / "p2").mkdir()
+    first = many_jobs_manifest(tmp_path / "p1" / "london.yaml", 1)
+    assert _run(runner, str(first), "--api-base", sandbox.url).exit_code == 0
+    import shutil
+
+    shutil.rmtree(tmp_path / "p1")
+    second = many_jobs_manifest(tmp_path / "p2" / "london.yaml", 2, quality="medium")
+    result = _run(runner, str(second), "--api-base", sandbox.url)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("live", [0.0, 0.01])
+async def test_a_live_price_below_the_bundled_one_never_lowers_the_estimates(
+    tmp_path: Path, start_sandbox: StartSandbox, live: float
+) -> None:
+    from batcher.runner import RunPlan
+
+    sandbox = start_sandbox(model_price=live)
+    seen: list[RunPlan] = []
+    manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 2, quality="high"))
+    options = fast_options(api_base=sandbox.url, output_dir=tmp_path / "out", live_prices=True, max_cost=0.2)
+    summary = await run_manifest(manifest, options, on_plan=seen.append)
+    assert seen[0].estimate == pytest.approx(2 * 0.133)
+    assert len(sandbox.sandbox.submits) == 1 and summary.stop_kind == "budget"  # the cap still bites
+
+
+async def test_server_text_in_the_live_price_is_made_printable(tmp_path: Path) -> None:
+    from batcher.runner import RunPlan
+
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/v1/models/"):
+            evil = "output\x1b]0;PWNED\x07\x1b[2J"
+            return httpx.Response(200, json={"base_price_usd": 0.266, "price_unit": evil, "pricing_note": evil})
+        return httpx.Response(503)
+
+    seen: list[RunPlan] = []
+    manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
+    options = fast_options(
+        api_transport=httpx.MockTransport(api), output_dir=tmp_path / "out", live_prices=True, run_timeout=1
+    )
+    await run_manifest(manifest, options, on_plan=seen.append)
+    table = (tmp_path / "out" / ".prices" / "openai" / "gpt-image-1-5" / "image-to-image.pricing.json").read_text()
+    said = " ".join(seen[0].prices)
+    assert "\x1b" not in said and "\\u001b" not in table and "PWNED" not in table and "per output" in said
