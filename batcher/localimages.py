@@ -73,6 +73,8 @@ MAX_IMAGE_BYTES = 50 * 1024 * 1024
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 """The largest request body, data URIs included: RunComfy's nodes refuse to send more (``client.py``)."""
 STAND_IN = "data:image/png;base64,"
+MAX_INLINE_IN_MANIFEST = 4096
+"""The longest data: URI a manifest may hold itself (a tiny test image); longer ones belong in a file."""
 """What a checked local image (or a decoded data URI) is validated as: the shape it is sent in, without the bytes."""
 
 # Magic numbers: the file's first bytes say what it is, whatever its name says.
@@ -232,6 +234,17 @@ class LocalImages:
         sizes: list[_Checked] = []
         local_fields: dict[str, bool] = {}
         for name, index, value in _values(payload, fields):
+            if isinstance(value, str) and value[:5].lower() == "data:" and len(value) > MAX_INLINE_IN_MANIFEST:
+                # Job.input goes into the journal's "submitting" line: a big data: URI would be copied there for
+                # every job and every retry. A file beside the manifest is sent the same way, and journalled small.
+                problems.append(
+                    (
+                        _dotted(name, index),
+                        f"a data: URI of {len(value):,} characters in the manifest would be copied into the journal "
+                        "for every job; save the image beside the manifest and give its path instead",
+                    )
+                )
+                continue
             if not is_local(value):
                 continue
             local_fields[name] = fields[name]
@@ -247,7 +260,7 @@ class LocalImages:
                 ref = self._refs[(path_text, found.sha256)] = _reference(path_text, found.sha256)
             changes[(name, index)] = ref
         if not local_fields:
-            return Normalised(payload, payload)
+            return Normalised(payload, payload, problems)
         normalised = _replaced(payload, changes)
         source = LocalSource(folder, tuple(local_fields.items()))
         if not problems and sizes:

@@ -610,9 +610,15 @@ class Sandbox:
         table = load_price_table(model, self.config.schema_dirs)
         if table is None:
             return 0.0
+        defaults: dict[str, Any] = {}
         with suppress(UsageError):  # no schema: price the body as sent
-            payload = load_model_schema(model, self.config.schema_dirs).with_defaults(payload)
-        return table.price(payload) or 0.0
+            schema = load_model_schema(model, self.config.schema_dirs)
+            payload, defaults = schema.with_defaults(payload), schema.with_defaults({})
+        price = table.price(payload) or 0.0
+        base = table.price(defaults)
+        if self.config.model_price is not None and base:
+            price *= self.config.model_price / base  # a price change at RunComfy is what it charges too
+        return price
 
     def _outputs(self, request_id: str, now: float) -> dict[str, Any]:
         expiry = f"?expires={now + self.config.url_ttl:.3f}" if self.config.url_ttl is not None else ""

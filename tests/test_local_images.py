@@ -388,3 +388,21 @@ def test_the_editor_schema_takes_local_images_and_still_refuses_other_schemes() 
     for refused in ("ftp://example.org/x.png", "//example.org/x.png", "javascript:alert(1)"):
         with pytest.raises(jsonschema.ValidationError):
             check(refused)
+
+
+def test_a_big_data_uri_in_the_manifest_is_refused_so_the_journal_stays_small(tmp_path: Path) -> None:
+    import base64
+
+    from click.testing import CliRunner
+
+    from batcher.cli import cli
+    from batcher.sandbox import make_png
+
+    uri = "data:image/png;base64," + base64.b64encode(make_png("big", 64)).decode()
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        f'model: openai/gpt-image-1-5/image-to-image\njobs:\n  - prompt: x\n    image_urls: ["{uri}"]\n',
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 2 and "save the image beside the manifest" in result.output, result.output
