@@ -368,6 +368,9 @@ async def _execute(
         while True:
             await anyio.sleep(options.fsync_interval)
             await anyio.to_thread.run_sync(run.journal.sync)
+            checkpoint = run.journal.due_checkpoint()
+            if checkpoint is not None:
+                await anyio.to_thread.run_sync(checkpoint)
             try:
                 await run.flush_sidecars()
             except OutputFolderError as exc:

@@ -29,6 +29,7 @@ import re
 import stat
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ __all__ = [
 JOURNAL_NAME = "state.jsonl"
 CHECKPOINT_NAME = "state.checkpoint"
 CHECKPOINT_MIN_BYTES = int(os.environ.get("BATCHER_CHECKPOINT_MIN_BYTES", 1024 * 1024))
+CHECKPOINT_EVERY_BYTES = int(os.environ.get("BATCHER_CHECKPOINT_EVERY_BYTES", 16 * 1024 * 1024))
+"""During a run, a checkpoint after this many journal bytes since the last: a kill then leaves at most this
+much to fold again on resume (~100,000 events), not the whole night's."""
 """Journals smaller than this fold in well under a second: no checkpoint (the torture test sets 0)."""
 LOCK_NAME = ".batcher.lock"
 
@@ -260,6 +264,7 @@ _RECORD_FIELDS = 17
 
 
 def _record_row(record: JobRecord) -> list[Any]:
+    # Lists copied: a checkpoint taken during a run is written on a thread while the records go on changing.
     files = [[index, f.path, f.bytes, f.sha256] for index, f in record.files.items()]
     return [
         record.key,
@@ -267,12 +272,12 @@ def _record_row(record: JobRecord) -> list[Any]:
         record.phase,
         record.request_id,
         record.remote_state,
-        record.outputs,
+        list(record.outputs),
         files,
         record.error,
         record.cost,
         record.submits,
-        record.request_ids,
+        list(record.request_ids),
         record.submitted_at,
         record.finished_at,
         record.duration,
@@ -289,8 +294,32 @@ def _record_from(row: list[Any]) -> JobRecord:
     return JobRecord(*row)
 
 
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """The folded state at one length of the journal, copied: safe to write from another thread."""
+
+    length: int
+    headers: list[dict[str, Any]]
+    rows: list[list[Any]]
+
+
+def _snapshot(folded: FoldedJournal, length: int) -> _Snapshot:
+    collecting = gc.isenabled()
+    gc.disable()  # 200,000 short lists and no cycles: see read_journal
+    try:
+        return _Snapshot(length, list(folded.headers), [_record_row(r) for r in folded.records.values()])
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def write_checkpoint(journal_path: Path, folded: FoldedJournal, length: int) -> None:
     """Save folded, the state of journal_path's first length bytes, for `read_journal` to start from."""
+    _write_snapshot(journal_path, _snapshot(folded, length))
+
+
+def _write_snapshot(journal_path: Path, snapshot: _Snapshot) -> None:
+    length = snapshot.length
     digest = hashlib.sha256()
     lines = 0
     with OutputDir(journal_path.parent, error=JournalError) as folder:
@@ -309,8 +338,8 @@ def write_checkpoint(journal_path: Path, folded: FoldedJournal, length: int) -> 
         "length": length,
         "lines": lines,
         "sha256": digest.hexdigest(),
-        "headers": folded.headers,
-        "records": [_record_row(r) for r in folded.records.values()],
+        "headers": snapshot.headers,
+        "records": snapshot.rows,
     }
     write_atomically(journal_path.parent, CHECKPOINT_NAME, _dumps(payload), mode=0o600, error=JournalError)
 
@@ -351,6 +380,9 @@ class Journal:
         self.events_written = 0
         self.folded = FoldedJournal()
         """The journal's state: folded on open, and kept up to date by `append`."""
+        self._checkpointed = 0
+        """The journal's length at the last checkpoint this run wrote (0: none yet, so a long journal
+        gets one early in the run, whatever tail the last run left after its own)."""
 
     def open(self) -> FoldedJournal:
         """Lock the folder, fold what is there, cut a torn tail, and get ready to append.
@@ -445,6 +477,27 @@ class Journal:
             record = self.folded.records[job] = JobRecord(job)
         record.apply(event)
         return record
+
+    def due_checkpoint(self) -> Callable[[], None] | None:
+        """A checkpoint of the journal as it stands now, to be written off the event loop, once
+        `CHECKPOINT_EVERY_BYTES` were appended since the last one; None when none is due.
+
+        The state is copied here, at a length every line of which is written, so the writing
+        thread never sees a record change under it.
+        """
+        length = self.folded.good_length
+        if self._fd is None or self._failed or length < CHECKPOINT_MIN_BYTES:
+            return None
+        if length - self._checkpointed < CHECKPOINT_EVERY_BYTES:
+            return None
+        self._checkpointed = length
+        snapshot = _snapshot(self.folded, length)
+
+        def write() -> None:
+            with contextlib.suppress(OSError, JournalError):  # only a speed-up: a run never fails for want of one
+                _write_snapshot(self.path, snapshot)
+
+        return write
 
     def sync(self) -> None:
         """fsync what was appended since the last sync (called in groups, off the event loop)."""

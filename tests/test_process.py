@@ -149,3 +149,28 @@ def test_cancel_on_interrupt_cancels_queued_jobs(tmp_path: Path, start_sandbox: 
         check=False,
     )
     assert json.loads(status.stdout)["counts"]["failed"] == 3
+
+
+def test_a_run_checkpoints_as_it_goes_so_a_kill_leaves_a_short_tail(
+    tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batcher.state import CHECKPOINT_NAME, _load_checkpoint, fold_bytes
+
+    monkeypatch.setenv("BATCHER_CHECKPOINT_EVERY_BYTES", "1")  # one at every fsync tick with news
+    monkeypatch.setenv("BATCHER_CHECKPOINT_MIN_BYTES", "0")
+    sandbox = start_sandbox(queue_delay=0.1, run_delay=0.2)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 40)
+    process = _start(manifest, sandbox, "--concurrency", "4")
+    _wait_for_event(tmp_path / "out", "downloaded", 5)
+    time.sleep(0.5)
+    process.kill()  # no end-of-run checkpoint: whatever is there was written during the run
+    process.communicate()
+    data = (tmp_path / "out" / JOURNAL_NAME).read_bytes()
+    assert (tmp_path / "out" / CHECKPOINT_NAME).is_file()
+    found = _load_checkpoint(tmp_path / "out" / CHECKPOINT_NAME, data)
+    assert found is not None, "the checkpoint matches the journal's first bytes"
+    assert 0 < found[0].good_length <= len(data)
+    resumed, full = read_journal(tmp_path / "out" / JOURNAL_NAME), fold_bytes(data)
+    assert {k: (r.phase, r.request_ids, r.files) for k, r in resumed.records.items()} == {
+        k: (r.phase, r.request_ids, r.files) for k, r in full.records.items()
+    }
