@@ -61,9 +61,41 @@ _MAX_PRICE = 1000.0
 
 
 def price_dirs(output_dir: Path, schema_dirs: Sequence[Path]) -> tuple[Path, ...]:
-    """Where prices are looked up for a run in output_dir: the live tables a run fetched, then the schema folders."""
+    """Where prices are looked up for a run in output_dir: the live tables a run fetched, then the schema folders.
+
+    The live tables are used only while each is a plain file that prices nothing below the table it was
+    scaled from: a repository could commit ``.prices/`` with zeros, and estimates guard budgets
+    (--max-cost, the balance check, --confirm-above).
+    """
     live = output_dir / LIVE_PRICES
-    return (live, *schema_dirs) if live.is_dir() else tuple(schema_dirs)
+    if not live.is_dir() or live.is_symlink():
+        return tuple(schema_dirs)
+    found = sorted(live.rglob("*.pricing.json"))
+    for path in found[:_MAX_LIVE_TABLES]:
+        table = load_price_table(_model_of(path, live), [live]) if not path.is_symlink() else None
+        base = load_price_table(table.model, schema_dirs) if table else None
+        if table is None or (base is not None and not _not_lower(table.prices, base.prices)):
+            log.warning("ignoring the live prices in %s: %s is not a table batcher wrote", live, path)
+            return tuple(schema_dirs)
+    if len(found) > _MAX_LIVE_TABLES:
+        return tuple(schema_dirs)
+    return (live, *schema_dirs)
+
+
+_MAX_LIVE_TABLES = 100
+
+
+def _model_of(path: Path, live: Path) -> str:
+    return path.relative_to(live).as_posix().removesuffix(".pricing.json")
+
+
+def _not_lower(live: object, base: object) -> bool:
+    """True when every price in live is at least base's for the same settings (and every one is a number)."""
+    if isinstance(live, dict) and isinstance(base, dict):
+        return all(key in live and _not_lower(live[key], value) for key, value in base.items())
+    if isinstance(base, int | float) and not isinstance(base, bool):
+        return isinstance(live, int | float) and not isinstance(live, bool) and math.isfinite(live) and live >= base
+    return True
 
 
 def balance_base(api_base: str) -> str | None:

@@ -104,6 +104,8 @@ class JobRecord:
     refused: bool = False
     """pending because RunComfy refused the last submit for good (validation, balance), as opposed
     to never sent or sent back for later (429, an outage, a refused token)."""
+    model: str = ""
+    """The model the last submit went to (so a job no longer in the manifest can still be checked and finished)."""
     result_url: str | None = None
     """The submit answer's ``result_url``, when it was on the API base's own origin (else built from the id)."""
 
@@ -153,6 +155,7 @@ class JobRecord:
             self.result_url = url if isinstance(url, str) else None
         elif kind == "submitting":
             self.phase = "submitting"
+            self.model = str(event.get("model") or "")
             self.submits += 1
             self.request_id = None
             self.remote_state = None

@@ -178,8 +178,8 @@ def print_summary(console: Console, summary: RunSummary, resume: str | None = No
     if summary.stop_kind == "budget":
         console.print(
             f"\nstopped submitting: {summary.stop_reason}. {len(summary.unfinished)} job(s) not sent, estimated at "
-            f"{_money(summary.left_to_submit)}. To go on, raise --max-cost (to at least "
-            f"${summary.committed + summary.left_to_submit:,.2f} for all of them) and run again."
+            f"{_money(summary.to_spend)}. To go on, raise --max-cost (to at least "
+            f"${summary.committed + summary.to_spend:,.2f} for all of them) and run again."
         )
         return
     if summary.stop_reason and not summary.interrupted and summary.stop_kind != "auth":

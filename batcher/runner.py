@@ -23,7 +23,7 @@ import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +39,7 @@ from .download import Downloader
 from .endpoint import Endpoint, open_endpoint
 from .errors import ApiError, AuthError, BalanceError, JournalError, OutputFolderError
 from .folders import (
+    api_identity,
     check_journal_api,
     check_ledger,
     check_no_overlap,
@@ -52,7 +53,7 @@ from .manifest import Job, Manifest
 from .netpolicy import loopback_origin
 from .options import RunOptions, select_jobs
 from .progress import JobStatus, RunProgress
-from .standing import Category, JobStanding, category, opened, tally
+from .standing import Category, Tally, category, opened, tally
 from .state import JOURNAL_NAME, Journal
 from .steps import Action, JobSteps, StopKind
 
@@ -99,6 +100,7 @@ class RunPlan:
     held: int
     done: int
     sandbox: bool
+    """Against a sandbox (in process or on loopback): nothing will be charged."""
     superseded: int = 0
     """Jobs no longer in the manifest, paid for and not finished: polled and downloaded all the same."""
     balance: float | None = None
@@ -108,41 +110,18 @@ class RunPlan:
 
 
 @dataclass(slots=True)
-class RunSummary:
-    """What a run did and what is left; `exit_code` follows the CLI's contract.
+class RunSummary(Tally):
+    """What a run did and what is left: the `Tally` of its jobs (as `status` computes it, so the two cannot
+    disagree), and how the run ended; `exit_code` follows the CLI's contract."""
 
-    Its figures come from `standing.tally`, as `status`'s do: the two cannot disagree.
-    """
-
-    output_dir: Path
-    journal: Path
-    total: int
-    done: int
-    failed: list[JobStanding]
-    """Failed at RunComfy or cancelled: sent again with --retry-failed."""
-    uncertain: list[JobStanding]
-    lost: list[JobStanding]
-    unfinished: list[JobStanding]
-    """Pending, in flight or downloading: the next run goes on with them."""
-    orphans: list[str]
-    interrupted: bool
-    stop_reason: str | None
-    stop_kind: StopKind | None
-    possible_extra_cost: float
-    spent: float
-    """What RunComfy reported for every completed submit in the journal, superseded jobs' included."""
-    spent_superseded: float
-    """Of `spent`, what jobs no longer in the manifest cost (an edited prompt's earlier version)."""
-    committed: float
-    """Estimated cost of every submit journalled for the jobs of this run (what --max-cost counts)."""
-    left_to_submit: float
-    """Estimated cost of the jobs never submitted."""
-    sandbox: bool
+    output_dir: Path = Path()
+    journal: Path = Path()
+    total: int = 0
+    interrupted: bool = False
+    stop_reason: str | None = None
+    stop_kind: StopKind | None = None
+    sandbox: bool = False
     """The figures are a rehearsal's: nothing was charged."""
-    refused: list[JobStanding] = field(default_factory=list)
-    """Refused for certain by RunComfy (validation, balance): nothing charged; the next run sends them."""
-    in_flight_cost: float = 0.0
-    """Estimated cost of the jobs accepted and not finished."""
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -328,7 +307,7 @@ async def _execute(
                 superseded=len(superseded),
                 held=counts["hold"],
                 done=counts["done"],
-                sandbox=options.sandbox,
+                sandbox=options.sandbox or is_rehearsal(api_identity(run.client.base_url)),
                 balance=account.balance,
                 prices=account.said,
             )
@@ -428,7 +407,7 @@ def _superseded_in_flight(run: JobSteps) -> list[tuple[Job, Action]]:
             record.phase == "submitted" or (record.phase == "completed" and not record.downloaded)
         ):
             continue
-        job = Job(key=key, name=_safe_name(record.name, key), model="", input={})
+        job = Job(key=key, name=_safe_name(record.name, key), model=record.model, input={})
         found.append((job, "poll" if record.phase == "submitted" else "download"))
         run.progress.set(key, "queued" if record.phase == "submitted" else "downloading")
     return found
@@ -443,25 +422,13 @@ def _summarize(run: JobSteps, warnings: list[str], endpoint: Endpoint) -> RunSum
     with opened(run.output_dir) as folder:
         sums = tally(run.jobs, run.records, run.price_dirs, folder, manifest_keys=manifest_keys)
     return RunSummary(
+        **{f.name: getattr(sums, f.name) for f in fields(Tally)},
         output_dir=run.output_dir,
         journal=run.output_dir / JOURNAL_NAME,
         total=len(run.jobs),
-        done=sums.done,
-        failed=sums.failed,
-        refused=sums.refused,
-        in_flight_cost=sums.in_flight_cost,
-        uncertain=sums.uncertain,
-        lost=sums.lost,
-        unfinished=sums.unfinished,
-        orphans=sums.orphans,
         interrupted=run.interrupted,
         stop_reason=run.stop_submitting,
         stop_kind=run.stop_kind,
-        possible_extra_cost=sums.possible_extra_cost,
-        spent=sums.spent,
-        spent_superseded=sums.spent_superseded,
-        committed=sums.committed,
-        left_to_submit=sums.to_spend,
         sandbox=endpoint.sandbox or is_rehearsal(endpoint.identity),
         warnings=warnings,
     )
@@ -492,7 +459,7 @@ async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None)
         # Jobs edited out of the manifest while queued are paid for all the same: cancel them too.
         wanted = {job.key for job in manifest.jobs}
         superseded = [
-            Job(key=key, name=_safe_name(record.name, key), model="", input={})
+            Job(key=key, name=_safe_name(record.name, key), model=record.model, input={})
             for key, record in folded.records.items()
             if key not in wanted and record.phase == "submitted" and options.only is None and options.limit is None
         ]

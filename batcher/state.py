@@ -259,8 +259,8 @@ def read_journal(path: Path) -> FoldedJournal:
 # second) and folds only the tail. The checkpoint is derived data: any
 # mismatch, damage or version change means it is ignored, never trusted.
 
-_CHECKPOINT_VERSION = 4
-_RECORD_FIELDS = 17
+_CHECKPOINT_VERSION = 5
+_RECORD_FIELDS = 18
 
 
 def _record_row(record: JobRecord) -> list[Any]:
@@ -283,6 +283,7 @@ def _record_row(record: JobRecord) -> list[Any]:
         record.duration,
         record.spent,
         record.refused,
+        record.model,
         record.result_url,
     ]
 

@@ -17,7 +17,6 @@ loop to raise once the workers are done.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -218,7 +217,7 @@ class JobSteps:
         """
         progress = self.progress
         price = price_of(job, self.price_dirs)
-        backoff = self.options.retry.base
+        refusals = 0
         while True:
             await self.cap.acquire()
             if self.stop_submitting:
@@ -244,8 +243,8 @@ class JobSteps:
                 self.cap.refused()
                 self.cap.release()
                 progress.set(job.key, "pending")
-                await anyio.sleep(random.uniform(backoff / 2, backoff))
-                backoff = min(backoff * 2, self.options.retry.cap)
+                await anyio.sleep(self.options.retry.backoff(refusals))
+                refusals += 1
                 continue
             except TransientApiError as exc:
                 # Nothing got through (an outage, or RunComfy's own 500001 past the retries): pause, then again.
@@ -365,6 +364,7 @@ class JobSteps:
                 return
             self.outage.reached()
             said_model = result.raw.get("model_id")
+            # job.model is "" only for a superseded job journalled before records kept the model.
             if isinstance(said_model, str) and said_model and job.model and said_model != job.model:
                 # As RunComfy's nodes check: an answer about another model is not this job's.
                 reason = f"polling stopped: RunComfy says request {request_id} is for {printable(said_model, 120)}"

@@ -97,7 +97,8 @@ def torture(workdir: Path, jobs: int, kills: int, fault_rate: float, seed: int) 
             held = _held(out)
             before = submits_of(held)
             process = _run(manifest, sandbox.url, out, "--concurrency", str(rng.choice([4, 8, 16])))
-            deadline = time.monotonic() + rng.uniform(0.3, 2.5)
+            # Short enough that five kills land before 50 jobs are all done or held (else fewer kills happen).
+            deadline = time.monotonic() + rng.uniform(0.3, 1.5)
             while time.monotonic() < deadline and process.poll() is None:
                 time.sleep(0.02)
             report.runs += 1

@@ -208,3 +208,16 @@ def test_status_never_reads_a_journal_that_is_a_link_or_a_device(tmp_path: Path)
     assert result.exit_code == 0 and json.loads(result.output)["counts"]["pending"] == 1
     with pytest.raises(JournalError, match="cannot read the journal"):
         read_journal(folder / JOURNAL_NAME)
+
+
+def test_live_prices_committed_into_the_output_folder_cannot_lower_the_estimates(tmp_path: Path) -> None:
+    from batcher.cost import forget_price_tables
+
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2, quality="high")
+    table = tmp_path / "out" / ".prices" / "openai" / "gpt-image-1-5" / "image-to-image.pricing.json"
+    table.parent.mkdir(parents=True)
+    zeros = {"model": "openai/gpt-image-1-5/image-to-image", "keys": ["quality"], "prices": {"high": 0.0}}
+    table.write_text(json.dumps(zeros), encoding="utf-8")
+    forget_price_tables()
+    result = CliRunner().invoke(cli, ["status", str(manifest), "-o", str(tmp_path / "out"), "--json"])
+    assert json.loads(result.output)["to_spend"] == pytest.approx(2 * 0.133)
