@@ -222,6 +222,8 @@ class LocalImages:
         self._found: dict[tuple[str, int, int, int], _Checked] = {}
         self._where: dict[tuple[Path, str], tuple[Path, str] | str] = {}
         self._refs: dict[tuple[str, str], str] = {}
+        self._loaded: dict[str, _Checked] = {}
+        self._frozen = False
 
     def normalise(self, schema: ModelSchema, payload: dict[str, Any], folder: Path) -> Normalised:
         """payload with every local image in the schema's image fields checked and replaced by its reference."""
@@ -283,6 +285,8 @@ class LocalImages:
         if isinstance(where, str):
             return where
         path, path_text = where
+        if self._frozen and str(path) in self._loaded:
+            return path_text, self._loaded[str(path)]
         try:
             status = path.stat()
         except FileNotFoundError:
@@ -300,7 +304,13 @@ class LocalImages:
             if isinstance(checked, str):
                 return checked
             found = self._found[key] = checked
+        self._loaded[str(path)] = found
         return path_text, found
+
+    def freeze(self) -> None:
+        """From now on, each file is what the load found: the jobs expanded again (a run streams them)
+        keep the keys they were loaded with, and a file edited since is refused when it is sent."""
+        self._frozen = True
 
     def _locate(self, folder: Path, value: str) -> tuple[Path, str] | str:
         """The file value names and the path its reference records, or why it may not be read."""

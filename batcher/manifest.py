@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -82,8 +83,9 @@ _MODEL_HINT = "expected the RunComfy model id, e.g. openai/gpt-image-1-5/image-t
 class Manifest:
     """A loaded, validated manifest.
 
-    `jobs` holds every job in a list (a run needs them all); `iter_jobs`
-    streams them for commands that look at each job once.
+    `iter_jobs` streams the jobs, expanding them again each time: a run of
+    100,000 jobs holds their keys (`job_keys`, 8 bytes each), never the jobs.
+    `jobs` is the list, for small manifests and tests.
     """
 
     path: Path
@@ -96,6 +98,8 @@ class Manifest:
     models: tuple[str, ...] = ()
     schema_dirs: tuple[Path, ...] = ()
     _expander: Expander | None = field(default=None, repr=False, compare=False)
+    _keys: array[int] = field(default_factory=lambda: array("Q"), repr=False, compare=False)
+    """Every job's key as a number, in manifest order (all shards)."""
 
     @property
     def name(self) -> str:
@@ -113,10 +117,28 @@ class Manifest:
             if in_shard(job.key, self.shard):
                 yield job
 
+    def job_keys(self) -> Iterator[str]:
+        """Every job's key in manifest order (of this shard only, for a shard), without expanding a job."""
+        for packed in self._keys:
+            key = f"{packed:016x}"
+            if in_shard(key, self.shard):
+                yield key
+
+    def holds(self, key: str) -> bool:
+        """Whether key is one of the manifest's jobs (any shard's)."""
+        try:
+            return int(key, 16) in self._key_set
+        except ValueError:
+            return False  # a journal's key, not one of ours
+
+    @cached_property
+    def _key_set(self) -> frozenset[int]:
+        return frozenset(self._keys)
+
     def only_shard(self, part: int, shards: int) -> Manifest:
         """The same manifest cut to the part-th of shards slices of its jobs."""
         sliced = dataclasses.replace(self, shard=(part, shards))
-        return dataclasses.replace(sliced, count=sum(1 for _ in sliced.iter_jobs()))
+        return dataclasses.replace(sliced, count=sum(1 for _ in sliced.job_keys()))
 
     @cached_property
     def jobs(self) -> list[Job]:
@@ -180,6 +202,7 @@ def load_manifest(
     digest = hashlib.sha256(raw)
     for _job in expander.jobs(check=True):
         pass
+    expander.local_images.freeze()
     for prompt_file in expander.prompt_files:
         digest.update(prompt_file.sha256().encode())
     if expander.count == 0 and not problems:
@@ -187,6 +210,7 @@ def load_manifest(
         problems.at(("jobs",), message)
     problems.raise_if_any()
     models = tuple(expander.models)
+    keys = expander.loaded_keys()
     return Manifest(
         path=path,
         sha256=digest.hexdigest(),
@@ -195,6 +219,7 @@ def load_manifest(
         models=models,
         schema_dirs=tuple(directories),
         _expander=expander,
+        _keys=keys,
     )
 
 

@@ -7,6 +7,9 @@ directly. A bad value is a UsageError here, before anything is opened.
 from __future__ import annotations
 
 import fnmatch
+import itertools
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,29 +19,60 @@ import httpx
 from .client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy
 from .download import DEFAULT_MAX_BYTES
 from .errors import UsageError
-from .manifest import Job, Manifest, shard_of
+from .manifest import Job, Manifest, in_shard
 
 if TYPE_CHECKING:
     from .sandbox import SandboxConfig
 
-__all__ = ["RunOptions", "select_jobs"]
+__all__ = ["JobSelection", "RunOptions", "select_jobs"]
 
 
-def select_jobs(manifest: Manifest, options: RunOptions) -> list[Job]:
+def select_jobs(manifest: Manifest, options: RunOptions) -> JobSelection:
     """The jobs a run works on. Trial runs (--only, --limit) take a share; job identity does not
-    depend on the share, so the full run that follows never pays twice for what the trial did."""
-    jobs = manifest.jobs
-    if options.shard is not None:
-        part, shards = options.shard
-        jobs = [job for job in jobs if shard_of(job.key, shards) == part]
-    if options.only is not None:
-        jobs = [job for job in jobs if fnmatch.fnmatchcase(job.name, options.only)]
-        if not jobs:
-            msg = f"--only {options.only!r} matches no job id of {manifest.path}"
+    depend on the share, so the full run that follows never pays twice for what the trial did.
+    Raises UsageError when --only matches no job."""
+    return JobSelection(manifest, options.shard, options.only, options.limit)
+
+
+class JobSelection:
+    """The jobs of a run, in manifest order: their keys held (8 bytes a job), the jobs themselves
+    expanded again from the manifest each time they are iterated, so 100,000 of them are never in
+    memory at once."""
+
+    def __init__(self, manifest: Manifest, shard: tuple[int, int] | None, only: str | None, limit: int | None) -> None:
+        self.manifest = manifest
+        self._shard = shard
+        self._only = only
+        self._limit = limit
+        if only is None:
+            keys: Iterable[str] = (k for k in manifest.job_keys() if in_shard(k, shard))
+        else:  # names are only known by expanding: a trial run's one extra pass
+            keys = (job.key for job in self._matching())
+        self._keys = array("Q", (int(key, 16) for key in itertools.islice(keys, limit)))
+        if only is not None and not self._keys:
+            msg = f"--only {only!r} matches no job id of {manifest.path}"
             raise UsageError(msg)
-    if options.limit is not None:
-        jobs = jobs[: options.limit]
-    return jobs
+        self._key_set = frozenset(self._keys) if limit is not None else None
+
+    def _matching(self) -> Iterator[Job]:
+        for job in self.manifest.iter_jobs():
+            if in_shard(job.key, self._shard) and (self._only is None or fnmatch.fnmatchcase(job.name, self._only)):
+                yield job
+
+    def __iter__(self) -> Iterator[Job]:
+        jobs = self._matching()
+        if self._key_set is None:
+            return jobs
+        # A --limit's share: the first N as counted when selected (a local image edited since changes no key
+        # here, since keys are of the jobs as loaded), checked by key so the share cannot drift.
+        return (job for job in itertools.islice(jobs, len(self._keys)) if int(job.key, 16) in self._key_set)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def keys(self) -> Iterator[str]:
+        """The selected jobs' keys, in manifest order, without expanding them."""
+        return (f"{packed:016x}" for packed in self._keys)
 
 
 @dataclass(slots=True)

@@ -51,7 +51,7 @@ from .folders import (
 )
 from .manifest import Job, Manifest
 from .netpolicy import loopback_origin
-from .options import RunOptions, select_jobs
+from .options import JobSelection, RunOptions, select_jobs
 from .progress import JobStatus, RunProgress
 from .standing import Category, Tally, category, opened, tally
 from .state import JOURNAL_NAME, Journal
@@ -143,7 +143,7 @@ def _output_dir(manifest: Manifest, options: RunOptions) -> Path:
 
 @asynccontextmanager
 async def _open_run(
-    manifest: Manifest, options: RunOptions, jobs: list[Job], *, ledger: bool
+    manifest: Manifest, options: RunOptions, jobs: JobSelection, *, ledger: bool
 ) -> AsyncIterator[tuple[Endpoint, Journal, RunComfyClient]]:
     """What `run_manifest` and `cancel_manifest` share: the endpoint, the folder's journal (locked,
     checked to belong to this API) and a client; with ledger, the check that no other folder

@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -126,23 +127,19 @@ class ModelSchema:
 
     def validate(self, payload: dict[str, Any]) -> list[FieldError]:
         """Every problem with payload, sorted by field; an empty list means valid."""
-        problems: list[FieldError] = []
-        for name in payload:
-            if name not in self.properties:
-                problems.append(FieldError(name, self._unknown_field_message(name)))
         checks = self._checks
+        problems = [FieldError(name, self._unknown_field_message(name)) for name in payload if name not in checks.known]
         if checks.by_field is None:
             for error in checks.whole.iter_errors(payload):
                 if error.validator != "additionalProperties":  # reported above, with a hint
                     problems.append(FieldError(_dotted(error.absolute_path), _explain(error)))
         else:
-            for name in self.required:
-                if name not in payload:
-                    problems.append(FieldError("", f"{name!r} is required"))
+            problems.extend(FieldError("", f"{name!r} is required") for name in checks.required if name not in payload)
+            by_field, field_errors = checks.by_field, checks.field_errors
             for name, value in payload.items():
-                if name in checks.by_field:
-                    problems.extend(checks.field_errors(name, value))
-        return sorted(problems, key=lambda p: p.field)
+                if name in by_field:
+                    problems.extend(field_errors(name, value))
+        return sorted(problems, key=lambda p: p.field) if problems else problems
 
     def _unknown_field_message(self, name: str) -> str:
         known = sorted(self.properties)
@@ -169,12 +166,20 @@ class _Checks:
                 for name, spec in schema.get("properties", {}).items()
             }
         required = set(schema.get("required", []))
+        self.required = tuple(schema.get("required", []))
+        self.known = frozenset(schema.get("properties", {}))
         self.defaults = {
             name: spec["default"]
             for name, spec in schema.get("properties", {}).items()
             if name not in required and "default" in spec
         }
         self._seen: dict[tuple[str, Any], tuple[FieldError, ...]] = {}
+        self.plain_strings: dict[str, Callable[[Any], bool]] = {}
+        """Fields whose valid values a few Python tests recognise (jsonschema still words any refusal)."""
+        for name, spec in schema.get("properties", {}).items():
+            accepts = _plain_string(spec)
+            if accepts is not None:
+                self.plain_strings[name] = accepts
         self.image_fields: dict[str, bool] = {}
         for name, spec in schema.get("properties", {}).items():
             if not isinstance(spec, dict):
@@ -186,6 +191,9 @@ class _Checks:
 
     def field_errors(self, name: str, value: Any) -> tuple[FieldError, ...]:
         assert self.by_field is not None
+        accepts = self.plain_strings.get(name)
+        if accepts is not None and accepts(value):
+            return ()  # a prompt: unique each job, so the cache would only churn
         cache_key = (name, _frozen(value))
         found = self._seen.get(cache_key)
         if found is None:
@@ -199,8 +207,33 @@ class _Checks:
         return found
 
 
+_PLAIN_STRING_KEYWORDS = {"title", "description", "default", "examples", "type", "enum", "minLength", "maxLength"}
+
+
+def _plain_string(spec: Any) -> Callable[[Any], bool] | None:
+    """For a field that is a string with at most an enum and length bounds: a test that is true exactly
+    of the values jsonschema accepts. None for any other field (jsonschema checks it)."""
+    if not isinstance(spec, dict) or spec.get("type") != "string" or not set(spec) <= _PLAIN_STRING_KEYWORDS:
+        return None
+    enum = spec.get("enum")
+    shortest = spec.get("minLength", 0)
+    longest = spec.get("maxLength", math.inf)
+    if enum is not None and not (isinstance(enum, list) and all(type(option) is str for option in enum)):
+        return None
+    if any(type(bound) is not int for bound in (shortest, longest) if bound is not math.inf):
+        return None
+    options = None if enum is None else frozenset(enum)
+
+    def accepts(value: Any) -> bool:
+        return type(value) is str and (options is None or value in options) and shortest <= len(value) <= longest
+
+    return accepts
+
+
 def _frozen(value: Any) -> Any:
     """A hashable stand-in for a JSON value that tells 1, 1.0 and True apart."""
+    if type(value) is list and all(type(item) is str for item in value):
+        return ("strings", *value)  # image_urls: the common case, built without a call per item
     if isinstance(value, list):
         return ("list", *(_frozen(item) for item in value))
     if isinstance(value, dict):

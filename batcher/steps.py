@@ -51,7 +51,7 @@ from .progress import JobStatus, RunProgress
 from .state import EventKind, JobRecord, Journal
 
 if TYPE_CHECKING:
-    from .options import RunOptions
+    from .options import JobSelection, RunOptions
 
 __all__ = ["Action", "JobSteps", "StopKind", "price_of"]
 
@@ -69,7 +69,7 @@ class JobSteps:
     def __init__(
         self,
         manifest: Manifest,
-        jobs: list[Job],
+        jobs: JobSelection,
         options: RunOptions,
         output_dir: Path,
         journal: Journal,

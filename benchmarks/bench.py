@@ -461,6 +461,9 @@ def main() -> None:
     parser.add_argument("--rate-jobs", type=int, default=600)
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     args = parser.parse_args()
+    # Runs of one manifest into several folders on purpose: keep them out of the user's ledger (and its refusals).
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="batcher-bench-state-")
+    os.environ.pop("BATCHER_LEDGER", None)
     print(f"# batcher benchmark — {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}")
     for name in args.only.split(","):
         SECTIONS[name.strip()](args)
