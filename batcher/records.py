@@ -131,6 +131,13 @@ class JobRecord:
             raise ValueError(msg)
         self._apply(kind, event)
 
+    def _throttle(self, account: object, count: object) -> None:
+        """Count 429s a submit met against the account it went through."""
+        if not isinstance(account, str) or not isinstance(count, int) or count <= 0:
+            return
+        self.throttled = self.throttled or {}
+        self.throttled[account] = self.throttled.get(account, 0) + count
+
     def _apply(self, kind: EventKind, event: dict[str, Any]) -> None:
         if "name" in event:
             self.name = event["name"]
@@ -161,6 +168,8 @@ class JobRecord:
             self.submitted_at = event.get("t")
             url = event.get("result_url")
             self.result_url = url if isinstance(url, str) else None
+            if "throttled" in event:
+                self._throttle(self.account, event["throttled"])
         elif kind == "submitting":
             self.phase = "submitting"
             self.model = str(event.get("model") or "")
@@ -188,10 +197,7 @@ class JobRecord:
             self.error = None
             self.refused = False
             self.submits = max(0, self.submits - 1)
-            account = event.get("account")
-            if event.get("throttled") and isinstance(account, str):
-                self.throttled = self.throttled or {}
-                self.throttled[account] = self.throttled.get(account, 0) + 1
+            self._throttle(event.get("account"), event.get("throttled"))
         elif kind == "uncertain":
             self.phase = "uncertain"
             self.error = event.get("reason")

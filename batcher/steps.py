@@ -270,7 +270,7 @@ class JobSteps:
                 return None
             except RateLimitedError as exc:
                 # "Not now": an account at its cap of jobs in flight answers so. Fewer in flight there, then again.
-                self.record(job, "deferred", reason=str(exc), account=lane.account, throttled=True)
+                self.record(job, "deferred", reason=str(exc), account=lane.account, throttled=exc.throttled)
                 lane.cap.refused()
                 self.accounts.release(lane)
                 progress.set(job.key, "pending")
@@ -303,7 +303,10 @@ class JobSteps:
             lane.submitted += 1
             try:
                 url = lane.client.own_url(submission.raw.get("result_url"))
-                self.record(job, "submitted", request_id=submission.request_id, **({"result_url": url} if url else {}))
+                extra: dict[str, Any] = {"result_url": url} if url else {}
+                if submission.throttled:
+                    extra["throttled"] = submission.throttled  # 429s met on the way, for per-account figures
+                self.record(job, "submitted", request_id=submission.request_id, **extra)
             except JournalError as exc:
                 # The one thing that must not be lost: say it where the user will see it.
                 msg = f"{exc}. Job {job.name} WAS submitted as request {submission.request_id}: keep this id"
