@@ -155,3 +155,17 @@ def test_a_bad_retry_failed_class_exits_2_with_the_classes(tmp_path: Path) -> No
     result = CliRunner().invoke(cli, ["run", str(manifest), "--sandbox", "--retry-failed=weather"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "'weather' is not a failure class" in result.output and "content_policy" in result.output
+
+
+def test_the_gallery_filters_failures_by_reason(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(blocked_words=("forbidden",))
+    manifest = _manifest(tmp_path)
+    runner = CliRunner()
+    ran = runner.invoke(
+        cli, ["run", str(manifest), "--api-base", sandbox.url, "-o", "out"], env={"RUNCOMFY_API_TOKEN": TOKEN}
+    )
+    assert ran.exit_code == 1, ran.output
+    assert runner.invoke(cli, ["report", str(manifest), "-o", "out"]).exit_code == 0
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert '<button data-state="failure-content_policy" aria-pressed="false">failed: content policy 1</button>' in page
+    assert page.count('data-failure="content_policy"') == 1 and "[content policy] " in page
