@@ -885,6 +885,19 @@ def _allowed(spec: dict[str, Any]) -> str:
     "--model-price", type=click.FloatRange(min=0), help="base_price_usd to answer [default: the bundled table's]."
 )
 @click.option("--refuse", type=click.Choice(list(REFUSALS)), help="Refuse every call as RunComfy would.")
+@click.option(
+    "--account",
+    "accounts",
+    multiple=True,
+    help="A token of one of several accounts (repeatable): each has its own jobs, --max-in-flight and "
+    "--rate-limit, and gets 403001 for another's request; other tokens are refused.",
+)
+@click.option(
+    "--blocked-word",
+    "blocked_words",
+    multiple=True,
+    help="Prompts holding this word fail with a content-policy error (repeatable).",
+)
 @click.option("--seed", type=int, help="Seed for faults and failures, to replay a session.")
 @_schemas_option("Folder of model schemas, so the sandbox accepts those models too; repeatable.")
 def sandbox_command(
@@ -909,6 +922,8 @@ def sandbox_command(
     balance: float | None,
     model_price: float | None,
     refuse: str | None,
+    accounts: tuple[str, ...],
+    blocked_words: tuple[str, ...],
     seed: int | None,
     schema_dirs: tuple[Path, ...],
 ) -> None:
@@ -940,6 +955,8 @@ def sandbox_command(
         balance_usd=balance,
         model_price=model_price,
         refuse=refuse,
+        accounts=accounts,
+        blocked_words=blocked_words,
         seed=seed,
         schema_dirs=schema_dirs,
     )
