@@ -327,8 +327,8 @@ def plan(
 ) -> None:
     """Show the expanded jobs, what is left to do and its estimated cost.
 
-    With RUNCOMFY_API_TOKEN set (and not --offline) it first asks RunComfy for
-    the account's balance and the model's live price (a few seconds at most);
+    With a token set (RUNCOMFY_API_TOKEN, _TOKENS or _TOKEN_FILE; not --offline) it first asks RunComfy for
+    each account's balance and the model's live price (a few seconds at most);
     otherwise no network. Shard folders (shard-K-of-N/) inside the output
     folder are summed in.
     """
