@@ -47,6 +47,7 @@ __all__ = [
     "balance_base",
     "look_up",
     "price_dirs",
+    "read_balance",
 ]
 
 log = logging.getLogger("batcher")
@@ -149,18 +150,26 @@ async def look_up(
     forget_price_tables()
     if any((output_dir / LIVE_PRICES).glob("**/*.pricing.json")):
         account.prices = output_dir / LIVE_PRICES
-    base = balance_base(api_base)
-    if base is not None:
-        async with RunComfyClient(token, base, retry=quick, transport=transport, poll_timeout=_TIMEOUT) as client:
-            try:
-                answer = await client.balance()
-            except (ApiError, BatcherError) as exc:
-                log.info("balance not known: %s", exc)
-            else:
-                value = answer.get("balance_usd")
-                if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                    account.balance = float(value)
+    account.balance = await read_balance(api_base, token, transport=transport)
     return account
+
+
+async def read_balance(api_base: str, token: str, *, transport: httpx.AsyncBaseTransport | None = None) -> float | None:
+    """The balance of the account behind token, or None when it cannot be had (never raises for want of one)."""
+    base = balance_base(api_base)
+    if base is None:
+        return None
+    quick = RetryPolicy(attempts=1)
+    async with RunComfyClient(token, base, retry=quick, transport=transport, poll_timeout=_TIMEOUT) as client:
+        try:
+            answer = await client.balance()
+        except (ApiError, BatcherError) as exc:
+            log.info("balance not known: %s", exc)
+            return None
+    value = answer.get("balance_usd")
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 async def _live_price(client: RunComfyClient, model: str, output_dir: Path, schema_dirs: Sequence[Path]) -> str:

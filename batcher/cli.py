@@ -25,7 +25,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ._version import __version__
-from .account import look_up
+from .account import look_up, read_balance
 from .client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy, api_base_from_env
 from .cost import load_price_table
 from .dataset import METADATA_NAME, write_metadata
@@ -38,6 +38,7 @@ from .errors import (
     ManifestError,
     UsageError,
 )
+from .failures import RETRYABLE, parse_retry_classes
 from .folders import (
     default_output_dir,
     noted_folders,
@@ -56,6 +57,7 @@ from .runner import RunOptions, RunPlan, RunSummary, cancel_manifest, run_manife
 from .sandbox import DIALECTS, FAULT_KINDS, REFUSALS, Sandbox, SandboxConfig
 from .schema import available_models, load_model_schema
 from .state import JOURNAL_NAME, FoldedJournal
+from .tokens import TOKEN_FILE_ENV, TOKENS_ENV, fingerprint, tokens_from_env
 
 __all__ = ["cli", "main"]
 
@@ -325,32 +327,34 @@ def plan(
 ) -> None:
     """Show the expanded jobs, what is left to do and its estimated cost.
 
-    With RUNCOMFY_API_TOKEN set (and not --offline) it first asks RunComfy for
-    the account's balance and the model's live price (a few seconds at most);
+    With a token set (RUNCOMFY_API_TOKEN, _TOKENS or _TOKEN_FILE; not --offline) it first asks RunComfy for
+    each account's balance and the model's live price (a few seconds at most);
     otherwise no network. Shard folders (shard-K-of-N/) inside the output
     folder are summed in.
     """
     loaded, output_dir = _load_slice(manifest, schema_dirs, output, shard, sandbox)
-    balance = None
-    token = os.environ.get("RUNCOMFY_API_TOKEN", "").strip()
+    balances: list[tuple[str, float | None]] = []
+    given = any(os.environ.get(name, "").strip() for name in ("RUNCOMFY_API_TOKEN", TOKENS_ENV, TOKEN_FILE_ENV))
     headers = read_folder(output_dir).headers
-    if token and not offline and not sandbox and not rehearsal_only(headers):
+    if given and not offline and not sandbox and not rehearsal_only(headers):
+        tokens = tokens_from_env()
         if api_base is None and headers and isinstance(headers[-1].get("api_base"), str):
             api_base = str(headers[-1]["api_base"])  # the API this folder's runs talked to, not the default
         if output is None:
             refuse_linked_default(output_dir, loaded)
         output_dir.mkdir(parents=True, exist_ok=True)  # the live price is kept there, for status and run
-        account = anyio.run(
-            lambda: look_up(
-                api_base_from_env(api_base), token, loaded.models, output_dir, schema_dirs=loaded.schema_dirs
-            )
-        )
+        base = api_base_from_env(api_base)
+        account = anyio.run(lambda: look_up(base, tokens[0], loaded.models, output_dir, schema_dirs=loaded.schema_dirs))
         for line in account.said:
             click.echo(f"price: {line}", err=True)
-        balance = account.balance
+        balances = [(fingerprint(tokens[0]), account.balance)]
+        for token in tokens[1:]:
+            balances.append((fingerprint(token), anyio.run(lambda: read_balance(base, token))))  # noqa: B023
     print_plan(stdout, loaded, output_dir)
-    if balance is not None:
-        stdout.print(f"account balance: ${balance:,.2f}")
+    for account_name, balance in balances:
+        if balance is not None:
+            named = f" {account_name}" if len(balances) > 1 else ""
+            stdout.print(f"account{named} balance: ${balance:,.2f}")
     if not (output_dir / JOURNAL_NAME).is_file() and not shard_folders(output_dir):
         _point_at_noted_folders(loaded, output_dir)
 
@@ -386,7 +390,16 @@ def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, s
 @click.option(
     "--sandbox", is_flag=True, help="Run against a local, in-process RunComfy sandbox: no token, no network, no cost."
 )
-@click.option("--retry-failed", is_flag=True, help="Submit again the jobs that failed or were cancelled.")
+@click.option(
+    "--retry-failed",
+    is_flag=False,
+    flag_value="retryable",
+    default=None,
+    metavar="[=CLASSES]",
+    help="Submit again the jobs that failed or were cancelled: alone, the retryable ones (model errors, "
+    "timeouts, cancellations, unknown); =all, or =a comma-separated list of classes "
+    "(content_policy, invalid_input, model_error, timeout, cancelled, unknown).",
+)
 @click.option(
     "--resubmit-uncertain",
     is_flag=True,
@@ -506,7 +519,7 @@ def run(
     concurrency: int,
     api_base: str | None,
     sandbox: bool,
-    retry_failed: bool,
+    retry_failed: str | None,
     resubmit_uncertain: bool,
     new_output: bool,
     lost_after: float,
@@ -546,7 +559,8 @@ def run(
         api_base=api_base,
         sandbox=sandbox,
         sandbox_config=SandboxConfig(schema_dirs=loaded.schema_dirs) if sandbox else None,
-        retry_failed=retry_failed,
+        retry_failed=retry_failed is not None,
+        retry_classes=parse_retry_classes(retry_failed) if retry_failed is not None else RETRYABLE,
         resubmit_uncertain=resubmit_uncertain,
         new_output=new_output,
         over_balance=over_balance,
@@ -599,6 +613,28 @@ def _announce(plan: RunPlan, confirm_above: float | None) -> None:
     for line in [] if plan.sandbox else plan.prices:  # a rehearsal's prices are the bundled ones, and not paid
         stderr.print(f"price: {line}", markup=False)
     balance = f"; balance ${plan.balance:,.2f}" if plan.balance is not None and not plan.sandbox else ""
+    if len(plan.accounts) > 1:
+        shown = [
+            f"{account} {'$' + format(b, ',.2f') if b is not None else 'balance not known'}"
+            for account, b in plan.accounts
+        ]
+        stderr.print(f"{len(plan.accounts)} accounts (token fingerprints): {', '.join(shown)}", markup=False)
+        balance = f"; balance ${plan.balance:,.2f} in all" if plan.balance is not None and not plan.sandbox else ""
+    for account, names in plan.without_token.items():
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        stderr.print(
+            f"held: {len(names)} job(s) submitted by account {account or '(unnamed)'} cannot be polled: no token of "
+            f"this run is that account's (RunComfy answers only the account that submitted a request). Add its "
+            f"token to resume them; they are never submitted again. Jobs: {', '.join(names[:5])}{more}",
+            markup=False,
+        )
+    if plan.retry_skipped:
+        counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(plan.retry_skipped.items()))
+        stderr.print(
+            f"--retry-failed skips {sum(plan.retry_skipped.values())} failed job(s) another try would not fix "
+            f"({counts}): ${plan.retry_skipped_cost:,.2f} not spent. --retry-failed=all sends them too.",
+            markup=False,
+        )
     stderr.print(f"will submit {plan.to_submit} job(s) ({cost}){balance}{tail}", markup=False)
     if confirm_above is None or plan.estimate <= confirm_above:
         return
@@ -849,6 +885,19 @@ def _allowed(spec: dict[str, Any]) -> str:
     "--model-price", type=click.FloatRange(min=0), help="base_price_usd to answer [default: the bundled table's]."
 )
 @click.option("--refuse", type=click.Choice(list(REFUSALS)), help="Refuse every call as RunComfy would.")
+@click.option(
+    "--account",
+    "accounts",
+    multiple=True,
+    help="A token of one of several accounts (repeatable): each has its own jobs, --max-in-flight and "
+    "--rate-limit, and gets 403001 for another's request; other tokens are refused.",
+)
+@click.option(
+    "--blocked-word",
+    "blocked_words",
+    multiple=True,
+    help="Prompts holding this word fail with a content-policy error (repeatable).",
+)
 @click.option("--seed", type=int, help="Seed for faults and failures, to replay a session.")
 @_schemas_option("Folder of model schemas, so the sandbox accepts those models too; repeatable.")
 def sandbox_command(
@@ -873,6 +922,8 @@ def sandbox_command(
     balance: float | None,
     model_price: float | None,
     refuse: str | None,
+    accounts: tuple[str, ...],
+    blocked_words: tuple[str, ...],
     seed: int | None,
     schema_dirs: tuple[Path, ...],
 ) -> None:
@@ -904,6 +955,8 @@ def sandbox_command(
         balance_usd=balance,
         model_price=model_price,
         refuse=refuse,
+        accounts=accounts,
+        blocked_words=blocked_words,
         seed=seed,
         schema_dirs=schema_dirs,
     )

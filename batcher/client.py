@@ -295,16 +295,23 @@ class RunComfyClient:
         """
         path = f"/v1/models/{quote(model_id, safe='/')}"
         doing = f"submitting to {model_id}"
-        once = partial(self._submit_once, f"submit {model_id}", path, payload, doing)
+        met: list[int] = []  # one entry per 429 this submit met: per-account figures count them
+        once = partial(self._submit_once, f"submit {model_id}", path, payload, doing, met)
         try:
-            return await retrying(once, policy=self.retry, retry_on=_retry_on, name=f"submit {model_id}")
+            submission = await retrying(once, policy=self.retry, retry_on=_retry_on, name=f"submit {model_id}")
         except _Retry as gave_up:
             last = gave_up.error
             kind = type(last) if isinstance(last, RateLimitedError | UnreachableError) else TransientApiError
             msg = f"{last} (gave up after {self.retry.attempts} attempts; the job was not accepted)"
-            raise kind(msg, status_code=last.status_code, error_code=last.error_code) from last
+            error = kind(msg, status_code=last.status_code, error_code=last.error_code)
+            if isinstance(error, RateLimitedError):
+                error.throttled = max(1, len(met))
+            raise error from last
+        return Submission(submission.request_id, submission.raw, throttled=len(met))
 
-    async def _submit_once(self, call: str, path: str, payload: Mapping[str, Any], doing: str) -> Submission:
+    async def _submit_once(
+        self, call: str, path: str, payload: Mapping[str, Any], doing: str, met: list[int]
+    ) -> Submission:
         """One try; raises `_Retry` only for an answer that certainly means "not accepted"."""
         await self._pace()
         try:
@@ -330,6 +337,8 @@ class RunComfyClient:
         code = error_code(body)
         if status == 429 or (status == 503 and code is None):
             # Refused before any work: 429 by definition, a bare 503 by the gateway.
+            if status == 429:
+                met.append(status)
             error = refusal(response, body, doing)
             raise _Retry(RateLimitedError(str(error), status_code=status, error_code=code), _retry_after(response))
         if status in (502, 504) or 300 <= status < 400:

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from .client import api_base_from_env, token_from_env
+from .client import api_base_from_env
 from .folders import SANDBOX_API, api_identity
+from .tokens import tokens_from_env
 
 if TYPE_CHECKING:
     from .sandbox import SandboxConfig
@@ -23,13 +24,15 @@ SANDBOX_TOKEN = "sandbox-token"
 
 
 class Endpoint:
-    """An API to talk to: its base URL, the token for it, and its identity for journals and the ledger."""
+    """An API to talk to: its base URL, the tokens for it (one per account; the first is the one single
+    calls use), and its identity for journals and the ledger."""
 
-    __slots__ = ("base_url", "identity", "sandbox", "token")
+    __slots__ = ("base_url", "identity", "sandbox", "token", "tokens")
 
-    def __init__(self, base_url: str, token: str, *, sandbox: bool) -> None:
+    def __init__(self, base_url: str, token: str, *, sandbox: bool, tokens: tuple[str, ...] = ()) -> None:
         self.base_url = base_url
         self.token = token
+        self.tokens = tokens or (token,)
         self.sandbox = sandbox
         """An in-process sandbox: nothing is charged."""
         self.identity = SANDBOX_API if sandbox else api_identity(base_url)
@@ -40,10 +43,15 @@ class Endpoint:
 
 @asynccontextmanager
 async def open_endpoint(
-    *, sandbox: SandboxConfig | None, api_base: str | None, token: str | None
+    *,
+    sandbox: SandboxConfig | None,
+    api_base: str | None,
+    token: str | None,
+    tokens: tuple[str, ...] | None = None,
 ) -> AsyncIterator[Endpoint]:
     """The in-process sandbox (served for as long as the block lasts), or the real API from the
-    flag, then ``RUNCOMFY_API_BASE``, and the token given or from ``RUNCOMFY_API_TOKEN``.
+    flag, then ``RUNCOMFY_API_BASE``, and the tokens given (tokens, else token) or from the
+    environment (see `batcher.tokens`).
 
     Raises UsageError when the real API is asked for with no token or a bad base.
     """
@@ -53,5 +61,6 @@ async def open_endpoint(
         async with Sandbox(sandbox).running() as url:
             yield Endpoint(url, SANDBOX_TOKEN, sandbox=True)
         return
-    token = token or token_from_env()  # the first thing a new user meets: said before anything else
-    yield Endpoint(api_base_from_env(api_base), token, sandbox=False)
+    # The first thing a new user meets: said before anything else.
+    held = tuple(tokens) if tokens else (token,) if token else tokens_from_env()
+    yield Endpoint(api_base_from_env(api_base), held[0], sandbox=False, tokens=held)

@@ -133,6 +133,9 @@ class RateLimitedError(TransientApiError):
     again later in the same run.
     """
 
+    throttled: int = 1
+    """How many 429s the call met before giving up (set by the client on a submit)."""
+
 
 class UnreachableError(TransientApiError):
     """Raised when no connection to RunComfy could be made past the retries.

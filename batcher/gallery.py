@@ -4,7 +4,8 @@ No server, no CDN: inline CSS and a few lines of inline script, relative
 links to the downloaded images. One card per job with its state, prompt,
 parameters, input images (a local one by name, or as a thumbnail when it lies in the
 output folder), outputs (thumbnails opening full size) and error;
-buttons filter by state (``index.html#failed`` opens filtered); the grid reflows down to a phone's width.
+buttons filter by state (``index.html#failed`` opens filtered) and failures by reason
+(``index.html#failure-content_policy``); the grid reflows down to a phone's width.
 An output is shown only when its journalled path is a sound one inside the
 folder, reached without links: a tampered journal cannot make the page
 point outside it.
@@ -19,6 +20,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .confined import OutputDir
+from .failures import FAILURE_CLASSES, failure_of
 from .folders import rehearsal_only
 from .localimages import parse_reference
 from .manifest import Job, Manifest
@@ -70,7 +72,8 @@ _SCRIPT = """
 function show(want) {
   document.querySelectorAll("nav button").forEach(function (b) { b.setAttribute("aria-pressed", b.dataset.state === want); });
   document.querySelectorAll(".card").forEach(function (card) {
-    card.classList.toggle("hidden", want !== "all" && card.dataset.state !== want);
+    var failure = card.dataset.failure ? "failure-" + card.dataset.failure : "";
+    card.classList.toggle("hidden", want !== "all" && card.dataset.state !== want && failure !== want);
   });
 }
 document.querySelectorAll("nav button").forEach(function (button) {
@@ -119,6 +122,7 @@ def _input(job: Job, n: int, value: object, folder: OutputDir) -> str:
 
 def _card(job: Job, record: JobRecord | None, folder: OutputDir) -> str:
     state = category_of(record, folder)
+    failure = failure_of(record) if state == "failed" else None
     files = sorted(record.files.items()) if record else []
     images = [
         f'<a href="{_href(f.path)}"><img loading="lazy" src="{_href(f.path)}" alt="output {i} of {_e(job.name)}"></a>'
@@ -130,10 +134,12 @@ def _card(job: Job, record: JobRecord | None, folder: OutputDir) -> str:
         f"<li>{_e(k)}: {_e(v)}</li>" for k, v in sorted(job.input.items()) if k not in ("prompt", "image_urls")
     )
     inputs = "".join(_input(job, n, url, folder) for n, url in enumerate(job.input.get("image_urls", []), 1))
-    error = f'<p class="error">{_e(record.error)}</p>' if record and record.error and state != "done" else ""
+    reason = f"[{failure.replace('_', ' ')}] " if failure else ""
+    error = f'<p class="error">{reason}{_e(record.error)}</p>' if record and record.error and state != "done" else ""
     request = f" · request {_e(record.request_id)}" if record and record.request_id else ""
     cost = f" · ${record.cost:.3f}" if record and record.cost else ""
-    return f"""<article class="card" data-state="{state}" id="{_e(job.key)}">
+    failure_attribute = f' data-failure="{failure}"' if failure else ""
+    return f"""<article class="card" data-state="{state}"{failure_attribute} id="{_e(job.key)}">
 <div class="outputs">{outputs}</div>
 <div class="body">
 <div class="title"><span class="name">{_e(job.name)}</span><span class="state state-{state}">{_label(state)}</span></div>
@@ -161,6 +167,16 @@ def _page(manifest: Manifest, folded: FoldedJournal, folder: OutputDir) -> str:
         f'<button data-state="{s}" aria-pressed="false">{_label(s)} {states[s]}</button>'
         for s in CATEGORIES
         if states[s]
+    ]
+    reasons = Counter(
+        failure_of(record)
+        for job in manifest.jobs
+        if (record := folded.records.get(job.key)) is not None and category_of(record, folder) == "failed"
+    )
+    buttons += [
+        f'<button data-state="failure-{kind}" aria-pressed="false">failed: {kind.replace("_", " ")} {reasons[kind]}</button>'
+        for kind in FAILURE_CLASSES
+        if reasons[kind]
     ]
     cards = "\n".join(_card(job, folded.records.get(job.key), folder) for job in manifest.jobs)
     spent = money(sum(r.spent for r in folded.records.values()))  # as `status` counts it

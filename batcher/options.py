@@ -19,6 +19,7 @@ import httpx
 from .client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy
 from .download import DEFAULT_MAX_BYTES
 from .errors import UsageError
+from .failures import RETRYABLE, FailureClass
 from .manifest import Job, Manifest, in_shard
 
 if TYPE_CHECKING:
@@ -83,12 +84,17 @@ class RunOptions:
     concurrency: int = 8
     api_base: str | None = None
     token: str | None = None
-    """Defaults to RUNCOMFY_API_TOKEN; never needed with a sandbox."""
+    """Defaults to the environment's (see `batcher.tokens`); never needed with a sandbox."""
+    tokens: tuple[str, ...] | None = None
+    """Several accounts' tokens for one run (instead of token): each its own pace and in-flight cap."""
     sandbox: bool = False
     """Run against an in-process sandbox (no token, no network, no cost)."""
     sandbox_config: SandboxConfig | None = None
     """The in-process sandbox's settings (default: `SandboxConfig()`); used only with `sandbox`."""
     retry_failed: bool = False
+    retry_classes: frozenset[FailureClass] = RETRYABLE
+    """Which failures --retry-failed submits again (`batcher.failures`): by default those another try can fix,
+    never a content-policy block or an input RunComfy cannot use."""
     resubmit_uncertain: bool = False
     """Submit again the jobs whose submit may have been accepted (uncertain) or that RunComfy lost."""
     over_balance: bool = False

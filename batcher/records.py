@@ -36,9 +36,10 @@ EventKind = Literal[
 """Every kind of journal line, defined once (`JobRecord.apply` is exhaustive over it).
 
 run              a run's header: manifest, sha256, version, API base (no job)
-submitting       intent: the POST is about to leave (written before it does)
+submitting       intent: the POST is about to leave (written before it does), and through which account
 submitted        RunComfy took it: request_id
-deferred         certainly not accepted, not for good (429, an outage, a refused token)
+deferred         certainly not accepted, not for good (429, an outage, a refused token); a 429 says throttled
+                 and the account
 refused          certainly not accepted, for good (validation, bad model, balance)
 uncertain        the submit's fate is unknown
 state            RunComfy's state word changed
@@ -47,7 +48,7 @@ urls             fresh output URLs after the old ones expired
 downloaded       one output file in place: path, bytes, sha256
 download_failed  one output file could not be fetched
 note             something worth showing that changes no phase (a hold, a cancel asked)
-failed           RunComfy reported failure
+failed           RunComfy reported failure: its words (reason) and their class (failure)
 cancelled        cancelled at RunComfy
 lost             accepted, then unknown to RunComfy past the grace period
 """
@@ -108,6 +109,13 @@ class JobRecord:
     """The model the last submit went to (so a job no longer in the manifest can still be checked and finished)."""
     result_url: str | None = None
     """The submit answer's ``result_url``, when it was on the API base's own origin (else built from the id)."""
+    account: str | None = None
+    """The fingerprint of the account the last submit went through (`batcher.tokens`); None in journals
+    written before accounts were recorded (one token then). Every poll, result and cancel uses it."""
+    failure: str | None = None
+    """The class of a RunComfy failure, as journalled (`batcher.failures`; read through `failure_of`)."""
+    throttled: dict[str, int] | None = None
+    """429s met by this job's submits, per account fingerprint (None: none; most jobs meet none)."""
 
     @property
     def downloaded(self) -> bool:
@@ -122,6 +130,13 @@ class JobRecord:
             msg = f"unknown event kind {kind!r}"
             raise ValueError(msg)
         self._apply(kind, event)
+
+    def _throttle(self, account: object, count: object) -> None:
+        """Count 429s a submit met against the account it went through."""
+        if not isinstance(account, str) or not isinstance(count, int) or count <= 0:
+            return
+        self.throttled = self.throttled or {}
+        self.throttled[account] = self.throttled.get(account, 0) + count
 
     def _apply(self, kind: EventKind, event: dict[str, Any]) -> None:
         if "name" in event:
@@ -153,9 +168,14 @@ class JobRecord:
             self.submitted_at = event.get("t")
             url = event.get("result_url")
             self.result_url = url if isinstance(url, str) else None
+            if "throttled" in event:
+                self._throttle(self.account, event["throttled"])
         elif kind == "submitting":
             self.phase = "submitting"
             self.model = str(event.get("model") or "")
+            account = event.get("account")
+            self.account = account if isinstance(account, str) else None
+            self.failure = None
             self.submits += 1
             self.request_id = None
             self.remote_state = None
@@ -177,6 +197,7 @@ class JobRecord:
             self.error = None
             self.refused = False
             self.submits = max(0, self.submits - 1)
+            self._throttle(event.get("account"), event.get("throttled"))
         elif kind == "uncertain":
             self.phase = "uncertain"
             self.error = event.get("reason")
@@ -194,6 +215,8 @@ class JobRecord:
             self.phase = "failed"
             self.remote_state = "failed"
             self.error = event.get("reason")
+            failure = event.get("failure")
+            self.failure = failure if isinstance(failure, str) else None
             self.finished_at = event.get("t")
         elif kind == "cancelled":
             self.phase = "cancelled"

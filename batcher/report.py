@@ -16,11 +16,12 @@ from rich.table import Table
 
 from .account import price_dirs
 from .cost import estimate, load_price_table
+from .failures import RETRYABLE
 from .folders import FolderView, read_folder, rehearsal_only
 from .manifest import Manifest
 from .printable import printable
 from .runner import RunSummary
-from .standing import CATEGORIES, JobStanding, Tally, category_of, opened, tally
+from .standing import CATEGORIES, AccountFigures, JobStanding, Tally, category_of, opened, tally
 from .state import JOURNAL_NAME
 
 __all__ = [
@@ -103,6 +104,7 @@ def print_status(console: Console, report: StatusReport) -> None:
         + (f"; in flight about {_money(report.in_flight_cost)}" if report.in_flight_cost else "")
         + f"; still to spend about {_money(report.to_spend)}"
     )
+    _print_accounts(console, report.accounts, report.sandbox)
     _print_problems(console, report, report.possible_extra_cost)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
@@ -116,6 +118,8 @@ class _Problems(Protocol):
     uncertain: list[JobStanding]
     lost: list[JobStanding]
     orphans: list[str]
+    failures: dict[str, int]
+    failures_cost: dict[str, float]
 
 
 def _print_problems(console: Console, problems: _Problems, extra: float) -> None:
@@ -128,7 +132,10 @@ def _print_problems(console: Console, problems: _Problems, extra: float) -> None
         )
         _print_jobs(console, refused)
     if failed:
-        console.print(f"\n[red]{len(failed)} failed[/] (run again with --retry-failed to submit them again):")
+        console.print(
+            f"\n[red]{len(failed)} failed[/] (run again with --retry-failed to submit the retryable ones again):"
+        )
+        _print_failures(console, problems.failures, problems.failures_cost)
         _print_jobs(console, failed)
     if lost:
         console.print(
@@ -151,10 +158,41 @@ def _print_problems(console: Console, problems: _Problems, extra: float) -> None
         )
 
 
+def _print_failures(console: Console, failures: dict[str, int], costs: dict[str, float]) -> None:
+    """RunComfy's failures by class, and which of them a plain --retry-failed sends again."""
+    if not failures:
+        return
+    parts = []
+    for kind, count in failures.items():
+        again = "retried" if kind in RETRYABLE else "not retried"
+        parts.append(f"{count} {kind.replace('_', ' ')} ({again}, about {_money(costs.get(kind, 0.0))})")
+    console.print("  by reason: " + "; ".join(parts), markup=False)
+    if any(kind not in RETRYABLE for kind in failures):
+        console.print(
+            "  (--retry-failed=all, or a list such as --retry-failed=content_policy,model_error, sends others too)",
+            markup=False,
+        )
+
+
+def _print_accounts(console: Console, accounts: dict[str, AccountFigures], sandbox: bool) -> None:
+    """Per account (by fingerprint, never the token): jobs, spend and 429s; only when there are several."""
+    if len(accounts) < 2:
+        return
+    table = Table(title="accounts (token fingerprints)", title_justify="left")
+    table.add_column("account")
+    table.add_column("jobs", justify="right")
+    table.add_column("would have cost" if sandbox else "spent", justify="right")
+    table.add_column("429s", justify="right")
+    for account, figures in accounts.items():
+        table.add_row(account, str(figures.jobs), _money(figures.spent), str(figures.throttled))
+    console.print(table)
+
+
 def _print_jobs(console: Console, jobs: list[JobStanding]) -> None:
     for job in jobs[:50]:
         # Errors are the server's words (or a journal's, written before they were cleaned at the client).
-        console.print(f"  {job.name}: {printable(job.error or job.phase, 300)}", markup=False)
+        kind = f"[{job.failure}] " if job.failure else ""
+        console.print(f"  {job.name}: {kind}{printable(job.error or job.phase, 300)}", markup=False)
     if len(jobs) > 50:
         console.print(f"  … and {len(jobs) - 50} more (batcher status --json lists all)")
 
@@ -173,6 +211,7 @@ def print_summary(console: Console, summary: RunSummary, resume: str | None = No
             parts.append(f"{count} {word}")
     spent = _spent_line(summary.spent, summary.spent_superseded, summary.sandbox)
     console.print(", ".join(parts) + f"; {spent}. Output: {summary.output_dir}")
+    _print_accounts(console, summary.accounts, summary.sandbox)
     _print_problems(console, summary, summary.possible_extra_cost)
     again = resume or "the same command"
     if summary.stop_kind == "budget":

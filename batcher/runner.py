@@ -32,12 +32,13 @@ import anyio.abc
 
 from ._version import __version__
 from .account import Account, look_up, price_dirs
-from .client import RateLimiter, RunComfyClient
+from .accounts import AccountPool, balances_of, open_pool
 from .cost import estimate
 from .dataset import METADATA_NAME, write_metadata
 from .download import Downloader
 from .endpoint import Endpoint, open_endpoint
 from .errors import ApiError, AuthError, BalanceError, JournalError, OutputFolderError
+from .failures import FailureClass
 from .folders import (
     api_identity,
     check_journal_api,
@@ -107,6 +108,14 @@ class RunPlan:
     """The account's balance as RunComfy said it before the run (None: not known)."""
     prices: list[str] = field(default_factory=list)
     """One line per model on which price the estimate uses (live or bundled) and why."""
+    accounts: list[tuple[str, float | None]] = field(default_factory=list)
+    """Each account of the run (fingerprint, balance or None when not known), first token first."""
+    retry_skipped: dict[FailureClass, int] = field(default_factory=dict)
+    """Failed jobs --retry-failed leaves alone (their class is not asked for), by class."""
+    retry_skipped_cost: float = 0.0
+    """What resubmitting retry_skipped would have been estimated at."""
+    without_token: dict[str, list[str]] = field(default_factory=dict)
+    """Jobs in flight held because no token of this run is the account's that submitted them, by account."""
 
 
 @dataclass(slots=True)
@@ -144,9 +153,9 @@ def _output_dir(manifest: Manifest, options: RunOptions) -> Path:
 @asynccontextmanager
 async def _open_run(
     manifest: Manifest, options: RunOptions, jobs: JobSelection, *, ledger: bool
-) -> AsyncIterator[tuple[Endpoint, Journal, RunComfyClient]]:
+) -> AsyncIterator[tuple[Endpoint, Journal, AccountPool]]:
     """What `run_manifest` and `cancel_manifest` share: the endpoint, the folder's journal (locked,
-    checked to belong to this API) and a client; with ledger, the check that no other folder
+    checked to belong to this API) and a client per account; with ledger, the check that no other folder
     already submitted these jobs, made before the folder is even created."""
     output_dir = _output_dir(manifest, options)
     async with AsyncExitStack() as stack:
@@ -155,6 +164,7 @@ async def _open_run(
                 sandbox=(options.sandbox_config or _default_sandbox()) if options.sandbox else None,
                 api_base=options.api_base,
                 token=options.token,
+                tokens=options.tokens,
             )
         )
         if ledger and not options.new_output:
@@ -165,20 +175,8 @@ async def _open_run(
         journal.open()
         stack.callback(journal.close)
         check_journal_api(journal.folded.headers, endpoint.identity, output_dir)
-        client = await stack.enter_async_context(
-            RunComfyClient(
-                endpoint.token,
-                endpoint.base_url,
-                retry=options.retry,
-                rate_limiter=RateLimiter(options.rate),
-                transport=options.api_transport,
-                submit_timeout=options.submit_timeout,
-                poll_timeout=options.poll_timeout,
-                max_connections=options.concurrency,
-                max_answer_bytes=options.max_answer_bytes,
-            )
-        )
-        yield endpoint, journal, client
+        pool = await stack.enter_async_context(open_pool(endpoint.tokens, endpoint.base_url, options))
+        yield endpoint, journal, pool
 
 
 def _default_sandbox() -> SandboxConfig:
@@ -211,7 +209,7 @@ async def run_manifest(
     output_dir = _output_dir(manifest, options)
     check_no_overlap(output_dir, (job.key for job in jobs))
     async with AsyncExitStack() as stack:
-        endpoint, journal, client = await stack.enter_async_context(_open_run(manifest, options, jobs, ledger=True))
+        endpoint, journal, pool = await stack.enter_async_context(_open_run(manifest, options, jobs, ledger=True))
         remember_folder(manifest, output_dir, endpoint.identity)
         folded = journal.folded
         warnings = list(folded.warnings)
@@ -229,7 +227,7 @@ async def run_manifest(
                 deadline=options.download_deadline,
             )
         )
-        run = JobSteps(manifest, jobs, options, output_dir, journal, client, downloader)
+        run = JobSteps(manifest, jobs, options, output_dir, journal, pool, downloader)
         account = Account()
         if options.live_prices:
             account = await look_up(
@@ -240,6 +238,7 @@ async def run_manifest(
                 schema_dirs=manifest.schema_dirs,
                 transport=options.api_transport,
             )
+        balances = await balances_of(endpoint, options, account)
         run.price_dirs = price_dirs(output_dir, manifest.schema_dirs)
         finished = (r for r in folded.records.values() if r.duration is not None)
         for record in heapq.nsmallest(256, finished, key=lambda r: -(r.finished_at or 0.0))[::-1]:
@@ -252,7 +251,7 @@ async def run_manifest(
             api_base=endpoint.identity if endpoint.sandbox else endpoint.base_url,
             jobs=len(manifest.jobs),
         )
-        await _execute(run, account, on_start, on_plan)
+        await _execute(run, account, on_start, on_plan, balances)
         try:
             await anyio.to_thread.run_sync(write_metadata, manifest, output_dir, run.records)
         except OSError as exc:
@@ -266,6 +265,7 @@ async def _execute(
     account: Account,
     on_start: Callable[[RunProgress], None] | None,
     on_plan: Callable[[RunPlan], None] | None,
+    balances: list[tuple[str, float | None]],
 ) -> None:
     options = run.options
     plan: list[tuple[Job, Action]] = []
@@ -310,6 +310,10 @@ async def _execute(
                 sandbox=options.sandbox or is_rehearsal(api_identity(run.client.base_url)),
                 balance=account.balance,
                 prices=account.said,
+                accounts=balances,
+                retry_skipped=dict(run.retry_skipped),
+                retry_skipped_cost=run.retry_skipped_cost,
+                without_token=run.without_token,
             )
         )
     over = account.balance is not None and counts["submit"] and estimate_left > account.balance + 1e-9
@@ -454,8 +458,9 @@ async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None)
     options = options or RunOptions()
     summary = CancelSummary()
     jobs = select_jobs(manifest, options)
-    async with _open_run(manifest, options, jobs, ledger=False) as (_, journal, client):
+    async with _open_run(manifest, options, jobs, ledger=False) as (_, journal, pool):
         folded = journal.folded
+        pool.recorded({r.account for r in folded.records.values() if r.account})
         # Jobs edited out of the manifest while queued are paid for all the same: cancel them too.
         wanted = {job.key for job in manifest.jobs}
         superseded = [
@@ -470,8 +475,12 @@ async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None)
                 continue
             if record.phase != "submitted" or record.request_id is None:
                 continue
+            lane = pool.lane_for(record.account)
+            if lane is None:
+                summary.errors.append((job.name, f"no token for account {record.account}, which submitted it"))
+                continue
             try:
-                outcome = await client.cancel(record.request_id)
+                outcome = await lane.client.cancel(record.request_id)
             except AuthError:
                 raise  # the token is refused: every other cancel would be refused alike
             except ApiError as exc:

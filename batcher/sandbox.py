@@ -171,6 +171,13 @@ _DIALECTS: dict[str, _Dialect] = {
 }
 
 
+_MODEL_FAILED = ("sandbox: the model failed on this input", "generation_failed")
+_BLOCKED = (
+    "Your request was rejected by the safety system. It may contain content that is not allowed.",
+    "moderation_blocked",
+)
+"""A failed job's error: the model's own failure, or a content-policy block worded as gpt-image words it."""
+
 _SANDBOX_ID = re.compile(r"^sbx-([0-9a-f]{1,16})-[0-9a-f]{12}$")
 
 
@@ -231,6 +238,13 @@ class SandboxConfig:
     """``base_price_usd`` to answer for every model (default: the bundled table's, at the defaults)."""
     refuse: str | None = None
     """Refuse with one of `REFUSALS` (balance, token, other-user), as RunComfy would."""
+    accounts: tuple[str, ...] = ()
+    """Tokens of several accounts: each its own jobs, in-flight cap (max_in_flight) and request rate
+    (rate_limit); any other token is refused (401001), and a request asked about with another account's
+    token gets 403001, as RunComfy answers. Empty: one account, any bearer token."""
+    blocked_words: tuple[str, ...] = ()
+    """A job whose prompt holds one of these (any case) is accepted, runs, and fails with a content-policy
+    error, as gpt-image's moderation answers (``moderation_blocked``)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULT_KINDS)
@@ -263,6 +277,10 @@ class _Job:
     done_at: float
     will_fail: bool
     model: str = ""
+    account: str | None = None
+    """The token that submitted it (with `SandboxConfig.accounts`); None: anyone may ask."""
+    blocked: bool = False
+    """It fails on a content-policy block (`SandboxConfig.blocked_words`)."""
     cancelled: bool = False
     started_at: float | None = None
 
@@ -300,8 +318,13 @@ class Sandbox:
         self.calls: dict[str, int] = {}
         self.api_calls_at: list[float] = []
         self.rate_limited_at: list[float] = []
-        self._bucket = 0.0
-        self._bucket_at = 0.0
+        self._buckets: dict[str, tuple[float, float]] = {}
+        """Per account: tokens left in its rate bucket, and when it was last filled."""
+        self.submits_by_account: dict[int, int] = {}
+        """Accepted submits per account, by its place in `SandboxConfig.accounts` (1, 2, …): never a token."""
+        self.account_refusals_by_account: dict[int, int] = {}
+        self.other_user_refusals = 0
+        """Requests refused with 403001 because another account submitted them: must stay 0 for batcher."""
         self.account_refusals = 0
         """Submits refused with 429 because max_in_flight jobs were queued or running."""
         self.balance_usd = self.config.balance_usd
@@ -327,6 +350,9 @@ class Sandbox:
             "balance_usd": self.balance_usd,
             "rate_calls_at": self.api_calls_at,
             "rate_limited_at": self.rate_limited_at,
+            "submits_by_account": dict(self.submits_by_account),
+            "account_refusals_by_account": dict(self.account_refusals_by_account),
+            "other_user_refusals": self.other_user_refusals,
         }
 
     def top_up(self, amount: float) -> None:
@@ -373,7 +399,11 @@ class Sandbox:
             return self._input(segments[-1], method, headers)
         if segments[:1] == ["_sandbox"]:
             return _json(200, self.stats())
-        if self.config.rate_limit is not None and not self._take_token():
+        bearer = headers.get("authorization", "")
+        account = bearer.removeprefix("Bearer ") if self.config.accounts else ""
+        if self.config.accounts and account not in self.config.accounts:
+            return self._refusal(401, 401001, "Invalid or missing API token")
+        if self.config.rate_limit is not None and not self._take_token(account):
             return _json(429, {"error_message": "Rate limit exceeded"}, [("retry-after", "1")])
         if self.config.require_token is not None:
             if headers.get("authorization") != f"Bearer {self.config.require_token}":
@@ -389,12 +419,16 @@ class Sandbox:
         if segments[:2] == ["v1", "models"] and len(segments) > 2:
             model = "/".join(segments[2:])
             if method == "POST":
-                return self._submit(model, body)
+                return self._submit(model, body, account or None)
             if method == "GET":
                 return self._model_info(model)
         if segments[:2] == ["v1", "requests"] and len(segments) == 4:
             request_id, action = segments[2], segments[3]
             if self.config.refuse == "other-user" and action in ("status", "result", "cancel"):
+                return self._refusal(403, *REFUSALS["other-user"])
+            job = self.jobs.get(request_id)
+            if job is not None and job.account is not None and job.account != account:
+                self.other_user_refusals += 1
                 return self._refusal(403, *REFUSALS["other-user"])
             if action == "status" and method == "GET":
                 return self._look(request_id, with_output=False, kind="status")
@@ -430,23 +464,28 @@ class Sandbox:
             info.update(base_price_usd=price, price_unit=table.unit, pricing_note=table.note, currency="USD")
         return _json(200, info)
 
-    def _take_token(self) -> bool:
+    def _take_token(self, account: str) -> bool:
+        """One request from account's bucket (each account has its own rate)."""
         assert self.config.rate_limit is not None
         now = time.monotonic()
         self.api_calls_at.append(now)
         rate = self.config.rate_limit
-        self._bucket = min(rate, self._bucket + (now - self._bucket_at) * rate) if self._bucket_at else rate
-        self._bucket_at = now
-        if self._bucket >= 1:
-            self._bucket -= 1
+        left, filled_at = self._buckets.get(account, (rate, now))
+        left = min(rate, left + (now - filled_at) * rate)
+        if left >= 1:
+            self._buckets[account] = (left - 1, now)
             return True
+        self._buckets[account] = (left, now)
         self.rate_limited_at.append(now)
         return False
+
+    def _account_number(self, account: str | None) -> int:
+        return self.config.accounts.index(account) + 1 if account in self.config.accounts else 1
 
     def _count(self, kind: str) -> None:
         self.calls[kind] = self.calls.get(kind, 0) + 1
 
-    def _submit(self, model: str, body: bytes) -> _Response:
+    def _submit(self, model: str, body: bytes, account: str | None = None) -> _Response:
         self._count("submit")
         fault = self._pick_fault("submit")
         if fault in ("429", "500", "503", "drop"):
@@ -475,9 +514,14 @@ class Sandbox:
         cap = self.config.max_in_flight
         if (
             cap is not None
-            and sum(self._state(j, now) in ("in_queue", "in_progress") for j in self.jobs.values()) >= cap
+            and sum(
+                j.account == account and self._state(j, now) in ("in_queue", "in_progress") for j in self.jobs.values()
+            )
+            >= cap
         ):
             self.account_refusals += 1
+            number = self._account_number(account)
+            self.account_refusals_by_account[number] = self.account_refusals_by_account.get(number, 0) + 1
             return _json(
                 429,
                 {"error_message": f"Too many requests in flight for this account (limit {cap})"},
@@ -487,6 +531,9 @@ class Sandbox:
         record = SubmitRecord(request_id, payload, now, answered=fault is None)
         self.jobs[request_id] = job = self._job_for(record)
         job.model = model
+        job.account = account
+        number = self._account_number(account)
+        self.submits_by_account[number] = self.submits_by_account.get(number, 0) + 1
         self.submits.append(record)
         if self.balance_usd is not None:
             self.balance_usd -= price  # debited when accepted: a hold, as a card payment would be
@@ -531,7 +578,11 @@ class Sandbox:
         if self.config.run_delay_max is not None:
             spread = int.from_bytes(digest[4:8]) / 0xFFFFFFFF
             duration += spread * (self.config.run_delay_max - self.config.run_delay)
-        return _Job(record, run_at, run_at + duration, will_fail=fate < self.config.fail_rate)
+        prompt = str(record.body.get("prompt", "")).lower()
+        blocked = any(word.lower() in prompt for word in self.config.blocked_words)
+        return _Job(
+            record, run_at, run_at + duration, will_fail=blocked or fate < self.config.fail_rate, blocked=blocked
+        )
 
     def _find(self, request_id: str) -> _Job | None:
         """A job by id; ids minted by an earlier sandbox (a resumed --sandbox run) are rebuilt from the id."""
@@ -587,10 +638,8 @@ class Sandbox:
                 if cost:
                     payload["cost"] = self._price(job) * self.config.images_per_job
             elif state == "failed":
-                message = "sandbox: the model failed on this input"
-                payload["error"] = (
-                    message if dialect.error_as_text else {"message": message, "code": "generation_failed"}
-                )
+                message, code = _BLOCKED if job.blocked else _MODEL_FAILED
+                payload["error"] = message if dialect.error_as_text else {"message": message, "code": code}
         if dialect.urls:
             payload.update(self._urls(request_id))
         response = _json(200, payload)

@@ -15,11 +15,13 @@ from typing import Literal
 
 from .confined import OutputDir
 from .cost import estimate
+from .failures import failure_of
 from .manifest import Job
 from .state import JobRecord
 
 __all__ = [
     "CATEGORIES",
+    "AccountFigures",
     "Category",
     "JobStanding",
     "Tally",
@@ -101,6 +103,19 @@ class JobStanding:
     request_id: str | None
     error: str | None
     estimate: float | None
+    failure: str | None = None
+    """For a RunComfy failure or cancellation, its class (`batcher.failures`)."""
+
+
+@dataclass(slots=True)
+class AccountFigures:
+    """One account's share of a folder's jobs, by the account of each job's last submit."""
+
+    jobs: int = 0
+    spent: float = 0.0
+    """What RunComfy reported for those jobs."""
+    throttled: int = 0
+    """429s its submits met (journalled ones: a run's summary also counts its polls')."""
 
 
 @dataclass(slots=True)
@@ -130,6 +145,13 @@ class Tally:
     """Estimated cost of sending the uncertain and lost jobs again."""
     unpriced: int = 0
     """Pending jobs no price table covers."""
+    failures: dict[str, int] = field(default_factory=dict)
+    """RunComfy's failures and cancellations by class (`batcher.failures`), most frequent first."""
+    failures_cost: dict[str, float] = field(default_factory=dict)
+    """What submitting each class's jobs again is estimated at."""
+    accounts: dict[str, AccountFigures] = field(default_factory=dict)
+    """Per account fingerprint (`batcher.tokens`): the jobs it submitted, their spend, its 429s.
+    Empty when the journal names no account (written before accounts were recorded)."""
 
     @property
     def done(self) -> int:
@@ -166,6 +188,7 @@ def tally(
             request_id=record.request_id if record else None,
             error=record.error if record else None,
             estimate=price,
+            failure=failure_of(record),
         )
         if found in ("pending", "refused"):
             result.to_spend += price or 0.0
@@ -178,6 +201,9 @@ def tally(
             result.refused.append(standing)
         elif found == "failed":
             result.failed.append(standing)
+            if standing.failure is not None:
+                result.failures[standing.failure] = result.failures.get(standing.failure, 0) + 1
+                result.failures_cost[standing.failure] = result.failures_cost.get(standing.failure, 0.0) + (price or 0)
         elif found == "uncertain":
             result.uncertain.append(standing)
         elif found == "lost":
@@ -190,7 +216,25 @@ def tally(
     result.orphans = sorted(r.name or r.key for k, r in records.items() if k not in wanted)
     for name in ("committed", "to_spend", "in_flight_cost", "possible_extra_cost"):
         setattr(result, name, money(getattr(result, name)))
+    result.failures = dict(sorted(result.failures.items(), key=lambda item: (-item[1], item[0])))
+    result.failures_cost = {k: money(v) for k, v in result.failures_cost.items()}
+    result.accounts = account_figures(records.values())
     return result
+
+
+def account_figures(records: Iterable[JobRecord]) -> dict[str, AccountFigures]:
+    """Jobs, spend and journalled 429s per account, from the records (accounts named by fingerprint)."""
+    found: dict[str, AccountFigures] = {}
+    for record in records:
+        if record.account is not None:
+            figures = found.setdefault(record.account, AccountFigures())
+            figures.jobs += 1
+            figures.spent += record.spent
+        for account, count in (record.throttled or {}).items():
+            found.setdefault(account, AccountFigures()).throttled += count
+    for figures in found.values():
+        figures.spent = money(figures.spent)
+    return dict(sorted(found.items()))
 
 
 @contextmanager

@@ -259,8 +259,8 @@ def read_journal(path: Path) -> FoldedJournal:
 # second) and folds only the tail. The checkpoint is derived data: any
 # mismatch, damage or version change means it is ignored, never trusted.
 
-_CHECKPOINT_VERSION = 5
-_RECORD_FIELDS = 18
+_CHECKPOINT_VERSION = 6
+_RECORD_FIELDS = 21
 
 
 def _record_row(record: JobRecord) -> list[Any]:
@@ -285,6 +285,9 @@ def _record_row(record: JobRecord) -> list[Any]:
         record.refused,
         record.model,
         record.result_url,
+        record.account,
+        record.failure,
+        dict(record.throttled) if record.throttled else None,
     ]
 
 

@@ -1,8 +1,10 @@
 """What one job goes through: submit, poll, cancel, download, sidecar.
 
 `JobSteps` holds what the steps share during a run (the journal, the
-client, the downloader, the live progress, the account cap and outage
-state, the reasons to stop) and is fully built in its constructor. Its
+accounts, the downloader, the live progress, the outage state, the reasons
+to stop) and is fully built in its constructor. A submit goes through the
+account with room (`batcher.accounts`); every later call about the job
+goes through the account the journal says submitted it. Its
 `process` takes one job one step further, as far as it can go in this run;
 `runner` feeds it jobs from a pool of workers.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +28,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from .backpressure import AccountCap, Outage
-from .client import RequestResult, RunComfyClient
+from .accounts import AccountPool, Lane
+from .backpressure import Outage
+from .client import RequestResult
 from .cost import estimate
 from .download import Downloader
 from .errors import (
@@ -42,6 +46,7 @@ from .errors import (
     UncertainSubmitError,
     UnreachableError,
 )
+from .failures import FailureClass, classify, failure_of
 from .jobfiles import file_matches, output_path, write_sidecar
 from .localimages import payload_for
 from .manifest import Job, Manifest
@@ -73,7 +78,7 @@ class JobSteps:
         options: RunOptions,
         output_dir: Path,
         journal: Journal,
-        client: RunComfyClient,
+        accounts: AccountPool,
         downloader: Downloader,
     ) -> None:
         self.manifest = manifest
@@ -82,9 +87,12 @@ class JobSteps:
         self.options = options
         self.output_dir = output_dir
         self.journal = journal
-        self.client = client
+        self.accounts = accounts
+        self.client = accounts.primary.client
+        """The first account's client: for calls about no job in particular (the outage probe)."""
         self.downloader = downloader
         self.records: dict[str, JobRecord] = journal.folded.records
+        accounts.recorded({r.account for r in self.records.values() if r.account})
         self.price_dirs: tuple[Path, ...] = tuple(manifest.schema_dirs)
         """Where prices are looked up: the live tables a run fetched first (see `batcher.account`)."""
         self.sidecars: list[tuple[Job, JobRecord]] = []
@@ -103,8 +111,13 @@ class JobSteps:
         """Estimated cost of every submit journalled for this manifest's jobs, for --max-cost."""
         self.interrupted = False
         self.fatal: BaseException | None = None
-        self.cap = AccountCap(options.concurrency)
         self.outage = Outage(options.outage_timeout)
+        self.retry_skipped: Counter[FailureClass] = Counter()
+        """Failed jobs --retry-failed leaves alone this run, by class (see `action_for`)."""
+        self.retry_skipped_cost = 0.0
+        """What resubmitting those would have been estimated at: money not spent."""
+        self.without_token: dict[str, list[str]] = {}
+        """Jobs in flight held because this run has no token for the account that submitted them, by account."""
 
     # -- journal helpers -----------------------------------------------------------
 
@@ -158,11 +171,22 @@ class JobSteps:
         if record.phase in ("uncertain", "lost"):
             return "submit" if options.resubmit_uncertain else "hold"
         if record.phase == "submitted":
+            if self.accounts.lane_for(record.account) is None:
+                # Only that account may ask about it (another gets 403001), and resubmitting pays twice.
+                self.without_token.setdefault(record.account or "", []).append(job.name)
+                return "hold"
             return "poll"
         if record.phase == "completed":
             return "download"
         # failed or cancelled
-        return "submit" if options.retry_failed else "hold"
+        if not options.retry_failed:
+            return "hold"
+        kind = failure_of(record) or "unknown"
+        if kind in options.retry_classes:
+            return "submit"
+        self.retry_skipped[kind] += 1
+        self.retry_skipped_cost += price_of(job, self.price_dirs)
+        return "hold"
 
     # -- the steps ---------------------------------------------------------------------
 
@@ -170,23 +194,27 @@ class JobSteps:
         progress = self.progress
         if self.halted:
             return
+        lane: Lane | None = None
         if action == "submit":
             if self.stop_submitting or not self.within_budget(job):
                 progress.set(job.key, "pending")
                 return
-            if not await self.submit(job):
+            lane = await self.submit(job)
+            if lane is None:
                 return
         elif action == "poll":
-            self.cap.adopt()
+            lane = self.accounts.lane_for(self.records[job.key].account)
+            assert lane is not None  # action_for holds a job whose account has no token
+            self.accounts.adopt(lane)
         try:
             record = self.records[job.key]
-            if record.phase == "submitted":
+            if record.phase == "submitted" and lane is not None:
                 # Just submitted: nothing can be done yet, so the first look waits one interval.
                 with self.wait_scope():
-                    await self.poll(job, first_wait=self.options.poll_min if action == "submit" else 0.0)
+                    await self.poll(job, lane, first_wait=self.options.poll_min if action == "submit" else 0.0)
         finally:
-            if action in ("submit", "poll"):
-                self.cap.release()
+            if lane is not None:
+                self.accounts.release(lane)
         if self.records[job.key].phase == "completed":
             with self.wait_scope():
                 await self.download(job)
@@ -208,82 +236,89 @@ class JobSteps:
         self.committed += price
         return True
 
-    async def submit(self, job: Job) -> bool:
-        """Send job until RunComfy takes it, refuses it for good, or the run stops; True once accepted.
+    async def submit(self, job: Job) -> Lane | None:
+        """Send job until RunComfy takes it, refuses it for good, or the run stops; the lane of the account
+        that took it (its room counted there), or None.
 
-        Only a submit certainly not accepted is sent again: 429 (after the
-        account cap comes down) and an outage (after RunComfy answers again)
-        within this run; every other answer is final for this run.
+        Only a submit certainly not accepted is sent again: 429 (after that
+        account's cap comes down, through whichever account has room) and an
+        outage (after RunComfy answers again) within this run; every other
+        answer is final for this run.
         """
         progress = self.progress
         price = price_of(job, self.price_dirs)
         refusals = 0
         while True:
-            await self.cap.acquire()
+            lane = await self.accounts.acquire()
             if self.stop_submitting:
                 # Stopped while waiting for room: this job was never sent.
-                self.cap.release()
+                self.accounts.release(lane)
                 self.committed -= price
                 progress.set(job.key, "pending")
-                return False
+                return None
             progress.set(job.key, "submitting")
-            # Intent first: if we die while the POST is out, the next run knows it may have been paid.
-            self.record(job, "submitting", name=job.name, model=job.model, input=job.input)
+            # Intent first: if we die while the POST is out, the next run knows it may have been paid, and by whom.
+            self.record(job, "submitting", name=job.name, model=job.model, input=job.input, account=lane.account)
             try:
-                submission = await self.client.submit(job.model, payload_for(job))  # local images inline, only here
+                # Local images inline, only here.
+                submission = await lane.client.submit(job.model, payload_for(job))
             except UncertainSubmitError as exc:
                 self.record(job, "uncertain", reason=str(exc))
-                self.cap.release()
+                self.accounts.release(lane)
                 progress.set(job.key, "uncertain")
                 progress.error(job.name, "submit uncertain, held (see --resubmit-uncertain)")
-                return False
+                return None
             except RateLimitedError as exc:
-                # "Not now": an account at its cap of jobs in flight answers so. Fewer in flight, then again.
-                self.record(job, "deferred", reason=str(exc))
-                self.cap.refused()
-                self.cap.release()
+                # "Not now": an account at its cap of jobs in flight answers so. Fewer in flight there, then again.
+                self.record(job, "deferred", reason=str(exc), account=lane.account, throttled=exc.throttled)
+                lane.cap.refused()
+                self.accounts.release(lane)
                 progress.set(job.key, "pending")
                 await anyio.sleep(self.options.retry.backoff(refusals))
                 refusals += 1
                 continue
             except TransientApiError as exc:
                 # Nothing got through (an outage, or RunComfy's own 500001 past the retries): pause, then again.
-                self.not_accepted(job, "deferred", exc, "pending")
+                self.not_accepted(job, lane, "deferred", exc, "pending")
                 if await self.sit_out_outage(job, exc):
                     self.committed += price
                     continue
-                return False
+                return None
             except AuthError as exc:
                 # Certain: nothing was accepted. The job stays pending; the whole run stops.
-                self.not_accepted(job, "deferred", exc, "pending")
+                self.not_accepted(job, lane, "deferred", exc, "pending")
                 self.halt("auth", str(exc), exc)
-                return False
+                return None
             except ApiError as exc:
                 # Refused for certain (validation, bad model, balance): nothing was charged.
-                self.not_accepted(job, "refused", exc, "refused")
+                self.not_accepted(job, lane, "refused", exc, "refused")
                 if isinstance(exc, BalanceError):
                     progress.error(job.name, "insufficient balance")
                     self.stop("balance", str(exc))
                     progress.stopping = "insufficient balance: no more submits this run"
                 else:
                     progress.error(job.name, str(exc))
-                return False
+                return None
             self.outage.reached()
+            lane.submitted += 1
             try:
-                url = self.client.own_url(submission.raw.get("result_url"))
-                self.record(job, "submitted", request_id=submission.request_id, **({"result_url": url} if url else {}))
+                url = lane.client.own_url(submission.raw.get("result_url"))
+                extra: dict[str, Any] = {"result_url": url} if url else {}
+                if submission.throttled:
+                    extra["throttled"] = submission.throttled  # 429s met on the way, for per-account figures
+                self.record(job, "submitted", request_id=submission.request_id, **extra)
             except JournalError as exc:
                 # The one thing that must not be lost: say it where the user will see it.
                 msg = f"{exc}. Job {job.name} WAS submitted as request {submission.request_id}: keep this id"
                 log.error("%s", msg)
                 raise JournalError(msg) from exc
             progress.set(job.key, "queued")
-            return True
+            return lane
 
-    def not_accepted(self, job: Job, kind: EventKind, exc: ApiError, status: JobStatus) -> None:
+    def not_accepted(self, job: Job, lane: Lane, kind: EventKind, exc: ApiError, status: JobStatus) -> None:
         """A submit RunComfy certainly did not take: journalled as such, its room and estimate given back."""
         self.record(job, kind, reason=str(exc))
-        self.cap.release()
+        self.accounts.release(lane)
         self.committed -= price_of(job, self.price_dirs)
         self.progress.set(job.key, status)
 
@@ -311,7 +346,7 @@ class JobSteps:
             self.progress.stopping = None
         return not self.halted
 
-    async def poll(self, job: Job, first_wait: float = 0.0) -> None:
+    async def poll(self, job: Job, lane: Lane, first_wait: float = 0.0) -> None:
         options = self.options
         progress = self.progress
         record = self.records[job.key]
@@ -327,7 +362,7 @@ class JobSteps:
         await anyio.sleep(self.next_wait(submitted_at, first_wait, first=True) if first_wait else 0.0)
         while True:
             try:
-                result = await self.client.result(request_id, url=record.result_url)
+                result = await lane.client.result(request_id, url=record.result_url)
             except RequestGoneError as exc:
                 if time.time() - submitted_at < options.lost_after:
                     # Just submitted: a replica that has not seen the request yet answers so.
@@ -386,7 +421,7 @@ class JobSteps:
                 return
             if state == "failed":
                 reason = result.error or "RunComfy reported the job failed without a reason"
-                self.record(job, "failed", reason=reason)
+                self.record(job, "failed", reason=reason, failure=classify(result.error))
                 progress.set(job.key, "failed")
                 progress.error(job.name, reason)
                 return
@@ -415,7 +450,7 @@ class JobSteps:
                         if wants_cancel
                         else f"queued over {options.queue_timeout:g}s"
                     )
-                    await self.cancel(job, request_id, why)
+                    await self.cancel(job, lane, request_id, why)
                     delay = options.poll_min
                     continue
             elif options.job_timeout is not None and now - running_since > options.job_timeout:
@@ -432,9 +467,9 @@ class JobSteps:
         age = time.time() - submitted_at
         return self.durations.wait(age, backoff, self.options.poll_min, self.options.poll_max, first=first)
 
-    async def cancel(self, job: Job, request_id: str, why: str) -> None:
+    async def cancel(self, job: Job, lane: Lane, request_id: str, why: str) -> None:
         try:
-            outcome = await self.client.cancel(request_id)
+            outcome = await lane.client.cancel(request_id)
         except ApiError as exc:
             self.progress.error(job.name, f"cancel failed: {exc}")
             return
@@ -446,7 +481,7 @@ class JobSteps:
     def finish(self, job: Job, result: RequestResult) -> None:
         if not result.outputs:
             reason = "RunComfy reported the job completed but returned no output files"
-            self.record(job, "failed", reason=reason)
+            self.record(job, "failed", reason=reason, failure="model_error")
             self.progress.set(job.key, "failed")
             self.progress.error(job.name, reason)
             return
@@ -485,8 +520,13 @@ class JobSteps:
                     self.download_failed(job, index, str(exc))
                     return
                 refreshed = True
+                lane = self.accounts.lane_for(record.account)
+                if lane is None:
+                    reason = f"{exc}; no token for account {record.account} in this run to ask for fresh URLs"
+                    self.download_failed(job, index, reason)
+                    return
                 try:
-                    fresh = await self.client.result(record.request_id)
+                    fresh = await lane.client.result(record.request_id)
                 except ApiError as api_exc:
                     self.download_failed(job, index, f"{exc}; refreshing the URL failed: {api_exc}")
                     return

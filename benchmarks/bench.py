@@ -18,6 +18,8 @@ polls     result calls per job and the delay between a job finishing and the
           with batcher's backoff and with fixed 1 s polling.
 fsync     cost per journal event: write only, write+fsync each, grouped.
 ratelimit the share of 429s when the sandbox limits requests a second, once adapted.
+accounts  jobs a second through one account vs two, in one run of this section, against a
+          sandbox where each account may have --account-cap jobs in flight.
 
 Machines here are shared and noisy: compare ratios from one run, not
 absolute numbers across runs.
@@ -407,6 +409,47 @@ def bench_ratelimit(args: argparse.Namespace) -> None:
             )
 
 
+# -- accounts --------------------------------------------------------------------------------
+
+
+def bench_accounts(args: argparse.Namespace) -> None:
+    cap, jobs, run_delay = args.account_cap, args.account_jobs, args.account_run_delay
+    print(
+        f"\n## accounts: {jobs} jobs of {run_delay:g} s, concurrency {args.account_concurrency}; "
+        f"each account may have {cap} jobs in flight (429 past it)"
+    )
+    print("| tokens | wall s | jobs/s | 429s (cap) | submits per account | 403001s |")
+    print("|---|---|---|---|---|---|")
+    tokens = ("bench-account-one-0001", "bench-account-two-0002")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["BATCHER_LEDGER"] = str(Path(tmp) / "ledger.jsonl")  # not the user's ledger
+        manifest = load_manifest(write_manifest(Path(tmp) / "accounts.yaml", jobs))
+        for count in (1, 2):
+            flags = ["--queue-delay", "0", "--run-delay", f"{run_delay}", "--max-in-flight", str(cap)]
+            flags += [f"--account={token}" for token in tokens]
+            with SandboxProcess(*flags) as sandbox:
+                options = RunOptions(
+                    output_dir=Path(tmp) / f"out{count}",
+                    concurrency=args.account_concurrency,
+                    api_base=sandbox.url,
+                    tokens=tokens[:count],
+                    poll_min=0.1,
+                    poll_max=0.5,
+                    live_prices=False,
+                    new_output=True,  # the same jobs twice, on purpose (and against a fresh sandbox)
+                )
+                started = time.perf_counter()
+                summary = anyio.run(run_manifest, manifest, options)
+                wall = time.perf_counter() - started
+                stats = httpx.get(f"{sandbox.url}/_sandbox/stats").json()
+            assert summary.done == jobs, summary
+            per = ", ".join(f"{n}" for _, n in sorted(stats["submits_by_account"].items()))
+            print(
+                f"| {count} | {wall:.1f} | {jobs / wall:.2f} | {stats['account_refusals']} | {per} | "
+                f"{stats['other_user_refusals']} |"
+            )
+
+
 # -- fsync -----------------------------------------------------------------------------------
 
 
@@ -436,6 +479,7 @@ SECTIONS = {
     "polls": bench_polls,
     "fsync": bench_fsync,
     "ratelimit": bench_ratelimit,
+    "accounts": bench_accounts,
 }
 
 
@@ -459,6 +503,10 @@ def main() -> None:
     parser.add_argument("--fsync-events", type=int, default=2000)
     parser.add_argument("--rate-limit", type=float, default=40.0, help="the sandbox's limit in the ratelimit section")
     parser.add_argument("--rate-jobs", type=int, default=600)
+    parser.add_argument("--account-cap", type=int, default=4, help="jobs in flight per account (accounts section)")
+    parser.add_argument("--account-jobs", type=int, default=120)
+    parser.add_argument("--account-run-delay", type=float, default=1.0)
+    parser.add_argument("--account-concurrency", type=int, default=16)
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     args = parser.parse_args()
     # Runs of one manifest into several folders on purpose: keep them out of the user's ledger (and its refusals).

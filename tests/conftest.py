@@ -22,6 +22,8 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test works in its own folder with no token or API base from the outside."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RUNCOMFY_API_TOKEN", raising=False)
+    monkeypatch.delenv("RUNCOMFY_API_TOKENS", raising=False)
+    monkeypatch.delenv("RUNCOMFY_API_TOKEN_FILE", raising=False)
     monkeypatch.delenv("RUNCOMFY_API_BASE", raising=False)
     # The per-user ledger of output folders: each test's own, never the real one.
     monkeypatch.delenv("BATCHER_LEDGER", raising=False)

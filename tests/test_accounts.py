@@ -1,0 +1,238 @@
+"""Several accounts in one run: tokens, fingerprints, routing, and resuming with a token missing.
+
+Against a sandbox with two accounts, each with its own token and cap, that answers 403001 when one
+account asks about the other's request, as RunComfy does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from batcher import RunSummary, SandboxThread, UsageError, load_manifest, read_journal, run_manifest
+from batcher.cli import cli
+from batcher.runner import RunPlan
+from batcher.state import JOURNAL_NAME
+from batcher.tokens import FINGERPRINT_KEY, fingerprint, read_token_file, tokens_from_env
+
+from .conftest import fast_options, many_jobs_manifest
+
+StartSandbox = Callable[..., SandboxThread]
+ALICE = "sk-alice-SENTINEL-1111"
+BOB = "sk-bob-SENTINEL-2222"
+
+
+def _events(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (folder / JOURNAL_NAME).read_text().splitlines()]
+
+
+async def _run(manifest: Path, sandbox: SandboxThread, tokens: tuple[str, ...], **overrides: Any) -> RunSummary:
+    options = fast_options(api_base=sandbox.url, output_dir=Path("out"), token=None, tokens=tokens, **overrides)
+    return await run_manifest(load_manifest(manifest), options)
+
+
+def _submits_per_prompt(sandbox: SandboxThread) -> Counter[str]:
+    return Counter(record.body["prompt"] for record in sandbox.sandbox.submits)
+
+
+# -- tokens and fingerprints -------------------------------------------------------------------
+
+
+def test_a_fingerprint_is_the_documented_keyed_hash_and_never_the_token() -> None:
+    expected = hmac.new(FINGERPRINT_KEY, ALICE.encode(), hashlib.sha256).hexdigest()[:12]
+    assert fingerprint(ALICE) == expected
+    assert len(expected) == 12 and ALICE not in expected and fingerprint(BOB) != expected
+    # Not a plain hash: one who knows sha256 of a leaked token list cannot match fingerprints to it.
+    assert expected != hashlib.sha256(ALICE.encode()).hexdigest()[:12]
+
+
+def test_tokens_come_from_one_place(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RUNCOMFY_API_TOKENS", f" {ALICE} , {BOB} ")
+    assert tokens_from_env() == (ALICE, BOB)
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", ALICE)
+    with pytest.raises(UsageError, match="RUNCOMFY_API_TOKENS and RUNCOMFY_API_TOKEN are both set"):
+        tokens_from_env()
+    monkeypatch.delenv("RUNCOMFY_API_TOKEN")
+    for bad, why in ((",", "empty token"), (f"{ALICE},,{BOB}", "empty token"), (f"{ALICE},{ALICE}", "same token")):
+        monkeypatch.setenv("RUNCOMFY_API_TOKENS", bad)
+        with pytest.raises(UsageError, match=why) as caught:
+            tokens_from_env()
+        assert ALICE not in str(caught.value)  # a message names the account, never the token
+
+
+def test_a_token_file_must_be_its_owners_alone(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"# night accounts\n{ALICE}\n\n{BOB}\n")
+    path.chmod(0o644)
+    with pytest.raises(UsageError, match=r"open to others \(mode 0644\).*chmod 600"):
+        read_token_file(path)
+    path.chmod(0o600)
+    assert read_token_file(path) == (ALICE, BOB)
+    path.write_text("# nothing but a comment\n")
+    with pytest.raises(UsageError, match="empty token"):
+        read_token_file(path)
+    with pytest.raises(UsageError, match="cannot read the token file"):
+        read_token_file(tmp_path / "missing")
+
+
+def test_bad_token_input_exits_2_and_leaves_the_journal_alone(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(accounts=(ALICE, BOB))
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    runner = CliRunner()
+    ok = runner.invoke(
+        cli, ["run", str(manifest), "--api-base", sandbox.url, "-o", "out"], env={"RUNCOMFY_API_TOKENS": ALICE}
+    )
+    assert ok.exit_code == 0, ok.output
+    before = (tmp_path / "out" / JOURNAL_NAME).read_bytes()
+    loose = tmp_path / "tokens"
+    loose.write_text(f"{ALICE}\n{BOB}\n")
+    loose.chmod(0o640)
+    for env in ({"RUNCOMFY_API_TOKEN_FILE": str(loose)}, {"RUNCOMFY_API_TOKENS": " , "}):
+        result = runner.invoke(cli, ["run", str(manifest), "--api-base", sandbox.url, "-o", "out"], env=env)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and ALICE not in result.output
+        assert "chmod 600" in result.output or "empty token" in result.output
+    assert (tmp_path / "out" / JOURNAL_NAME).read_bytes() == before
+
+
+# -- routing -----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_run_over_two_accounts_uses_both_and_polls_each_job_with_its_own(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox(accounts=(ALICE, BOB), max_in_flight=2, queue_delay=0.1, run_delay=0.2)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 12)
+    plans: list[RunPlan] = []
+    options = fast_options(api_base=sandbox.url, output_dir=Path("out"), token=None, tokens=(ALICE, BOB))
+    options.concurrency = 6
+    summary = await run_manifest(load_manifest(manifest), options, on_plan=plans.append)
+    assert (summary.done, summary.exit_code) == (12, 0)
+    stats = sandbox.sandbox.stats()
+    assert stats["other_user_refusals"] == 0  # every poll, result and cancel went to the submitting account
+    assert set(stats["submits_by_account"]) == {1, 2} and sum(stats["submits_by_account"].values()) == 12
+    assert all(n == 1 for n in _submits_per_prompt(sandbox).values())
+    journal_text = (tmp_path / "out" / JOURNAL_NAME).read_text()
+    assert ALICE not in journal_text and BOB not in journal_text
+    accounts = {e.get("account") for e in _events(tmp_path / "out") if e["e"] == "submitting"}
+    assert accounts == {fingerprint(ALICE), fingerprint(BOB)}
+    assert [name for name, _ in plans[0].accounts] == [fingerprint(ALICE), fingerprint(BOB)]
+    assert set(summary.accounts) == {fingerprint(ALICE), fingerprint(BOB)}
+    assert sum(f.jobs for f in summary.accounts.values()) == 12
+
+
+def _in_flight_run(tmp_path: Path, sandbox: SandboxThread, jobs: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "RUNCOMFY_API_TOKENS": f"{ALICE},{BOB}", "PYTHONUNBUFFERED": "1"}
+    env.pop("RUNCOMFY_API_TOKEN", None)
+    command = [sys.executable, "-m", "batcher", "run", str(many_jobs_manifest(tmp_path / "m.yaml", jobs))]
+    command += ["--api-base", sandbox.url, "-o", "out", "-c", "8", "--poll-interval", "0.05", "--poll-max", "0.2"]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_once_both_accounts_have_jobs_in_flight(process: subprocess.Popen[str], out: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        journal = out / JOURNAL_NAME
+        if journal.exists():
+            events = [json.loads(line) for line in journal.read_text().splitlines() if line.endswith("}")]
+            submitted = {e["job"] for e in events if e["e"] == "submitted"}
+            by = {e.get("account") for e in events if e["e"] == "submitting" and e["job"] in submitted}
+            if len(submitted) >= 6 and len(by) == 2:
+                process.send_signal(signal.SIGKILL)
+                process.communicate()
+                return
+        time.sleep(0.01)
+    process.kill()
+    raise AssertionError(process.communicate()[0])
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_killed_over_two_accounts_and_resumed_nothing_is_paid_twice(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """SIGKILL a run over two tokens with jobs of both in flight; the resumed run polls each with its own."""
+    sandbox = start_sandbox(accounts=(ALICE, BOB), max_in_flight=3, queue_delay=1.0, run_delay=1.0)
+    _kill_once_both_accounts_have_jobs_in_flight(_in_flight_run(tmp_path, sandbox, 16), tmp_path / "out")
+    sent_before = len(sandbox.sandbox.submits)
+    summary = await _run(tmp_path / "m.yaml", sandbox, (ALICE, BOB), resubmit_uncertain=False)
+    assert sandbox.sandbox.stats()["other_user_refusals"] == 0
+    per_prompt = _submits_per_prompt(sandbox)
+    assert all(n == 1 for n in per_prompt.values()), per_prompt  # nothing paid twice
+    assert len(sandbox.sandbox.submits) >= sent_before
+    held = len(summary.uncertain)  # a kill mid-POST leaves at most one per worker, held, never resent
+    assert summary.done + held == 16 and held <= 8
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_resumed_with_a_token_missing_holds_that_accounts_jobs(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox(accounts=(ALICE, BOB), max_in_flight=3, queue_delay=1.0, run_delay=1.0)
+    _kill_once_both_accounts_have_jobs_in_flight(_in_flight_run(tmp_path, sandbox, 16), tmp_path / "out")
+    folded = read_journal(tmp_path / "out" / JOURNAL_NAME)
+    bobs = {r.name for r in folded.records.values() if r.phase == "submitted" and r.account == fingerprint(BOB)}
+    assert bobs
+    bob_submits = sandbox.sandbox.stats()["submits_by_account"].get(2, 0)
+    plans: list[RunPlan] = []
+    options = fast_options(api_base=sandbox.url, output_dir=Path("out"), token=None, tokens=(ALICE,))
+    summary = await run_manifest(load_manifest(tmp_path / "m.yaml"), options, on_plan=plans.append)
+    assert set(plans[0].without_token) == {fingerprint(BOB)}
+    assert set(plans[0].without_token[fingerprint(BOB)]) == bobs
+    stats = sandbox.sandbox.stats()
+    assert stats["other_user_refusals"] == 0  # never asked about Bob's jobs with Alice's token
+    assert stats["submits_by_account"].get(2, 0) == bob_submits  # and never sent them again
+    assert all(n == 1 for n in _submits_per_prompt(sandbox).values())
+    assert summary.exit_code == 1 and bobs <= {j.name for j in summary.unfinished}
+    # With Bob's token back, they finish; still nothing paid twice.
+    final = await _run(tmp_path / "m.yaml", sandbox, (ALICE, BOB))
+    assert final.done + len(final.uncertain) == 16
+    assert all(n == 1 for n in _submits_per_prompt(sandbox).values())
+
+
+@pytest.mark.anyio
+async def test_one_token_resumes_a_single_account_folder_as_before(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    """A rotated key: a folder one account ran is resumed with one (new) token; no job is held for it."""
+    sandbox = start_sandbox(queue_delay=0.5, run_delay=0.5)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
+    first = await _run(manifest, sandbox, ("sk-old-key-000000",), run_timeout=0.2)
+    assert first.unfinished
+    plans: list[RunPlan] = []
+    options = fast_options(api_base=sandbox.url, output_dir=Path("out"), token="sk-new-key-111111")
+    summary = await run_manifest(load_manifest(manifest), options, on_plan=plans.append)
+    assert plans[0].without_token == {} and summary.done == 3
+    assert all(n == 1 for n in _submits_per_prompt(sandbox).values())
+
+
+def test_status_shows_jobs_spend_and_429s_per_account(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(accounts=(ALICE, BOB), max_in_flight=1)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)
+    runner = CliRunner()
+    env = {"RUNCOMFY_API_TOKENS": f"{ALICE},{BOB}"}
+    ran = runner.invoke(cli, ["run", str(manifest), "--api-base", sandbox.url, "-o", "out", "-c", "4"], env=env)
+    assert ran.exit_code == 0, ran.output
+    assert sandbox.sandbox.stats()["account_refusals"] > 0  # the caps were met: 429s to count
+    status = runner.invoke(cli, ["status", str(manifest), "-o", "out", "--json"])
+    figures = json.loads(status.output)["accounts"]
+    assert set(figures) == {fingerprint(ALICE), fingerprint(BOB)}
+    assert sum(f["jobs"] for f in figures.values()) == 6
+    assert sum(f["throttled"] for f in figures.values()) == sandbox.sandbox.stats()["account_refusals"]
+    assert all(f["spent"] > 0 for f in figures.values())
+    shown = runner.invoke(cli, ["status", str(manifest), "-o", "out"]).output
+    assert fingerprint(ALICE) in shown and fingerprint(BOB) in shown and "429s" in shown
+    assert ALICE not in shown and BOB not in shown
