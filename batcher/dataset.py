@@ -34,7 +34,7 @@ def dataset_rows(
     With folder, only images that are regular files in it, reached without
     links; without, only sound relative paths (checked lexically).
     """
-    for job in manifest.jobs:
+    for job in manifest.iter_jobs():
         record = records.get(job.key)
         if record is None or record.phase != "completed":
             continue
@@ -62,7 +62,16 @@ def write_metadata(manifest: Manifest, output_dir: Path, records: Mapping[str, J
 
     Raises OutputFolderError for a link where it would write, OSError when it cannot.
     """
-    with OutputDir(output_dir) as folder:
-        rows = [json.dumps(row, ensure_ascii=False) + "\n" for row in dataset_rows(manifest, records, folder)]
-        folder.write_atomically(METADATA_NAME, "".join(rows).encode())
-    return len(rows)
+    rows = 0
+    with OutputDir(output_dir) as folder, folder.stage(METADATA_NAME) as staged:
+        # Streamed in blocks of rows: 100,000 rows are 50 MB of text, never held at once.
+        block: list[str] = []
+        for row in dataset_rows(manifest, records, folder):
+            block.append(json.dumps(row, ensure_ascii=False) + "\n")
+            rows += 1
+            if len(block) == 1000:
+                staged.write("".join(block).encode())
+                block.clear()
+        staged.write("".join(block).encode())
+        staged.commit()
+    return rows

@@ -16,6 +16,7 @@ a writer task. The one slow part, ``fsync``, runs in groups on a thread.
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import math
 import re
@@ -83,6 +84,10 @@ _INITIAL_STATUS: dict[Action, JobStatus] = {
     "hold": "held",
     "done": "done",
 }
+_ACTIONS: tuple[Action, ...] = ("submit", "poll", "download", "hold", "done")
+_CODE: dict[Action, int] = {action: code for code, action in enumerate(_ACTIONS)}
+_SUBMIT = _CODE["submit"]
+_PAID_FOR = frozenset({_CODE["poll"], _CODE["download"]})
 _HELD_STATUS: dict[Category, JobStatus] = {"failed": "failed", "uncertain": "uncertain", "lost": "lost"}
 """The live status of a job this run holds: the journal's word for it, so the counters start from it."""
 
@@ -168,7 +173,7 @@ async def _open_run(
             )
         )
         if ledger and not options.new_output:
-            check_ledger(manifest, (job.key for job in jobs), output_dir, endpoint.identity)
+            check_ledger(manifest, jobs.keys(), output_dir, endpoint.identity)
         elif ledger:
             forget_gone_folders()
         journal = Journal(output_dir)
@@ -207,7 +212,7 @@ async def run_manifest(
     # A bad --only, or jobs another sharding already submitted, fail here, before anything is opened.
     jobs = select_jobs(manifest, options)
     output_dir = _output_dir(manifest, options)
-    check_no_overlap(output_dir, (job.key for job in jobs))
+    check_no_overlap(output_dir, jobs.keys())
     async with AsyncExitStack() as stack:
         endpoint, journal, pool = await stack.enter_async_context(_open_run(manifest, options, jobs, ledger=True))
         remember_folder(manifest, output_dir, endpoint.identity)
@@ -249,7 +254,7 @@ async def run_manifest(
             manifest_sha256=manifest.sha256,
             version=__version__,
             api_base=endpoint.identity if endpoint.sandbox else endpoint.base_url,
-            jobs=len(manifest.jobs),
+            jobs=manifest.count,
         )
         await _execute(run, account, on_start, on_plan, balances)
         try:
@@ -268,7 +273,9 @@ async def _execute(
     balances: list[tuple[str, float | None]],
 ) -> None:
     options = run.options
-    plan: list[tuple[Job, Action]] = []
+    # One byte a job, in manifest order: the jobs themselves are expanded again as they are fed (see feed).
+    plan = bytearray()
+    counts: Counter[Action] = Counter()
     estimate_left = 0.0
     unpriced = 0
     finishing = 0
@@ -278,7 +285,8 @@ async def _execute(
         if record is not None:
             run.committed += record.submits * (price or 0.0)
         action = run.action_for(job)
-        plan.append((job, action))
+        plan.append(_CODE[action])
+        counts[action] += 1
         if action == "submit":
             estimate_left += price or 0.0
             unpriced += price is None
@@ -292,11 +300,8 @@ async def _execute(
         finishing += action in ("poll", "download") and status != "done"
         run.progress.set(job.key, status)
     superseded = _superseded_in_flight(run)
-    plan += superseded
+    counts.update(action for _, action in superseded)
     run.progress.total += len(superseded)
-    # Paid-for work first; new submits after, in manifest order.
-    plan.sort(key=lambda item: item[1] == "submit")
-    counts = Counter(action for _, action in plan)
     if on_plan is not None:
         on_plan(
             RunPlan(
@@ -330,13 +335,25 @@ async def _execute(
     send, receive = anyio.create_memory_object_stream[tuple[Job, Action]](0)
 
     async def feed() -> None:
+        # Paid-for work first, then new submits, each in manifest order: two passes over the jobs
+        # (the first only when there is paid-for work), so no list of 100,000 jobs is ever held.
         async with send:
-            for job, action in plan:
-                if action == "hold":
-                    continue
-                if run.halted or (action == "submit" and run.stop_submitting):
-                    break
-                await send.send((job, action))
+            if counts["poll"] + counts["download"] > len(superseded):
+                for index, job in enumerate(run.jobs):
+                    if plan[index] in _PAID_FOR:
+                        if run.halted:
+                            return
+                        await send.send((job, _ACTIONS[plan[index]]))
+            for item in superseded:
+                if run.halted:
+                    return
+                await send.send(item)
+            if counts["submit"]:
+                for index, job in enumerate(run.jobs):
+                    if plan[index] == _SUBMIT:
+                        if run.halted or run.stop_submitting:
+                            return
+                        await send.send((job, "submit"))
 
     async def worker(jobs: anyio.abc.ObjectReceiveStream[tuple[Job, Action]]) -> None:
         async with jobs:
@@ -383,7 +400,7 @@ async def _execute(
                 outer.start_soon(watch_signals, run_scope)
             async with anyio.create_task_group() as group:
                 group.start_soon(feed)
-                for _ in range(min(options.concurrency, max(1, len(plan)))):
+                for _ in range(min(options.concurrency, max(1, len(plan) + len(superseded)))):
                     group.start_soon(worker, receive.clone())
                 receive.close()
             outer.cancel_scope.cancel()
@@ -403,11 +420,9 @@ def _superseded_in_flight(run: JobSteps) -> list[tuple[Job, Action]]:
     accepted and not finished: paid for, so they are polled and downloaded like any other."""
     if run.options.shard is None and (run.options.only is not None or run.options.limit is not None):
         return []  # a trial run works on its share only
-    # The jobs as loaded (not read again: a local image edited since would change every key).
-    wanted = {job.key for job in run.manifest.jobs}
     found: list[tuple[Job, Action]] = []
     for key, record in run.records.items():
-        if key in wanted or not (
+        if run.manifest.holds(key) or not (
             record.phase == "submitted" or (record.phase == "completed" and not record.downloaded)
         ):
             continue
@@ -422,9 +437,8 @@ def _safe_name(name: str, key: str) -> str:
 
 
 def _summarize(run: JobSteps, warnings: list[str], endpoint: Endpoint) -> RunSummary:
-    manifest_keys = {job.key for job in run.manifest.jobs}
     with opened(run.output_dir) as folder:
-        sums = tally(run.jobs, run.records, run.price_dirs, folder, manifest_keys=manifest_keys)
+        sums = tally(run.jobs, run.records, run.price_dirs, folder, wanted=run.manifest.holds)
     return RunSummary(
         **{f.name: getattr(sums, f.name) for f in fields(Tally)},
         output_dir=run.output_dir,
@@ -462,13 +476,15 @@ async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None)
         folded = journal.folded
         pool.recorded({r.account for r in folded.records.values() if r.account})
         # Jobs edited out of the manifest while queued are paid for all the same: cancel them too.
-        wanted = {job.key for job in manifest.jobs}
         superseded = [
             Job(key=key, name=_safe_name(record.name, key), model=record.model, input={})
             for key, record in folded.records.items()
-            if key not in wanted and record.phase == "submitted" and options.only is None and options.limit is None
+            if not manifest.holds(key)
+            and record.phase == "submitted"
+            and options.only is None
+            and options.limit is None
         ]
-        for job in [*jobs, *superseded]:
+        for job in itertools.chain(jobs, superseded):
             record = folded.records.get(job.key)
             if record is None or record.phase in ("pending", "uncertain", "submitting"):
                 summary.not_submitted += 1

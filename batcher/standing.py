@@ -7,7 +7,7 @@ so they cannot disagree about a job or about money.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,10 +164,10 @@ def tally(
     schema_dirs: Sequence[Path],
     folder: OutputDir | None,
     *,
-    manifest_keys: set[str] | None = None,
+    wanted: Callable[[str], bool] | None = None,
 ) -> Tally:
-    """Sum jobs against their records. manifest_keys (default: the keys of jobs) says which records
-    are still wanted; the others are orphans, and their money is shown apart."""
+    """Sum jobs against their records. wanted (default: whether the key is one of jobs') says which
+    records are still wanted; the others are orphans, and their money is shown apart."""
     result = Tally()
     seen: set[str] = set()
     for job in jobs:
@@ -210,10 +210,10 @@ def tally(
             result.lost.append(standing)
         else:
             result.unfinished.append(standing)
-    wanted = manifest_keys if manifest_keys is not None else seen
+    is_wanted = wanted if wanted is not None else seen.__contains__
     result.spent = money(sum(r.spent for r in records.values()))
-    result.spent_superseded = money(sum(r.spent for k, r in records.items() if k not in wanted))
-    result.orphans = sorted(r.name or r.key for k, r in records.items() if k not in wanted)
+    result.spent_superseded = money(sum(r.spent for k, r in records.items() if not is_wanted(k)))
+    result.orphans = sorted(r.name or r.key for k, r in records.items() if not is_wanted(k))
     for name in ("committed", "to_spend", "in_flight_cost", "possible_extra_cost"):
         setattr(result, name, money(getattr(result, name)))
     result.failures = dict(sorted(result.failures.items(), key=lambda item: (-item[1], item[0])))
