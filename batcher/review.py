@@ -28,6 +28,7 @@ import json
 import logging
 import secrets
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -119,9 +120,8 @@ class ReviewServer:
         self.refresh()
         self._log = DecisionLog(self.output_dir)
         family_host = self._host.strip("[]")
-        server_class = _V6Server if ":" in family_host else ThreadingHTTPServer
+        server_class = _V6Server if ":" in family_host else _Server
         self._httpd = server_class((family_host, self._port), _handler(self))
-        self._httpd.daemon_threads = True
         port = self._httpd.server_address[1]
         shown = f"[{family_host}]" if ":" in family_host else family_host
         self.origin = f"http://{shown}:{port}"
@@ -233,7 +233,18 @@ class ReviewServer:
             return handle.read()
 
 
-class _V6Server(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A browser that drops an image it no longer shows (a card scrolled away) is no error."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            return
+        log.warning("review: %s answering %s: %r", type(error).__name__, client_address, error)
+
+
+class _V6Server(_Server):
     address_family = socket.AF_INET6
 
 
@@ -271,8 +282,9 @@ _SECURITY_HEADERS = (
 def _handler(app: ReviewServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
-        server_version = "batcher-review"
-        sys_version = ""
+
+        def version_string(self) -> str:
+            return "batcher-review"
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("review: " + format, *args)
@@ -295,7 +307,10 @@ def _handler(app: ReviewServer) -> type[BaseHTTPRequestHandler]:
             self._send(status, json.dumps(value).encode(), "application/json", (("Cache-Control", "no-store"),))
 
         def _refuse(self, status: int, why: str) -> None:
-            self._json(status, {"error": why})
+            # A refused request's body may be unread: the connection must not be read on as a next request.
+            self.close_connection = True
+            headers = (("Cache-Control", "no-store"), ("Connection", "close"))
+            self._send(status, json.dumps({"error": why}).encode(), "application/json", headers)
 
         # -- checks -------------------------------------------------------------------------
 

@@ -65,9 +65,12 @@ main { max-width: 1400px; margin: 16px auto 32px; padding: 0 16px; }
 .d-rejected .badge { background: var(--no-bg); color: var(--no); border-color: transparent; }
 .prompt { margin: 0; font-size: 13px; color: var(--dim); display: -webkit-box; -webkit-line-clamp: 2;
   -webkit-box-orient: vertical; overflow: hidden; }
+.params { margin: 0; font-size: 12px; color: var(--dim); white-space: nowrap; overflow: hidden;
+  text-overflow: ellipsis; }
 .acts { display: flex; gap: 8px; margin-top: auto; }
 .acts button { flex: 1; font: inherit; font-size: 14px; padding: 5px 0; border-radius: 8px; cursor: pointer;
   border: 1px solid var(--line); background: var(--card); color: var(--ink); }
+.acts button kbd { background: transparent; color: inherit; border-color: currentColor; opacity: .75; }
 .d-accepted .acts .acc { background: var(--ok); color: #fff; border-color: var(--ok); }
 .d-rejected .acts .rej { background: var(--no); color: #fff; border-color: var(--no); }
 .empty { color: var(--dim); padding: 48px 0; text-align: center; }
@@ -192,7 +195,9 @@ _SCRIPT = r"""
     title.appendChild(name);
     title.appendChild(el("span", "badge"));
     var prompt = el("p", "prompt", job.prompt);
-    prompt.title = job.prompt + (job.params ? "\n" + job.params : "");
+    prompt.title = job.prompt;
+    var params = el("p", "params", job.params);
+    params.title = job.params;
     var acts = el("div", "acts");
     var accept = el("button", "acc", "Accept ");
     accept.appendChild(el("kbd", "", "a"));
@@ -206,6 +211,7 @@ _SCRIPT = r"""
     acts.appendChild(reject);
     body.appendChild(title);
     body.appendChild(prompt);
+    body.appendChild(params);
     body.appendChild(acts);
     card.appendChild(pair);
     card.appendChild(body);
