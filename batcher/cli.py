@@ -884,12 +884,12 @@ def export(
         click.echo(f"warning: left out {reason}", err=True)
     files = f"{len(summary.files)} file(s)" if fmt != "imagefolder" else "images and metadata.jsonl"
     click.echo(f"{fmt}: {summary.images} images in {summary.dest} ({files})")
-    click.echo(f"  load it: {_LOADERS[fmt].format(dest=summary.dest)}")
+    click.echo(f"  load it: {_LOADERS[fmt].format(dest=summary.dest, last=len(summary.files) - 1)}")
 
 
 _LOADERS: dict[str, str] = {
     "imagefolder": 'datasets.load_dataset("imagefolder", data_dir="{dest}")',
-    "webdataset": 'webdataset.WebDataset("{dest}/shard-{{000000..NNNNNN}}.tar").decode("pil")',
+    "webdataset": 'webdataset.WebDataset("{dest}/shard-{{000000..{last:06d}}}.tar").decode("pil")',
     "parquet": 'datasets.load_dataset("parquet", data_dir="{dest}")',
 }
 

@@ -45,7 +45,7 @@ from .decisions import Decisions, read_decisions
 from .errors import OutputFolderError, UsageError
 from .folders import read_folder
 from .manifest import Manifest
-from .replacements import with_replacements
+from .replacements import decisions_folder, with_replacements
 from .standing import opened
 
 __all__ = ["FORMATS", "ExportFormat", "ExportSummary", "export_dataset"]
@@ -105,7 +105,7 @@ def export_dataset(
         msg = f"{dest} already exists and is not an empty folder; give a new one"
         raise UsageError(msg)
     view = read_folder(output_dir)
-    decisions = read_decisions(output_dir)
+    decisions = read_decisions(decisions_folder(output_dir))
     manifest = with_replacements(manifest, output_dir, view=view)
     with opened(output_dir) as folder:
         images = [

@@ -22,7 +22,7 @@ from .decisions import read_decisions, review_counts
 from .folders import FolderView, read_folder, rehearsal_only
 from .manifest import Job, Manifest
 from .printable import printable
-from .replacements import pending_replacements, with_replacements
+from .replacements import decisions_folder, pending_replacements, with_replacements
 from .runner import RunSummary
 from .standing import CATEGORIES, JobStanding, Tally, category_of, opened, tally
 from .state import JOURNAL_NAME
@@ -74,7 +74,7 @@ def status_report(manifest: Manifest, output_dir: Path, view: FolderView | None 
     view = view or read_folder(output_dir)
     manifest = with_replacements(manifest, output_dir, view=view)
     prices = price_dirs(output_dir, manifest.schema_dirs)
-    decisions = read_decisions(output_dir)
+    decisions = read_decisions(decisions_folder(output_dir))
     with opened(output_dir) as folder:
         sums = tally(manifest.iter_jobs(), view.records, prices, folder)
         # A second pass over the jobs only once someone reviewed: a prompt file is read again for it.

@@ -46,7 +46,7 @@ from .folders import read_folder, rehearsal_only
 from .localimages import sniff
 from .manifest import Job, Manifest
 from .netpolicy import is_loopback_host
-from .replacements import replacements, with_replacements
+from .replacements import decisions_folder, replacements, with_replacements
 from .reviewpage import page
 from .standing import opened
 from .thumbnails import InputImages
@@ -118,10 +118,14 @@ class ReviewServer:
     def start(self) -> ReviewServer:
         """Listen, load the images once (a manifest or journal problem is raised here), and serve on a thread."""
         self.refresh()
-        self._log = DecisionLog(self.output_dir)
         family_host = self._host.strip("[]")
         server_class = _V6Server if ":" in family_host else _Server
         self._httpd = server_class((family_host, self._port), _handler(self))
+        try:
+            self._log = DecisionLog(decisions_folder(self.output_dir))
+        except BaseException:
+            self._httpd.server_close()
+            raise
         port = self._httpd.server_address[1]
         shown = f"[{family_host}]" if ":" in family_host else family_host
         self.origin = f"http://{shown}:{port}"
@@ -172,7 +176,7 @@ class ReviewServer:
         """Read the manifest's images, their inputs and their decisions afresh (a run may be going on)."""
         view = read_folder(self.output_dir)
         manifest = with_replacements(self.manifest, self.output_dir, view=view)
-        decisions = read_decisions(self.output_dir)
+        decisions = read_decisions(decisions_folder(self.output_dir))
         pending = sum(1 for r in replacements(manifest, view.records, decisions) if r.wanted and not r.sent)
         snapshot = _Snapshot()
         jobs: list[dict[str, Any]] = []

@@ -209,3 +209,38 @@ def test_the_server_writes_only_decisions_and_inputs(served, tmp_path: Path) -> 
     after = {p for p in tmp_path.rglob("*") if not p.is_relative_to(out / ".review")}
     assert after - before == set(), "decisions.jsonl exists from the start"
     assert (out / DECISIONS_NAME).stat().st_size > 0
+
+
+def test_nothing_to_review_says_so(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batcher.cli import cli
+
+    from .conftest import many_jobs_manifest
+
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
+    result = CliRunner().invoke(cli, ["review", str(manifest)])
+    assert result.exit_code == 2 and "nothing to review" in result.output
+
+
+@pytest.mark.slow
+def test_the_command_prints_the_address_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path, out = finished_run(tmp_path, 2)
+    command = [sys.executable, "-m", "batcher", "review", str(path), "-o", str(out), "--port", "0"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()
+        assert line.startswith("review: http://127.0.0.1:"), line
+        url = line.split()[1]
+        assert httpx.get(url).status_code == 200
+        assert httpx.get(url.split("?")[0]).status_code == 403
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=20)
+    assert process.returncode == 0 and "stopped" in rest
