@@ -32,7 +32,7 @@ import httpx
 from ._version import __version__
 from .confined import OutputDir, StagedFile
 from .errors import DownloadError, OutputFolderError
-from .netpolicy import ANY_LOOPBACK, origin
+from .netpolicy import origin
 from .redirects import RefusedHopError, TooManyRedirectsError, anonymous_client, display_url, follow
 from .retrying import RetryPolicy, TryAgain, retrying
 
@@ -157,18 +157,14 @@ class Downloader:
         """folder: the output folder; targets must lie inside it, and no component below it may be a link
         (without one, only the target's own name is checked). loopback_origin: the one loopback
         ``scheme://host:port`` files may come from (`batcher.netpolicy.loopback_origin` of a loopback
-        API base), None for no loopback at all, or `ANY_LOOPBACK` for URLs the user gave (input images).
-        deadline: seconds one `fetch` may take in all (default `deadline_for` max_bytes); the per-read
-        timeout alone lets a trickle last for ever.
+        API base), or None for no loopback at all. deadline: seconds one `fetch` may take in all
+        (default `deadline_for` max_bytes); the per-read timeout alone lets a trickle last for ever.
         attempts, backoff: tries per file, and the first backoff bound (`RetryPolicy`: doubling, full jitter).
         """
         self.max_bytes = max_bytes
         self.retry = RetryPolicy(attempts=attempts, base=backoff)
         self.folder = folder
-        if loopback_origin == ANY_LOOPBACK:
-            self.loopback_origin: str | None = ANY_LOOPBACK
-        else:
-            self.loopback_origin = origin(loopback_origin) if loopback_origin else None
+        self.loopback_origin = origin(loopback_origin) if loopback_origin else None
         self.deadline = deadline if deadline is not None else deadline_for(max_bytes)
         self._http = anonymous_client(
             user_agent=f"batcher/{__version__}",

@@ -9,8 +9,9 @@ from there, the same on every reload and every later review:
 - a URL through `batcher.download.Downloader`, the rules output files follow
   (https, or http on loopback; public addresses only; every redirect hop
   checked; an image content type; `MAX_INPUT_BYTES`; a deadline of
-  `DEADLINE` seconds), with no token: these are the user's own URLs, so
-  loopback is allowed as pre-flight allows it;
+  `DEADLINE` seconds), with no token; a URL the manifest names on loopback
+  is fetched (the user's own choice), but only at its own origin: a remote
+  host's redirect to loopback is refused;
 - a local image (``file:<path>#sha256=<hex>``) copied while the file still
   has the content the job was identified by.
 
@@ -37,7 +38,7 @@ from .download import Downloader
 from .errors import BatcherError
 from .job import Job
 from .localimages import parse_reference, sniff
-from .netpolicy import ANY_LOOPBACK
+from .netpolicy import loopback_origin
 
 __all__ = ["DEADLINE", "INPUTS_DIR", "MAX_INPUT_BYTES", "InputImage", "InputImages", "input_id"]
 
@@ -150,7 +151,9 @@ class InputImages:
             backoff=0.2,
             max_connections=4,
             folder=self.output_dir,
-            loopback_origin=ANY_LOOPBACK,
+            # Loopback only at the URL's own origin, when the user named a loopback URL: a remote host's
+            # redirect must not make the review server a client of whatever listens on this machine.
+            loopback_origin=loopback_origin(url),
             deadline=self.deadline,
         ) as downloader:
             await downloader.fetch(url, self.output_dir / INPUTS_DIR / ident)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,12 @@ def inputs_host() -> Iterator[tuple[str, dict[str, int]]]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             hits[self.path] = hits.get(self.path, 0) + 1
+            if self.path == "/hop.png":  # to another port of this machine
+                self.send_response(302)
+                self.send_header("Location", "http://127.0.0.1:9/ref.png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             body, kind = (PNG, "image/png") if self.path == "/ref.png" else (b"<script>x</script>", "text/html")
             self.send_response(200)
             self.send_header("Content-Type", kind)
@@ -180,6 +187,9 @@ def test_input_images_are_fetched_once_and_kept_in_the_folder(tmp_path: Path, in
     assert thumbs.get(gone) is None and thumbs.get(gone) is None
     assert "ConnectError" in (thumbs.failure(gone) or "") or "failed" in (thumbs.failure(gone) or "")
     assert thumbs.get(mine) == (local.read_bytes(), "image/png")
+    # A redirect to another port of this machine is refused: loopback only at the URL's own origin.
+    (hop,) = thumbs.add(replace(manifest.jobs[0], input={"prompt": "x", "image_urls": [f"{host}/hop.png"]}))
+    assert thumbs.get(hop.id) is None and "loopback" in (thumbs.failure(hop.id) or "")
     # Another review (a new server) finds them in the folder: no new fetch.
     again = InputImages(out)
     again.add(manifest.jobs[0])
