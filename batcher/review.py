@@ -46,7 +46,7 @@ from .folders import read_folder, rehearsal_only
 from .localimages import sniff
 from .manifest import Job, Manifest
 from .netpolicy import is_loopback_host
-from .replacements import decisions_folder, replacements, with_replacements
+from .replacements import decisions_folder, replacements
 from .reviewpage import page
 from .standing import opened
 from .thumbnails import InputImages
@@ -112,6 +112,10 @@ class ReviewServer:
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self.url = ""
+        """The page's address, with the session's token, once started."""
+        self.origin = ""
+        self.hosts: set[str] = set()
+        """``host:port`` values of the Host header this server answers to."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -175,9 +179,10 @@ class ReviewServer:
     def refresh(self) -> _Snapshot:
         """Read the manifest's images, their inputs and their decisions afresh (a run may be going on)."""
         view = read_folder(self.output_dir)
-        manifest = with_replacements(self.manifest, self.output_dir, view=view)
         decisions = read_decisions(decisions_folder(self.output_dir))
-        pending = sum(1 for r in replacements(manifest, view.records, decisions) if r.wanted and not r.sent)
+        found = replacements(self.manifest, view.records, decisions)
+        manifest = self.manifest.with_jobs([r.job for r in found if r.sent])  # as `with_replacements` does
+        pending = sum(1 for r in found if r.wanted and not r.sent)
         snapshot = _Snapshot()
         jobs: list[dict[str, Any]] = []
         numbers: dict[str, int] = {}
@@ -192,10 +197,10 @@ class ReviewServer:
                 key = (job.key, image.index)
                 snapshot.images[key] = _Image(job, image.index, image.file.path, image.file.sha256)
                 snapshot.paths.add(image.file.path)
-                decision = decisions.of(job.key, image.index, image.file.sha256)
+                sha256 = image.file.sha256
+                decision = decisions.of(job.key, image.index, sha256)
                 items.append(
-                    {"k": job.key, "i": image.index, "j": number, "src": image.file.path, "sha": image.file.sha256}
-                    | {"d": decision}
+                    {"k": job.key, "i": image.index, "j": number, "src": image.file.path, "sha": sha256, "d": decision}
                 )
         sandbox = " · sandbox rehearsal" if rehearsal_only(view.headers) else ""
         replacing = f" · {pending} rejected awaiting replacement" if pending else ""
