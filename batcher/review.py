@@ -27,6 +27,7 @@ import hmac
 import json
 import logging
 import secrets
+import shlex
 import socket
 import sys
 import threading
@@ -42,7 +43,7 @@ from .confined import open_journalled
 from .dataset import dataset_images
 from .decisions import DECISIONS, DecisionLog, input_group, read_decisions
 from .errors import BatcherError, UsageError
-from .folders import read_folder, rehearsal_only
+from .folders import LOOPBACK_API, SANDBOX_API, api_identity, default_output_dir, read_folder, rehearsal_only
 from .localimages import sniff
 from .manifest import Job, Manifest
 from .netpolicy import is_loopback_host
@@ -210,6 +211,22 @@ class ReviewServer:
             self._snapshot = snapshot
         return snapshot
 
+    def run_command(self) -> str:
+        """The command that replaces this folder's rejected images: with the flags that reach its journal
+        (a rehearsal's ``--sandbox`` or loopback API, a folder given with ``-o``), so that following the
+        hint never starts a real run somewhere else."""
+        words = ["batcher", "run", str(self.manifest.path)]
+        headers = read_folder(self.output_dir).headers
+        api = headers[-1].get("api_base") if headers else None
+        sandbox = api == SANDBOX_API
+        if self.output_dir.resolve() != default_output_dir(self.manifest, sandbox=sandbox).resolve():
+            words += ["-o", str(self.output_dir)]
+        if sandbox:
+            words.append("--sandbox")
+        elif isinstance(api, str) and api_identity(api) == LOOPBACK_API:
+            words += ["--api-base", api]
+        return shlex.join([*words, "--replace-rejected"])
+
     def decide(self, body: dict[str, Any]) -> dict[str, Any]:
         """Record one decision from the page; raises ValueError for one that names no current image."""
         key, index, sha256, decision = (body.get(k) for k in ("key", "index", "sha256", "decision"))
@@ -367,7 +384,7 @@ def _handler(app: ReviewServer) -> type[BaseHTTPRequestHandler]:
                 f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src 'self'; "
                 "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
             )
-            body = page(app.manifest.name, nonce, str(app.manifest.path)).encode()
+            body = page(app.manifest.name, nonce, app.run_command()).encode()
             headers = (("Content-Security-Policy", policy), ("Cache-Control", "no-store"))
             self._send(200, body, "text/html; charset=utf-8", headers, head=head)
 

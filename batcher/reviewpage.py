@@ -348,10 +348,11 @@ _SCRIPT = r"""
 """
 
 
-def page(title: str, nonce: str, manifest_path: str) -> str:
-    """The page's HTML; nonce allows its own style and script and nothing else (see the server's CSP)."""
+def page(title: str, nonce: str, run_command: str) -> str:
+    """The page's HTML; nonce allows its own style and script and nothing else (see the server's CSP).
+    run_command is the command that replaces the rejected images of this folder."""
     name = html.escape(title)
-    command = html.escape(f"batcher run {manifest_path} --replace-rejected")
+    command = html.escape(run_command)
     return f"""<!doctype html>
 <html lang="en">
 <head>

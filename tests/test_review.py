@@ -88,6 +88,8 @@ def test_the_page_and_its_data_need_the_sessions_token(served) -> None:
     policy = page.headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in policy and "script-src 'nonce-" in policy and "unsafe-inline" not in policy
     assert page.headers["X-Frame-Options"] == "DENY" and page.headers["X-Content-Type-Options"] == "nosniff"
+    # Its hint reaches this folder's journal: a rehearsal's command must never start a real run elsewhere.
+    assert f"-o {server.output_dir} --sandbox --replace-rejected" in page.text
     data = _items(server, client)
     assert [job["name"] for job in data["jobs"]] == ["job-0000", "job-0001", "job-0002"]
     assert {item["d"] for item in data["items"]} == {"undecided"}

@@ -67,6 +67,8 @@ def test_review_by_keyboard_survives_a_reload_and_replaces_exactly_the_rejected(
         driver.get(server.url)
         wait_for(lambda: ready(driver))
         assert len(_cards(driver)) == JOBS
+        hint = f"batcher run harbour.yaml --api-base {sandbox.url} --replace-rejected"
+        assert driver.find_element("id", "hint").get_attribute("textContent").count(hint) == 1
         # shot-0 accepted, shot-1 rejected, shot-2 skipped, shot-3 rejected; shot-4 accepted by a click.
         press(driver, "a", "r", "j", "r")
         driver.find_element("css selector", '.card[data-pos="4"] .acc').click()
