@@ -21,11 +21,13 @@ downloads it like the manifest's own.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .decisions import Decisions, input_group, read_decisions
+from .errors import JournalCorruptError
 from .expand import MAX_REPEAT
 from .folders import FolderView, is_shard_folder, read_folder
 from .job import Job, job_key
@@ -41,6 +43,8 @@ __all__ = [
     "replacements",
     "with_replacements",
 ]
+
+log = logging.getLogger("batcher")
 
 REPLACEMENT_BASE = MAX_REPEAT
 """The first repeat index of replacements: past any ``repeat:`` a manifest may ask for, so raising a job's
@@ -112,10 +116,18 @@ def with_replacements(
     """manifest with the replacements of the images rejected in output_dir: those the journal already knows,
     and with submit_new those of the images rejected now that were not sent yet (``--replace-rejected``).
 
-    Nothing is read but ``decisions.jsonl`` when there is none (the usual case).
+    Nothing is read but ``decisions.jsonl`` when there is none (the usual case). A damaged one
+    (JournalCorruptError) is raised with submit_new, and otherwise a warning: it must not stop a run.
     """
     folder = decisions_folder(output_dir)
-    decisions = read_decisions(folder)
+    try:
+        decisions = read_decisions(folder)
+    except JournalCorruptError as exc:
+        if submit_new:
+            raise
+        # Only a plain run's or a view's: replacements already sent are finished as jobs edited away are.
+        log.warning("%s; until then, rejected images' replacements are not counted as this manifest's", exc)
+        return manifest
     if not decisions.first_rejections:
         return manifest
     records = (view or read_folder(folder)).records

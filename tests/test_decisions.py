@@ -186,3 +186,15 @@ def test_decisions_file_is_kept_by_runs(tmp_path: Path) -> None:
     finished_run(tmp_path, 2)  # the same folder, run again
     assert (out / DECISIONS_NAME).read_bytes() == before
     assert os.path.getsize(out / DECISIONS_NAME) > 0
+
+
+def test_a_damaged_decisions_file_stops_only_the_run_that_replaces(tmp_path: Path) -> None:
+    path, out = finished_run(tmp_path, 3)
+    decide(load_manifest(path), out, {"job-0000": "rejected", "job-0001": "accepted", "job-0002": "accepted"})
+    lines = (out / DECISIONS_NAME).read_bytes().split(b"\n")
+    lines[0] = lines[0].replace(b"rejected", b"accepted")
+    (out / DECISIONS_NAME).write_bytes(b"\n".join(lines))
+    plain = CliRunner().invoke(cli, ["run", str(path), "-o", str(out), "--sandbox"])
+    assert plain.exit_code == 0 and "line 1 is damaged" in plain.output
+    replacing = CliRunner().invoke(cli, ["run", str(path), "-o", str(out), "--sandbox", "--replace-rejected"])
+    assert replacing.exit_code == 2 and "line 1 is damaged" in replacing.output
