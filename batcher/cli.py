@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import click
@@ -38,6 +39,7 @@ from .errors import (
     ManifestError,
     UsageError,
 )
+from .export import DEFAULT_SHARD_SIZE, FORMATS, ExportFormat, export_dataset
 from .failures import RETRYABLE, parse_retry_classes
 from .folders import (
     default_output_dir,
@@ -50,9 +52,12 @@ from .folders import (
 )
 from .gallery import write_gallery
 from .manifest import Manifest, load_manifest
+from .notify import check_notify_url, error_payload, send, summary_payload
 from .preflight import check_urls, input_urls
 from .progress import ProgressView, RunProgress, plain_progress_line
+from .replacements import with_replacements
 from .report import print_plan, print_status, print_summary, status_report
+from .review import DEFAULT_PORT, ReviewServer
 from .runner import RunOptions, RunPlan, RunSummary, cancel_manifest, run_manifest
 from .sandbox import DIALECTS, FAULT_KINDS, REFUSALS, Sandbox, SandboxConfig
 from .schema import available_models, load_model_schema
@@ -316,6 +321,11 @@ def _load_slice(
 @_sandbox_folder_option
 @_api_base_option
 @click.option("--offline", is_flag=True, help="Do not ask RunComfy for the balance and live price.")
+@click.option(
+    "--replace-rejected",
+    is_flag=True,
+    help="Plan as `run --replace-rejected` would: a new generation for each image rejected in review.",
+)
 def plan(
     manifest: Path,
     schema_dirs: tuple[Path, ...],
@@ -324,6 +334,7 @@ def plan(
     sandbox: bool,
     api_base: str | None,
     offline: bool,
+    replace_rejected: bool,
 ) -> None:
     """Show the expanded jobs, what is left to do and its estimated cost.
 
@@ -350,7 +361,7 @@ def plan(
         balances = [(fingerprint(tokens[0]), account.balance)]
         for token in tokens[1:]:
             balances.append((fingerprint(token), anyio.run(lambda: read_balance(base, token))))  # noqa: B023
-    print_plan(stdout, loaded, output_dir)
+    print_plan(stdout, loaded, output_dir, replace_rejected=replace_rejected)
     for account_name, balance in balances:
         if balance is not None:
             named = f" {account_name}" if len(balances) > 1 else ""
@@ -404,6 +415,16 @@ def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, s
     "--resubmit-uncertain",
     is_flag=True,
     help="Submit again the jobs whose earlier submit may have been accepted (may pay twice).",
+)
+@click.option(
+    "--replace-rejected",
+    is_flag=True,
+    help="Submit one new generation for each image rejected in `batcher review` (each is paid once).",
+)
+@click.option(
+    "--notify",
+    metavar="URL",
+    help="When the run ends, POST its summary as JSON to URL (a Slack or ntfy webhook, or your own).",
 )
 @click.option(
     "--new-output",
@@ -521,6 +542,8 @@ def run(
     sandbox: bool,
     retry_failed: str | None,
     resubmit_uncertain: bool,
+    replace_rejected: bool,
+    notify: str | None,
     new_output: bool,
     lost_after: float,
     outage_timeout: float,
@@ -552,6 +575,8 @@ def run(
     twice (or SIGTERM once) stops at once. The command printed at the end resumes.
     """
     _setup_logging(verbose, quiet)
+    if notify:
+        check_notify_url(notify)
     loaded = load_manifest(manifest, schema_dirs)
     options = RunOptions(
         output_dir=output,
@@ -562,6 +587,7 @@ def run(
         retry_failed=retry_failed is not None,
         retry_classes=parse_retry_classes(retry_failed) if retry_failed is not None else RETRYABLE,
         resubmit_uncertain=resubmit_uncertain,
+        replace_rejected=replace_rejected,
         new_output=new_output,
         over_balance=over_balance,
         lost_after=lost_after,
@@ -591,10 +617,28 @@ def run(
     def on_plan(plan: RunPlan) -> None:
         _announce(plan, confirm_above=None if yes or sandbox else confirm_above)
 
-    summary = _run_with_display(loaded, options, quiet, on_plan)
-    resume = _resume_command(manifest, summary, schema_dirs, api_base, sandbox, shard, only, limit, concurrency)
+    try:
+        summary = _run_with_display(loaded, options, quiet, on_plan)
+    except BaseException as exc:
+        if notify:
+            code = EXIT_BAD_INPUT if isinstance(exc, _BAD_INPUT) else EXIT_FAILED
+            _notify(notify, error_payload(loaded.name, exc, code))
+        raise
+    resume = _resume_command(
+        manifest, summary, schema_dirs, api_base, sandbox, shard, only, limit, concurrency, replace_rejected
+    )
     print_summary(stderr, summary, resume)
+    if notify:
+        _notify(notify, summary_payload(loaded.name, summary))
     sys.exit(summary.exit_code)
+
+
+def _notify(url: str, payload: dict[str, Any]) -> None:
+    """Send the end-of-run notification; a failure is a warning, never the run's exit code."""
+    failure = send(url, payload)
+    if failure is not None:
+        # Only the host: a webhook's path is its secret (Slack's is).
+        stderr.print(f"warning: could not notify {urlsplit(url).hostname}: {failure}", markup=False)
 
 
 def _announce(plan: RunPlan, confirm_above: float | None) -> None:
@@ -654,6 +698,7 @@ def _resume_command(
     only: str | None,
     limit: int | None,
     concurrency: int,
+    replace_rejected: bool = False,
 ) -> str:
     """The command that goes on with this run: every flag that chose its folder, API and jobs."""
     # Absolute paths: the hint must work from wherever it is pasted (a cron job, another shell).
@@ -672,6 +717,8 @@ def _resume_command(
         words += ["--limit", str(limit)]
     if concurrency != 8:
         words += ["-c", str(concurrency)]
+    if replace_rejected:
+        words.append("--replace-rejected")
     return shlex.join(words)
 
 
@@ -770,6 +817,7 @@ def report(
     if not folded.records:
         _point_at_noted_folders(loaded, output_dir)
         raise _BadInput(f"nothing to report: no journal with jobs in {output_dir} (run the manifest first)")
+    loaded = with_replacements(loaded, output_dir, view=view)
     try:
         rows = write_metadata(loaded, output_dir, folded.records)
         page = write_gallery(loaded, output_dir, folded)
@@ -778,6 +826,108 @@ def report(
     click.echo(f"gallery: {page}")
     click.echo(f"dataset: {output_dir / METADATA_NAME} ({rows} images)")
     click.echo(f'  load it: datasets.load_dataset("imagefolder", data_dir="{output_dir}")')
+
+
+@cli.command()
+@_manifest_argument
+@_output_option
+@_sandbox_folder_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to listen on.")
+@click.option(
+    "-p",
+    "--port",
+    type=click.IntRange(0, 65535),
+    help=f"Port to listen on [default: {DEFAULT_PORT}, or any free one when it is taken; 0: any free one].",
+)
+def review(
+    manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, sandbox: bool, host: str, port: int | None
+) -> None:
+    """Serve a page on loopback to accept or reject every image, beside its inputs. No network but inputs.
+
+    Prints the address (with this session's token) and opens nothing. Keys:
+    j/k move, a accept, r reject, x undo, u undecided only. Decisions go to
+    decisions.jsonl in the output folder and survive reruns; `run
+    --replace-rejected` then makes a new generation for each rejected image,
+    and `export --accepted-only` hands the rest on.
+    """
+    loaded = load_manifest(manifest, schema_dirs)
+    output_dir = output or default_output_dir(loaded, sandbox=sandbox)
+    if not read_folder(output_dir).records:
+        _point_at_noted_folders(loaded, output_dir)
+        raise _BadInput(f"nothing to review: no journal with jobs in {output_dir} (run the manifest first)")
+    try:
+        server = ReviewServer(loaded, output_dir, host=host, port=DEFAULT_PORT if port is None else port).start()
+    except OSError as exc:
+        if port is not None:
+            raise _BadInput(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        server = ReviewServer(loaded, output_dir, host=host, port=0).start()  # the default port is taken
+    click.echo(f"review: {server.url}", err=True)
+    click.echo(
+        "review: open that address in a browser; Ctrl-C to stop (decisions are saved as they are made)", err=True
+    )
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        click.echo("review: stopped", err=True)
+    finally:
+        server.stop()
+
+
+@cli.command()
+@_manifest_argument
+@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+@_output_option
+@_sandbox_folder_option
+@click.option(
+    "-f",
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="imagefolder",
+    show_default=True,
+    help="imagefolder: images and metadata.jsonl; webdataset: tar shards; parquet: images embedded.",
+)
+@click.option("--accepted-only", is_flag=True, help="Only the images accepted in `batcher review`.")
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_SHARD_SIZE,
+    show_default=True,
+    help="Images per WebDataset tar shard or Parquet file.",
+)
+def export(
+    manifest: Path,
+    dest: Path,
+    schema_dirs: tuple[Path, ...],
+    output: Path | None,
+    sandbox: bool,
+    fmt: ExportFormat,
+    accepted_only: bool,
+    shard_size: int,
+) -> None:
+    """Write the run's images to DEST (a new folder) as a dataset, with their prompts and provenance. No network.
+
+    Every row carries the image's review decision; --accepted-only keeps the
+    accepted ones. Shard folders (shard-K-of-N/) inside the output folder are summed in.
+    """
+    loaded = load_manifest(manifest, schema_dirs)
+    output_dir = output or default_output_dir(loaded, sandbox=sandbox)
+    if not read_folder(output_dir).records:
+        _point_at_noted_folders(loaded, output_dir)
+        raise _BadInput(f"nothing to export: no journal with jobs in {output_dir} (run the manifest first)")
+    summary = export_dataset(loaded, output_dir, dest, fmt, accepted_only=accepted_only, shard_size=shard_size)
+    for reason in summary.skipped:
+        click.echo(f"warning: left out {reason}", err=True)
+    files = f"{len(summary.files)} file(s)" if fmt != "imagefolder" else "images and metadata.jsonl"
+    click.echo(f"{fmt}: {summary.images} images in {summary.dest} ({files})")
+    click.echo(f"  load it: {_LOADERS[fmt].format(dest=summary.dest, last=len(summary.files) - 1)}")
+
+
+_LOADERS: dict[str, str] = {
+    "imagefolder": 'datasets.load_dataset("imagefolder", data_dir="{dest}")',
+    "webdataset": 'webdataset.WebDataset("{dest}/shard-{{000000..{last:06d}}}.tar").decode("pil")',
+    "parquet": 'datasets.load_dataset("parquet", data_dir="{dest}")',
+}
 
 
 @cli.command()

@@ -12,49 +12,74 @@ links (a tampered journal cannot list, or make a loader read, anything else).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .confined import OutputDir, relative_parts
-from .manifest import Manifest
-from .state import JobRecord
+from .manifest import Job, Manifest
+from .state import FileRecord, JobRecord
 
-__all__ = ["METADATA_NAME", "dataset_rows", "write_metadata"]
+__all__ = ["METADATA_NAME", "DatasetImage", "dataset_images", "dataset_rows", "row_of", "write_metadata"]
 
 METADATA_NAME = "metadata.jsonl"
 _INPUT_COLUMNS = ("prompt", "image_urls")
 
 
-def dataset_rows(
-    manifest: Manifest, records: Mapping[str, JobRecord], folder: OutputDir | None = None
-) -> Iterator[dict[str, Any]]:
-    """The rows, in manifest order, for every image whose download is journalled.
+@dataclass(frozen=True, slots=True)
+class DatasetImage:
+    """One downloaded image: its job, the job's record, its output index and its file."""
+
+    job: Job
+    record: JobRecord
+    index: int
+    file: FileRecord
+
+
+def dataset_images(
+    jobs: Iterable[Job], records: Mapping[str, JobRecord], folder: OutputDir | None = None
+) -> Iterator[DatasetImage]:
+    """Every image whose download is journalled, in job order: the rows of every dataset view
+    (`metadata.jsonl`, the review page, the exports).
 
     With folder, only images that are regular files in it, reached without
     links; without, only sound relative paths (checked lexically).
     """
-    for job in manifest.iter_jobs():
+    for job in jobs:
         record = records.get(job.key)
         if record is None or record.phase != "completed":
             continue
-        parameters = {k: v for k, v in job.input.items() if k not in _INPUT_COLUMNS}
         for index, file in sorted(record.files.items()):
             if not (folder.has_file(file.path) if folder is not None else relative_parts(file.path)):
                 continue  # not downloaded as far as the dataset is concerned
-            yield {
-                "file_name": file.path,
-                "prompt": job.input.get("prompt"),
-                "image_urls": job.input.get("image_urls"),
-                "parameters": parameters,
-                "model": job.model,
-                "job_id": job.name,
-                "job_key": job.key,
-                "repeat_index": job.repeat_index,
-                "output_index": index,
-                "request_id": record.request_id,
-                "sha256": file.sha256,
-            }
+            yield DatasetImage(job, record, index, file)
+
+
+def row_of(image: DatasetImage) -> dict[str, Any]:
+    """The dataset row of one image: ``file_name`` relative to the output folder, then what made it."""
+    job = image.job
+    return {
+        "file_name": image.file.path,
+        "prompt": job.input.get("prompt"),
+        "image_urls": job.input.get("image_urls"),
+        "parameters": {k: v for k, v in job.input.items() if k not in _INPUT_COLUMNS},
+        "model": job.model,
+        "job_id": job.name,
+        "job_key": job.key,
+        "repeat_index": job.repeat_index,
+        "output_index": image.index,
+        "request_id": image.record.request_id,
+        "sha256": image.file.sha256,
+    }
+
+
+def dataset_rows(
+    manifest: Manifest, records: Mapping[str, JobRecord], folder: OutputDir | None = None
+) -> Iterator[dict[str, Any]]:
+    """The rows, in manifest order, for every image whose download is journalled (see `dataset_images`)."""
+    for image in dataset_images(manifest.iter_jobs(), records, folder):
+        yield row_of(image)
 
 
 def write_metadata(manifest: Manifest, output_dir: Path, records: Mapping[str, JobRecord]) -> int:

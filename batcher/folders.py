@@ -48,6 +48,7 @@ __all__ = [
     "default_output_dir",
     "forget_gone_folders",
     "is_rehearsal",
+    "is_shard_folder",
     "ledger_path",
     "noted_folders",
     "parse_shard",
@@ -116,6 +117,11 @@ def refuse_linked_default(folder: Path, manifest: Manifest) -> None:
 
 def shard_folder_name(part: int, shards: int) -> str:
     return f"shard-{part}-of-{shards}"
+
+
+def is_shard_folder(folder: Path) -> bool:
+    """True for a shard's own folder, ``shard-K-of-N``."""
+    return _SHARD_FOLDER.fullmatch(folder.name) is not None
 
 
 def shard_folders(output_dir: Path) -> list[Path]:

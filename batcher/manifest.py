@@ -108,12 +108,16 @@ class Manifest:
 
     shard: tuple[int, int] | None = None
     """``(K, N)`` when this is one slice of the manifest (see `only_shard`)."""
+    extra: tuple[Job, ...] = field(default=(), repr=False, compare=False)
+    """Jobs after the manifest's own, from outside its file: rejected images' replacements (`with_jobs`)."""
 
     def iter_jobs(self) -> Iterator[Job]:
-        """Every job in manifest order, expanding matrices and reading prompt files as it goes."""
-        if self._expander is None:
-            return
-        for job in self._expander.jobs(check=False):
+        """Every job in manifest order, expanding matrices and reading prompt files as it goes; then `extra`."""
+        if self._expander is not None:
+            for job in self._expander.jobs(check=False):
+                if in_shard(job.key, self.shard):
+                    yield job
+        for job in self.extra:
             if in_shard(job.key, self.shard):
                 yield job
 
@@ -134,6 +138,19 @@ class Manifest:
     @cached_property
     def _key_set(self) -> frozenset[int]:
         return frozenset(self._keys)
+
+    def with_jobs(self, extra: Sequence[Job]) -> Manifest:
+        """This manifest with extra jobs after its own (see `batcher.replacements`); the jobs already
+        expanded are reused, not expanded again."""
+        if not extra:
+            return self
+        more = [job for job in extra if in_shard(job.key, self.shard)]
+        keys = array("Q", self._keys)
+        keys.extend(int(job.key, 16) for job in extra)
+        grown = dataclasses.replace(self, extra=(*self.extra, *extra), count=self.count + len(more), _keys=keys)
+        if "jobs" in self.__dict__:  # functools.cached_property keeps its value there
+            grown.__dict__["jobs"] = [*self.jobs, *more]
+        return grown
 
     def only_shard(self, part: int, shards: int) -> Manifest:
         """The same manifest cut to the part-th of shards slices of its jobs."""

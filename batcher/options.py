@@ -97,6 +97,8 @@ class RunOptions:
     never a content-policy block or an input RunComfy cannot use."""
     resubmit_uncertain: bool = False
     """Submit again the jobs whose submit may have been accepted (uncertain) or that RunComfy lost."""
+    replace_rejected: bool = False
+    """Submit one new generation for each image rejected in review (`batcher.replacements`)."""
     over_balance: bool = False
     """Start even when the jobs to submit are estimated over the account's balance."""
     live_prices: bool = True

@@ -7,6 +7,7 @@ works while a run is going and after it. Every figure comes from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,10 +17,13 @@ from rich.table import Table
 
 from .account import price_dirs
 from .cost import estimate, load_price_table
+from .dataset import dataset_images
+from .decisions import read_decisions, review_counts
 from .failures import RETRYABLE
 from .folders import FolderView, read_folder, rehearsal_only
-from .manifest import Manifest
+from .manifest import Job, Manifest
 from .printable import printable
+from .replacements import decisions_folder, pending_replacements, with_replacements
 from .runner import RunSummary
 from .standing import CATEGORIES, AccountFigures, JobStanding, Tally, category_of, opened, tally
 from .state import JOURNAL_NAME
@@ -46,6 +50,15 @@ class StatusReport(Tally):
     warnings: list[str] = field(default_factory=list)
     journals: list[str] = field(default_factory=list)
     """Every journal summed: the folder's own and its shards'."""
+    accepted: int = 0
+    """Images accepted in `batcher review`; `rejected` and `undecided` the same (downloaded images only;
+    all three 0 until a first decision is recorded)."""
+    rejected: int = 0
+    undecided: int = 0
+    replacements_to_submit: int = 0
+    """Rejected images whose replacement `run --replace-rejected` would submit now."""
+    replacements_cost: float = 0.0
+    """Their estimated cost."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,17 +73,33 @@ def status_report(manifest: Manifest, output_dir: Path, view: FolderView | None 
     whole manifest.
     """
     view = view or read_folder(output_dir)
+    manifest = with_replacements(manifest, output_dir, view=view)
+    prices = price_dirs(output_dir, manifest.schema_dirs)
+    decisions = read_decisions(decisions_folder(output_dir))
     with opened(output_dir) as folder:
-        sums = tally(manifest.iter_jobs(), view.records, price_dirs(output_dir, manifest.schema_dirs), folder)
+        sums = tally(manifest.iter_jobs(), view.records, prices, folder)
+        # A second pass over the jobs only once someone reviewed: a prompt file is read again for it.
+        images = dataset_images(manifest.iter_jobs(), view.records, folder) if decisions.lines else iter(())
+        counts = review_counts(((i.job.key, i.index, i.file.sha256) for i in images), decisions)
+    pending = pending_replacements(manifest, output_dir, view=view)
     return StatusReport(
         **{f.name: getattr(sums, f.name) for f in fields(Tally)},
         manifest=str(manifest.path),
         journal=str(view.journals[0]) if view.journals else str(output_dir / JOURNAL_NAME),
         total=manifest.count,
         sandbox=is_sandbox(view),
-        warnings=view.warnings,
+        warnings=view.warnings + decisions.warnings,
         journals=[str(j) for j in view.journals],
+        accepted=counts.accepted,
+        rejected=counts.rejected,
+        undecided=counts.undecided,
+        replacements_to_submit=len(pending),
+        replacements_cost=_estimate_all(pending, prices),
     )
+
+
+def _estimate_all(jobs: list[Job], prices: Sequence[Path]) -> float:
+    return round(sum(estimate(job, prices) or 0.0 for job in jobs), 6)
 
 
 def is_sandbox(view: FolderView) -> bool:
@@ -89,6 +118,14 @@ def _spent_line(spent: float, superseded: float, sandbox: bool) -> str:
     return f"spent {_money(spent)} (as RunComfy reported){apart}"
 
 
+def _replacements_line(count: int, cost: float, sandbox: bool) -> str:
+    price = f"a real run would cost about {_money(cost)}" if sandbox else f"estimated {_money(cost)}"
+    return (
+        f"{count} rejected image(s) to replace: run with --replace-rejected to submit {count} new generation(s) "
+        f"({price})"
+    )
+
+
 def print_status(console: Console, report: StatusReport) -> None:
     console.print(f"{report.manifest}: {report.total} jobs")
     if len(report.journals) > 1:
@@ -99,6 +136,13 @@ def print_status(console: Console, report: StatusReport) -> None:
     for name in CATEGORIES:
         table.add_row(name.replace("_", " "), str(report.counts[name]))
     console.print(table)
+    if report.accepted or report.rejected:
+        console.print(
+            f"review: {report.accepted} accepted, {report.rejected} rejected, {report.undecided} undecided "
+            f"(of {report.accepted + report.rejected + report.undecided} images)"
+        )
+    if report.replacements_to_submit:
+        console.print(_replacements_line(report.replacements_to_submit, report.replacements_cost, report.sandbox))
     console.print(
         _spent_line(report.spent, report.spent_superseded, report.sandbox)
         + (f"; in flight about {_money(report.in_flight_cost)}" if report.in_flight_cost else "")
@@ -230,10 +274,13 @@ def print_summary(console: Console, summary: RunSummary, resume: str | None = No
 PLAN_ROWS_SHOWN = 200
 
 
-def print_plan(console: Console, manifest: Manifest, output_dir: Path) -> None:
-    """The jobs, their state in output_dir's journals (shards summed) and what is left to pay."""
+def print_plan(console: Console, manifest: Manifest, output_dir: Path, *, replace_rejected: bool = False) -> None:
+    """The jobs, their state in output_dir's journals (shards summed) and what is left to pay; with
+    replace_rejected, the replacements of rejected images among them (as ``run --replace-rejected``)."""
     view = read_folder(output_dir)
     prices = price_dirs(output_dir, manifest.schema_dirs)
+    pending = [] if replace_rejected else pending_replacements(manifest, output_dir, view=view)
+    manifest = with_replacements(manifest, output_dir, submit_new=replace_rejected, view=view)
     several = len(manifest.models) > 1
     models = ", ".join(manifest.models)
     table = Table(title=f"{manifest.path}: {manifest.count} jobs for {models}", title_justify="left")
@@ -274,3 +321,5 @@ def print_plan(console: Console, manifest: Manifest, output_dir: Path) -> None:
     missing = f"; {unpriced} jobs have no price table" if unpriced else ""
     label = "sandbox: would cost about" if is_sandbox(view) else "estimated cost of what is left to submit:"
     console.print(f"{label} {_money(left)}{source}{missing}")
+    if pending:
+        console.print(_replacements_line(len(pending), _estimate_all(pending, prices), is_sandbox(view)))

@@ -55,6 +55,7 @@ from .manifest import Job, Manifest
 from .netpolicy import loopback_origin
 from .options import JobSelection, RunOptions, select_jobs
 from .progress import JobStatus, RunProgress
+from .replacements import with_replacements
 from .standing import Category, Tally, category, opened, tally
 from .state import JOURNAL_NAME, Journal
 from .steps import Action, JobSteps, StopKind
@@ -209,6 +210,8 @@ async def run_manifest(
     flight is left uncertain by it); JournalError when the run had to stop.
     """
     options = options or RunOptions()
+    # Rejected images' replacements are the manifest's jobs once sent; new ones only with --replace-rejected.
+    manifest = with_replacements(manifest, _output_dir(manifest, options), submit_new=options.replace_rejected)
     # A bad --only, or jobs another sharding already submitted, fail here, before anything is opened.
     jobs = select_jobs(manifest, options)
     output_dir = _output_dir(manifest, options)

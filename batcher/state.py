@@ -50,6 +50,7 @@ __all__ = [
     "JobRecord",
     "Journal",
     "Phase",
+    "decode_event",
     "encode_event",
     "read_journal",
 ]
@@ -120,8 +121,8 @@ def _readable(value: Any, depth: int) -> Any:
 _CRC_MARK = b',"crc":"'
 
 
-def _decode_event(line: bytes) -> dict[str, Any] | None:
-    """The event on a line, or None when the line is damaged."""
+def decode_event(line: bytes) -> dict[str, Any] | None:
+    """The event on a line (without its newline), or None when the line is damaged or not an event."""
     if len(line) <= _CRC_TAIL or line[-_CRC_TAIL : -_CRC_TAIL + 8] != _CRC_MARK or line[-2:] != b'"}':
         return None
     body = line[:-_CRC_TAIL] + b"}"
@@ -163,7 +164,7 @@ def fold_bytes(
     for index, line in enumerate(lines, line_offset):
         terminated = index - line_offset < last
         end += len(line) + terminated
-        event = _decode_event(line)
+        event = decode_event(line)
         good_end = end
         if event is None:
             # The slow path: blank lines, NUL padding, damage.
@@ -175,7 +176,7 @@ def fold_bytes(
                 continue
             # JSON escapes control characters, so NULs are never ours: power loss pads files with them.
             content = line.rstrip(b"\0")
-            event = _decode_event(content) if len(content) < len(line) else None
+            event = decode_event(content) if len(content) < len(line) else None
             if event is None:
                 if damaged is None:
                     damaged = (index + 1, line)
