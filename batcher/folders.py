@@ -35,7 +35,8 @@ from urllib.parse import urlsplit
 from .errors import BatcherError, UsageError
 from .manifest import Manifest
 from .netpolicy import is_loopback_host
-from .state import JOURNAL_NAME, FileRecord, JobRecord, read_journal
+from .recordtable import RecordTable
+from .state import JOURNAL_NAME, FileRecord, read_journal
 
 __all__ = [
     "LOOPBACK_API",
@@ -150,7 +151,7 @@ class FolderView:
     dataset written there links into the shards' folders.
     """
 
-    records: dict[str, JobRecord] = field(default_factory=dict)
+    records: RecordTable = field(default_factory=RecordTable)
     journals: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     headers: list[dict[str, object]] = field(default_factory=list)

@@ -287,14 +287,15 @@ async def _execute(
         price = estimate(job, run.price_dirs)
         if record is not None:
             run.committed += record.submits * (price or 0.0)
-        action = run.action_for(job)
+        action = run.action_for(job, record)
+        if record is not None and record.phase == "submitting":
+            record = run.records.get(job.key)  # action_for journalled it as uncertain
         plan.append(_CODE[action])
         counts[action] += 1
         if action == "submit":
             estimate_left += price or 0.0
             unpriced += price is None
         status = _INITIAL_STATUS[action]
-        record = run.records.get(job.key)
         if action == "hold":
             # Live counters start from the journal's: a resumed run shows the failures it holds.
             status = _HELD_STATUS.get(category(record), "held")
@@ -366,6 +367,8 @@ async def _execute(
                 except (JournalError, OutputFolderError) as exc:
                     run.fatal = exc
                     group.cancel_scope.cancel()
+                # Done with it this run: keep its record small (a later change decodes it again).
+                run.records.settle(job.key)
 
     async def fsync_loop() -> None:
         while True:

@@ -36,9 +36,10 @@ from typing import Any
 
 import orjson
 
-from .confined import OutputDir, write_atomically
+from .confined import OutputDir
 from .errors import JournalCorruptError, JournalError, JournalLockedError
 from .records import EVENT_KINDS, EventKind, FileRecord, JobRecord, Phase
+from .recordtable import RecordTable, record_from
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -140,7 +141,7 @@ def decode_event(line: bytes) -> dict[str, Any] | None:
 class FoldedJournal:
     """The journal folded: one record per job, the run headers, and any warnings."""
 
-    records: dict[str, JobRecord] = field(default_factory=dict)
+    records: RecordTable = field(default_factory=RecordTable)
     headers: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     good_length: int = 0
@@ -196,7 +197,7 @@ def fold_bytes(
             if event["e"] == "run":
                 folded.headers.append(event)
             continue
-        record = records.get(key)
+        record = records.live(key)
         if record is None:
             record = records[key] = JobRecord(key)
         try:
@@ -260,43 +261,7 @@ def read_journal(path: Path) -> FoldedJournal:
 # second) and folds only the tail. The checkpoint is derived data: any
 # mismatch, damage or version change means it is ignored, never trusted.
 
-_CHECKPOINT_VERSION = 6
-_RECORD_FIELDS = 21
-
-
-def _record_row(record: JobRecord) -> list[Any]:
-    # Lists copied: a checkpoint taken during a run is written on a thread while the records go on changing.
-    files = [[index, f.path, f.bytes, f.sha256] for index, f in record.files.items()]
-    return [
-        record.key,
-        record.name,
-        record.phase,
-        record.request_id,
-        record.remote_state,
-        list(record.outputs),
-        files,
-        record.error,
-        record.cost,
-        record.submits,
-        list(record.request_ids),
-        record.submitted_at,
-        record.finished_at,
-        record.duration,
-        record.spent,
-        record.refused,
-        record.model,
-        record.result_url,
-        record.account,
-        record.failure,
-        dict(record.throttled) if record.throttled else None,
-    ]
-
-
-def _record_from(row: list[Any]) -> JobRecord:
-    # Positional and in place: this runs 200,000 times for a million-event journal.
-    files = row[6]
-    row[6] = {index: FileRecord(path, size, digest) for index, path, size, digest in files} if files else {}
-    return JobRecord(*row)
+_CHECKPOINT_VERSION = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,14 +270,15 @@ class _Snapshot:
 
     length: int
     headers: list[dict[str, Any]]
-    rows: list[list[Any]]
+    rows: list[bytes]
+    """Each record's row, encoded (`batcher.recordtable`): bytes do not change under the writer."""
 
 
 def _snapshot(folded: FoldedJournal, length: int) -> _Snapshot:
     collecting = gc.isenabled()
     gc.disable()  # 200,000 short lists and no cycles: see read_journal
     try:
-        return _Snapshot(length, list(folded.headers), [_record_row(r) for r in folded.records.values()])
+        return _Snapshot(length, list(folded.headers), folded.records.rows())
     finally:
         if collecting:
             gc.enable()
@@ -324,48 +290,65 @@ def write_checkpoint(journal_path: Path, folded: FoldedJournal, length: int) -> 
 
 
 def _write_snapshot(journal_path: Path, snapshot: _Snapshot) -> None:
+    """A header line (what the checkpoint covers), then one line per record: written in blocks, so a
+    checkpoint of 100,000 records is never one 50 MB string."""
     length = snapshot.length
     digest = hashlib.sha256()
     lines = 0
     with OutputDir(journal_path.parent, error=JournalError) as folder:
         fd = folder.open_file((journal_path.name,), os.O_RDONLY)
-    with open(fd, "rb") as handle:
-        left = length
-        while left:
-            chunk = handle.read(min(left, 1 << 20))
-            if not chunk:
-                return  # shorter than we thought: write nothing rather than something wrong
-            digest.update(chunk)
-            lines += chunk.count(b"\n")
-            left -= len(chunk)
-    payload = {
-        "version": _CHECKPOINT_VERSION,
-        "length": length,
-        "lines": lines,
-        "sha256": digest.hexdigest(),
-        "headers": snapshot.headers,
-        "records": snapshot.rows,
-    }
-    write_atomically(journal_path.parent, CHECKPOINT_NAME, _dumps(payload), mode=0o600, error=JournalError)
+        with open(fd, "rb") as handle:
+            left = length
+            while left:
+                chunk = handle.read(min(left, 1 << 20))
+                if not chunk:
+                    return  # shorter than we thought: write nothing rather than something wrong
+                digest.update(chunk)
+                lines += chunk.count(b"\n")
+                left -= len(chunk)
+        header = {
+            "version": _CHECKPOINT_VERSION,
+            "length": length,
+            "lines": lines,
+            "sha256": digest.hexdigest(),
+            "headers": snapshot.headers,
+            "records": len(snapshot.rows),
+        }
+        with folder.stage(CHECKPOINT_NAME, mode=0o600) as staged:
+            staged.write(_dumps(header) + b"\n")
+            for start in range(0, len(snapshot.rows), 4096):
+                staged.write(b"\n".join(snapshot.rows[start : start + 4096]) + b"\n")
+            staged.commit()
 
 
 def _load_checkpoint(path: Path, data: bytes) -> tuple[FoldedJournal, int] | None:
-    """The checkpoint's state and line count, or None when there is none that matches data."""
+    """The checkpoint's state and line count, or None when there is none that matches data.
+
+    Its records are kept settled, as the bytes of their lines (`batcher.recordtable`): each is
+    decoded once here, to check it and find its key, then let go.
+    """
     try:
         raw = path.read_bytes()
     except OSError:
         return None
     try:
-        saved = orjson.loads(raw)
+        lines = raw.split(b"\n")
+        saved = orjson.loads(lines[0])
         length = saved["length"]
         if saved["version"] != _CHECKPOINT_VERSION or not 0 < length <= len(data) or data[length - 1] != 0x0A:
             return None
+        if len(lines) != saved["records"] + 2 or lines[-1]:
+            return None  # cut short, or more than it says
         if hashlib.sha256(memoryview(data)[:length]).hexdigest() != saved["sha256"]:
             return None
-        rows = saved["records"]
-        if not all(len(row) == _RECORD_FIELDS for row in rows):
-            return None
-        records = {row[0]: _record_from(row) for row in rows}
+        records = RecordTable()
+        for line in lines[1:-1]:
+            row = orjson.loads(line)
+            key = row[0]
+            record_from(row)  # only to check it: a row that does not decode makes the checkpoint worthless
+            if not isinstance(key, str) or key in records:
+                return None
+            records.put_row(key, line)
         folded = FoldedJournal(records=records, headers=saved["headers"], good_length=length)
         return folded, int(saved["lines"])
     except (ValueError, KeyError, TypeError, IndexError):
@@ -477,7 +460,7 @@ class Journal:
             if kind == "run":
                 self.folded.headers.append(event)
             return None
-        record = self.folded.records.get(job)
+        record = self.folded.records.live(job)
         if record is None:
             record = self.folded.records[job] = JobRecord(job)
         record.apply(event)

@@ -53,6 +53,7 @@ from .manifest import Job, Manifest
 from .polling import DurationModel, remote_duration
 from .printable import printable
 from .progress import JobStatus, RunProgress
+from .recordtable import RecordTable
 from .state import EventKind, JobRecord, Journal
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ class JobSteps:
         self.client = accounts.primary.client
         """The first account's client: for calls about no job in particular (the outage probe)."""
         self.downloader = downloader
-        self.records: dict[str, JobRecord] = journal.folded.records
+        self.records: RecordTable = journal.folded.records
         accounts.recorded({r.account for r in self.records.values() if r.account})
         self.price_dirs: tuple[Path, ...] = tuple(manifest.schema_dirs)
         """Where prices are looked up: the live tables a run fetched first (see `batcher.account`)."""
@@ -159,8 +160,9 @@ class JobSteps:
 
     # -- planning -------------------------------------------------------------------
 
-    def action_for(self, job: Job) -> Action:
-        record = self.records.get(job.key)
+    def action_for(self, job: Job, record: JobRecord | None = None) -> Action:
+        """What this run does with job; record: its record, when the caller has just read it."""
+        record = record or self.records.get(job.key)
         options = self.options
         if record is None or record.phase == "pending":
             return "submit"
