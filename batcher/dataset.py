@@ -57,12 +57,16 @@ def dataset_rows(
             }
 
 
-def write_metadata(manifest: Manifest, output_dir: Path, records: Mapping[str, JobRecord]) -> int:
+def write_metadata(
+    manifest: Manifest, output_dir: Path, records: Mapping[str, JobRecord], files: OutputDir | None = None
+) -> int:
     """Rewrite ``metadata.jsonl`` atomically; returns the number of rows.
 
+    files, when given, is output_dir open with its own idea of which files are there (a remote output's:
+    the bucket's, see `batcher.remote.StoredFiles`).
     Raises OutputFolderError for a link where it would write, OSError when it cannot.
     """
-    with OutputDir(output_dir) as folder:
+    with files or OutputDir(output_dir) as folder:
         rows = [json.dumps(row, ensure_ascii=False) + "\n" for row in dataset_rows(manifest, records, folder)]
         folder.write_atomically(METADATA_NAME, "".join(rows).encode())
     return len(rows)

@@ -7,6 +7,7 @@ works while a run is going and after it. Every figure comes from
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .account import price_dirs
+from .confined import OutputDir
 from .cost import estimate, load_price_table
 from .failures import RETRYABLE
 from .folders import FolderView, read_folder, rehearsal_only
@@ -51,7 +53,9 @@ class StatusReport(Tally):
         return asdict(self)
 
 
-def status_report(manifest: Manifest, output_dir: Path, view: FolderView | None = None) -> StatusReport:
+def status_report(
+    manifest: Manifest, output_dir: Path, view: FolderView | None = None, files: OutputDir | None = None
+) -> StatusReport:
     """Where every job of manifest stands according to the journals in output_dir.
 
     Shard folders inside output_dir (``shard-K-of-N/``, from ``run --shard``)
@@ -60,7 +64,7 @@ def status_report(manifest: Manifest, output_dir: Path, view: FolderView | None 
     whole manifest.
     """
     view = view or read_folder(output_dir)
-    with opened(output_dir) as folder:
+    with nullcontext(files) if files is not None else opened(output_dir) as folder:
         sums = tally(manifest.iter_jobs(), view.records, price_dirs(output_dir, manifest.schema_dirs), folder)
     return StatusReport(
         **{f.name: getattr(sums, f.name) for f in fields(Tally)},
