@@ -832,9 +832,9 @@ def _remote_report(loaded: Manifest, output: RemoteOutput) -> None:
         rows = write_metadata(loaded, output_dir, folded.records, files)
     with StoredFiles(output_dir, listing) as files:
         write_gallery(loaded, output_dir, folded, files)
-    bucket = Bucket(output)
-    for name in (METADATA_NAME, GALLERY_NAME):
-        bucket.upload(output_dir / name, name)
+    with Bucket(output) as bucket:
+        for name in (METADATA_NAME, GALLERY_NAME):
+            bucket.upload(output_dir / name, name)
     click.echo(f"gallery: {output.url}/{GALLERY_NAME}")
     click.echo(f"dataset: {output.url}/{METADATA_NAME} ({rows} images)")
 

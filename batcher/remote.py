@@ -38,9 +38,11 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +142,8 @@ class RemoteRun:
         """Objects in the bucket (path relative to the output → size), as listed and as uploaded."""
         self._seq = 0
         self._flushed = 0
-        self._lock = anyio.Lock()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._pending: list[str] = []
         self._lease_until = 0.0
         self._barriers = 0
@@ -156,23 +159,22 @@ class RemoteRun:
     async def open(cls, output: RemoteOutput, folder: Path) -> AsyncIterator[RemoteRun]:
         """Check the bucket, take the lease, rebuild the local journal from the bucket, and keep it
         flushed while the block runs; at its end, flush, upload every file, compact, let the lease go."""
-        bucket = Bucket(output)
-        await anyio.to_thread.run_sync(bucket.check)
-        run = cls(bucket, folder)
-        await anyio.to_thread.run_sync(run._take_lease)
-        await anyio.to_thread.run_sync(run._pull)
-        async with anyio.create_task_group() as group:
-            group.start_soon(run._keep_flushing)
+        with Bucket(output) as bucket:
+            await anyio.to_thread.run_sync(bucket.check)
+            run = cls(bucket, folder)
+            await anyio.to_thread.run_sync(run._take_lease)
+            await anyio.to_thread.run_sync(run._pull)
+            flusher = threading.Thread(target=run._keep_flushing, name="batcher-remote", daemon=True)
+            flusher.start()
+            # No task group around the caller's block: its errors must reach the CLI as themselves.
             try:
                 yield run
             except BaseException:
-                group.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True), contextlib.suppress(BatcherError, OSError):
-                    await run._finish()  # as much as can be saved; the run's own error is the one to see
+                    await anyio.to_thread.run_sync(run._finish, flusher)  # save what can be saved
                 raise
-            group.cancel_scope.cancel()
             with anyio.CancelScope(shield=True):
-                await run._finish()
+                await anyio.to_thread.run_sync(run._finish, flusher)
 
     def _take_lease(self) -> None:
         raw = self.bucket.get(LEASE)
@@ -221,11 +223,18 @@ class RemoteRun:
             raise StorageError(self.failed)
         started = time.monotonic()
         target = os.stat(self.folder / JOURNAL_NAME).st_size
-        async with self._lock:
-            if self._flushed < target:
-                await anyio.to_thread.run_sync(self._flush)
+        if self._flushed < target:
+            await anyio.to_thread.run_sync(self._flush_to, target)
         self._barriers += 1
         self._barrier_seconds += time.monotonic() - started
+
+    def _flush_to(self, target: int) -> None:
+        # Submits that came while a PUT was out find their lines flushed by it, or go together in the next.
+        with self._lock:
+            if self._flushed < target:
+                self._flush()
+        if self.failed is not None:
+            raise StorageError(self.failed)
 
     def _flush(self) -> None:
         with open(self.folder / JOURNAL_NAME, "rb") as handle:
@@ -240,6 +249,7 @@ class RemoteRun:
                 f"another machine wrote {self.bucket.output.url}'s journal ({name} exists): this run stops before "
                 "sending anything more. Only one machine may run an output at a time"
             )
+            self.failed = msg
             raise StorageError(msg)
         self._seq += 1
         self._segments += 1
@@ -252,15 +262,15 @@ class RemoteRun:
                     if isinstance(path, str):
                         self._pending.append(path)
 
-    async def _keep_flushing(self) -> None:
-        while True:
-            await anyio.sleep(FLUSH_SECONDS)
+    def _keep_flushing(self) -> None:
+        """The flusher thread: every `FLUSH_SECONDS`, the journal's new lines, the new files, the lease."""
+        while not self._stop.wait(FLUSH_SECONDS):
             try:
-                async with self._lock:
-                    await anyio.to_thread.run_sync(self._flush)
-                await self._upload_pending()
+                with self._lock:
+                    self._flush()
+                self._upload_pending()
                 if self._lease_until - time.time() < LEASE_SECONDS * 2 / 3:
-                    await anyio.to_thread.run_sync(self._renew)
+                    self._renew()
             except (BatcherError, OSError) as exc:
                 # Kept for the next submit's `durable` to raise: no POST leaves after the bucket failed.
                 self.failed = str(exc)
@@ -274,30 +284,36 @@ class RemoteRun:
         checked its sha256 first): a resume on another machine does not fetch it again."""
         return self.stored.get(known.path) == known.bytes
 
-    async def _upload_pending(self) -> None:
-        waiting, self._pending = self._pending, []
-        limiter = anyio.CapacityLimiter(8)
-        async with anyio.create_task_group() as group:
-            for path in waiting:
-                group.start_soon(self._upload_one, path, limiter)
+    def _upload_pending(self) -> None:
+        with self._lock:
+            waiting, self._pending = self._pending, []
+        self._upload(waiting)
 
-    async def _upload_one(self, relative: str, limiter: anyio.CapacityLimiter) -> None:
+    def _upload(self, paths: list[str]) -> None:
+        if paths:
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(self._upload_one, paths))
+
+    def _upload_one(self, relative: str) -> None:
         local = self.folder / relative
         with contextlib.suppress(FileNotFoundError):
             size = local.stat().st_size
             if self.stored.get(relative) == size:
                 return
-            await anyio.to_thread.run_sync(self.bucket.upload, local, relative, limiter=limiter)
+            self.bucket.upload(local, relative)
             self.stored[relative] = size
 
-    async def _finish(self) -> None:
+    def _finish(self, flusher: threading.Thread) -> None:
         """The run's end (or its failure): the journal's last lines, every file not yet up, then the lease."""
-        async with self._lock:
-            await anyio.to_thread.run_sync(self._flush)
-        await self._upload_pending()
-        for relative in await anyio.to_thread.run_sync(self._changed_files):
-            await self._upload_one(relative, anyio.CapacityLimiter(8))
-        await anyio.to_thread.run_sync(self._compact)
+        self._stop.set()
+        flusher.join()
+        with self._lock:
+            self._flush()
+        if self.failed is not None:
+            raise StorageError(self.failed)
+        self._upload_pending()
+        self._upload(self._changed_files())
+        self._compact()
         with contextlib.suppress(StorageError):
             self.bucket.delete([LEASE])
 
@@ -369,15 +385,16 @@ class StoredFiles(OutputDir):
 def pull_view(output: RemoteOutput) -> tuple[Path, dict[str, int]]:
     """A read-only local copy of the output's journals, its own and every shard's (``shard-K-of-N/``), laid
     out as a local output folder is, for `status`, `plan` and `report`; and the bucket's listing."""
-    bucket = Bucket(output)
-    bucket.check()
+    with Bucket(output) as bucket:
+        bucket.check()
+        listing = bucket.listing()
     view = output.cache_dir().with_name(output.cache_dir().name + "-view")
-    listing = bucket.listing()
     shards = sorted({m[1] for name in listing if (m := _SHARD.match(name))})
     for shard in ["", *shards]:
         part = output.child(shard) if shard else output
         own = {n[len(shard) + 1 :]: s for n, s in listing.items() if n.startswith(shard + "/")} if shard else listing
-        data, _ = _read_segments(Bucket(part), own)
+        with Bucket(part) as reader:
+            data, _ = _read_segments(reader, own)
         folder = view / shard if shard else view
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):

@@ -210,6 +210,16 @@ class Bucket:
             objects: Any = [{"Key": self.output.key(r)} for r in relatives[start : start + 1000]]
             self._call("delete_objects", Bucket=self.output.bucket, Delete={"Objects": objects, "Quiet": True})
 
+    def close(self) -> None:
+        """Let the client's connections go."""
+        self._client.close()
+
+    def __enter__(self) -> Bucket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def _call(self, operation: str, **arguments: Any) -> Any:
         self.requests += 1
         try:
