@@ -50,18 +50,21 @@ from .folders import (
     rehearsal_only,
     shard_folders,
 )
-from .gallery import write_gallery
+from .gallery import GALLERY_NAME, write_gallery
 from .manifest import Manifest, load_manifest
 from .notify import check_notify_url, error_payload, send, summary_payload
 from .preflight import check_urls, input_urls
 from .progress import ProgressView, RunProgress, plain_progress_line
+from .remote import StoredFiles, pull_view
 from .replacements import with_replacements
 from .report import print_plan, print_status, print_summary, status_report
 from .review import DEFAULT_PORT, ReviewServer
 from .runner import RunOptions, RunPlan, RunSummary, cancel_manifest, run_manifest
 from .sandbox import DIALECTS, FAULT_KINDS, REFUSALS, Sandbox, SandboxConfig
+from .scheduler import is_auto, shard_from_scheduler
 from .schema import available_models, load_model_schema
 from .state import JOURNAL_NAME, FoldedJournal
+from .storage import Bucket, RemoteOutput, parse_output
 from .tokens import TOKEN_FILE_ENV, TOKENS_ENV, fingerprint, tokens_from_env
 
 __all__ = ["cli", "main"]
@@ -156,23 +159,40 @@ def _shard_option(function: Callable[..., Any]) -> Callable[..., Any]:
         "--shard",
         metavar="K/N",
         callback=lambda _ctx, _param, value: None if value is None else _parse_shard(value),
-        help="Only the K-th of N slices of the jobs (by identity), in output/<name>/shard-K-of-N/.",
+        help="Only the K-th of N slices of the jobs (by identity), in output/<name>/shard-K-of-N/ "
+        "(shard-K-of-N/ below an s3:// output). 'auto' (or auto/N) reads a Kubernetes Indexed Job's or a Slurm "
+        "array's variables.",
     )(function)
 
 
 def _parse_shard(value: str) -> tuple[int, int]:
     try:
+        if is_auto(value):
+            found = shard_from_scheduler(value)
+            click.echo(f"batcher: shard {found.part}/{found.shards}, from {found.source}", err=True)
+            return found.part, found.shards
         return parse_shard(value)
     except UsageError as exc:
         raise click.BadParameter(str(exc).removeprefix("--shard ")) from exc
+
+
+def _parse_output(value: str | None) -> Path | RemoteOutput | None:
+    if value is None:
+        return None
+    try:
+        remote = parse_output(value)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--output ")) from exc
+    return remote if remote is not None else Path(value.removeprefix("file://"))
 
 
 def _output_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "-o",
         "--output",
-        type=click.Path(path_type=Path, file_okay=False),
-        help="Output folder holding the journal and images [default: output/<manifest name>/ in the "
+        callback=lambda _ctx, _param, value: _parse_output(value),
+        help="Output folder holding the journal and images, or s3://bucket/prefix (journal and images in the "
+        "bucket; credentials and AWS_ENDPOINT_URL as the AWS CLI reads them) [default: output/<manifest name>/ in the "
         "manifest's project (the folder above it holding .git), whatever the current folder; "
         "output/sandbox/<manifest name>/ with --sandbox].",
     )(function)
@@ -303,7 +323,7 @@ def _point_at_noted_folders(manifest: Manifest, looked_in: Path) -> None:
 def _load_slice(
     manifest: Path,
     schema_dirs: tuple[Path, ...],
-    output: Path | None,
+    output: Path | RemoteOutput | None,
     shard: tuple[int, int] | None,
     sandbox: bool = False,
 ) -> tuple[Manifest, Path]:
@@ -311,6 +331,8 @@ def _load_slice(
     loaded = load_manifest(manifest, schema_dirs)
     if shard:
         loaded = loaded.only_shard(*shard)
+    if isinstance(output, RemoteOutput):
+        return loaded, pull_view(output)[0]  # every shard's journal, read from the bucket
     return loaded, output or default_output_dir(loaded, shard, sandbox=sandbox)
 
 
@@ -329,7 +351,7 @@ def _load_slice(
 def plan(
     manifest: Path,
     schema_dirs: tuple[Path, ...],
-    output: Path | None,
+    output: Path | RemoteOutput | None,
     shard: tuple[int, int] | None,
     sandbox: bool,
     api_base: str | None,
@@ -375,14 +397,21 @@ def plan(
 @_output_option
 @_sandbox_folder_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, sandbox: bool, as_json: bool) -> None:
+def status(
+    manifest: Path, schema_dirs: tuple[Path, ...], output: Path | RemoteOutput | None, sandbox: bool, as_json: bool
+) -> None:
     """Where every job stands, from the journal. Works during a run. No network.
 
     Shard folders (shard-K-of-N/) inside the output folder are summed in.
     """
     loaded = load_manifest(manifest, schema_dirs)
-    output_dir = output or default_output_dir(loaded, sandbox=sandbox)
-    report = status_report(loaded, output_dir)
+    if isinstance(output, RemoteOutput):
+        output_dir, listing = pull_view(output)
+        with StoredFiles(output_dir, listing) as files:
+            report = status_report(loaded, output_dir, files=files)
+    else:
+        output_dir = output or default_output_dir(loaded, sandbox=sandbox)
+        report = status_report(loaded, output_dir)
     if not report.journals:
         _point_at_noted_folders(loaded, output_dir)
     if as_json:
@@ -536,7 +565,7 @@ def status(manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, s
 def run(
     manifest: Path,
     schema_dirs: tuple[Path, ...],
-    output: Path | None,
+    output: Path | RemoteOutput | None,
     concurrency: int,
     api_base: str | None,
     sandbox: bool,
@@ -579,7 +608,8 @@ def run(
         check_notify_url(notify)
     loaded = load_manifest(manifest, schema_dirs)
     options = RunOptions(
-        output_dir=output,
+        output_dir=output if isinstance(output, Path) else None,
+        remote=output if isinstance(output, RemoteOutput) else None,
         concurrency=concurrency,
         api_base=api_base,
         sandbox=sandbox,
@@ -627,6 +657,8 @@ def run(
     resume = _resume_command(
         manifest, summary, schema_dirs, api_base, sandbox, shard, only, limit, concurrency, replace_rejected
     )
+    if isinstance(output, RemoteOutput):  # the bucket, not this machine's working copy, is the run's place
+        resume = resume.replace(shlex.quote(str(summary.output_dir)), shlex.quote(output.url), 1)
     print_summary(stderr, summary, resume)
     if notify:
         _notify(notify, summary_payload(loaded.name, summary))
@@ -775,7 +807,7 @@ def _run_with_display(manifest: Manifest, options: RunOptions, quiet: bool, on_p
 def cancel(
     manifest: Path,
     schema_dirs: tuple[Path, ...],
-    output: Path | None,
+    output: Path | RemoteOutput | None,
     api_base: str | None,
     sandbox: bool,
     shard: tuple[int, int] | None,
@@ -783,7 +815,8 @@ def cancel(
     """Cancel this manifest's jobs that are queued at RunComfy (running ones cannot be)."""
     loaded = load_manifest(manifest, schema_dirs)
     options = RunOptions(
-        output_dir=output,
+        output_dir=output if isinstance(output, Path) else None,
+        remote=output if isinstance(output, RemoteOutput) else None,
         api_base=api_base,
         sandbox=sandbox,
         sandbox_config=SandboxConfig(schema_dirs=loaded.schema_dirs) if sandbox else None,
@@ -805,12 +838,19 @@ def cancel(
 @_shard_option
 @_sandbox_folder_option
 def report(
-    manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, shard: tuple[int, int] | None, sandbox: bool
+    manifest: Path,
+    schema_dirs: tuple[Path, ...],
+    output: Path | RemoteOutput | None,
+    shard: tuple[int, int] | None,
+    sandbox: bool,
 ) -> None:
     """Write the gallery (index.html) and the dataset's metadata.jsonl. No network.
 
     Shard folders (shard-K-of-N/) inside the output folder are summed in.
     """
+    if isinstance(output, RemoteOutput):
+        _remote_report(load_manifest(manifest, schema_dirs), output)
+        return
     loaded, output_dir = _load_slice(manifest, schema_dirs, output, shard, sandbox)
     view = read_folder(output_dir)
     folded = FoldedJournal(records=view.records, headers=view.headers, warnings=view.warnings)
@@ -826,6 +866,25 @@ def report(
     click.echo(f"gallery: {page}")
     click.echo(f"dataset: {output_dir / METADATA_NAME} ({rows} images)")
     click.echo(f'  load it: datasets.load_dataset("imagefolder", data_dir="{output_dir}")')
+
+
+def _remote_report(loaded: Manifest, output: RemoteOutput) -> None:
+    """`report` for an s3:// output: every shard's journal summed, the gallery and metadata.jsonl written at the
+    output's top, beside the shard folders they link into."""
+    output_dir, listing = pull_view(output)
+    view = read_folder(output_dir)
+    folded = FoldedJournal(records=view.records, headers=view.headers, warnings=view.warnings)
+    if not folded.records:
+        raise _BadInput(f"nothing to report: no journal with jobs in {output.url} (run the manifest first)")
+    with StoredFiles(output_dir, listing) as files:
+        rows = write_metadata(loaded, output_dir, folded.records, files)
+    with StoredFiles(output_dir, listing) as files:
+        write_gallery(loaded, output_dir, folded, files)
+    with Bucket(output) as bucket:
+        for name in (METADATA_NAME, GALLERY_NAME):
+            bucket.upload(output_dir / name, name)
+    click.echo(f"gallery: {output.url}/{GALLERY_NAME}")
+    click.echo(f"dataset: {output.url}/{METADATA_NAME} ({rows} images)")
 
 
 @cli.command()

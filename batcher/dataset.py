@@ -82,13 +82,17 @@ def dataset_rows(
         yield row_of(image)
 
 
-def write_metadata(manifest: Manifest, output_dir: Path, records: Mapping[str, JobRecord]) -> int:
+def write_metadata(
+    manifest: Manifest, output_dir: Path, records: Mapping[str, JobRecord], files: OutputDir | None = None
+) -> int:
     """Rewrite ``metadata.jsonl`` atomically; returns the number of rows.
 
+    files, when given, is output_dir open with its own idea of which files are there (a remote output's:
+    the bucket's, see `batcher.remote.StoredFiles`).
     Raises OutputFolderError for a link where it would write, OSError when it cannot.
     """
     rows = 0
-    with OutputDir(output_dir) as folder, folder.stage(METADATA_NAME) as staged:
+    with files or OutputDir(output_dir) as folder, folder.stage(METADATA_NAME) as staged:
         # Streamed in blocks of rows: 100,000 rows are 50 MB of text, never held at once.
         block: list[str] = []
         for row in dataset_rows(manifest, records, folder):

@@ -151,12 +151,12 @@ def _card(job: Job, record: JobRecord | None, folder: OutputDir) -> str:
 </article>"""
 
 
-def write_gallery(manifest: Manifest, output_dir: Path, folded: FoldedJournal) -> Path:
-    """Write ``index.html`` into output_dir (atomically) and return its path.
+def write_gallery(manifest: Manifest, output_dir: Path, folded: FoldedJournal, files: OutputDir | None = None) -> Path:
+    """Write ``index.html`` into output_dir (atomically) and return its path (files: see `write_metadata`).
 
     Raises OutputFolderError for a link where it would write, OSError when it cannot.
     """
-    with OutputDir(output_dir) as folder:
+    with files or OutputDir(output_dir) as folder:
         return folder.write_atomically(GALLERY_NAME, _page(manifest, folded, folder).encode())
 
 

@@ -24,6 +24,7 @@ from .manifest import Job, Manifest, in_shard
 
 if TYPE_CHECKING:
     from .sandbox import SandboxConfig
+    from .storage import RemoteOutput
 
 __all__ = ["JobSelection", "RunOptions", "select_jobs"]
 
@@ -81,6 +82,9 @@ class RunOptions:
     """Everything `run_manifest` can be told; the CLI's flags map onto these."""
 
     output_dir: Path | None = None
+    remote: RemoteOutput | None = None
+    """An output on object storage (``s3://bucket/prefix``, see `batcher.remote`): the run works in a local
+    working copy and the bucket holds the journal and files; output_dir is then ignored."""
     concurrency: int = 8
     api_base: str | None = None
     token: str | None = None

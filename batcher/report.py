@@ -8,6 +8,7 @@ works while a run is going and after it. Every figure comes from
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .account import price_dirs
+from .confined import OutputDir
 from .cost import estimate, load_price_table
 from .dataset import dataset_images
 from .decisions import read_decisions, review_counts
@@ -64,7 +66,9 @@ class StatusReport(Tally):
         return asdict(self)
 
 
-def status_report(manifest: Manifest, output_dir: Path, view: FolderView | None = None) -> StatusReport:
+def status_report(
+    manifest: Manifest, output_dir: Path, view: FolderView | None = None, files: OutputDir | None = None
+) -> StatusReport:
     """Where every job of manifest stands according to the journals in output_dir.
 
     Shard folders inside output_dir (``shard-K-of-N/``, from ``run --shard``)
@@ -76,7 +80,7 @@ def status_report(manifest: Manifest, output_dir: Path, view: FolderView | None 
     manifest = with_replacements(manifest, output_dir, view=view)
     prices = price_dirs(output_dir, manifest.schema_dirs)
     decisions = read_decisions(decisions_folder(output_dir))
-    with opened(output_dir) as folder:
+    with nullcontext(files) if files is not None else opened(output_dir) as folder:
         sums = tally(manifest.iter_jobs(), view.records, prices, folder)
         # A second pass over the jobs only once someone reviewed: a prompt file is read again for it.
         images = dataset_images(manifest.iter_jobs(), view.records, folder) if decisions.lines else iter(())

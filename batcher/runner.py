@@ -55,6 +55,7 @@ from .manifest import Job, Manifest
 from .netpolicy import loopback_origin
 from .options import JobSelection, RunOptions, select_jobs
 from .progress import JobStatus, RunProgress
+from .remote import RemoteRun, run_output
 from .replacements import with_replacements
 from .standing import Category, Tally, category, opened, tally
 from .state import JOURNAL_NAME, Journal
@@ -149,6 +150,8 @@ class RunSummary(Tally):
 
 
 def _output_dir(manifest: Manifest, options: RunOptions) -> Path:
+    if options.remote is not None:
+        return run_output(options.remote, options.shard).cache_dir()
     if options.output_dir is not None:
         return options.output_dir.resolve()
     folder = default_output_dir(manifest, options.shard, sandbox=options.sandbox)
@@ -159,11 +162,12 @@ def _output_dir(manifest: Manifest, options: RunOptions) -> Path:
 @asynccontextmanager
 async def _open_run(
     manifest: Manifest, options: RunOptions, jobs: JobSelection, *, ledger: bool
-) -> AsyncIterator[tuple[Endpoint, Journal, AccountPool]]:
+) -> AsyncIterator[tuple[Endpoint, Journal, AccountPool, RemoteRun | None]]:
     """What `run_manifest` and `cancel_manifest` share: the endpoint, the folder's journal (locked,
     checked to belong to this API) and a client per account; with ledger, the check that no other folder
     already submitted these jobs, made before the folder is even created."""
     output_dir = _output_dir(manifest, options)
+    remote: RemoteRun | None = None
     async with AsyncExitStack() as stack:
         endpoint = await stack.enter_async_context(
             open_endpoint(
@@ -177,12 +181,17 @@ async def _open_run(
             check_ledger(manifest, jobs.keys(), output_dir, endpoint.identity)
         elif ledger:
             forget_gone_folders()
+        if options.remote is not None:
+            # Before the journal opens: the bucket's journal is the truth, rebuilt here; flushed until the end.
+            remote = await stack.enter_async_context(
+                RemoteRun.open(run_output(options.remote, options.shard), output_dir)
+            )
         journal = Journal(output_dir)
         journal.open()
         stack.callback(journal.close)
         check_journal_api(journal.folded.headers, endpoint.identity, output_dir)
         pool = await stack.enter_async_context(open_pool(endpoint.tokens, endpoint.base_url, options))
-        yield endpoint, journal, pool
+        yield endpoint, journal, pool, remote
 
 
 def _default_sandbox() -> SandboxConfig:
@@ -217,8 +226,11 @@ async def run_manifest(
     output_dir = _output_dir(manifest, options)
     check_no_overlap(output_dir, jobs.keys())
     async with AsyncExitStack() as stack:
-        endpoint, journal, pool = await stack.enter_async_context(_open_run(manifest, options, jobs, ledger=True))
-        remember_folder(manifest, output_dir, endpoint.identity)
+        endpoint, journal, pool, remote = await stack.enter_async_context(
+            _open_run(manifest, options, jobs, ledger=True)
+        )
+        if options.remote is None:  # the bucket is a remote run's record, not a local cache folder
+            remember_folder(manifest, output_dir, endpoint.identity)
         folded = journal.folded
         warnings = list(folded.warnings)
         for warning in warnings:
@@ -236,6 +248,8 @@ async def run_manifest(
             )
         )
         run = JobSteps(manifest, jobs, options, output_dir, journal, pool, downloader)
+        if remote is not None:
+            run.durable, run.stored = remote.durable, remote.present
         account = Account()
         if options.live_prices:
             account = await look_up(
@@ -261,7 +275,8 @@ async def run_manifest(
         )
         await _execute(run, account, on_start, on_plan, balances)
         try:
-            await anyio.to_thread.run_sync(write_metadata, manifest, output_dir, run.records)
+            files = remote.files() if remote is not None else None
+            await anyio.to_thread.run_sync(write_metadata, manifest, output_dir, run.records, files)
         except OSError as exc:
             log.warning("could not write %s: %s", METADATA_NAME, exc.strerror or exc)
         return _summarize(run, warnings, endpoint)
@@ -478,7 +493,7 @@ async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None)
     options = options or RunOptions()
     summary = CancelSummary()
     jobs = select_jobs(manifest, options)
-    async with _open_run(manifest, options, jobs, ledger=False) as (_, journal, pool):
+    async with _open_run(manifest, options, jobs, ledger=False) as (_, journal, pool, _remote):
         folded = journal.folded
         pool.recorded({r.account for r in folded.records.values() if r.account})
         # Jobs edited out of the manifest while queued are paid for all the same: cancel them too.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,7 +54,7 @@ from .polling import DurationModel, remote_duration
 from .printable import printable
 from .progress import JobStatus, RunProgress
 from .recordtable import RecordTable
-from .state import EventKind, JobRecord, Journal
+from .state import EventKind, FileRecord, JobRecord, Journal
 
 if TYPE_CHECKING:
     from .options import JobSelection, RunOptions
@@ -118,6 +118,11 @@ class JobSteps:
         self.retry_skipped_cost = 0.0
         """What resubmitting those would have been estimated at: money not spent."""
         self.without_token: dict[str, list[str]] = {}
+        self.durable: Callable[[], Awaitable[None]] = _written
+        """Returns once the journal's lines so far are durable where the run's journal lives (a remote
+        output's bucket: see `batcher.remote`); awaited between a submit's intent and its POST."""
+        self.stored: Callable[[FileRecord], bool] = _nowhere
+        """True for a journalled file held elsewhere already (a remote output's bucket): not fetched again."""
         """Jobs in flight held because this run has no token for the account that submitted them, by account."""
 
     # -- journal helpers -----------------------------------------------------------
@@ -261,6 +266,7 @@ class JobSteps:
             progress.set(job.key, "submitting")
             # Intent first: if we die while the POST is out, the next run knows it may have been paid, and by whom.
             self.record(job, "submitting", name=job.name, model=job.model, input=job.input, account=lane.account)
+            await self.durable()
             try:
                 # Local images inline, only here.
                 submission = await lane.client.submit(job.model, payload_for(job))
@@ -510,7 +516,9 @@ class JobSteps:
             url = record.outputs[index]
             target = self.target_path(job, index, url)
             known = record.files.get(index)
-            if known is not None and await anyio.to_thread.run_sync(file_matches, self.output_dir, known):
+            if known is not None and (
+                self.stored(known) or await anyio.to_thread.run_sync(file_matches, self.output_dir, known)
+            ):
                 index += 1
                 continue
             progress.set(job.key, "downloading")
@@ -582,3 +590,11 @@ class JobSteps:
 def price_of(job: Job, directories: Sequence[Path]) -> float:
     """The job's price; 0 where no table says (the cap then cannot count it)."""
     return estimate(job, directories) or 0.0
+
+
+async def _written() -> None:
+    """A local journal's line is durable enough once written (see `batcher.state`)."""
+
+
+def _nowhere(_known: FileRecord) -> bool:
+    return False
