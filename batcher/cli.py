@@ -52,8 +52,10 @@ from .folders import (
 )
 from .gallery import GALLERY_NAME, write_gallery
 from .manifest import Manifest, load_manifest
+from .netpolicy import loopback_origin
 from .notify import check_notify_url, error_payload, send, summary_payload
 from .preflight import check_urls, input_urls
+from .printable import printable
 from .progress import ProgressView, RunProgress, plain_progress_line
 from .remote import StoredFiles, pull_view
 from .replacements import with_replacements
@@ -369,10 +371,20 @@ def plan(
     balances: list[tuple[str, float | None]] = []
     given = any(os.environ.get(name, "").strip() for name in ("RUNCOMFY_API_TOKEN", TOKENS_ENV, TOKEN_FILE_ENV))
     headers = read_folder(output_dir).headers
+    journalled = headers[-1].get("api_base") if headers else None
+    if api_base is None and isinstance(journalled, str):
+        if journalled.rstrip("/") == api_base_from_env(None).rstrip("/") or loopback_origin(journalled):
+            api_base = journalled  # the API this folder's runs talked to, not the default
+        else:
+            # A journal is a file anyone could have committed: the token goes to no host it names.
+            click.echo(
+                f"note: this folder's runs used {printable(journalled, 200)}; give --api-base to ask it for "
+                "prices and balances with your token (not asked)",
+                err=True,
+            )
+            offline = True
     if given and not offline and not sandbox and not rehearsal_only(headers):
         tokens = tokens_from_env()
-        if api_base is None and headers and isinstance(headers[-1].get("api_base"), str):
-            api_base = str(headers[-1]["api_base"])  # the API this folder's runs talked to, not the default
         if output is None:
             refuse_linked_default(output_dir, loaded)
         output_dir.mkdir(parents=True, exist_ok=True)  # the live price is kept there, for status and run
@@ -899,7 +911,12 @@ def _remote_report(loaded: Manifest, output: RemoteOutput) -> None:
     help=f"Port to listen on [default: {DEFAULT_PORT}, or any free one when it is taken; 0: any free one].",
 )
 def review(
-    manifest: Path, schema_dirs: tuple[Path, ...], output: Path | None, sandbox: bool, host: str, port: int | None
+    manifest: Path,
+    schema_dirs: tuple[Path, ...],
+    output: Path | RemoteOutput | None,
+    sandbox: bool,
+    host: str,
+    port: int | None,
 ) -> None:
     """Serve a page on loopback to accept or reject every image, beside its inputs. No network but inputs.
 
@@ -909,8 +926,9 @@ def review(
     --replace-rejected` then makes a new generation for each rejected image,
     and `export --accepted-only` hands the rest on.
     """
+    local = _local_only(output, "review")
     loaded = load_manifest(manifest, schema_dirs)
-    output_dir = output or default_output_dir(loaded, sandbox=sandbox)
+    output_dir = local or default_output_dir(loaded, sandbox=sandbox)
     if not read_folder(output_dir).records:
         _point_at_noted_folders(loaded, output_dir)
         raise _BadInput(f"nothing to review: no journal with jobs in {output_dir} (run the manifest first)")
@@ -958,7 +976,7 @@ def export(
     manifest: Path,
     dest: Path,
     schema_dirs: tuple[Path, ...],
-    output: Path | None,
+    output: Path | RemoteOutput | None,
     sandbox: bool,
     fmt: ExportFormat,
     accepted_only: bool,
@@ -969,8 +987,9 @@ def export(
     Every row carries the image's review decision; --accepted-only keeps the
     accepted ones. Shard folders (shard-K-of-N/) inside the output folder are summed in.
     """
+    local = _local_only(output, "export")
     loaded = load_manifest(manifest, schema_dirs)
-    output_dir = output or default_output_dir(loaded, sandbox=sandbox)
+    output_dir = local or default_output_dir(loaded, sandbox=sandbox)
     if not read_folder(output_dir).records:
         _point_at_noted_folders(loaded, output_dir)
         raise _BadInput(f"nothing to export: no journal with jobs in {output_dir} (run the manifest first)")
@@ -987,6 +1006,16 @@ _LOADERS: dict[str, str] = {
     "webdataset": 'webdataset.WebDataset("{dest}/shard-{{000000..{last:06d}}}.tar").decode("pil")',
     "parquet": 'datasets.load_dataset("parquet", data_dir="{dest}")',
 }
+
+
+def _local_only(output: Path | RemoteOutput | None, command: str) -> Path | None:
+    """`review` and `export` read images from a local folder (an s3:// output is not fetched back)."""
+    if isinstance(output, RemoteOutput):
+        raise _BadInput(
+            f"{command} works on a local output folder; {output.url} is in object storage. Copy it down first "
+            f"(aws s3 sync {output.url} ./night), then: batcher {command} ... -o ./night"
+        )
+    return output
 
 
 @cli.command()

@@ -69,6 +69,7 @@ from .results import (
     sane_cost,
 )
 from .retrying import RetryPolicy, TryAgain, parse_retry_after, retrying
+from .transport import pooled_transport
 
 __all__ = [
     "DEFAULT_API_BASE",
@@ -223,8 +224,7 @@ class RunComfyClient:
                 "Cache-Control": "no-cache",
                 "Accept-Encoding": "identity",
             },
-            transport=transport,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport or pooled_transport(max_connections),
             follow_redirects=False,
             event_hooks={"response": [hold_location]},
         )
@@ -319,6 +319,10 @@ class RunComfyClient:
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # The request never left this machine: safe to send again.
             raise _Retry(UnreachableError(f"cannot reach RunComfy while {doing}: {type(exc).__name__}")) from exc
+        except httpx.LocalProtocolError as exc:
+            # h11 refused to write the request (a header it cannot carry): not a byte left this machine.
+            msg = f"the submit could not be written as HTTP ({type(exc).__name__}); nothing was sent"
+            raise ApiError(msg) from exc
         except httpx.TransportError as exc:
             msg = (
                 f"the connection failed after the submit was sent ({type(exc).__name__}); RunComfy may have accepted it"

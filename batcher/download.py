@@ -35,6 +35,7 @@ from .errors import DownloadError, OutputFolderError
 from .netpolicy import origin
 from .redirects import RefusedHopError, TooManyRedirectsError, anonymous_client, display_url, follow
 from .retrying import RetryPolicy, TryAgain, retrying
+from .transport import pooled_transport
 
 __all__ = [
     "DEFAULT_DEADLINE",
@@ -169,8 +170,7 @@ class Downloader:
         self._http = anonymous_client(
             user_agent=f"batcher/{__version__}",
             timeout=timeout or httpx.Timeout(60.0, connect=10.0),
-            transport=transport,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport or pooled_transport(max_connections),
         )
 
     async def __aenter__(self) -> Downloader:

@@ -2,6 +2,7 @@
 
     BatcherError
     ├── UsageError                 bad flags, missing token, unsafe URL given by the user
+    │   └── ManifestChangedError   a prompt file changed while a run was reading it again
     ├── ManifestError              the manifest file or one of its jobs is wrong
     ├── ApiError                   RunComfy answered with an error (or did not answer)
     │   ├── AuthError              token refused (HTTP 401/403; 400004, 401001, 403001): the run stops
@@ -38,6 +39,7 @@ __all__ = [
     "JournalCorruptError",
     "JournalError",
     "JournalLockedError",
+    "ManifestChangedError",
     "ManifestError",
     "OutputFolderError",
     "Problem",
@@ -56,6 +58,11 @@ class BatcherError(Exception):
 
 class UsageError(BatcherError):
     """Raised for bad flags, a missing token or an unsafe URL: fix the command."""
+
+
+class ManifestChangedError(UsageError):
+    """Raised when a run reads its jobs again (it streams them) and they are not the jobs it loaded:
+    a prompt file was edited during the run. The run stops submitting; the next run loads the new file."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio
 import httpx
 
 from ._version import __version__
@@ -110,8 +111,16 @@ def error_payload(name: str, error: BaseException, exit_code: int) -> dict[str, 
     }
 
 
-def send(url: str, payload: dict[str, Any], *, transport: httpx.BaseTransport | None = None) -> str | None:
-    """POST payload to url once; None when the receiver took it, else why not (never raises for a failure)."""
+def send(url: str, payload: dict[str, Any]) -> str | None:
+    """POST payload to url once; None when the receiver took it, else why not (never raises for a failure).
+
+    Bounded in all: TIMEOUT per read and twice it in all (a receiver that drips its answer a byte a
+    second would otherwise hold the run's end for ever), and its body is never read.
+    """
+    return anyio.run(_post, url, payload)
+
+
+async def _post(url: str, payload: dict[str, Any]) -> str | None:
     priority = {"done": "3", "interrupted": "4"}.get(str(payload.get("outcome")), "4")
     tags = {"done": "white_check_mark", "interrupted": "warning"}.get(str(payload.get("outcome")), "x")
     headers = {
@@ -123,11 +132,18 @@ def send(url: str, payload: dict[str, Any], *, transport: httpx.BaseTransport | 
         "X-Priority": priority,
         "X-Tags": tags,
     }
-    try:
-        with httpx.Client(timeout=TIMEOUT, follow_redirects=False, transport=transport) as client:
-            response = client.post(url, json=payload, headers=headers)
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {printable(str(exc), 300)}"
-    if response.status_code >= 300:
-        return f"the receiver answered HTTP {response.status_code}"
+    status = 0
+    with anyio.move_on_after(2 * TIMEOUT):
+        try:
+            async with (
+                httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client,
+                client.stream("POST", url, json=payload, headers=headers) as response,
+            ):
+                status = response.status_code  # the answer's body is not ours to read
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {printable(str(exc), 300)}"
+    if not status:
+        return f"no answer within {2 * TIMEOUT:g} s"
+    if status >= 300:
+        return f"the receiver answered HTTP {status}"
     return None

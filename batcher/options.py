@@ -18,7 +18,7 @@ import httpx
 
 from .client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy
 from .download import DEFAULT_MAX_BYTES
-from .errors import UsageError
+from .errors import ManifestChangedError, UsageError
 from .failures import RETRYABLE, FailureClass
 from .manifest import Job, Manifest, in_shard
 
@@ -71,6 +71,28 @@ class JobSelection:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    def checked(self) -> Iterator[tuple[int, Job]]:
+        """(index, job) for each job, in order, each checked to be the one selected at that index.
+
+        A run reads its jobs again for each pass (prompt files from disk): raises ManifestChangedError
+        when they are not the jobs it loaded, so that a decision taken for one job never reaches another.
+        """
+        index = -1
+        for index, job in enumerate(self):
+            if index >= len(self._keys) or int(job.key, 16) != self._keys[index]:
+                raise self._changed()
+            yield index, job
+        if index + 1 != len(self._keys):
+            raise self._changed()
+
+    def _changed(self) -> ManifestChangedError:
+        msg = (
+            f"the jobs of {self.manifest.path} changed while the run was reading them again (a prompt file "
+            "edited during the run?): it stopped submitting. Run the same command again to go on with the jobs "
+            "as they are now; nothing already sent is sent again"
+        )
+        return ManifestChangedError(msg)
 
     def keys(self) -> Iterator[str]:
         """The selected jobs' keys, in manifest order, without expanding them."""

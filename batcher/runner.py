@@ -38,7 +38,7 @@ from .cost import estimate
 from .dataset import METADATA_NAME, write_metadata
 from .download import Downloader
 from .endpoint import Endpoint, open_endpoint
-from .errors import ApiError, AuthError, BalanceError, JournalError, OutputFolderError
+from .errors import ApiError, AuthError, BalanceError, JournalError, ManifestChangedError, OutputFolderError
 from .failures import FailureClass
 from .folders import (
     api_identity,
@@ -297,7 +297,7 @@ async def _execute(
     estimate_left = 0.0
     unpriced = 0
     finishing = 0
-    for job in run.jobs:
+    for _, job in run.jobs.checked():
         record = run.records.get(job.key)
         price = estimate(job, run.price_dirs)
         if record is not None:
@@ -357,22 +357,27 @@ async def _execute(
         # Paid-for work first, then new submits, each in manifest order: two passes over the jobs
         # (the first only when there is paid-for work), so no list of 100,000 jobs is ever held.
         async with send:
-            if counts["poll"] + counts["download"] > len(superseded):
-                for index, job in enumerate(run.jobs):
-                    if plan[index] in _PAID_FOR:
-                        if run.halted:
-                            return
-                        await send.send((job, _ACTIONS[plan[index]]))
-            for item in superseded:
-                if run.halted:
-                    return
-                await send.send(item)
-            if counts["submit"]:
-                for index, job in enumerate(run.jobs):
-                    if plan[index] == _SUBMIT:
-                        if run.halted or run.stop_submitting:
-                            return
-                        await send.send((job, "submit"))
+            try:
+                if counts["poll"] + counts["download"] > len(superseded):
+                    for index, job in run.jobs.checked():
+                        if plan[index] in _PAID_FOR:
+                            if run.halted:
+                                return
+                            await send.send((job, _ACTIONS[plan[index]]))
+                for item in superseded:
+                    if run.halted:
+                        return
+                    await send.send(item)
+                if counts["submit"]:
+                    for index, job in run.jobs.checked():
+                        if plan[index] == _SUBMIT:
+                            if run.halted or run.stop_submitting:
+                                return
+                            await send.send((job, "submit"))
+            except ManifestChangedError as exc:
+                # What was sent stays sent and is finished; nothing more is decided from a stale plan.
+                run.changed = exc
+                run.halt("changed", str(exc))
 
     async def worker(jobs: anyio.abc.ObjectReceiveStream[tuple[Job, Action]]) -> None:
         async with jobs:
@@ -434,6 +439,8 @@ async def _execute(
         raise run.fatal
     if run.halt_error is not None:
         raise run.halt_error
+    if run.changed is not None:
+        raise run.changed
 
 
 def _superseded_in_flight(run: JobSteps) -> list[tuple[Job, Action]]:

@@ -39,6 +39,7 @@ from .errors import (
     BalanceError,
     DownloadError,
     JournalError,
+    ManifestChangedError,
     OutputFolderError,
     RateLimitedError,
     RequestGoneError,
@@ -65,7 +66,7 @@ log = logging.getLogger("batcher")
 
 Action = Literal["submit", "poll", "download", "hold", "done"]
 """What a run does next with a job, decided once from its record (`JobSteps.action_for`)."""
-StopKind = Literal["interrupted", "terminated", "budget", "balance", "outage", "auth", "timeout"]
+StopKind = Literal["interrupted", "terminated", "budget", "balance", "outage", "auth", "timeout", "changed"]
 """Why a run sent no more submits."""
 
 
@@ -106,6 +107,8 @@ class JobSteps:
         self.halted: str | None = None
         """Set when every wait must end now (a refused token, SIGTERM, an outage past its patience)."""
         self.halt_error: AuthError | None = None
+        self.changed: ManifestChangedError | None = None
+        """Set when the jobs read again were not the jobs loaded (see `JobSelection.checked`)."""
         self.waits: set[anyio.CancelScope] = set()
         """Polls and downloads in progress: a halt cancels them (submits in flight get their answers)."""
         self.committed = 0.0
@@ -203,6 +206,9 @@ class JobSteps:
             return
         lane: Lane | None = None
         if action == "submit":
+            if not self.still_to_submit(job):
+                log.warning("%s: not sent: the journal says it is %s", job.name, self.records[job.key].phase)
+                return
             if self.stop_submitting or not self.within_budget(job):
                 progress.set(job.key, "pending")
                 return
@@ -225,6 +231,18 @@ class JobSteps:
         if self.records[job.key].phase == "completed":
             with self.wait_scope():
                 await self.download(job)
+
+    def still_to_submit(self, job: Job) -> bool:
+        """Whether the journal still says job is to be sent, checked at the last moment: a plan's word
+        is never enough to pay for a job twice."""
+        record = self.records.get(job.key)
+        if record is None or record.phase == "pending":
+            return True
+        if record.phase in ("uncertain", "lost"):
+            return self.options.resubmit_uncertain
+        if record.phase in ("failed", "cancelled"):
+            return self.options.retry_failed
+        return False  # submitting, submitted, completed: sent already
 
     def within_budget(self, job: Job) -> bool:
         """Count job's estimated price against --max-cost; False (and stop submitting) past the cap."""

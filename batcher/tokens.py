@@ -66,7 +66,7 @@ def tokens_from_env() -> tuple[str, ...]:
     if listed:
         return _checked([t.strip() for t in listed.split(",")], TOKENS_ENV)
     if single:
-        return (single,)
+        return _checked([single], TOKEN_ENV)
     msg = (
         f"no API token: set {TOKEN_ENV} (RunComfy profile > API keys), {TOKENS_ENV} (several, comma-separated) "
         f"or {TOKEN_FILE_ENV}, or add --sandbox to rehearse the run locally without one"
@@ -114,8 +114,13 @@ def _checked(tokens: list[str], source: str) -> tuple[str, ...]:
     if not tokens or any(not t for t in tokens):
         msg = f"{source} holds an empty token: give one or more tokens, comma-separated (no empty ones)"
         raise UsageError(msg)
-    if any(any(c.isspace() or not c.isprintable() for c in t) for t in tokens):
-        msg = f"{source} holds a token with spaces or control characters in it: one token per entry"
+    # An HTTP header takes visible ASCII only: anything else fails in the client before a byte is sent,
+    # where it would look like a submit lost in flight (found by review: every job "uncertain").
+    if any(not t.isascii() or any(c.isspace() or not c.isprintable() for c in t) for t in tokens):
+        msg = (
+            f"{source} holds a token with spaces, control or non-ASCII characters in it: copy it again from "
+            "RunComfy (profile > API keys), one token per entry"
+        )
         raise UsageError(msg)
     prints = [fingerprint(t) for t in tokens]
     repeated = sorted({p for p in prints if prints.count(p) > 1})

@@ -127,27 +127,35 @@ def measure(fn: Callable[[], None]) -> tuple[float, float]:
 
 
 def bench_overhead(args: argparse.Namespace) -> None:
+    for concurrency in args.overhead_concurrency:
+        _overhead_at(args, concurrency)
+
+
+def _overhead_at(args: argparse.Namespace, concurrency: int) -> None:
     rows = []
     with SandboxProcess("--queue-delay", "0", "--run-delay", "0") as sandbox, tempfile.TemporaryDirectory() as tmp:
         manifest = load_manifest(write_manifest(Path(tmp) / "bench.yaml", args.jobs))
         for attempt in range(args.repeat):
             folder = Path(tmp) / f"floor{attempt}"
             folder.mkdir()
-            floor_args = (sandbox.url, args.jobs, args.concurrency, folder)
+            floor_args = (sandbox.url, args.jobs, concurrency, folder)
             rows.append(("floor", *measure(lambda a=floor_args: anyio.run(floor, *a))))
             options = RunOptions(
                 output_dir=Path(tmp) / f"batcher{attempt}",
-                concurrency=args.concurrency,
+                concurrency=concurrency,
                 api_base=sandbox.url,
                 token="bench",
+                # The floor's pace: it asks for the result as soon as it has the request id, then again.
                 poll_min=0.05,
+                poll_max=0.05,
+                new_output=True,  # the same jobs each attempt, on purpose
             )
             rows.append(("batcher", *measure(lambda o=options: anyio.run(run_manifest, manifest, o))))
     floor_wall = statistics.median(r[1] for r in rows if r[0] == "floor")
     floor_cpu = statistics.median(r[2] for r in rows if r[0] == "floor")
     ours_wall = statistics.median(r[1] for r in rows if r[0] == "batcher")
     ours_cpu = statistics.median(r[2] for r in rows if r[0] == "batcher")
-    print(f"\n## overhead: {args.jobs} jobs, concurrency {args.concurrency}, median of {args.repeat}")
+    print(f"\n## overhead: {args.jobs} jobs, concurrency {concurrency}, median of {args.repeat}")
     print("| client | wall s | client CPU s | CPU ms/job |")
     print("|---|---|---|---|")
     print(f"| floor (bare httpx) | {floor_wall:.2f} | {floor_cpu:.2f} | {floor_cpu / args.jobs * 1000:.2f} |")
@@ -487,6 +495,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=5000, help="jobs for the overhead section")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--overhead-concurrency", type=int, nargs="+", default=[64, 256], help="concurrencies of the overhead section"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each client in the overhead section")
     parser.add_argument("--memory-jobs", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--memory-run-max", type=int, default=10_000, help="run (not only plan) up to this size")

@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 
 from batcher import SandboxThread, load_manifest, read_journal, run_manifest
 from batcher.cli import cli
+from batcher.errors import ManifestChangedError
 from batcher.standing import category
 from batcher.state import JOURNAL_NAME
 
@@ -487,3 +488,100 @@ async def test_server_text_in_the_live_price_is_made_printable(tmp_path: Path) -
     table = (tmp_path / "out" / ".prices" / "openai" / "gpt-image-1-5" / "image-to-image.pricing.json").read_text()
     said = " ".join(seen[0].prices)
     assert "\x1b" not in said and "\\u001b" not in table and "PWNED" not in table and "per output" in said
+
+
+# -- a prompt file edited during a run -----------------------------------------------------------
+
+
+async def test_a_prompt_file_edited_during_a_run_stops_it_and_nothing_is_sent_twice(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """A run reads its jobs again to feed them (it holds keys, not jobs): rows inserted at the top of the
+    prompt file in between must not make one job's plan apply to another (found by review: paid twice)."""
+    rows = tmp_path / "rows.csv"
+    rows.write_text("id,prompt\n" + "".join(f"r{i:02d},prompt {i}\n" for i in range(8)))
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "model: openai/gpt-image-1-5/image-to-image\n"
+        "jobs:\n  - from: rows.csv\n    image_urls: ['https://example.org/ref.jpg']\n"
+    )
+    sandbox = start_sandbox()
+    options = fast_options(api_base=sandbox.url, output_dir=tmp_path / "out")
+    first = await run_manifest(
+        load_manifest(path), fast_options(api_base=sandbox.url, output_dir=tmp_path / "out", limit=4)
+    )
+    assert first.done == 4
+
+    def edit(_plan: object) -> None:  # after the plan, before the jobs are fed: new rows on top
+        rows.write_text("id,prompt\n" + "".join(f"n{i:02d},new {i}\n" for i in range(4)) + rows.read_text()[10:])
+
+    with pytest.raises(ManifestChangedError, match="changed while the run was reading them again"):
+        await run_manifest(load_manifest(path), options, on_plan=edit)
+    assert max(_submits_per_job(sandbox).values()) == 1, "no job is paid for twice"
+
+    again = await run_manifest(load_manifest(path), options)  # the file as it is now: the rest, once each
+    assert again.exit_code == 0
+    submits = _submits_per_job(sandbox)
+    assert max(submits.values()) == 1 and len(submits) == 12
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("RUNCOMFY_API_TOKEN", "SECRETXYZ\nabc"), ("RUNCOMFY_API_TOKENS", "tokenAAAA,SECRET\u00e99999")],
+)
+def test_a_token_no_http_header_can_carry_is_bad_input_not_uncertain_submits(
+    runner: CliRunner,
+    tmp_path: Path,
+    start_sandbox: StartSandbox,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+) -> None:
+    """Found by review: a newline in the token failed in h11 before sending, and every job was journalled
+    'uncertain'; a non-ASCII one was a traceback."""
+    monkeypatch.delenv("RUNCOMFY_API_TOKEN", raising=False)
+    monkeypatch.setenv(variable, value)
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    result = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert "non-ASCII" in result.output and "Traceback" not in result.output
+    assert "SECRET" not in result.output
+    assert not sandbox.sandbox.submits and not (tmp_path / "out" / JOURNAL_NAME).exists()
+
+
+def test_plan_sends_no_token_to_an_api_base_a_journal_names(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: `plan` took the API base from the folder's journal (a file anyone could commit)
+    and asked it for prices with the user's token."""
+    from batcher.state import Journal
+
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    journal = Journal(tmp_path / "out")
+    journal.open()
+    journal.append("run", manifest=str(manifest), api_base="https://192.0.2.2:18801", jobs=2)
+    journal.close()
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", "tok-" + "x" * 20)
+    result = runner.invoke(cli, ["plan", str(manifest), "-o", str(tmp_path / "out")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "this folder's runs used https://192.0.2.2:18801" in result.output
+    assert "account balance:" not in result.output and "price:" not in result.output
+
+
+@pytest.mark.parametrize("command", ["review", "export"])
+def test_review_and_export_of_an_object_storage_output_are_bad_input(
+    runner: CliRunner, tmp_path: Path, command: str
+) -> None:
+    """Found by review: an s3:// output reached code that reads a local folder (a traceback)."""
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
+    args = [
+        command,
+        str(manifest),
+        *([str(tmp_path / "dest")] if command == "export" else []),
+        "-o",
+        "s3://my-bucket/run",
+    ]
+    result = runner.invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert "works on a local output folder" in result.output

@@ -142,3 +142,34 @@ def test_an_interrupted_run_says_so(tmp_path: Path, receiver: Receiver) -> None:
     (_, body), *_ = receiver.posts
     assert body["outcome"] == "interrupted" and body["exit_code"] == 130
     assert "was interrupted" in body["text"] and body["summary"]["interrupted"] is True
+
+
+def test_a_receiver_that_drips_its_answer_cannot_hold_the_run_s_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the per-read timeout alone let a byte a second hold `run` for ever."""
+    import socket
+    import threading
+    import time
+
+    from batcher import notify
+
+    monkeypatch.setattr(notify, "TIMEOUT", 0.5)
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.is_set():
+                conn.sendall(b"X-Drip: y\r\n")
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    failure = notify.send(f"http://127.0.0.1:{server.getsockname()[1]}/hook", {"outcome": "done", "text": "t"})
+    stop.set()
+    server.close()
+    assert failure is not None and "no answer within" in failure
+    assert time.monotonic() - started < 5
