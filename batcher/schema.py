@@ -84,6 +84,7 @@ _PER_FIELD_KEYWORDS = {
     "additionalProperties",
 }
 _CACHE_LIMIT = 20_000
+_UNSET = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +136,10 @@ class ModelSchema:
                     problems.append(FieldError(_dotted(error.absolute_path), _explain(error)))
         else:
             problems.extend(FieldError("", f"{name!r} is required") for name in checks.required if name not in payload)
-            by_field, field_errors = checks.by_field, checks.field_errors
+            by_field, field_errors, sound = checks.by_field, checks.field_errors, checks.sound_defaults
             for name, value in payload.items():
-                if name in by_field:
+                # A default `with_defaults` filled in is that very object, checked once: most fields of most jobs.
+                if name in by_field and value is not sound.get(name, _UNSET):
                     problems.extend(field_errors(name, value))
         return sorted(problems, key=lambda p: p.field) if problems else problems
 
@@ -174,6 +176,12 @@ class _Checks:
             if name not in required and "default" in spec
         }
         self._seen: dict[tuple[str, Any], tuple[FieldError, ...]] = {}
+        self.sound_defaults = {
+            name: default
+            for name, default in self.defaults.items()
+            if self.by_field is not None and name in self.by_field and not any(self.by_field[name].iter_errors(default))
+        }
+        """The defaults that pass their own field's check, by identity in `ModelSchema.validate`."""
         self.plain_strings: dict[str, Callable[[Any], bool]] = {}
         """Fields whose valid values a few Python tests recognise (jsonschema still words any refusal)."""
         for name, spec in schema.get("properties", {}).items():
