@@ -64,6 +64,12 @@ class RunProgress:
         if status in ("done", "refused", "failed", "lost") and old is not None and old not in _ENDED:
             self.finished_this_run += 1
 
+    def settle(self, key: str) -> None:
+        """The run is done with key: its status stays counted, but is no longer held by key (100,000
+        finished jobs would otherwise keep 100,000 entries). Only for a job nothing will set again."""
+        if self.status_of.get(key) in _ENDED:
+            del self.status_of[key]
+
     def error(self, name: str, message: str) -> None:
         # Shown on a live terminal: whatever a server put in it is made printable first.
         self.recent_errors = [*self.recent_errors[-4:], printable(f"{name}: {message}", 300)]

@@ -9,12 +9,16 @@ one gives a fresh copy; changing one goes through `RecordTable.live`, which
 decodes it and keeps the live object from then on, so a change is never
 made to a copy that is then dropped.
 
-The row is also what a checkpoint holds, line by line: settling costs one
-encoding, and a checkpoint of settled records copies bytes, not objects.
+The row is also what a checkpoint holds, line by line. Settled in a run,
+it is kept deflated with the table's first settled row as the dictionary
+(rows of one run share their URLs, model and shape): about 90 bytes instead
+of 500, for 5 µs to settle and 1 µs to inflate. A checkpoint's rows load as
+they are, undeflated, so a resume spends no time on them.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
@@ -22,7 +26,7 @@ import orjson
 
 from .records import FileRecord, JobRecord
 
-__all__ = ["RECORD_FIELDS", "RecordTable", "record_from", "record_row"]
+__all__ = ["RECORD_FIELDS", "RecordTable", "Rows", "record_from", "record_row"]
 
 RECORD_FIELDS = 21
 """The length of a record's row; a row of another length is not one of this version's."""
@@ -70,34 +74,44 @@ def record_from(row: list[Any]) -> JobRecord:
     return JobRecord(*row)
 
 
-def _settled(record: JobRecord) -> bytes:
-    # Copied to a bytes object of its own size: orjson's comes in a 4 KB allocation that realloc keeps.
-    return bytes(memoryview(orjson.dumps(record_row(record))))
+# A 1 KB window holds the dictionary row and the row; memory level 2 keeps each compressor's state small.
+_WBITS = -10
+_DEFLATED = b"\x00"
+"""The first byte of a deflated row (a row as JSON starts with ``[``)."""
+
+
+def _encoded(record: JobRecord) -> bytes:
+    return orjson.dumps(record_row(record))
 
 
 def _thawed(row: bytes) -> JobRecord:
     found = orjson.loads(row)
-    assert isinstance(found, list)  # rows are only ever made by _settled or read back checked
+    assert isinstance(found, list)  # rows are only ever made by _encoded or read back checked
     return record_from(found)
 
 
 class RecordTable(MutableMapping[str, JobRecord]):
     """The journal's records by job key (see the module docstring)."""
 
-    __slots__ = ("_rows",)
+    __slots__ = ("_dictionary", "_rows")
 
     def __init__(self) -> None:
         self._rows: dict[str, JobRecord | bytes] = {}
+        self._dictionary: bytes | None = None
+        """The deflate dictionary: the first row this table settled."""
+
+    def _row(self, stored: bytes) -> bytes:
+        return _inflated(stored, self._dictionary)
+
+    def _record(self, stored: JobRecord | bytes) -> JobRecord:
+        return stored if isinstance(stored, JobRecord) else _thawed(self._row(stored))
 
     def __getitem__(self, key: str) -> JobRecord:
-        found = self._rows[key]
-        return found if isinstance(found, JobRecord) else _thawed(found)
+        return self._record(self._rows[key])
 
     def get(self, key: str, default: Any = None) -> Any:  # the hot path: no KeyError raised and caught
         found = self._rows.get(key)
-        if found is None:
-            return default
-        return found if isinstance(found, JobRecord) else _thawed(found)
+        return default if found is None else self._record(found)
 
     def __setitem__(self, key: str, record: JobRecord) -> None:
         self._rows[key] = record
@@ -119,19 +133,50 @@ class RecordTable(MutableMapping[str, JobRecord]):
         found = self._rows.get(key)
         if found is None or isinstance(found, JobRecord):
             return found
-        record = self._rows[key] = _thawed(found)
+        record = self._rows[key] = _thawed(self._row(found))
         return record
 
     def settle(self, key: str) -> None:
         """Keep key's record as bytes until it is changed again: for a job this run is done with."""
         found = self._rows.get(key)
         if isinstance(found, JobRecord):
-            self._rows[key] = _settled(found)
+            row = _encoded(found)
+            if self._dictionary is None:
+                self._dictionary = row
+            deflate = zlib.compressobj(6, zlib.DEFLATED, _WBITS, 2, zlib.Z_DEFAULT_STRATEGY, self._dictionary)
+            self._rows[key] = _DEFLATED + deflate.compress(row) + deflate.flush()
 
     def put_row(self, key: str, row: bytes) -> None:
         """Keep a checkpoint's row as it is, settled (it was checked to decode when read)."""
         self._rows[key] = row
 
-    def rows(self) -> list[bytes]:
-        """Every record as its row's bytes, in the table's order: settled ones as kept, live ones encoded now."""
-        return [found if isinstance(found, bytes) else _settled(found) for found in self._rows.values()]
+    def rows(self) -> Rows:
+        """Every record's row, in the table's order: a copy taken now (live records encoded, settled ones as
+        kept), inflated to JSON only as it is iterated, so a checkpoint's writer thread does that part."""
+        stored = [found if isinstance(found, bytes) else _encoded(found) for found in self._rows.values()]
+        return Rows(stored, self._dictionary)
+
+
+class Rows:
+    """Rows copied from a `RecordTable`; iterating gives each as JSON bytes."""
+
+    __slots__ = ("_dictionary", "_stored")
+
+    def __init__(self, stored: list[bytes], dictionary: bytes | None) -> None:
+        self._stored = stored
+        self._dictionary = dictionary
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (_inflated(stored, self._dictionary) for stored in self._stored)
+
+
+def _inflated(stored: bytes, dictionary: bytes | None) -> bytes:
+    """A stored row as JSON (deflated ones start with `_DEFLATED`; JSON rows with ``[``)."""
+    if stored[:1] != _DEFLATED:
+        return stored
+    assert dictionary is not None  # set by the first deflation, before any deflated row exists
+    inflate = zlib.decompressobj(_WBITS, zdict=dictionary)
+    return inflate.decompress(stored[1:]) + inflate.flush()

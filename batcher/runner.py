@@ -389,6 +389,7 @@ async def _execute(
                     group.cancel_scope.cancel()
                 # Done with it this run: keep its record small (a later change decodes it again).
                 run.records.settle(job.key)
+                run.progress.settle(job.key)
 
     async def fsync_loop() -> None:
         while True:

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import gc
 import hashlib
+import itertools
 import os
 import re
 import stat
@@ -39,7 +40,7 @@ import orjson
 from .confined import OutputDir
 from .errors import JournalCorruptError, JournalError, JournalLockedError
 from .records import EVENT_KINDS, EventKind, FileRecord, JobRecord, Phase
-from .recordtable import RecordTable, record_from
+from .recordtable import RecordTable, Rows, record_from
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -270,8 +271,8 @@ class _Snapshot:
 
     length: int
     headers: list[dict[str, Any]]
-    rows: list[bytes]
-    """Each record's row, encoded (`batcher.recordtable`): bytes do not change under the writer."""
+    rows: Rows
+    """Each record's row (`batcher.recordtable`): bytes, which do not change under the writer."""
 
 
 def _snapshot(folded: FoldedJournal, length: int) -> _Snapshot:
@@ -316,8 +317,9 @@ def _write_snapshot(journal_path: Path, snapshot: _Snapshot) -> None:
         }
         with folder.stage(CHECKPOINT_NAME, mode=0o600) as staged:
             staged.write(_dumps(header) + b"\n")
-            for start in range(0, len(snapshot.rows), 4096):
-                staged.write(b"\n".join(snapshot.rows[start : start + 4096]) + b"\n")
+            rows = iter(snapshot.rows)
+            while block := list(itertools.islice(rows, 4096)):
+                staged.write(b"\n".join(block) + b"\n")
             staged.commit()
 
 

@@ -5,6 +5,8 @@
 
 Sections (each prints a table row or two):
 
+load      seconds and peak RSS to load, validate and identify --load-jobs jobs from a CSV prompt file
+          and from a YAML jobs list, each in a fresh process (and an earlier checkout's, with --before).
 overhead  wall and client CPU of `run_manifest` (journal, downloads, progress
           counters on) against a floor: a bare httpx script making the same
           calls (submit, one result poll, download) at the same concurrency.
@@ -176,9 +178,11 @@ from batcher import RunOptions, load_manifest, run_manifest
 manifest = load_manifest({manifest!r})
 planned = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if {run!r}:
-    options = RunOptions(output_dir=Path({out!r}), concurrency=64, api_base={url!r}, token="bench", poll_min=0.05)
+    options = RunOptions(
+        output_dir=Path({out!r}), concurrency=64, api_base={url!r}, token="bench", poll_min=0.05, poll_max=0.05
+    )
     summary = anyio.run(run_manifest, manifest, options)
-    assert summary.done == len(manifest.jobs), summary
+    assert summary.done == manifest.count, summary
 print(planned, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -479,7 +483,49 @@ def bench_fsync(args: argparse.Namespace) -> None:
             print(f"| {name} | {elapsed / args.fsync_events * 1e6:.1f} |")
 
 
+# -- load ---------------------------------------------------------------------------------
+
+_LOAD_CHILD = """
+import resource, sys, time
+sys.path.insert(0, {root!r})
+from batcher import load_manifest
+started = time.perf_counter()
+manifest = load_manifest({manifest!r})  # read, expand, validate every job and hash its identity
+print(manifest.count, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_load(args: argparse.Namespace) -> None:
+    """Load + validate + identity, each source in a fresh process; with --before, the same for another checkout."""
+    print(f"\n## load: read, expand, validate and identify every job (best of {args.repeat})")
+    print("| source | jobs | seconds | peak RSS MB | before: seconds | before: peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = args.load_jobs
+        for kind, manifest in (
+            ("CSV prompt file", write_prompt_file(Path(tmp), rows)),
+            ("YAML jobs list", write_manifest(Path(tmp) / f"y{rows}.yaml", rows)),
+        ):
+            figures = []
+            for root in (str(ROOT), args.before):
+                if root is None:
+                    figures.append("–")
+                    figures.append("–")
+                    continue
+                runs = []
+                for _ in range(args.repeat):
+                    code = _LOAD_CHILD.format(root=root, manifest=str(manifest))
+                    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                    count, seconds, peak = out.stdout.split()
+                    assert int(count) == rows
+                    runs.append((float(seconds), int(peak) / 1024))
+                figures.append(f"{min(r[0] for r in runs):.2f}")
+                figures.append(f"{min(r[1] for r in runs):.0f}")
+            print(f"| {kind} | {rows:,} | {' | '.join(figures)} |")
+
+
 SECTIONS = {
+    "load": bench_load,
     "overhead": bench_overhead,
     "memory": bench_memory,
     "prompts": bench_prompts,
@@ -519,6 +565,12 @@ def main() -> None:
     parser.add_argument("--account-run-delay", type=float, default=1.0)
     parser.add_argument("--account-concurrency", type=int, default=16)
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--load-jobs", type=int, default=100_000, help="jobs for the load section")
+    parser.add_argument(
+        "--before",
+        help="a checkout of an earlier batcher (git worktree add /tmp/old REV): the load and resume "
+        "sections measure it too, in the same run",
+    )
     args = parser.parse_args()
     # Runs of one manifest into several folders on purpose: keep them out of the user's ledger (and its refusals).
     os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="batcher-bench-state-")

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from batcher import JournalCorruptError, JournalLockedError
-from batcher.state import JOURNAL_NAME, Journal, encode_event, fold_bytes, read_journal
+from batcher.state import JOURNAL_NAME, Journal, encode_event, fold_bytes, read_journal, write_checkpoint
 
 
 def _events() -> list[dict[str, object]]:
@@ -245,3 +245,36 @@ def test_a_torn_tail_after_a_checkpoint_is_cut_as_usual(tmp_path: Path) -> None:
     journal.open()
     journal.close()
     assert path.read_bytes() == good
+
+
+def test_a_settled_record_reads_back_equal_and_changes_only_through_live(tmp_path: Path) -> None:
+    """RecordTable keeps records a run is done with as deflated rows: reading gives an equal copy,
+    `live` the one to change, and a checkpoint of settled rows folds back to the same records."""
+    from batcher.recordtable import RecordTable, record_row
+
+    journal = Journal(tmp_path)
+    journal.open()
+    for i in range(3):
+        key = f"{i:016x}"
+        journal.append("submitting", key, name=f"job-{i}", model="m/a/b", input={"prompt": f"p {i}"})
+        journal.append("submitted", key, request_id=f"r-{i}", result_url=f"http://h/v1/requests/r-{i}/result")
+        journal.append("completed", key, outputs=[f"http://h/files/r-{i}/0.png"], cost=0.01)
+        journal.append("downloaded", key, index=0, path=f"job-{i}/0.png", bytes=10, sha256="0" * 64)
+    table: RecordTable = journal.folded.records
+    before = {key: record_row(record) for key, record in table.items()}
+    for key in list(table):
+        table.settle(key)
+    assert {key: record_row(record) for key, record in table.items()} == before
+    first = f"{0:016x}"
+    table[first].name = "changed on a copy"  # a copy: the table does not change
+    assert table[first].name == "job-0"
+    live = table.live(first)
+    assert live is not None and live is table.live(first)
+    journal.append("note", first, reason="after settling")  # goes through live
+    assert table[first].error == "after settling"
+    journal.close()
+    write_checkpoint(tmp_path / JOURNAL_NAME, journal.folded, journal.folded.good_length)
+    resumed = read_journal(tmp_path / JOURNAL_NAME)
+    assert {k: record_row(r) for k, r in resumed.records.items()} == {
+        k: record_row(r) for k, r in fold_bytes((tmp_path / JOURNAL_NAME).read_bytes()).records.items()
+    }
