@@ -301,7 +301,7 @@ def _write_snapshot(journal_path: Path, snapshot: _Snapshot) -> None:
         with open(fd, "rb") as handle:
             left = length
             while left:
-                chunk = handle.read(min(left, 1 << 20))
+                chunk = handle.read(min(left, 1 << 17))
                 if not chunk:
                     return  # shorter than we thought: write nothing rather than something wrong
                 digest.update(chunk)
@@ -318,7 +318,8 @@ def _write_snapshot(journal_path: Path, snapshot: _Snapshot) -> None:
         with folder.stage(CHECKPOINT_NAME, mode=0o600) as staged:
             staged.write(_dumps(header) + b"\n")
             rows = iter(snapshot.rows)
-            while block := list(itertools.islice(rows, 4096)):
+            # Blocks of ~100 KB: a larger one would be a big allocation a checkpoint, and glibc keeps those.
+            while block := list(itertools.islice(rows, 256)):
                 staged.write(b"\n".join(block) + b"\n")
             staged.commit()
 
