@@ -320,6 +320,8 @@ def _planned_jobs(entry: Entry, limit: int) -> tuple[int, bool]:
     Rows of a prompt file are counted only until the count passes limit. A
     bad repeat counts nothing: it is reported, not expanded.
     """
+    if entry.combinations is None and entry.prompt_file is None:
+        return _repeats(entry.repeat, from_text=False) or 0, True  # one job's entry: 100,000 of them in a long list
     combinations = entry.combinations or [Combination({}, "")]
     per_row = sum(_repeats(c.values.get("repeat", entry.repeat), from_text=False) or 0 for c in combinations)
     if entry.prompt_file is None:

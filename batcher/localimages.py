@@ -223,12 +223,13 @@ class LocalImages:
         self._where: dict[tuple[Path, str], tuple[Path, str] | str] = {}
         self._refs: dict[tuple[str, str], str] = {}
         self._loaded: dict[str, _Checked] = {}
+        self._url_lists: dict[int, tuple[list[Any], bool]] = {}
         self._frozen = False
 
     def normalise(self, schema: ModelSchema, payload: dict[str, Any], folder: Path) -> Normalised:
         """payload with every local image in the schema's image fields checked and replaced by its reference."""
         fields = schema.image_fields
-        if not fields or all(_only_urls(payload.get(name)) for name in fields):
+        if not fields or all(self._only_urls(payload.get(name)) for name in fields):
             return Normalised(payload, payload)  # the common case, 50,000 rows of URLs: kept cheap
         changes: dict[tuple[str, int | None], Any] = {}
         stand_ins: dict[tuple[str, int | None], Any] = {}
@@ -276,6 +277,19 @@ class LocalImages:
                     )
                 )
         return Normalised(normalised, _replaced(payload, stand_ins), problems, source)
+
+    def _only_urls(self, value: object) -> bool:
+        """`_only_urls`, remembered for lists by identity: jobs of one entry (or of the defaults) share theirs."""
+        if not isinstance(value, list):
+            return _only_urls(value)
+        known = self._url_lists.get(id(value))
+        if known is not None and known[0] is value:
+            return known[1]
+        found = _only_urls(value)
+        if len(self._url_lists) >= 256:
+            self._url_lists.clear()
+        self._url_lists[id(value)] = (value, found)  # the list kept alive, so its id names it alone
+        return found
 
     def _check(self, folder: Path, value: str) -> tuple[str, _Checked] | str:
         """(reference path, what was found) for a local image that passes every check, else why not."""

@@ -129,13 +129,21 @@ class ModelSchema:
     def validate(self, payload: dict[str, Any]) -> list[FieldError]:
         """Every problem with payload, sorted by field; an empty list means valid."""
         checks = self._checks
-        problems = [FieldError(name, self._unknown_field_message(name)) for name in payload if name not in checks.known]
+        names = payload.keys()
+        problems = (
+            []  # set comparisons in C first: this runs for every job of a 100,000-job manifest
+            if names <= checks.known
+            else [FieldError(name, self._unknown_field_message(name)) for name in payload if name not in checks.known]
+        )
         if checks.by_field is None:
             for error in checks.whole.iter_errors(payload):
                 if error.validator != "additionalProperties":  # reported above, with a hint
                     problems.append(FieldError(_dotted(error.absolute_path), _explain(error)))
         else:
-            problems.extend(FieldError("", f"{name!r} is required") for name in checks.required if name not in payload)
+            if not checks.required_set <= names:
+                problems.extend(
+                    FieldError("", f"{name!r} is required") for name in checks.required if name not in payload
+                )
             by_field, field_errors, sound = checks.by_field, checks.field_errors, checks.sound_defaults
             for name, value in payload.items():
                 # A default `with_defaults` filled in is that very object, checked once: most fields of most jobs.
@@ -169,6 +177,7 @@ class _Checks:
             }
         required = set(schema.get("required", []))
         self.required = tuple(schema.get("required", []))
+        self.required_set = frozenset(self.required)
         self.known = frozenset(schema.get("properties", {}))
         self.defaults = {
             name: spec["default"]
