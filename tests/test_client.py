@@ -17,6 +17,7 @@ from batcher import (
     RequestGoneError,
     RetryPolicy,
     RunComfyClient,
+    SandboxThread,
     TransientApiError,
     UncertainSubmitError,
     UsageError,
@@ -378,3 +379,18 @@ async def test_a_redirect_from_the_api_never_carries_the_token_elsewhere() -> No
         server.shutdown()
         server.server_close()
     assert len(seen) == 1 and hits == []
+
+
+async def test_the_clients_transport_checks_idle_sockets_the_cheap_way(
+    start_sandbox: Callable[..., SandboxThread],
+) -> None:
+    """`batcher.transport` reaches into httpx and httpcore; an upgrade that moves what it swaps must be seen
+    here, not as a silent slowdown. Requests through it work, kept-alive connections included."""
+    from batcher.transport import _Backend, pooled_transport
+
+    transport = pooled_transport(4)
+    assert isinstance(transport._pool._network_backend, _Backend)
+    sandbox = start_sandbox()
+    async with httpx.AsyncClient(transport=transport) as client:
+        for _ in range(3):  # the second and third reuse the connection, after asking it whether it closed
+            assert (await client.get(f"{sandbox.url}/_sandbox")).status_code == 200
