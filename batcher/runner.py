@@ -50,12 +50,13 @@ from .folders import (
     is_rehearsal,
     refuse_linked_default,
     remember_folder,
+    shard_folder_name,
 )
 from .manifest import Job, Manifest
 from .netpolicy import loopback_origin
 from .options import JobSelection, RunOptions, select_jobs
 from .progress import JobStatus, RunProgress
-from .remote import RemoteRun, run_output
+from .remote import RemoteRun, pull_view, run_output
 from .replacements import with_replacements
 from .standing import Category, Tally, category, opened, tally
 from .state import JOURNAL_NAME, Journal
@@ -224,7 +225,13 @@ async def run_manifest(
     # A bad --only, or jobs another sharding already submitted, fail here, before anything is opened.
     jobs = select_jobs(manifest, options)
     output_dir = _output_dir(manifest, options)
-    check_no_overlap(output_dir, jobs.keys())
+    if options.remote is None:
+        check_no_overlap(output_dir, jobs.keys())
+    else:
+        # The bucket's layouts (unsharded, shard-K-of-N/), read into a local view laid out as a folder is:
+        # the same check, so that another layout of one prefix never pays again for what it sent.
+        view, _ = await anyio.to_thread.run_sync(pull_view, options.remote)
+        check_no_overlap(view / shard_folder_name(*options.shard) if options.shard else view, jobs.keys())
     async with AsyncExitStack() as stack:
         endpoint, journal, pool, remote = await stack.enter_async_context(
             _open_run(manifest, options, jobs, ledger=True)

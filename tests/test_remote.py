@@ -19,7 +19,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from batcher import SandboxThread, load_manifest, run_manifest
+from batcher import SandboxThread, UsageError, load_manifest, run_manifest
 from batcher.cli import cli
 from batcher.remote import RemoteRun
 from batcher.scheduler import shard_from_scheduler
@@ -284,3 +284,19 @@ def test_killed_on_one_machine_resumed_on_another_without_resending(
             assert hashlib.sha256(objects[f"moving/{file.path}"]).hexdigest() == file.sha256
     assert not (tmp_path / "machine-b" / "output").exists()
     _assert_no_credentials(bucket, tmp_path)
+
+
+async def test_another_layout_of_one_bucket_prefix_never_pays_again(
+    bucket: str, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Found by review: an unsharded run, then --shard on the same prefix, submitted everything again
+    (each layout's journal knows only its own jobs, and the local overlap check saw only the cache folder)."""
+    sandbox = start_sandbox()
+    loaded = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 6))
+    remote = parse_output(f"s3://{bucket}/night")
+    os.environ["BATCHER_CACHE"] = str(tmp_path / "node-a")
+    assert (await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=remote))).exit_code == 0
+    os.environ["BATCHER_CACHE"] = str(tmp_path / "node-b")
+    with pytest.raises(UsageError, match="already submitted by the run journalled in"):
+        await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=remote, shard=(1, 2)))
+    assert len(sandbox.sandbox.submits) == 6, "nothing sent twice"
