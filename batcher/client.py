@@ -205,6 +205,12 @@ class RunComfyClient:
             msg = f"the cap on API answers must be at least 1 byte, not {max_answer_bytes}"
             raise UsageError(msg)
         self.base_url = base_url.rstrip("/")
+        # The API base's scheme, host and port, parsed once: `own_url` compares every answer's URL to it.
+        try:
+            base = httpx.URL(self.base_url)
+            self._origin: tuple[str, str, int | None] | None = (base.scheme, base.host, base.port)
+        except (httpx.InvalidURL, ValueError):
+            self._origin = None  # then no URL from an answer is ever taken as the API's own
         # Masked in anything the server says back; too short a token would mask innocent text.
         self._secret = token if len(token) >= 8 else ""
         self.max_answer_bytes = max_answer_bytes
@@ -428,10 +434,10 @@ class RunComfyClient:
         if not isinstance(url, str) or len(url) > 2000 or printable(url, 2000) != url:
             return None
         try:
-            parts, base = httpx.URL(url), httpx.URL(self.base_url)
+            parts = httpx.URL(url)
         except (httpx.InvalidURL, ValueError):
             return None
-        if parts.userinfo or (parts.scheme, parts.host, parts.port) != (base.scheme, base.host, base.port):
+        if parts.userinfo or self._origin is None or (parts.scheme, parts.host, parts.port) != self._origin:
             return None
         return url
 
