@@ -110,6 +110,10 @@ class RecordTable(MutableMapping[str, JobRecord]):
         self._dictionary: bytes | None = None
         """The deflate dictionary: the first row this table settled."""
 
+    def _fits(self, stored: bytes) -> bool:
+        """Whether a row's length fits its place's length field (a row of 16 MB stays a live record)."""
+        return len(stored) < 1 << _LENGTH_BITS
+
     def _keep(self, stored: bytes) -> int:
         place = len(self._arena) << _LENGTH_BITS | len(stored)
         self._arena += stored
@@ -163,11 +167,13 @@ class RecordTable(MutableMapping[str, JobRecord]):
             if self._dictionary is None:
                 self._dictionary = row
             deflate = zlib.compressobj(6, zlib.DEFLATED, _WBITS, 2, zlib.Z_DEFAULT_STRATEGY, self._dictionary)
-            self._rows[key] = self._keep(_DEFLATED + deflate.compress(row) + deflate.flush())
+            stored = _DEFLATED + deflate.compress(row) + deflate.flush()
+            if self._fits(stored):
+                self._rows[key] = self._keep(stored)
 
     def put_row(self, key: str, row: bytes) -> None:
         """Keep a checkpoint's row as it is, settled (it was checked to decode when read)."""
-        self._rows[key] = self._keep(row)
+        self._rows[key] = self._keep(row) if self._fits(row) else _thawed(row)
 
     def rows(self) -> Rows:
         """Every record's row, in the table's order: a copy taken now (live records encoded, settled ones as

@@ -457,10 +457,11 @@ def _superseded_in_flight(run: JobSteps) -> list[tuple[Job, Action]]:
     if run.options.shard is None and (run.options.only is not None or run.options.limit is not None):
         return []  # a trial run works on its share only
     found: list[tuple[Job, Action]] = []
-    for key, record in run.records.items():
-        if run.manifest.holds(key) or not (
-            record.phase == "submitted" or (record.phase == "completed" and not record.downloaded)
-        ):
+    for key in run.records:
+        if run.manifest.holds(key):
+            continue  # asked first: reading a settled record decodes it, and most records are the manifest's
+        record = run.records[key]
+        if not (record.phase == "submitted" or (record.phase == "completed" and not record.downloaded)):
             continue
         job = Job(key=key, name=_safe_name(record.name, key), model=record.model, input={})
         found.append((job, "poll" if record.phase == "submitted" else "download"))

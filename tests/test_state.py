@@ -278,3 +278,23 @@ def test_a_settled_record_reads_back_equal_and_changes_only_through_live(tmp_pat
     assert {k: record_row(r) for k, r in resumed.records.items()} == {
         k: record_row(r) for k, r in fold_bytes((tmp_path / JOURNAL_NAME).read_bytes()).records.items()
     }
+
+
+def test_a_row_too_long_for_the_arena_stays_a_live_record() -> None:
+    """A place holds a row's length in 24 bits: a longer row (a hostile server's thousands of output URLs, or a
+    checkpoint line made long) must not wrap into another row's bytes."""
+    import orjson
+
+    from batcher.records import JobRecord
+    from batcher.recordtable import RecordTable, record_row
+
+    table = RecordTable()
+    huge = JobRecord("a" * 16, name="huge", phase="completed", outputs=["https://x/" + "y" * (1 << 24)])
+    table["a" * 16] = huge
+    table.settle("a" * 16)
+    assert table["a" * 16].outputs == huge.outputs
+    small = JobRecord("b" * 16, name="small")
+    table.put_row("b" * 16, orjson.dumps(record_row(small)))
+    table.put_row("c" * 16, orjson.dumps(record_row(huge)))
+    assert table["b" * 16].name == "small" and table["c" * 16].outputs == huge.outputs
+    assert isinstance(table._rows["c" * 16], JobRecord), "a 16 MB checkpoint row is kept live, not wrapped"
