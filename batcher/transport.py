@@ -1,15 +1,25 @@
-"""The HTTP transport of batcher's clients: httpx's own, with sockets that answer "readable?" cheaply.
+"""The HTTP transport of batcher's clients: httpx's own, with a pool that scales and cheap "closed?" checks.
 
-Before each request, httpcore's pool asks every idle keep-alive connection
-whether its server closed it ("is the socket readable?"). Through anyio that
-question builds a table of the socket's attributes, with a ``getpeername``
-call, before a zero-timeout ``poll``: at 64 connections, 64 tables and 128
-system calls per request, about a tenth of a run's CPU. The streams here
-keep their socket from the start and only poll it.
+Two costs of httpcore 1.0's connection pool grow with the number of kept-alive
+connections, and batcher keeps many idle ones (a job between polls holds none
+busy): measured at 64 connections, they were most of batcher's CPU above a
+bare httpx loop.
 
-The swap reaches into httpx's transport (``_pool``) and httpcore's pool
-(``_network_backend``); where a later version moves them, `pooled_transport`
-leaves httpx's transport as it is: slower, never wrong.
+- Each time a request arrives or ends, the pool walks its connections and,
+  for every idle one, counts the connections again (it means to count the
+  idle ones: ``len([c.is_idle() for c in ...])``): 64 x 64 calls a step.
+  `_Pool` walks once, with the same decisions (and counts idle connections
+  where httpcore meant to).
+- Before reuse, the pool asks every idle connection whether its server
+  closed it ("is the socket readable?"). Through anyio that question builds a
+  table of the socket's attributes, with a ``getpeername`` call, before a
+  zero-timeout ``poll``. The streams here keep their socket from the start and
+  only poll it.
+
+Both reach into httpx's transport (``_pool``) and httpcore's pool (its class,
+``_network_backend`` and the attributes `_Pool` reads); where a later version
+moves them, `pooled_transport` leaves httpx's transport as it is: slower,
+never wrong. A test fails when that happens.
 """
 
 # httpcore's stream and backend interfaces take timeouts as parameters: implemented as they are.
@@ -34,11 +44,55 @@ def pooled_transport(max_connections: int) -> httpx.AsyncHTTPTransport:
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     transport = httpx.AsyncHTTPTransport(limits=limits)
     pool = getattr(transport, "_pool", None)
-    if isinstance(pool, httpcore.AsyncConnectionPool) and isinstance(
+    if type(pool) is httpcore.AsyncConnectionPool and isinstance(
         getattr(pool, "_network_backend", None), httpcore.AsyncNetworkBackend
     ):
         pool._network_backend = _Backend()
+        if _POOL_KNOWN and all(hasattr(pool, name) for name in _POOL_ATTRIBUTES):
+            pool.__class__ = _Pool
     return transport
+
+
+_POOL_KNOWN = httpcore.__version__.startswith("1.0.")
+"""`_Pool` restates a private method of httpcore 1.0's pool: another version keeps its own."""
+_POOL_ATTRIBUTES = ("_connections", "_requests", "_max_connections", "_max_keepalive_connections")
+
+
+class _Pool(httpcore.AsyncConnectionPool):
+    """httpcore's pool, its bookkeeping linear in its connections (see the module's doc)."""
+
+    def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
+        # httpcore's own steps, in its order, each a single walk. Called under the pool's lock, as before.
+        closing: list[httpcore.AsyncConnectionInterface] = []
+        kept: list[httpcore.AsyncConnectionInterface] = []
+        idle = 0
+        for connection in self._connections:
+            if connection.is_closed():
+                continue
+            unused = connection.is_idle()
+            if connection.has_expired() or (unused and idle >= self._max_keepalive_connections):
+                closing.append(connection)
+                continue
+            idle += unused
+            kept.append(connection)
+        self._connections[:] = kept
+
+        for pool_request in [request for request in self._requests if request.is_queued()]:
+            origin = pool_request.request.url.origin
+            reusable = next((c for c in self._connections if c.can_handle_request(origin) and c.is_available()), None)
+            if reusable is not None:
+                pool_request.assign_to_connection(reusable)
+                continue
+            if len(self._connections) >= self._max_connections:
+                surplus = next((c for c in self._connections if c.is_idle()), None)
+                if surplus is None:
+                    continue  # the request waits for a connection to come free
+                self._connections.remove(surplus)
+                closing.append(surplus)
+            connection = self.create_connection(origin)
+            self._connections.append(connection)
+            pool_request.assign_to_connection(connection)
+        return closing
 
 
 def _readable(sock: socket.socket | None) -> bool:

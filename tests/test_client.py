@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 
+import anyio
 import httpx
 import pytest
 
@@ -386,11 +387,40 @@ async def test_the_clients_transport_checks_idle_sockets_the_cheap_way(
 ) -> None:
     """`batcher.transport` reaches into httpx and httpcore; an upgrade that moves what it swaps must be seen
     here, not as a silent slowdown. Requests through it work, kept-alive connections included."""
-    from batcher.transport import _Backend, pooled_transport
+    from batcher.transport import _Backend, _Pool, pooled_transport
 
     transport = pooled_transport(4)
     assert isinstance(transport._pool._network_backend, _Backend)
+    assert type(transport._pool) is _Pool
     sandbox = start_sandbox()
     async with httpx.AsyncClient(transport=transport) as client:
         for _ in range(3):  # the second and third reuse the connection, after asking it whether it closed
             assert (await client.get(f"{sandbox.url}/_sandbox")).status_code == 200
+
+
+async def test_the_pools_own_bookkeeping_queues_reuses_and_makes_room_as_httpcores_does(
+    start_sandbox: Callable[..., SandboxThread],
+) -> None:
+    """`batcher.transport._Pool` restates httpcore's request assignment. With room for 2 connections: 12 requests
+    at once all complete (the queued ones wait for a free connection), the pool never holds more than 2, and a
+    request to another origin while both are idle closes one to make room at once, rather than waiting."""
+    from batcher.transport import pooled_transport
+
+    first, second = start_sandbox(), start_sandbox()
+    transport = pooled_transport(2)
+    most = 0
+    async with httpx.AsyncClient(transport=transport) as client:
+
+        async def one(url: str) -> None:
+            nonlocal most
+            response = await client.get(f"{url}/_sandbox")
+            most = max(most, len(transport._pool.connections))
+            assert response.status_code == 200
+
+        async with anyio.create_task_group() as group:
+            for _ in range(12):
+                group.start_soon(one, first.url)
+        assert most == 2 and all(c.is_idle() for c in transport._pool.connections)
+        with anyio.fail_after(0.25):  # seconds: a loopback request; waiting for an idle one to close takes longer
+            await one(second.url)
+        assert len(transport._pool.connections) == 2
