@@ -58,10 +58,10 @@ class RetryPolicy:
         for attempt in range(self.attempts - 1):
             yield min(self.cap, self.base * 2**attempt)
 
-    def backoff(self, tried: int) -> float:
-        """The wait after the tried-th refusal of a wait-and-try-again loop of the caller's own (no cap on
-        tries): the same growth and jitter as `retrying`, and zero under `set_testing`."""
-        return 0.0 if _testing else self.wait(min(self.cap, self.base * 2 ** min(tried, 30)), None)
+    def backoff(self, tried: int, retry_after: float | None = None) -> float:
+        """The wait after the tried-th failure (from 0) of a wait-and-try-again loop of the caller's own:
+        the same growth, jitter and Retry-After as `retrying`, and zero under `set_testing`."""
+        return 0.0 if _testing else self.wait(min(self.cap, self.base * 2 ** min(tried, 30)), retry_after)
 
     def wait(self, bound: float, retry_after: float | None) -> float:
         """The wait before the next attempt: the server's Retry-After (at most max_retry_after), else 0 to bound."""
