@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
 
 from .client import DEFAULT_API_BASE, RetryPolicy, RunComfyClient
@@ -48,6 +49,7 @@ __all__ = [
     "look_up",
     "price_dirs",
     "read_balance",
+    "read_balances",
 ]
 
 log = logging.getLogger("batcher")
@@ -170,6 +172,29 @@ async def read_balance(api_base: str, token: str, *, transport: httpx.AsyncBaseT
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+BALANCES_AT_ONCE = 8
+"""Balances read together at most (one account each): a long token list must not open a connection per token."""
+
+
+async def read_balances(
+    api_base: str, tokens: Sequence[str], *, transport: httpx.AsyncBaseTransport | None = None
+) -> list[float | None]:
+    """Each token's balance (None: not known), in tokens' order, read together (`BALANCES_AT_ONCE` at a
+    time): each waits up to its own timeout, so one slow answer no longer adds up over the accounts."""
+    balance_base(api_base)  # a bad RUNCOMFY_BALANCE_BASE says so here, not from inside the task group
+    found: list[float | None] = [None] * len(tokens)
+    room = anyio.CapacityLimiter(BALANCES_AT_ONCE)
+
+    async def read(index: int, token: str) -> None:
+        async with room:
+            found[index] = await read_balance(api_base, token, transport=transport)
+
+    async with anyio.create_task_group() as group:
+        for index, token in enumerate(tokens):
+            group.start_soon(read, index, token)
+    return found
 
 
 async def _live_price(client: RunComfyClient, model: str, output_dir: Path, schema_dirs: Sequence[Path]) -> str:

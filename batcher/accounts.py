@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .account import Account, read_balance
+from .account import Account, read_balances
 from .backpressure import AccountCap
 from .client import RateLimiter, RunComfyClient
 from .tokens import fingerprint
@@ -85,13 +85,14 @@ class AccountPool:
         """Wait until some account has room for one more job in flight, count it there, and return its lane.
 
         The lane with the most room left (relative to its learned cap) wins, the first token on a tie,
-        so a fresh run fills accounts evenly and an account that is 429ing gets fewer.
+        so a fresh run fills accounts evenly and an account that is 429ing gets fewer. The caller then
+        says what became of the submit: `accepted`, `refused` (a 429) or `unsent`.
         """
         while True:
-            free = [lane for lane in self.lanes if lane.cap.in_flight < lane.cap.limit]
+            free = [lane for lane in self.lanes if lane.cap.room > 0]
             if free:
-                lane = max(free, key=lambda ln: (ln.cap.limit - ln.cap.in_flight) / ln.cap.limit)
-                lane.cap.in_flight += 1
+                lane = max(free, key=lambda ln: ln.cap.room / ln.cap.limit)
+                lane.cap.take()
                 return lane
             changed = self._changed
             await changed.wait()
@@ -100,9 +101,27 @@ class AccountPool:
         """Count a job an earlier run submitted through lane (in flight whatever its limit says)."""
         lane.cap.adopt()
 
+    def accepted(self, lane: Lane) -> None:
+        """RunComfy took the submit counted on lane: held there until `release`."""
+        lane.cap.accepted()
+        self._notify()
+
+    def refused(self, lane: Lane) -> None:
+        """The submit counted on lane was answered 429: that account's cap comes down to what it holds."""
+        lane.cap.refused()
+        self._notify()
+
+    def unsent(self, lane: Lane) -> None:
+        """The submit counted on lane was not accepted (or is held uncertain): its room is free again."""
+        lane.cap.unsent()
+        self._notify()
+
     def release(self, lane: Lane) -> None:
-        """A job counted on lane left RunComfy (or was never accepted): room for another, anywhere."""
+        """A job held on lane left RunComfy: room for another, anywhere."""
         lane.cap.release()
+        self._notify()
+
+    def _notify(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
 
@@ -137,11 +156,11 @@ async def balances_of(endpoint: Endpoint, options: RunOptions, first: Account) -
     found: list[tuple[str, float | None]] = [(fingerprint(endpoint.token), first.balance)]
     if len(endpoint.tokens) < 2:
         return found
-    for token in endpoint.tokens[1:]:
-        balance = None
-        if options.live_prices:
-            balance = await read_balance(endpoint.base_url, token, transport=options.api_transport)
-        found.append((fingerprint(token), balance))
+    others = endpoint.tokens[1:]
+    read: Sequence[float | None] = [None] * len(others)
+    if options.live_prices:
+        read = await read_balances(endpoint.base_url, others, transport=options.api_transport)
+    found += [(fingerprint(token), balance) for token, balance in zip(others, read, strict=True)]
     known = [balance for _, balance in found if balance is not None]
     first.balance = sum(known) if len(known) == len(found) else None
     return found

@@ -5,9 +5,12 @@ Two answers from RunComfy mean "not now", never "not this run":
 - **429 on a submit.** Besides a request rate, an account has a cap on jobs
   in flight (undocumented; it answers 429 past it). `AccountCap` learns it:
   a submit refused with 429 lowers the number of jobs this run keeps in
-  flight to what RunComfy holds now, and every job that leaves RunComfy
-  after a quiet spell raises it by one, up to --concurrency, so the run
-  finds the cap again if it was lifted.
+  flight to what RunComfy holds now (accepted, not finished: never the
+  submits still on their way), and every job that leaves RunComfy after a
+  quiet spell raises it by one, up to --concurrency, so the run finds the
+  cap again if it was lifted. Such a 429 is the account's cap speaking, not
+  its request rate: it does not slow the run's other calls (see
+  `batcher.pacing`).
 - **No connection at all.** `Outage` pauses every call while RunComfy
   cannot be reached: one task probes it with capped, jittered backoff, the
   others wait; past the patience the run ends (exit 1), and every job never
@@ -27,44 +30,81 @@ __all__ = ["AccountCap", "Outage"]
 
 
 class AccountCap:
-    """Jobs this run keeps in flight at RunComfy (submitted, not yet finished)."""
+    """Jobs this run keeps in flight at one account: held by RunComfy (accepted, not finished) or being sent.
 
-    def __init__(self, ceiling: int, *, recover_after: float = 5.0) -> None:
+    Bookkeeping only: `batcher.accounts.AccountPool` waits for room and hands it out.
+    """
+
+    def __init__(self, ceiling: int, *, recover_after: float = 5.0, most_quiet: float = 60.0) -> None:
         self.ceiling = ceiling
         self.limit = ceiling
-        self.in_flight = 0
+        self.held = 0
+        """Jobs RunComfy took and this run has not seen finish (adopted ones from earlier runs too)."""
+        self.sending = 0
+        """Submits sent, or about to be, whose answer is not in yet."""
         self.refusals = 0
         self.recover_after = recover_after
+        self.most_quiet = most_quiet
+        self.quiet = recover_after
+        """Seconds without a 429 before the limit is raised again: doubled by each raise RunComfy refuses
+        (up to most_quiet), so an account run at its cap is asked past it less and less often."""
         self._refused_at = -math.inf
-        self._changed = anyio.Event()
+        self._raised = False
 
-    async def acquire(self) -> None:
-        """Wait until one more job may be in flight, then count it."""
-        while self.in_flight >= self.limit:
-            changed = self._changed
-            await changed.wait()
-        self.in_flight += 1
+    @property
+    def in_flight(self) -> int:
+        return self.held + self.sending
+
+    @property
+    def room(self) -> int:
+        """How many more submits may go now (0 or less: none)."""
+        return self.limit - self.in_flight
+
+    def take(self) -> None:
+        """Count one more submit about to be sent."""
+        self.sending += 1
 
     def adopt(self) -> None:
         """Count a job an earlier run submitted (it is in flight whatever the limit says)."""
-        self.in_flight += 1
+        self.held += 1
 
-    def release(self) -> None:
-        """A counted job left RunComfy (or was never accepted)."""
-        self.in_flight = max(0, self.in_flight - 1)
-        if self.limit < self.ceiling and time.monotonic() - self._refused_at >= self.recover_after:
-            self.limit += 1
-        self._notify()
+    def accepted(self) -> None:
+        """A counted submit was taken. RunComfy holds this many at once, so its cap is at least that:
+        an acceptance whose answer crossed a 429's lifts a limit that 429 set too low."""
+        self.sending = max(0, self.sending - 1)
+        self.held += 1
+        if self.held >= self.limit and self._raised:
+            self._raised, self.quiet = False, self.recover_after  # the raised limit is reached: RunComfy allows it
+        self.limit = min(self.ceiling, max(self.limit, self.held))
+
+    def unsent(self) -> None:
+        """A counted submit was not accepted (or its fate is unknown and this run will not poll it)."""
+        self.sending = max(0, self.sending - 1)
 
     def refused(self) -> None:
-        """A counted submit was answered 429: hold no more jobs in flight than RunComfy has now."""
+        """A counted submit was answered 429: keep no more in flight than RunComfy holds now.
+
+        The jobs it holds are what this run counts as held: submits still
+        being sent are not, else the burst that met the cap would set it.
+        """
+        self.sending = max(0, self.sending - 1)
         self.refusals += 1
         self._refused_at = time.monotonic()
-        self.limit = max(1, min(self.limit, self.in_flight - 1))
+        if self._raised:
+            self._raised, self.quiet = False, min(self.most_quiet, self.quiet * 2)
+        self.limit = max(1, min(self.limit, self.held))
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+    def release(self) -> None:
+        """A held job left RunComfy. When the account was full at its limit and no 429 came for a quiet
+        spell, the limit goes up by one (up to the ceiling), one step at a time: the next step waits until
+        RunComfy took a job at this one. So the run finds the cap again if it was lifted, and meets a
+        cap that stays with one 429 a spell."""
+        full = self.held >= self.limit
+        self.held = max(0, self.held - 1)
+        quiet = time.monotonic() - self._refused_at >= self.quiet
+        if full and quiet and self.limit < self.ceiling and not self._raised:
+            self.limit += 1
+            self._raised = True
 
 
 class Outage:

@@ -26,7 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ._version import __version__
-from .account import look_up, read_balance
+from .account import look_up, read_balances
 from .client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy, api_base_from_env
 from .cost import load_price_table
 from .dataset import METADATA_NAME, write_metadata
@@ -392,9 +392,11 @@ def plan(
         account = anyio.run(lambda: look_up(base, tokens[0], loaded.models, output_dir, schema_dirs=loaded.schema_dirs))
         for line in account.said:
             click.echo(f"price: {line}", err=True)
-        balances = [(fingerprint(tokens[0]), account.balance)]
-        for token in tokens[1:]:
-            balances.append((fingerprint(token), anyio.run(lambda: read_balance(base, token))))  # noqa: B023
+        # The other accounts' balances together: one by one, each slow answer added up over the accounts.
+        others = anyio.run(lambda: read_balances(base, tokens[1:]))
+        balances = [
+            (fingerprint(token), balance) for token, balance in zip(tokens, [account.balance, *others], strict=True)
+        ]
     print_plan(stdout, loaded, output_dir, replace_rejected=replace_rejected)
     for account_name, balance in balances:
         if balance is not None:

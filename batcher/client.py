@@ -3,11 +3,12 @@
 One `RunComfyClient` per run keeps one pooled `httpx.AsyncClient`. Result
 and cancel calls are retried with exponential backoff and full jitter on
 429, 5xx and connection faults, honouring ``Retry-After`` (`batcher.retrying`).
-Submits cost money and the API has no idempotency key, so a submit is
-retried only when it certainly was not accepted (the connection never
-opened, 429, 503, or a RunComfy error body refusing it); when its fate is
-unknown it raises `UncertainSubmitError` and the caller must not send it
-again on its own. A redirect from the API is an error, never followed: it
+Submits cost money and the API has no idempotency key, so `submit` sends
+once and says what became of it: certainly not accepted and worth another
+try (the connection never opened, 429, 503, or a RunComfy error body
+refusing it), refused for good, or of unknown fate (`UncertainSubmitError`:
+the caller must not send it again on its own). Its caller retries, so that
+the journal says "not accepted" before each wait (`batcher.steps`). A redirect from the API is an error, never followed: it
 would carry the token elsewhere.
 
 Answers are read as untrusted bytes by `batcher.answers` (bounded, the token
@@ -252,7 +253,15 @@ class RunComfyClient:
             self.rate_limiter.refused()
 
     async def _exchange(
-        self, call: str, method: str, path: str, limits: httpx.Timeout, *, read_redirects: bool = True, **options: Any
+        self,
+        call: str,
+        method: str,
+        path: str,
+        limits: httpx.Timeout,
+        *,
+        read_redirects: bool = True,
+        paces: bool = True,
+        **options: Any,
     ) -> tuple[httpx.Response, bytes]:
         """Send one request and read its answer: at most max_answer_bytes, within the call's deadline.
 
@@ -261,10 +270,13 @@ class RunComfyClient:
         read whole: too large, oddly encoded, or trickled past the deadline.
         Without ``read_redirects`` a 3xx answer comes back with an empty body,
         unread. call names the call in the log line each exchange writes.
+        Without ``paces`` a 429 is not told to the rate limiter (see `submit`).
         """
         started = time.monotonic()
         try:
-            response, content = await self._read(method, path, limits, read_redirects=read_redirects, **options)
+            response, content = await self._read(
+                method, path, limits, read_redirects=read_redirects, paces=paces, **options
+            )
         except Unreadable as exc:
             status = f"HTTP {exc.status_code}, " if exc.status_code is not None else ""
             _log_call(call, started, f"{status}answer not read: it {exc}")
@@ -276,12 +288,13 @@ class RunComfyClient:
         return response, content
 
     async def _read(
-        self, method: str, path: str, limits: httpx.Timeout, *, read_redirects: bool, **options: Any
+        self, method: str, path: str, limits: httpx.Timeout, *, read_redirects: bool, paces: bool, **options: Any
     ) -> tuple[httpx.Response, bytes]:
         deadline = call_deadline(limits)
         with anyio.move_on_after(deadline):
             async with self._http.stream(method, path, timeout=limits, **options) as response:
-                self._note(response)
+                if paces:
+                    self._note(response)
                 if not read_redirects and 300 <= response.status_code < 400:
                     return response, b""
                 content = await read_answer(response, self.max_answer_bytes)
@@ -292,39 +305,31 @@ class RunComfyClient:
     # -- submit -------------------------------------------------------------
 
     async def submit(self, model_id: str, payload: Mapping[str, Any]) -> Submission:
-        """Send one job. Retries only what certainly was not accepted.
+        """Send one job, once: never retried here.
 
         Raises UncertainSubmitError when the job may have been accepted, a
-        subclass of ApiError when RunComfy refused it, and, when the retries
-        ran out on faults that certainly left nothing behind, RateLimitedError
-        (429s, bare 503s), UnreachableError (no connection) or TransientApiError.
+        subclass of ApiError when RunComfy refused it for good, and, when it
+        certainly was not accepted but may be sent again, RateLimitedError
+        (429, a bare 503), UnreachableError (no connection) or
+        TransientApiError (RunComfy's own 500001), each with the server's
+        ``retry_after`` when it sent one. The caller owns the retries: it
+        journals each refusal and a fresh intent before sending again (see
+        `batcher.steps`), so that a kill while it waits leaves nothing that
+        looks unanswered.
         """
         path = f"/v1/models/{quote(model_id, safe='/')}"
         doing = f"submitting to {model_id}"
-        met: list[int] = []  # one entry per 429 this submit met: per-account figures count them
-        once = partial(self._submit_once, f"submit {model_id}", path, payload, doing, met)
-        try:
-            submission = await retrying(once, policy=self.retry, retry_on=_retry_on, name=f"submit {model_id}")
-        except _Retry as gave_up:
-            last = gave_up.error
-            kind = type(last) if isinstance(last, RateLimitedError | UnreachableError) else TransientApiError
-            msg = f"{last} (gave up after {self.retry.attempts} attempts; the job was not accepted)"
-            error = kind(msg, status_code=last.status_code, error_code=last.error_code)
-            if isinstance(error, RateLimitedError):
-                error.throttled = max(1, len(met))
-            raise error from last
-        return Submission(submission.request_id, submission.raw, throttled=len(met))
-
-    async def _submit_once(
-        self, call: str, path: str, payload: Mapping[str, Any], doing: str, met: list[int]
-    ) -> Submission:
-        """One try; raises `_Retry` only for an answer that certainly means "not accepted"."""
+        call = f"submit {model_id}"
         await self._pace()
         try:
-            response, content = await self._exchange(call, "POST", path, self.submit_timeout, json=payload)
+            # A 429 to a submit is the account's cap on jobs in flight (`batcher.backpressure.AccountCap`
+            # learns it), not its request rate: halving the pace of every call for it starved the polls
+            # that free the cap, and each probe of a recovered cap halved it again.
+            response, content = await self._exchange(call, "POST", path, self.submit_timeout, paces=False, json=payload)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # The request never left this machine: safe to send again.
-            raise _Retry(UnreachableError(f"cannot reach RunComfy while {doing}: {type(exc).__name__}")) from exc
+            msg = f"cannot reach RunComfy while {doing}: {type(exc).__name__} (the job was not accepted)"
+            raise UnreachableError(msg) from exc
         except httpx.LocalProtocolError as exc:
             # h11 refused to write the request (a header it cannot carry): not a byte left this machine.
             msg = f"the submit could not be written as HTTP ({type(exc).__name__}); nothing was sent"
@@ -347,10 +352,11 @@ class RunComfyClient:
         code = error_code(body)
         if status == 429 or (status == 503 and code is None):
             # Refused before any work: 429 by definition, a bare 503 by the gateway.
-            if status == 429:
-                met.append(status)
-            error = refusal(response, body, doing)
-            raise _Retry(RateLimitedError(str(error), status_code=status, error_code=code), _retry_after(response))
+            said = refusal(response, body, doing)
+            limited = RateLimitedError(f"{said} (the job was not accepted)", status_code=status, error_code=code)
+            limited.throttled = 1 if status == 429 else 0
+            limited.retry_after = _retry_after(response)
+            raise limited
         if status in (502, 504) or 300 <= status < 400:
             # A gateway that lost the upstream's answer, or a redirect we do not follow: the
             # job may be running behind it, whatever error body the gateway chose to add.
@@ -361,7 +367,10 @@ class RunComfyClient:
             raise refusal(response, body, doing)
         if status >= 500 and code == 500001:
             # RunComfy's own error body says it failed before taking the job; its docs say retry.
-            raise _Retry(refusal(response, body, doing), _retry_after(response))
+            said = refusal(response, body, doing)
+            failed = TransientApiError(f"{said} (the job was not accepted)", status_code=status, error_code=code)
+            failed.retry_after = _retry_after(response)
+            raise failed
         msg = f"RunComfy answered HTTP {status} to a submit without a request_id; it may have accepted the job"
         raise UncertainSubmitError(msg, status_code=status, error_code=code)
 

@@ -129,11 +129,14 @@ class ApiValidationError(ApiError):
 
 
 class TransientApiError(ApiError):
-    """Raised for 429, 5xx and connection faults that outlived our retries."""
+    """Raised for 429, 5xx and connection faults that outlived our retries (a submit's: its one try)."""
+
+    retry_after: float | None = None
+    """Seconds the server asked to wait (``Retry-After``), when it said; set by the client on a submit."""
 
 
 class RateLimitedError(TransientApiError):
-    """Raised when a call is refused with 429 (or a bare 503) past the retries.
+    """Raised when a call is refused with 429 (or a bare 503) past the retries (a submit: at once).
 
     For a submit this is certain: nothing was accepted. It means "not now"
     (often an account's cap on jobs in flight), so the runner sends the job
@@ -141,7 +144,7 @@ class RateLimitedError(TransientApiError):
     """
 
     throttled: int = 1
-    """How many 429s the call met before giving up (set by the client on a submit)."""
+    """429s the call met: 1 for a submit's 429, 0 for its bare 503 (per-account figures count them)."""
 
 
 class UnreachableError(TransientApiError):

@@ -16,6 +16,13 @@ model_error     the model or its worker failed: another try usually works
 timeout         the job ran out of time at RunComfy: another try usually works
 cancelled       cancelled (by batcher's --queue-timeout, --cancel-on-interrupt, or by hand)
 unknown         none of the above could be read from the answer
+download        RunComfy finished the job (it is paid for), but its output could not be fetched, after the
+                download's own retries and one fresh URL from RunComfy: every run fetches it again, and
+                --retry-failed never submits it again (that would pay twice for a file that may still come)
+
+The last is batcher's, not RunComfy's: the job's phase stays ``completed``
+(the journal's ``download_failed`` line says why), so `failure_of` reads it
+from the record and `--retry-failed` cannot name it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from .records import JobRecord
 
 __all__ = [
     "FAILURE_CLASSES",
+    "RESUBMITTABLE",
     "RETRYABLE",
     "FailureClass",
     "classify",
@@ -36,8 +44,10 @@ __all__ = [
     "retryable",
 ]
 
-FailureClass = Literal["content_policy", "invalid_input", "model_error", "timeout", "cancelled", "unknown"]
+FailureClass = Literal["content_policy", "invalid_input", "model_error", "timeout", "cancelled", "unknown", "download"]
 FAILURE_CLASSES: tuple[FailureClass, ...] = get_args(FailureClass)
+RESUBMITTABLE: tuple[FailureClass, ...] = tuple(k for k in FAILURE_CLASSES if k != "download")
+"""The classes --retry-failed may name: every failure RunComfy reported (a download failure is paid for)."""
 
 # Read in this order: a moderation message often also says "invalid" or "failed".
 _CONTENT_POLICY = re.compile(
@@ -77,7 +87,8 @@ def classify(error: str | None) -> FailureClass:
 def retryable(kind: FailureClass) -> bool:
     """True when another submit of the same input can be expected to work (the default of --retry-failed)."""
     match kind:
-        case "content_policy" | "invalid_input":
+        case "content_policy" | "invalid_input" | "download":
+            # download: not submitted again at all (paid for); the next run fetches the file again.
             return False
         case "model_error" | "timeout" | "cancelled" | "unknown":
             # unknown: as before classes existed (a failure nobody could read is more often transient).
@@ -96,6 +107,9 @@ def failure_of(record: JobRecord | None) -> FailureClass | None:
         return None
     if record.phase == "cancelled":
         return "cancelled"
+    if record.phase == "completed":
+        # Completed, a file missing, and the reason journalled: a download that failed (`standing.category`).
+        return "download" if record.error and not record.downloaded else None
     if record.phase != "failed":
         return None
     for kind in FAILURE_CLASSES:
@@ -111,13 +125,19 @@ def parse_retry_classes(value: str) -> frozenset[FailureClass]:
     if words == ["retryable"]:
         return RETRYABLE
     if words == ["all"]:
-        return frozenset(FAILURE_CLASSES)
-    unknown = [w for w in words if w not in FAILURE_CLASSES]
+        return frozenset(RESUBMITTABLE)
+    if "download" in words:
+        msg = (
+            "--retry-failed: a download failure is a paid job, never submitted again: its file is fetched again by "
+            "every run (no flag needed)"
+        )
+        raise UsageError(msg)
+    unknown = [w for w in words if w not in RESUBMITTABLE]
     if not words or unknown:
         shown = ", ".join(repr(w) for w in unknown) or "nothing"
         msg = (
             f"--retry-failed: {shown} is not a failure class; give retryable (the default), all, or a "
-            f"comma-separated list of: {', '.join(FAILURE_CLASSES)}"
+            f"comma-separated list of: {', '.join(RESUBMITTABLE)}"
         )
         raise UsageError(msg)
-    return frozenset(w for w in FAILURE_CLASSES if w in words)
+    return frozenset(w for w in RESUBMITTABLE if w in words)

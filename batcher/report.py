@@ -180,9 +180,14 @@ def _print_problems(console: Console, problems: _Problems, extra: float) -> None
         )
         _print_jobs(console, refused)
     if failed:
-        console.print(
-            f"\n[red]{len(failed)} failed[/] (run again with --retry-failed to submit the retryable ones again):"
-        )
+        if all(job.failure == "download" for job in failed):
+            why = (
+                "RunComfy finished them, but their files could not be fetched: the next run fetches them again, "
+                "paying nothing more"
+            )
+        else:
+            why = "run again with --retry-failed to submit the retryable ones again"
+        console.print(f"\n[red]{len(failed)} failed[/] ({why}):")
         _print_failures(console, problems.failures, problems.failures_cost)
         _print_jobs(console, failed)
     if lost:
@@ -212,10 +217,13 @@ def _print_failures(console: Console, failures: dict[str, int], costs: dict[str,
         return
     parts = []
     for kind, count in failures.items():
+        if kind == "download":
+            parts.append(f"{count} download (paid: fetched again by the next run, never submitted again)")
+            continue
         again = "retried" if kind in RETRYABLE else "not retried"
         parts.append(f"{count} {kind.replace('_', ' ')} ({again}, about {_money(costs.get(kind, 0.0))})")
     console.print("  by reason: " + "; ".join(parts), markup=False)
-    if any(kind not in RETRYABLE for kind in failures):
+    if any(kind not in RETRYABLE and kind != "download" for kind in failures):
         console.print(
             "  (--retry-failed=all, or a list such as --retry-failed=content_policy,model_error, sends others too)",
             markup=False,

@@ -108,8 +108,6 @@ class Submission:
 
     request_id: str
     raw: dict[str, Any] = field(compare=False)
-    throttled: int = field(default=0, compare=False)
-    """429s this submit met (and waited out) before RunComfy took it: counted per account."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,17 @@
 """When is a failed call tried again, and after how long?
 
-One loop for every call batcher repeats (API submits, polls and cancels,
-output downloads), in the spirit of hynek/stamina: capped exponential
-backoff with full jitter, a server's ``Retry-After`` honoured up to
+One loop for every call batcher repeats (API polls and cancels, output
+downloads), in the spirit of hynek/stamina: capped exponential backoff with
+full jitter, a server's ``Retry-After`` honoured up to
 `RetryPolicy.max_retry_after`. What is worth another try is the caller's
 rule, a predicate on the exception an attempt raised: it answers `TryAgain`
 (carrying the server's Retry-After, when there was one) or None (raise it
-now). When the tries run out, the last exception is raised as it is. Submits
-cost money, so theirs says yes only to what certainly was not accepted (see
-`batcher.client`).
+now). When the tries run out, the last exception is raised as it is.
+
+Submits cost money, so they do not go through that loop: the client sends
+each once, and `batcher.steps` sends again only what certainly was not
+accepted, waiting `RetryPolicy.backoff` after journalling the refusal, so
+that a kill during the wait leaves nothing that looks unanswered.
 
 `set_testing(True)` makes every wait zero (retries and the rate limiter's
 pauses), so that tests never really sleep; it is off unless a test turns it on.
@@ -58,10 +61,10 @@ class RetryPolicy:
         for attempt in range(self.attempts - 1):
             yield min(self.cap, self.base * 2**attempt)
 
-    def backoff(self, tried: int) -> float:
-        """The wait after the tried-th refusal of a wait-and-try-again loop of the caller's own (no cap on
-        tries): the same growth and jitter as `retrying`, and zero under `set_testing`."""
-        return 0.0 if _testing else self.wait(min(self.cap, self.base * 2 ** min(tried, 30)), None)
+    def backoff(self, tried: int, retry_after: float | None = None) -> float:
+        """The wait after the tried-th failure (from 0) of a wait-and-try-again loop of the caller's own:
+        the same growth, jitter and Retry-After as `retrying`, and zero under `set_testing`."""
+        return 0.0 if _testing else self.wait(min(self.cap, self.base * 2 ** min(tried, 30)), retry_after)
 
     def wait(self, bound: float, retry_after: float | None) -> float:
         """The wait before the next attempt: the server's Retry-After (at most max_retry_after), else 0 to bound."""

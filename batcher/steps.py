@@ -265,19 +265,25 @@ class JobSteps:
         """Send job until RunComfy takes it, refuses it for good, or the run stops; the lane of the account
         that took it (its room counted there), or None.
 
-        Only a submit certainly not accepted is sent again: 429 (after that
-        account's cap comes down, through whichever account has room) and an
-        outage (after RunComfy answers again) within this run; every other
-        answer is final for this run.
+        Only a submit certainly not accepted is sent again, and never before
+        the journal says so (``deferred``) and holds a fresh intent: a kill
+        while the job waits leaves it pending, never uncertain. A 429 or a
+        bare 503 waits the server's Retry-After (else a growing backoff) and
+        goes again, through whichever account has room once a 429's account
+        cap came down; no connection, or RunComfy's 500001, goes again up to
+        the retry policy's attempts and then waits out the outage. Every
+        other answer is final for this run.
         """
         progress = self.progress
         price = price_of(job, self.price_dirs)
-        refusals = 0
+        retry = self.options.retry
+        refusals = 0  # 429s and bare 503s in a row: "not now", tried for as long as the run lasts
+        faults = 0  # the rest in a row: tried up to the policy's attempts, then an outage
         while True:
             lane = await self.accounts.acquire()
             if self.stop_submitting:
                 # Stopped while waiting for room: this job was never sent.
-                self.accounts.release(lane)
+                self.accounts.unsent(lane)
                 self.committed -= price
                 progress.set(job.key, "pending")
                 return None
@@ -290,26 +296,28 @@ class JobSteps:
                 submission = await lane.client.submit(job.model, payload_for(job))
             except UncertainSubmitError as exc:
                 self.record(job, "uncertain", reason=str(exc))
-                self.accounts.release(lane)
+                self.accounts.unsent(lane)
                 progress.set(job.key, "uncertain")
                 progress.error(job.name, "submit uncertain, held (see --resubmit-uncertain)")
                 return None
             except RateLimitedError as exc:
-                # "Not now": an account at its cap of jobs in flight answers so. Fewer in flight there, then again.
-                self.record(job, "deferred", reason=str(exc), account=lane.account, throttled=exc.throttled)
-                lane.cap.refused()
-                self.accounts.release(lane)
-                progress.set(job.key, "pending")
-                await anyio.sleep(self.options.retry.backoff(refusals))
+                # "Not now": an account at its cap of jobs in flight answers 429; fewer in flight there, then again.
+                self.deferred(job, lane, exc)
+                delay = retry.backoff(refusals, exc.retry_after)
                 refusals += 1
-                continue
             except TransientApiError as exc:
-                # Nothing got through (an outage, or RunComfy's own 500001 past the retries): pause, then again.
-                self.not_accepted(job, lane, "deferred", exc, "pending")
-                if await self.sit_out_outage(job, exc):
+                # Nothing got through (no connection, or RunComfy's own 500001): again, then pause for an outage.
+                self.deferred(job, lane, exc)
+                faults += 1
+                if faults >= retry.attempts:
+                    await self.durable()
+                    self.committed -= price
+                    if not await self.sit_out_outage(job, exc):
+                        return None
                     self.committed += price
+                    faults = 0
                     continue
-                return None
+                delay = retry.backoff(faults - 1, exc.retry_after)
             except AuthError as exc:
                 # Certain: nothing was accepted. The job stays pending; the whole run stops.
                 self.not_accepted(job, lane, "deferred", exc, "pending")
@@ -325,26 +333,42 @@ class JobSteps:
                 else:
                     progress.error(job.name, str(exc))
                 return None
-            self.outage.reached()
-            lane.submitted += 1
-            try:
-                url = lane.client.own_url(submission.raw.get("result_url"))
-                extra: dict[str, Any] = {"result_url": url} if url else {}
-                if submission.throttled:
-                    extra["throttled"] = submission.throttled  # 429s met on the way, for per-account figures
-                self.record(job, "submitted", request_id=submission.request_id, **extra)
-            except JournalError as exc:
-                # The one thing that must not be lost: say it where the user will see it.
-                msg = f"{exc}. Job {job.name} WAS submitted as request {submission.request_id}: keep this id"
-                log.error("%s", msg)
-                raise JournalError(msg) from exc
-            progress.set(job.key, "queued")
-            return lane
+            else:
+                break
+            # The refusal is in the bucket too before the wait (a remote journal): a kill now holds nothing.
+            await self.durable()
+            with self.wait_scope():  # a halt ends the wait; the job is pending for the next run
+                await anyio.sleep(delay)
+        self.outage.reached()
+        self.accounts.accepted(lane)
+        lane.submitted += 1
+        try:
+            url = lane.client.own_url(submission.raw.get("result_url"))
+            extra: dict[str, Any] = {"result_url": url} if url else {}
+            self.record(job, "submitted", request_id=submission.request_id, **extra)
+        except JournalError as exc:
+            # The one thing that must not be lost: say it where the user will see it.
+            msg = f"{exc}. Job {job.name} WAS submitted as request {submission.request_id}: keep this id"
+            log.error("%s", msg)
+            raise JournalError(msg) from exc
+        progress.set(job.key, "queued")
+        return lane
+
+    def deferred(self, job: Job, lane: Lane, exc: TransientApiError) -> None:
+        """A submit certainly not accepted, to be sent again: journalled as such (a 429 counted against
+        its account, whose cap comes down), its room given back while it waits."""
+        if isinstance(exc, RateLimitedError) and exc.throttled:
+            self.record(job, "deferred", reason=str(exc), account=lane.account, throttled=exc.throttled)
+            self.accounts.refused(lane)
+        else:
+            self.record(job, "deferred", reason=str(exc), account=lane.account)
+            self.accounts.unsent(lane)
+        self.progress.set(job.key, "pending")
 
     def not_accepted(self, job: Job, lane: Lane, kind: EventKind, exc: ApiError, status: JobStatus) -> None:
         """A submit RunComfy certainly did not take: journalled as such, its room and estimate given back."""
         self.record(job, kind, reason=str(exc))
-        self.accounts.release(lane)
+        self.accounts.unsent(lane)
         self.committed -= price_of(job, self.price_dirs)
         self.progress.set(job.key, status)
 

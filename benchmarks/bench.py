@@ -413,6 +413,7 @@ def bench_ratelimit(args: argparse.Namespace) -> None:
                     poll_min=0.2,
                     poll_max=1.0,
                     rate=rate,
+                    new_output=True,  # the same jobs twice, on purpose (and against a fresh sandbox)
                 )
                 started = time.perf_counter()
                 anyio.run(run_manifest, manifest, options)

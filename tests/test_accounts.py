@@ -6,6 +6,7 @@ account asks about the other's request, as RunComfy does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -13,9 +14,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from batcher import RunSummary, SandboxThread, UsageError, load_manifest, read_journal, run_manifest
+from batcher.backpressure import AccountCap
 from batcher.cli import cli
 from batcher.runner import RunPlan
 from batcher.state import JOURNAL_NAME
@@ -236,3 +240,147 @@ def test_status_shows_jobs_spend_and_429s_per_account(tmp_path: Path, start_sand
     shown = runner.invoke(cli, ["status", str(manifest), "-o", "out"]).output
     assert fingerprint(ALICE) in shown and fingerprint(BOB) in shown and "429s" in shown
     assert ALICE not in shown and BOB not in shown
+
+
+# -- an account's cap on jobs in flight -----------------------------------------------------------
+
+
+async def test_an_account_at_its_cap_is_asked_past_it_only_by_the_first_burst(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """The first burst meets the cap; from then on the run keeps what RunComfy holds and sends no
+    submit it would refuse (the old client retried each refused one and learned nothing meanwhile)."""
+    sandbox = start_sandbox(accounts=(ALICE,), max_in_flight=2, retry_after=0.01, run_delay=0.3)
+    summary = await _run(many_jobs_manifest(tmp_path / "m.yaml", 10), sandbox, (ALICE,), concurrency=8)
+    assert summary.done == 10
+    assert 0 < sandbox.sandbox.account_refusals <= 8 - 2
+
+
+def test_a_burst_that_meets_the_cap_learns_what_runcomfy_holds() -> None:
+    cap = AccountCap(16)
+    for _ in range(16):
+        cap.take()
+    cap.accepted()
+    for _ in range(12):
+        cap.refused()  # the submits still on their way are not held: the burst does not set the cap
+    assert cap.limit == 1
+    for _ in range(3):
+        cap.accepted()  # answers that crossed the 429s: RunComfy holds four, so it allows four
+    assert (cap.limit, cap.held, cap.sending, cap.room) == (4, 4, 0, 0)
+
+
+def test_a_cap_that_stays_is_asked_past_less_and_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("batcher.backpressure.time.monotonic", lambda: clock[0])
+    cap = AccountCap(8, recover_after=5.0, most_quiet=20.0)
+
+    def fill() -> None:
+        while cap.room > 0 and cap.held < 4:
+            cap.take()
+            cap.accepted()
+
+    for _ in range(5):
+        cap.take()
+    for _ in range(4):
+        cap.accepted()
+    cap.refused()
+    assert (cap.limit, cap.quiet) == (4, 5.0)
+    for quiet in (10.0, 20.0, 20.0):
+        clock[0] += cap.quiet - 0.1
+        cap.release()
+        fill()
+        assert cap.limit == 4, "no step up before the quiet spell is over"
+        clock[0] += 0.1
+        cap.release()
+        assert cap.limit == 5
+        cap.take()
+        cap.accepted()  # held 4 again
+        cap.release()  # a second job leaves before the step is tried: one step at a time
+        assert cap.limit == 5
+        cap.take()
+        cap.accepted()
+        cap.take()
+        cap.refused()  # RunComfy still allows four
+        assert (cap.limit, cap.quiet) == (4, quiet)
+
+    # The cap is lifted: each step RunComfy takes lets the next one go at the next job's end.
+    clock[0] += cap.quiet
+    for limit in (5, 6, 7, 8, 8):
+        cap.release()
+        assert cap.limit == limit
+        while cap.room > 0:
+            cap.take()
+            cap.accepted()
+    assert cap.quiet == 5.0
+
+
+# -- balances ---------------------------------------------------------------------------------------
+
+
+class _BalanceServer(ThreadingHTTPServer):
+    """A loopback API whose balance endpoint holds each request for a held token until all of those are in
+    at once (or a second passed): it counts how many it held together. Model look-ups get 404 (no live price)."""
+
+    def __init__(self, balances: dict[str, float], held: set[str]) -> None:
+        self.balances = balances
+        self.held = held
+        self.barrier = threading.Barrier(len(held))
+        self.in_flight = 0
+        self.most = 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _BalanceHandler)
+
+
+class _BalanceHandler(BaseHTTPRequestHandler):
+    server: _BalanceServer
+
+    def do_GET(self) -> None:
+        server = self.server
+        if self.path != "/prod/v2/balance":
+            self._answer(404, {"error_code": 404001, "error_message": "not here"})
+            return
+        token = self.headers["Authorization"].removeprefix("Bearer ")
+        if token not in server.held:
+            self._answer(200, {"balance_usd": server.balances[token]})
+            return
+        with server.lock:
+            server.in_flight += 1
+            server.most = max(server.most, server.in_flight)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            server.barrier.wait(timeout=1.0)
+        with server.lock:
+            server.in_flight -= 1
+        self._answer(200, {"balance_usd": server.balances[token]})
+
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_plan_reads_the_accounts_balances_at_once_and_shows_them_in_token_order(tmp_path: Path) -> None:
+    tokens = [f"sk-account-{n}-SENTINEL-{n}{n}{n}{n}" for n in range(5)]
+    balances = {token: 10.0 + n for n, token in enumerate(tokens)}
+    server = _BalanceServer(balances, held=set(tokens[1:]))  # the first token's is read with the prices
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = CliRunner().invoke(
+            cli, ["plan", str(manifest), "--api-base", url, "-o", "out"], env={"RUNCOMFY_API_TOKENS": ",".join(tokens)}
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.exit_code == 0, result.output
+    shown = [line for line in result.output.splitlines() if line.startswith("account ")]
+    assert shown == [f"account {fingerprint(token)} balance: ${balances[token]:,.2f}" for token in tokens]
+    assert server.most == len(tokens) - 1, "the other accounts' balances are read together, not one by one"
+    assert not any(token in result.output for token in tokens)

@@ -70,24 +70,53 @@ def raises(exc: type[Exception]) -> Callable[..., httpx.Response]:
 
 
 @pytest.mark.parametrize(
-    "first",
+    ("answer", "kind", "throttled", "retry_after"),
     [
-        status(429, {"error_message": "slow down"}, {"retry-after": "0"}),
-        status(503, b"<html>unavailable</html>"),
-        status(500, {"error_code": 500001, "error_message": "Internal error"}),
-        raises(httpx.ConnectError),
-        raises(httpx.ConnectTimeout),
+        (status(429, {"error_message": "slow down"}, {"retry-after": "7"}), RateLimitedError, 1, 7.0),
+        (status(503, b"<html>unavailable</html>"), RateLimitedError, 0, None),
+        (status(500, {"error_code": 500001, "error_message": "Internal error"}), TransientApiError, None, None),
+        (raises(httpx.ConnectError), UnreachableError, None, None),
+        (raises(httpx.ConnectTimeout), UnreachableError, None, None),
     ],
     ids=["429", "503", "500001", "connect-error", "connect-timeout"],
 )
-async def test_submits_that_certainly_failed_are_retried(first: Callable[..., httpx.Response]) -> None:
+async def test_a_submit_certainly_not_accepted_is_sent_once_and_says_so(
+    answer: Callable[..., httpx.Response],
+    kind: type[TransientApiError],
+    throttled: int | None,
+    retry_after: float | None,
+) -> None:
+    # Sent once: the caller retries, after journalling the refusal (see test_run's
+    # test_every_retried_submit_has_its_own_intent_and_refusal_in_the_journal).
     seen: list[httpx.Request] = []
-    async with _client([first, ok], seen) as client:
-        submission = await client.submit(MODEL, {"prompt": "x"})
-    assert submission.request_id == "r-1"
-    assert len(seen) == 2
+    async with _client([answer, ok], seen) as client:
+        with pytest.raises(kind, match="was not accepted") as caught:
+            await client.submit(MODEL, {"prompt": "x"})
+    # The runner tells "not now" (wait and again), an outage (pause) and other trouble apart by these kinds.
+    assert type(caught.value) is kind
+    assert caught.value.retry_after == retry_after
+    if throttled is not None:
+        assert isinstance(caught.value, RateLimitedError) and caught.value.throttled == throttled
+    assert len(seen) == 1
     assert seen[0].url.path == "/v1/models/openai/gpt-image-1-5/image-to-image"
     assert seen[0].headers["authorization"] == f"Bearer {TOKEN}"
+
+
+async def test_a_429_to_a_submit_does_not_slow_the_other_calls() -> None:
+    # It is the account's cap on jobs in flight speaking (AccountCap learns it): halving the pace of
+    # every call for it starved the polls that free the cap. A 429 to a poll still slows the pace.
+    seen: list[httpx.Request] = []
+    answers = [status(429, {}, {"retry-after": "0"}), status(429, {}, {"retry-after": "0"}), ok_result]
+    async with _client(answers, seen) as client:
+        with pytest.raises(RateLimitedError):
+            await client.submit(MODEL, {"prompt": "x"})
+        assert client.rate_limiter.refusals == 0
+        await client.result("r-1")
+        assert client.rate_limiter.refusals == 1
+
+
+def ok_result(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json={"request_id": "r-1", "status": "in_queue"})
 
 
 @pytest.mark.parametrize(
@@ -139,28 +168,6 @@ async def test_refusals_become_actionable_errors(
     assert len(seen) == 1
 
 
-@pytest.mark.parametrize(
-    ("answer", "kind"),
-    [
-        (status(429, {}, {"retry-after": "0"}), RateLimitedError),
-        (status(503, b"busy"), RateLimitedError),
-        (raises(httpx.ConnectError), UnreachableError),
-        (status(500, {"error_code": 500001, "error_message": "Internal error"}), TransientApiError),
-    ],
-    ids=["429", "bare-503", "connect-error", "500001"],
-)
-async def test_submit_gives_up_after_the_retry_budget(
-    answer: Callable[..., httpx.Response], kind: type[TransientApiError]
-) -> None:
-    seen: list[httpx.Request] = []
-    async with _client([answer] * 4, seen) as client:
-        with pytest.raises(kind, match="was not accepted") as caught:
-            await client.submit(MODEL, {"prompt": "x"})
-    # The runner tells "not now" (requeue), an outage (pause) and other trouble apart by these kinds.
-    assert type(caught.value) is kind
-    assert len(seen) == 4
-
-
 async def test_each_call_logs_one_line_without_the_token(caplog: pytest.LogCaptureFixture) -> None:
     seen: list[httpx.Request] = []
     answers: list[Callable[[httpx.Request], httpx.Response]] = [
@@ -172,6 +179,8 @@ async def test_each_call_logs_one_line_without_the_token(caplog: pytest.LogCaptu
     ]
     caplog.set_level(logging.DEBUG, logger="batcher")
     async with _client(answers, seen) as client:
+        with pytest.raises(RateLimitedError):
+            await client.submit(MODEL, {"prompt": "x"})
         await client.submit(MODEL, {"prompt": "x"})
         await client.result("r-1")
         await client.cancel("r-1")

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 from click.testing import CliRunner
 
@@ -51,7 +52,7 @@ def test_failures_are_classified_from_runcomfys_words(error: str | None, expecte
 def test_the_retryable_classes_and_the_flags_values() -> None:
     assert {"model_error", "timeout", "cancelled", "unknown"} == RETRYABLE
     assert parse_retry_classes("retryable") == RETRYABLE
-    assert parse_retry_classes("all") == set(FAILURE_CLASSES)
+    assert parse_retry_classes("all") == set(FAILURE_CLASSES) - {"download"}  # a paid job: fetched again, not sent
     assert parse_retry_classes("content-policy, model_error") == {"content_policy", "model_error"}
     for bad in ("weather", "content_policy,weather", ",", ""):
         with pytest.raises(UsageError, match="not a failure class"):
@@ -64,6 +65,8 @@ def test_a_journal_from_before_classes_is_classified_from_its_words() -> None:
     assert failure_of(JobRecord("k", phase="failed", error="x", failure="timeout")) == "timeout"
     assert failure_of(JobRecord("k", phase="cancelled")) == "cancelled"
     assert failure_of(JobRecord("k", phase="completed")) is None
+    unfetched = JobRecord("k", phase="completed", outputs=["https://cdn.test/a.png"], error="HTTP 500")
+    assert failure_of(unfetched) == "download"
 
 
 def _manifest(tmp_path: Path) -> Path:
@@ -169,3 +172,36 @@ def test_the_gallery_filters_failures_by_reason(tmp_path: Path, start_sandbox: S
     page = (tmp_path / "out" / "index.html").read_text()
     assert '<button data-state="failure-content_policy" aria-pressed="false">failed: content policy 1</button>' in page
     assert page.count('data-failure="content_policy"') == 1 and "[content policy] " in page
+
+
+def test_a_download_failure_has_its_class_and_is_fetched_again_never_paid_again(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox(fault_rate=1.0, faults=("500",), fault_paths=("file",))  # no file can be fetched
+    manifest = _manifest(tmp_path)
+    first = anyio.run(run_manifest, load_manifest(manifest), fast_options(api_base=sandbox.url, output_dir=Path("out")))
+    assert first.failures == {"download": 2} and sorted(j.name for j in first.failed) == ["blocked", "fine"]
+    assert all(j.failure == "download" for j in first.failed)
+
+    runner = CliRunner()
+    status = json.loads(runner.invoke(cli, ["status", str(manifest), "-o", "out", "--json"]).output)
+    assert status["failures"] == {"download": 2}
+    shown = " ".join(runner.invoke(cli, ["status", str(manifest), "-o", "out"]).output.split())
+    assert "2 failed (RunComfy finished them, but their files could not be fetched: the next run" in shown
+    assert "by reason: 2 download (paid: fetched again by the next run, never submitted again)" in shown
+    assert "fine: [download] " in shown
+    assert runner.invoke(cli, ["report", str(manifest), "-o", "out"]).exit_code == 0
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert '<button data-state="failure-download" aria-pressed="false">failed: download 2</button>' in page
+
+    # Naming the class asks for what --retry-failed never does with a paid job: said, nothing sent.
+    named = runner.invoke(cli, ["run", str(manifest), "--sandbox", "-o", "out", "--retry-failed=download"])
+    assert named.exit_code == 2 and "Traceback" not in named.output
+    assert "fetched again by every run" in named.output
+
+    sandbox.sandbox.config.fault_rate = 0.0
+    everything = parse_retry_classes("all")
+    options = fast_options(api_base=sandbox.url, output_dir=Path("out"), retry_failed=True, retry_classes=everything)
+    again = anyio.run(run_manifest, load_manifest(manifest), options)
+    assert again.done == 2 and again.failures == {}
+    assert len(sandbox.sandbox.submits) == 2, "a paid job is fetched again, never submitted again"

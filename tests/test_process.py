@@ -174,3 +174,33 @@ def test_a_run_checkpoints_as_it_goes_so_a_kill_leaves_a_short_tail(
     assert {k: (r.phase, r.request_ids, r.files) for k, r in resumed.records.items()} == {
         k: (r.phase, r.request_ids, r.files) for k, r in full.records.items()
     }
+
+
+def test_a_kill_while_a_submit_waits_out_a_429_leaves_it_pending_not_uncertain(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Every 429 is journalled as not accepted before the job waits, so a kill in that wait holds nothing."""
+    # Every submit refused with 429 and a Retry-After long enough to kill the run inside it.
+    sandbox = start_sandbox(fault_rate=1.0, faults=("429",), fault_paths=("submit",), retry_after=30.0)
+    server = sandbox.sandbox
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
+    process = _start(manifest, sandbox, "--concurrency", "1")
+    deadline = time.monotonic() + 20
+    while server.calls.get("submit", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # the answer is in: the run now waits out the Retry-After
+    process.kill()
+    process.communicate()
+    refused = server.calls["submit"]
+    assert refused >= 1 and server.submits == []  # refused every time: nothing was accepted, nothing paid
+
+    server.config.fault_rate = 0.0
+    process = _start(manifest, sandbox)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    journal = (tmp_path / "out" / JOURNAL_NAME).read_text()
+    assert '"e":"uncertain"' not in journal
+    assert server.calls["submit"] == refused + 1  # sent once more, no flag needed
+    assert len(server.submits) == 1
+    (record,) = read_journal(tmp_path / "out" / JOURNAL_NAME).records.values()
+    assert record.downloaded

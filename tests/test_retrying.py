@@ -98,3 +98,12 @@ async def test_the_loop_really_waits_unless_testing() -> None:
         assert time.monotonic() - started < 0.1
     finally:
         set_testing(False)
+
+
+def test_a_loop_of_the_callers_own_waits_as_retrying_would_and_honours_retry_after() -> None:
+    # steps.submit's: it journals each refusal before this wait, so it cannot go through `retrying`.
+    policy = RetryPolicy(attempts=6, base=0.5, cap=3.0, max_retry_after=10.0)
+    assert all(0 <= policy.backoff(tried) <= min(3.0, 0.5 * 2**tried) for tried in range(8) for _ in range(20))
+    assert policy.backoff(0, retry_after=7.0) == 7.0
+    assert policy.backoff(5, retry_after=60.0) == 10.0  # a server's wish, capped
+    assert policy.backoff(10**6) <= 3.0

@@ -180,6 +180,34 @@ async def test_jobs_dropped_from_the_manifest_are_reported_not_touched(
     assert (tmp_path / "out" / "job-0002").is_dir()
 
 
+@pytest.mark.parametrize("fault", ["429", "503", "500"])
+async def test_every_retried_submit_has_its_own_intent_and_refusal_in_the_journal(
+    tmp_path: Path, start_sandbox: StartSandbox, fault: str
+) -> None:
+    """A kill at any moment of a retried submit leaves nothing uncertain that was certainly refused:
+    each POST has an intent of its own before it, and each refusal its line before the next one."""
+    sandbox = start_sandbox(fault_rate=0.4, faults=(fault,), fault_paths=("submit",), seed=7)
+    jobs = 8
+    summary = await _run(many_jobs_manifest(tmp_path / "m.yaml", jobs), sandbox)
+    assert summary.done == jobs
+    posts = sandbox.sandbox.calls["submit"]
+    assert posts > jobs, "the sandbox refused some submits"
+    assert _submits_per_prompt(sandbox) == {f"prompt number {i}": 1 for i in range(jobs)}
+    events = [json.loads(line) for line in (tmp_path / "out" / JOURNAL_NAME).read_text().splitlines()]
+    kinds = [e["e"] for e in events if e["e"] in ("submitting", "deferred", "submitted")]
+    assert kinds.count("submitting") == posts
+    assert kinds.count("deferred") == posts - jobs
+    for job in {e["job"] for e in events if e["e"] == "submitting"}:
+        own = [e["e"] for e in events if e.get("job") == job and e["e"] in ("submitting", "deferred", "submitted")]
+        refused = (len(own) - 2) // 2
+        assert own == ["submitting", "deferred"] * refused + ["submitting", "submitted"], own
+    # Only 429s count against the account (status's per-account figures); a gateway's 503 is no cap.
+    throttled = sum(
+        sum((r.throttled or {}).values()) for r in read_journal(tmp_path / "out" / JOURNAL_NAME).records.values()
+    )
+    assert throttled == (posts - jobs if fault == "429" else 0)
+
+
 async def test_insufficient_balance_stops_submitting_and_resumes_later(tmp_path: Path) -> None:
     calls: list[str] = []
 
