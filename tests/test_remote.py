@@ -493,3 +493,23 @@ def test_gs_through_the_emulator_variable_alone(
         assert bucket.get("lease.json") == b"{}"
         assert bucket.listing() == {"lease.json": 2}
     assert tokens.refreshes == refreshes
+
+
+async def test_many_segments_are_folded_into_one_base_that_a_resume_reads(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a run's end more than _COMPACT_AFTER segments become one base object (the old ones deleted); the
+    journal read back from it, elsewhere, is the run's."""
+    monkeypatch.setattr("batcher.remote._COMPACT_AFTER", 2)
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)
+    remote = parse_output(store.url("folded"))
+    summary = await run_manifest(load_manifest(manifest), fast_options(api_base=sandbox.url, remote=remote))
+    assert summary.done == 6
+    names = list(store.objects("folded/journal/"))
+    assert len(names) == 1, names
+    assert names[0].startswith("folded/journal/base-")
+    os.environ["BATCHER_CACHE"] = str(tmp_path / "laptop")
+    result = CliRunner().invoke(cli, ["status", str(manifest), "-o", store.url("folded"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["counts"]["done"] == 6
