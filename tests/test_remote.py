@@ -513,3 +513,18 @@ async def test_many_segments_are_folded_into_one_base_that_a_resume_reads(
     result = CliRunner().invoke(cli, ["status", str(manifest), "-o", store.url("folded"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["counts"]["done"] == 6
+
+
+@pytest.mark.parametrize("store", ["gs"], indirect=True)
+def test_a_broken_gcs_key_file_is_exit_2_without_its_contents(store: Store, tmp_path: Path) -> None:
+    """A key file google-auth cannot use: exit 2 naming what to do; nothing of the file in the message."""
+    broken = tmp_path / "broken.json"
+    secret = "-----BEGIN PRIVATE KEY-----\nSENTINEL-not-a-key-b81f\n-----END PRIVATE KEY-----\n"
+    broken.write_text(json.dumps({"type": "service_account", "private_key": secret, "private_key_id": "k"}))
+    store.monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(broken))
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
+    result = CliRunner().invoke(cli, ["run", str(manifest), "-o", store.url("x"), "--sandbox", "--yes"])
+    assert result.exit_code == 2, result.output
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in result.output
+    assert "SENTINEL-not-a-key" not in result.output
+    assert "Traceback" not in result.output
