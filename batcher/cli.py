@@ -66,7 +66,7 @@ from .sandbox import DIALECTS, FAULT_KINDS, REFUSALS, Sandbox, SandboxConfig
 from .scheduler import is_auto, shard_from_scheduler
 from .schema import available_models, load_model_schema
 from .state import JOURNAL_NAME, FoldedJournal
-from .storage import Bucket, RemoteOutput, parse_output
+from .storage import RemoteOutput, open_bucket, parse_output, upload
 from .tokens import TOKEN_FILE_ENV, TOKENS_ENV, fingerprint, tokens_from_env
 
 __all__ = ["cli", "main"]
@@ -162,7 +162,7 @@ def _shard_option(function: Callable[..., Any]) -> Callable[..., Any]:
         metavar="K/N",
         callback=lambda _ctx, _param, value: None if value is None else _parse_shard(value),
         help="Only the K-th of N slices of the jobs (by identity), in output/<name>/shard-K-of-N/ "
-        "(shard-K-of-N/ below an s3:// output). 'auto' (or auto/N) reads a Kubernetes Indexed Job's or a Slurm "
+        "(shard-K-of-N/ below an s3:// or gs:// output). 'auto' (or auto/N) reads a Kubernetes Indexed Job's or a Slurm "
         "array's variables.",
     )(function)
 
@@ -193,9 +193,9 @@ def _output_option(function: Callable[..., Any]) -> Callable[..., Any]:
         "-o",
         "--output",
         callback=lambda _ctx, _param, value: _parse_output(value),
-        help="Output folder holding the journal and images, or s3://bucket/prefix (journal and images in the "
-        "bucket; credentials and AWS_ENDPOINT_URL as the AWS CLI reads them) [default: output/<manifest name>/ in the "
-        "manifest's project (the folder above it holding .git), whatever the current folder; "
+        help="Output folder holding the journal and images, or s3://bucket/prefix or gs://bucket/prefix "
+        "(journal and images in the bucket; credentials where the AWS CLI or gcloud's application-default "
+        "login finds them) [default: output/<manifest name>/ in the manifest's project (the folder above it holding .git), whatever the current folder; "
         "output/sandbox/<manifest name>/ with --sandbox].",
     )(function)
 
@@ -883,7 +883,7 @@ def report(
 
 
 def _remote_report(loaded: Manifest, output: RemoteOutput) -> None:
-    """`report` for an s3:// output: every shard's journal summed, the gallery and metadata.jsonl written at the
+    """`report` for an s3:// or gs:// output: every shard's journal summed, the gallery and metadata.jsonl written at the
     output's top, beside the shard folders they link into."""
     output_dir, listing = pull_view(output)
     view = read_folder(output_dir)
@@ -894,9 +894,9 @@ def _remote_report(loaded: Manifest, output: RemoteOutput) -> None:
         rows = write_metadata(loaded, output_dir, folded.records, files)
     with StoredFiles(output_dir, listing) as files:
         write_gallery(loaded, output_dir, folded, files)
-    with Bucket(output) as bucket:
+    with open_bucket(output) as bucket:
         for name in (METADATA_NAME, GALLERY_NAME):
-            bucket.upload(output_dir / name, name)
+            upload(bucket, output_dir / name, name)
     click.echo(f"gallery: {output.url}/{GALLERY_NAME}")
     click.echo(f"dataset: {output.url}/{METADATA_NAME} ({rows} images)")
 
@@ -1011,7 +1011,7 @@ _LOADERS: dict[str, str] = {
 
 
 def _local_only(output: Path | RemoteOutput | None, command: str) -> Path | None:
-    """`review` and `export` read images from a local folder (an s3:// output is not fetched back)."""
+    """`review` and `export` read images from a local folder (an s3:// or gs:// output is not fetched back)."""
     if isinstance(output, RemoteOutput):
         raise _BadInput(
             f"{command} works on a local output folder; {output.url} is in object storage. Copy it down first "

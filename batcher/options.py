@@ -105,8 +105,8 @@ class RunOptions:
 
     output_dir: Path | None = None
     remote: RemoteOutput | None = None
-    """An output on object storage (``s3://bucket/prefix``, see `batcher.remote`): the run works in a local
-    working copy and the bucket holds the journal and files; output_dir is then ignored."""
+    """An output on object storage (``s3://bucket/prefix`` or ``gs://bucket/prefix``, see `batcher.remote`): the
+    run works in a local working copy and the bucket holds the journal and files; output_dir is then ignored."""
     concurrency: int = 8
     api_base: str | None = None
     token: str | None = None

@@ -1,5 +1,5 @@
-"""A run whose output is on object storage: its journal made durable in the bucket, its files uploaded,
-and a lease so that two machines do not run it at once.
+"""A run whose output is on object storage (S3 or GCS, through `batcher.storage.Bucket`): its journal made
+durable in the bucket, its files uploaded, and a lease so that two machines do not run it at once.
 
 The run itself works in a local working copy (`RemoteOutput.cache_dir`,
 never under the current folder) exactly as it does in a local folder; the
@@ -20,8 +20,8 @@ intent whose POST may have left: a resume elsewhere sees those jobs at
 ``submitting`` (held as *uncertain*, never resent on its own), and jobs whose
 ``submitted`` line had not been flushed yet are among them.
 
-**Fencing.** Each segment is PUT with ``If-None-Match: *`` under the next
-sequence number. Two writers of the same output (a machine thought dead that
+**Fencing.** Each segment is PUT only if absent (S3's ``If-None-Match: *``,
+GCS's ``ifGenerationMatch=0``) under the next sequence number. Two writers of the same output (a machine thought dead that
 is not) race for the same number: one PUT fails, and that run stops before
 its POST. The log in the bucket is therefore always one writer's, in order.
 The lease (`LEASE_SECONDS`, renewed while the run goes on) makes the common
@@ -55,7 +55,7 @@ from .errors import BatcherError, JournalCorruptError, JournalLockedError
 from .folders import shard_folder_name
 from .records import FileRecord
 from .state import CHECKPOINT_NAME, JOURNAL_NAME, LOCK_NAME
-from .storage import Bucket, RemoteOutput, StorageError
+from .storage import Bucket, RemoteOutput, StorageError, open_bucket, upload
 
 __all__ = [
     "FLUSH_SECONDS",
@@ -159,7 +159,7 @@ class RemoteRun:
     async def open(cls, output: RemoteOutput, folder: Path) -> AsyncIterator[RemoteRun]:
         """Check the bucket, take the lease, rebuild the local journal from the bucket, and keep it
         flushed while the block runs; at its end, flush, upload every file, compact, let the lease go."""
-        with Bucket(output) as bucket:
+        with open_bucket(output) as bucket:
             await anyio.to_thread.run_sync(bucket.check)
             run = cls(bucket, folder)
             await anyio.to_thread.run_sync(run._take_lease)
@@ -300,7 +300,7 @@ class RemoteRun:
             size = local.stat().st_size
             if self.stored.get(relative) == size:
                 return
-            self.bucket.upload(local, relative)
+            upload(self.bucket, local, relative)  # transient failures tried again; a refusal stops the run
             self.stored[relative] = size
 
     def _finish(self, flusher: threading.Thread) -> None:
@@ -385,7 +385,7 @@ class StoredFiles(OutputDir):
 def pull_view(output: RemoteOutput) -> tuple[Path, dict[str, int]]:
     """A read-only local copy of the output's journals, its own and every shard's (``shard-K-of-N/``), laid
     out as a local output folder is, for `status`, `plan` and `report`; and the bucket's listing."""
-    with Bucket(output) as bucket:
+    with open_bucket(output) as bucket:
         bucket.check()
         listing = bucket.listing()
     view = output.cache_dir().with_name(output.cache_dir().name + "-view")
@@ -393,7 +393,7 @@ def pull_view(output: RemoteOutput) -> tuple[Path, dict[str, int]]:
     for shard in ["", *shards]:
         part = output.child(shard) if shard else output
         own = {n[len(shard) + 1 :]: s for n, s in listing.items() if n.startswith(shard + "/")} if shard else listing
-        with Bucket(part) as reader:
+        with open_bucket(part) as reader:
             data, _ = _read_segments(reader, own)
         folder = view / shard if shard else view
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -13,6 +13,10 @@ each once, and `batcher.steps` sends again only what certainly was not
 accepted, waiting `RetryPolicy.backoff` after journalling the refusal, so
 that a kill during the wait leaves nothing that looks unanswered.
 
+`retrying_blocking` is the same loop for a call made on a worker thread
+(object-storage uploads, `batcher.remote`): it sleeps the thread instead of
+the task.
+
 `set_testing(True)` makes every wait zero (retries and the rate limiter's
 pauses), so that tests never really sleep; it is off unless a test turns it on.
 """
@@ -21,13 +25,22 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
 
-__all__ = ["RetryPolicy", "TryAgain", "is_testing", "parse_retry_after", "retrying", "set_testing"]
+__all__ = [
+    "RetryPolicy",
+    "TryAgain",
+    "is_testing",
+    "parse_retry_after",
+    "retrying",
+    "retrying_blocking",
+    "set_testing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +119,45 @@ async def retrying(
         try:
             return await attempt()
         except Exception as exc:
-            verdict = retry_on(exc)
-            if verdict is None or bound is None:
-                raise
-            delay = 0.0 if _testing else policy.wait(bound, verdict.retry_after)
-            log.debug(
-                "%s: %s; try %d of %d in %.2f s", name, str(exc) or type(exc).__name__, tried + 1, len(bounds), delay
-            )
+            delay = _after(exc, policy, retry_on, name, bound, tried, len(bounds))
         # Outside the except block: the error just handled must not become the context of a later one.
         await anyio.sleep(delay)
     msg = "unreachable: the last try returns or raises"
     raise AssertionError(msg)
+
+
+def retrying_blocking(
+    attempt: Callable[[], T],
+    *,
+    policy: RetryPolicy,
+    retry_on: Callable[[Exception], TryAgain | None],
+    name: str,
+) -> T:
+    """`retrying` for a blocking call on a worker thread: the same decisions, the thread sleeps between tries."""
+    bounds = [*policy.delays(), None]
+    for tried, bound in enumerate(bounds, start=1):
+        try:
+            return attempt()
+        except Exception as exc:
+            delay = _after(exc, policy, retry_on, name, bound, tried, len(bounds))
+        time.sleep(delay)
+    msg = "unreachable: the last try returns or raises"
+    raise AssertionError(msg)
+
+
+def _after(
+    exc: Exception,
+    policy: RetryPolicy,
+    retry_on: Callable[[Exception], TryAgain | None],
+    name: str,
+    bound: float | None,
+    tried: int,
+    tries: int,
+) -> float:
+    """The wait before the next try after exc; re-raises exc (from inside its except block) when there is none."""
+    verdict = retry_on(exc)
+    if verdict is None or bound is None:
+        raise exc
+    delay = 0.0 if _testing else policy.wait(bound, verdict.retry_after)
+    log.debug("%s: %s; try %d of %d in %.2f s", name, str(exc) or type(exc).__name__, tried + 1, tries, delay)
+    return delay

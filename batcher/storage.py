@@ -1,65 +1,93 @@
-"""Where an ``--output`` points: a local folder, or a bucket and prefix on S3-compatible object storage.
+"""Where an ``--output`` points: a local folder, or a bucket and prefix on object storage (S3 or GCS).
 
 `parse_output` turns the text of ``--output`` into a `RemoteOutput` (an
-``s3://bucket/prefix`` URL) or None (a local folder, as before). `Bucket` is
-the one place batcher talks to object storage, through boto3; every foreign
-error becomes ours here: a setup problem (no such bucket, no credentials, an
-unknown scheme) is a UsageError (exit 2) and trouble during a run a
+``s3://bucket/prefix`` or ``gs://bucket/prefix`` URL) or None (a local
+folder, as before). `Bucket` is the one interface batcher talks to object
+storage through, and `open_bucket` picks its implementation by scheme:
+`batcher.s3` (boto3) or `batcher.gcs` (google-cloud-storage); nothing above
+this module knows which. Each implementation turns every foreign error into
+ours at its boundary: a setup problem (no such bucket, no credentials) is a
+UsageError (exit 2) with what to do, and trouble during a run a
 `StorageError`, which stops the run like a journal that cannot be written.
+A `StorageError` says whether it is `StorageError.transient` (5xx, a reset
+connection): `upload` tries those again with backoff (`batcher.retrying`),
+beyond what the SDK itself retries, and stops at once on a refusal.
 
-Why boto3: it is AWS's own SDK (the longest-lived and most exercised S3
-client there is), it reads credentials from exactly the places AWS users
-already keep them (environment, ``~/.aws`` profiles, SSO, instance and pod
-roles), and speaks conditional PUT (``If-None-Match: *``), on which the
-remote journal's fencing rests (`batcher.remote`). Its transfer manager
-uploads large files in parts, in parallel. fsspec/s3fs would add an asyncio
-layer over aiobotocore (the same botocore underneath) and obstore a younger
-Rust client without profile support; for batcher's few, small, latency-bound
-journal PUTs the client's speed is not what counts (the round trip is).
-
-Credentials are never read, copied or written by batcher: botocore finds
-them, and no message here includes anything but bucket, key and the
-service's error code.
+Credentials are never read, copied or written by batcher: each SDK finds
+them where its users keep them, and no message includes anything but
+bucket, key and the service's error code and text.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from .errors import JournalError, UsageError
+from .retrying import RetryPolicy, TryAgain, retrying_blocking
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+    from types import TracebackType
 
-__all__ = ["Bucket", "RemoteOutput", "StorageError", "cache_root", "parse_output"]
+__all__ = [
+    "MULTIPART_THRESHOLD",
+    "UPLOAD_RETRY",
+    "Bucket",
+    "RemoteOutput",
+    "Scheme",
+    "StorageError",
+    "cache_root",
+    "open_bucket",
+    "parse_output",
+    "upload",
+]
+
+log = logging.getLogger("batcher")
+
+Scheme = Literal["s3", "gs"]
+"""The object stores batcher writes to: S3 (and S3-compatible stores through ``AWS_ENDPOINT_URL``) and GCS."""
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_BUCKET: dict[Scheme, re.Pattern[str]] = {
+    "s3": re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"),
+    "gs": re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]"),  # GCS allows underscores too
+}
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
-"""Files past this go up in parts (8 MiB each, four at a time); each object appears only once complete."""
+"""Files past this go up in parts (S3: 8 MiB parts, four at a time; GCS: a resumable upload in 8 MiB chunks);
+each object appears only once complete."""
+UPLOAD_RETRY = RetryPolicy(attempts=5, base=0.5, cap=8.0)
+"""An upload's transient failures past the SDK's own retries: up to 5 tries, waits up to 0.5, 1, 2, 4 s
+(jittered), so a bucket that is down costs a run at most about 8 s before it stops."""
 
 
 class StorageError(JournalError):
     """Raised when object storage refuses or fails a call during a run: the run stops, as it does when its
-    journal cannot be written, so nothing goes unrecorded."""
+    journal cannot be written, so nothing goes unrecorded. ``transient`` when another try may work (a 5xx,
+    a throttle, a reset or timed-out connection); a refusal (403, no such bucket) is not."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteOutput:
-    """An output on object storage: ``s3://bucket/prefix``."""
+    """An output on object storage: ``s3://bucket/prefix`` or ``gs://bucket/prefix``."""
 
     bucket: str
     prefix: str
     """Without slashes at either end; "" for the bucket's root."""
+    scheme: Scheme = "s3"
 
     @property
     def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        root = f"{self.scheme}://{self.bucket}"
+        return f"{root}/{self.prefix}" if self.prefix else root
 
     def key(self, relative: str) -> str:
         """The object key of a path relative to the output (``journal/00000001.jsonl``)."""
@@ -67,7 +95,7 @@ class RemoteOutput:
 
     def child(self, name: str) -> RemoteOutput:
         """The output one level down (a shard's: ``shard-2-of-4``)."""
-        return RemoteOutput(self.bucket, self.key(name))
+        return RemoteOutput(self.bucket, self.key(name), self.scheme)
 
     def cache_dir(self) -> Path:
         """This machine's working copy: ``$XDG_CACHE_HOME/batcher/remote/<hash of the URL>/`` (never the cwd)."""
@@ -93,164 +121,96 @@ def parse_output(text: str) -> RemoteOutput | None:
     scheme = match[1].lower()
     if scheme == "file":
         return None
-    if scheme != "s3":
+    if scheme not in ("s3", "gs"):
         msg = (
-            f"--output {text!r}: batcher writes to a local folder or to s3://bucket/prefix, not {scheme}://. "
-            "Google Cloud Storage and other S3-compatible stores work through s3:// with AWS_ENDPOINT_URL "
-            "set to their S3 endpoint (https://storage.googleapis.com with HMAC keys for GCS)"
+            f"--output {text!r}: batcher writes to a local folder, s3://bucket/prefix or gs://bucket/prefix, "
+            f"not {scheme}://. Other S3-compatible stores (MinIO, R2) work through s3:// with AWS_ENDPOINT_URL "
+            "set to their endpoint"
         )
         raise UsageError(msg)
+    known: Scheme = "s3" if scheme == "s3" else "gs"
     rest = text[match.end() :]
     bucket, _, prefix = rest.partition("/")
-    if not _BUCKET.fullmatch(bucket):
-        msg = f"--output {text!r}: {bucket!r} is not a bucket name (3-63 lowercase letters, digits, dots, dashes)"
+    if not _BUCKET[known].fullmatch(bucket):
+        allowed = "lowercase letters, digits, dots, dashes" + (", underscores" if known == "gs" else "")
+        msg = f"--output {text!r}: {bucket!r} is not a bucket name (3-63 {allowed})"
         raise UsageError(msg)
     parts = [p for p in prefix.split("/") if p]
     if any(p in (".", "..") for p in parts):
         msg = f"--output {text!r}: a prefix with . or .. parts is ambiguous on object storage; spell it plainly"
         raise UsageError(msg)
-    return RemoteOutput(bucket, "/".join(parts))
+    return RemoteOutput(bucket, "/".join(parts), known)
 
 
-class Bucket:
-    """One S3 client for one output: small PUTs and GETs, listings and large uploads. Thread-safe (boto3's
-    clients are), so calls run on worker threads off the event loop."""
+class Bucket(Protocol):
+    """One client for one output: small PUTs and GETs, listings and large uploads. Thread-safe, so calls run
+    on worker threads off the event loop. Every method raises `StorageError` (or UsageError for a setup
+    problem), never the SDK's own errors."""
 
-    def __init__(self, output: RemoteOutput) -> None:
-        try:
-            import boto3
-            from botocore.config import Config
-        except ImportError as exc:
-            msg = "an s3:// output needs boto3: pip install 'batcher[s3]'"
-            raise UsageError(msg) from exc
-        self.output = output
-        self.requests = 0
-        """Calls made (PUT, GET, LIST, DELETE; a multipart upload counts one): for the cost figures."""
-        config = Config(
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
-            max_pool_connections=32,
-            user_agent_extra="batcher",
-        )
-        try:
-            self._client: S3Client = boto3.session.Session().client("s3", config=config)
-        except Exception as exc:  # botocore's ProfileNotFound, a bad region, an unparsable config file
-            msg = f"cannot set up an S3 client for {output.url}: {_said(exc)}"
-            raise UsageError(msg) from exc
+    output: RemoteOutput
+    requests: int
+    """Calls made (PUT, GET, LIST, DELETE; a multipart or resumable upload counts one): for the cost figures."""
 
     def check(self) -> None:
         """Make sure the bucket exists and these credentials reach it; UsageError (exit 2) otherwise."""
-        try:
-            self._call("head_bucket", Bucket=self.output.bucket)
-        except StorageError as exc:
-            cause = exc.__cause__
-            code = _code(cause)
-            if code in ("404", "NoSuchBucket"):
-                msg = f"the bucket {self.output.bucket!r} of {self.output.url} does not exist (create it first)"
-            elif code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                msg = f"the credentials found cannot reach {self.output.url} ({code}); check AWS_PROFILE or AWS_* variables"
-            else:
-                msg = str(exc)
-            raise UsageError(msg) from exc
+        ...
 
     def put(self, relative: str, data: bytes, *, if_absent: bool = False) -> bool:
-        """PUT data under relative; with if_absent, only if no object is there (False when one is)."""
-        extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
-        try:
-            self._call("put_object", Bucket=self.output.bucket, Key=self.output.key(relative), Body=data, **extra)
-        except StorageError as exc:
-            if if_absent and _code(exc.__cause__) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return False
-            raise
-        return True
+        """Write data under relative; with if_absent, only if no object is there (False when one is: the
+        service's precondition refusal, S3's 412 to ``If-None-Match: *``, GCS's 412 to
+        ``ifGenerationMatch=0``). The journal's fencing rests on this answer."""
+        ...
 
     def get(self, relative: str) -> bytes | None:
         """The object's bytes, or None when there is none."""
-        try:
-            answer = self._call("get_object", Bucket=self.output.bucket, Key=self.output.key(relative))
-        except StorageError as exc:
-            if _code(exc.__cause__) in ("NoSuchKey", "404"):
-                return None
-            raise
-        body: bytes = answer["Body"].read()
-        return body
+        ...
 
     def listing(self, relative: str = "") -> dict[str, int]:
         """Every object under relative (a folder: ``journal/``), as path relative to the output → size."""
-        start = self.output.key(relative) if relative else (self.output.prefix + "/" if self.output.prefix else "")
-        cut = len(self.output.prefix) + 1 if self.output.prefix else 0
-        found: dict[str, int] = {}
-        token: str | None = None
-        while True:
-            extra: dict[str, Any] = {"ContinuationToken": token} if token else {}
-            page = self._call("list_objects_v2", Bucket=self.output.bucket, Prefix=start, **extra)
-            for item in page.get("Contents", []):
-                found[item["Key"][cut:]] = item["Size"]
-            if not page.get("IsTruncated"):
-                return found
-            token = page["NextContinuationToken"]
+        ...
 
     def upload(self, local: Path, relative: str) -> None:
-        """Upload a local file; past `MULTIPART_THRESHOLD` in parts. The object appears only complete."""
-        from boto3.s3.transfer import TransferConfig
-
-        config = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=4
-        )
-        self.requests += 1
-        try:
-            self._client.upload_file(str(local), self.output.bucket, self.output.key(relative), Config=config)
-        except Exception as exc:
-            msg = f"cannot upload {relative} to {self.output.url}: {_said(exc)}"
-            raise StorageError(msg) from exc
+        """Upload a local file, once (see `upload` for the retries); past `MULTIPART_THRESHOLD` in parts.
+        The object appears only complete."""
+        ...
 
     def delete(self, relatives: list[str]) -> None:
-        for start in range(0, len(relatives), 1000):
-            objects: Any = [{"Key": self.output.key(r)} for r in relatives[start : start + 1000]]
-            self._call("delete_objects", Bucket=self.output.bucket, Delete={"Objects": objects, "Quiet": True})
+        """Delete these objects; one already gone is no error."""
+        ...
 
     def close(self) -> None:
         """Let the client's connections go."""
-        self._client.close()
+        ...
 
     def __enter__(self) -> Bucket:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.close()
 
-    def _call(self, operation: str, **arguments: Any) -> Any:
-        self.requests += 1
-        try:
-            return getattr(self._client, operation)(**arguments)
-        except Exception as exc:  # botocore's ClientError, NoCredentialsError, EndpointConnectionError, …
-            where = arguments.get("Key", arguments.get("Prefix", ""))
-            msg = f"object storage refused {operation} of {self.output.bucket}/{where}: {_said(exc)}"
-            if _code(exc) == "NoCredentials":
-                msg = (
-                    f"no credentials for {self.output.url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                    "or AWS_PROFILE, or run where an instance or pod role applies"
-                )
-                raise UsageError(msg) from exc
-            raise StorageError(msg) from exc
+
+def open_bucket(output: RemoteOutput) -> Bucket:
+    """The client for output's store; UsageError when its SDK is not installed or cannot be set up."""
+    if output.scheme == "gs":
+        from .gcs import GcsBucket
+
+        return GcsBucket(output)
+    from .s3 import S3Bucket
+
+    return S3Bucket(output)
 
 
-def _code(exc: BaseException | None) -> str:
-    """The service's error code (``NoSuchBucket``, ``PreconditionFailed``, ``404``), or the exception's name."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        if code:
-            return str(code)
-    name = type(exc).__name__
-    return "NoCredentials" if name in ("NoCredentialsError", "PartialCredentialsError") else name
+def upload(bucket: Bucket, local: Path, relative: str, *, policy: RetryPolicy = UPLOAD_RETRY) -> None:
+    """Upload local as relative, trying a transient failure again with backoff (`UPLOAD_RETRY`) before the
+    StorageError reaches the run; a refusal (403, no such bucket) is raised at once. Blocking: call it on a
+    worker thread."""
 
+    def again(exc: Exception) -> TryAgain | None:
+        if isinstance(exc, StorageError) and exc.transient:
+            log.warning("object storage: %s (transient)", exc)
+            return TryAgain()
+        return None
 
-def _said(exc: BaseException) -> str:
-    """What went wrong, in the service's words: its code and message (never a request's headers)."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        error = response.get("Error", {})
-        return f"{error.get('Code', '?')}: {error.get('Message', '')}".strip()
-    return f"{type(exc).__name__}: {exc}"
+    retrying_blocking(lambda: bucket.upload(local, relative), policy=policy, retry_on=again, name=f"upload {relative}")

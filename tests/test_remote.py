@@ -1,16 +1,21 @@
-"""An s3:// output against a real S3-compatible server on loopback (moto's, in its own process)."""
+"""An s3:// or gs:// output against a real server on loopback: moto's S3 and fake-gcs-server, each in its own
+process. Most tests run against both (``store``); the fault proxy stands between batcher and the server where
+a test needs a flaky network or a refusing service."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,84 +27,160 @@ from click.testing import CliRunner
 from batcher import SandboxThread, UsageError, load_manifest, run_manifest
 from batcher.cli import cli
 from batcher.remote import RemoteRun
+from batcher.retrying import set_testing
 from batcher.scheduler import shard_from_scheduler
 from batcher.state import JOURNAL_NAME, fold_bytes
-from batcher.storage import StorageError, parse_output
+from batcher.storage import StorageError, open_bucket, parse_output
 
 from .conftest import TOKEN, fast_options, many_jobs_manifest
+from .faultproxy import Fault, FaultProxy, fault_proxy
+from .gcsserver import TokenServer, gcs_environment, gcs_server, token_server
 from .s3server import FAKE_KEY_ID, FAKE_SECRET, s3_environment, s3_server
 
 StartSandbox = Callable[..., SandboxThread]
 
 
-_CLIENTS: list[Any] = []
+@dataclass
+class Store:
+    """One bucket on one loopback server, batcher pointed at it through the environment, and the test's own
+    client (straight to the server, never through batcher's code)."""
+
+    scheme: str
+    bucket: str
+    endpoint: str
+    admin: Any
+    secrets: list[str]
+    monkeypatch: pytest.MonkeyPatch
+    token: TokenServer | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def url(self, prefix: str) -> str:
+        return f"{self.scheme}://{self.bucket}/{prefix}"
+
+    def objects(self, prefix: str = "") -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        if self.scheme == "s3":
+            for page in self.admin.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    found[item["Key"]] = self.admin.get_object(Bucket=self.bucket, Key=item["Key"])["Body"].read()
+        else:
+            for blob in self.admin.list_blobs(self.bucket, prefix=prefix):
+                found[blob.name] = blob.download_as_bytes()
+        return found
+
+    def put_raw(self, key: str, data: bytes) -> None:
+        if self.scheme == "s3":
+            self.admin.put_object(Bucket=self.bucket, Key=key, Body=data)
+        else:
+            self.admin.bucket(self.bucket).blob(key).upload_from_string(data)
+
+    def through(self, proxy: FaultProxy) -> None:
+        """Send batcher's requests through the fault proxy (the test's own client still goes straight)."""
+        name = "AWS_ENDPOINT_URL" if self.scheme == "s3" else "API_ENDPOINT_OVERRIDE"
+        self.monkeypatch.setenv(name, proxy.url)
+        if self.scheme == "s3":
+            self.monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off: ours are tested
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
+def s3_endpoint() -> Iterator[tuple[str, Any]]:
     with s3_server() as endpoint:
-        yield endpoint
-        while _CLIENTS:
-            _CLIENTS.pop().close()
+        client = boto3.client("s3", endpoint_url=endpoint, **_s3_keys(endpoint))
+        yield endpoint, client
+        client.close()
 
 
-@pytest.fixture
-def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    """A fresh bucket on the loopback server; boto3 pointed there with fake credentials, and nowhere else."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ROLE_ARN"):
+def _s3_keys(endpoint: str) -> dict[str, str]:
+    env = s3_environment(endpoint)
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_DEFAULT_REGION"],
+    }
+
+
+@pytest.fixture(scope="module")
+def gcs_endpoint() -> Iterator[tuple[str, Any, TokenServer]]:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    with gcs_server() as endpoint, token_server() as tokens:
+        client = storage.Client(
+            project="batcher-test", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint}
+        )
+        yield endpoint, client, tokens
+        client.close()
+
+
+_VARIABLES = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ROLE_ARN",
+    "AWS_MAX_ATTEMPTS",
+    "STORAGE_EMULATOR_HOST",
+    "API_ENDPOINT_OVERRIDE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
+
+
+@pytest.fixture(params=["s3", "gs"])
+def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Store]:
+    """A fresh bucket on the loopback server of the param's kind; the SDK pointed there with fake credentials
+    (S3: sentinel keys; GCS: a service account key file refreshed at a loopback token endpoint), and nowhere
+    else. Retries wait for nothing."""
+    for name in _VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    for name, value in s3_environment(s3_endpoint).items():
-        monkeypatch.setenv(name, value)
     monkeypatch.setenv("BATCHER_CACHE", str(tmp_path / "machine-a"))
     name = "b-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
-    _client().create_bucket(Bucket=name)
-    return name
+    if request.param == "s3":
+        endpoint, client = request.getfixturevalue("s3_endpoint")
+        for key, value in s3_environment(endpoint).items():
+            monkeypatch.setenv(key, value)
+        client.create_bucket(Bucket=name)
+        made = Store("s3", name, endpoint, client, [FAKE_KEY_ID, FAKE_SECRET], monkeypatch)
+    else:
+        endpoint, client, tokens = request.getfixturevalue("gcs_endpoint")
+        env, secrets = gcs_environment(endpoint, tokens.url, tmp_path / "gcloud-home")
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        client.create_bucket(name)
+        made = Store("gs", name, endpoint, client, secrets, monkeypatch, tokens)
+    set_testing(True)
+    yield made
+    set_testing(False)
 
 
-def _client() -> Any:
-    """The test's own view of the bucket (one client, closed with the server)."""
-    if not _CLIENTS:
-        _CLIENTS.append(boto3.client("s3"))
-    return _CLIENTS[0]
-
-
-def _objects(bucket: str, prefix: str = "") -> dict[str, bytes]:
-    client = _client()
-    found: dict[str, bytes] = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            found[item["Key"]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-    return found
-
-
-def _bucket_journal(bucket: str, prefix: str) -> bytes:
-    segments = {k: v for k, v in _objects(bucket, f"{prefix}/journal/").items()}
+def _bucket_journal(store: Store, prefix: str) -> bytes:
+    segments = store.objects(f"{prefix}/journal/")
     return b"".join(v for _, v in sorted(segments.items()))
 
 
-def _assert_no_credentials(bucket: str, *folders: Path) -> None:
-    secrets = (FAKE_KEY_ID.encode(), FAKE_SECRET.encode(), TOKEN.encode())
-    for key, data in _objects(bucket).items():
+def _assert_no_credentials(store: Store, *folders: Path, texts: tuple[str, ...] = ()) -> None:
+    secrets = [s.encode() for s in (*store.secrets, TOKEN)]
+    for key, data in store.objects().items():
         assert not any(s in data for s in secrets), key
     for folder in folders:
         for path in folder.rglob("*"):
-            if path.is_file():
+            if path.is_file() and path.name != "adc.json":  # the key file the test itself wrote
                 data = path.read_bytes()
                 assert not any(s in data for s in secrets), path
+    for text in texts:
+        assert not any(s.decode() in text for s in secrets), text
 
 
-async def test_a_run_to_s3_puts_images_journal_and_dataset_in_the_bucket(
-    bucket: str, tmp_path: Path, start_sandbox: StartSandbox
+async def test_a_run_to_object_storage_puts_images_journal_and_dataset_in_the_bucket(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:
     sandbox = start_sandbox()
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)
     loaded = load_manifest(manifest)
-    remote = parse_output(f"s3://{bucket}/runs/night-1")
+    remote = parse_output(store.url("runs/night-1"))
     summary = await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=remote))
     assert summary.exit_code == 0
     assert summary.done == 6
-    objects = _objects(bucket)
-    folded = fold_bytes(_bucket_journal(bucket, "runs/night-1"))
+    objects = store.objects()
+    folded = fold_bytes(_bucket_journal(store, "runs/night-1"))
     assert sum(1 for r in folded.records.values() if r.downloaded) == 6
     for record in folded.records.values():
         for file in record.files.values():
@@ -111,42 +192,44 @@ async def test_a_run_to_s3_puts_images_journal_and_dataset_in_the_bucket(
     assert not any(key.endswith(".part") or "/." in key for key in objects)
     assert "runs/night-1/lease.json" not in objects  # let go at the end
     assert not list(tmp_path.glob("output")), "nothing written under the current folder"
-    _assert_no_credentials(bucket, tmp_path)
+    _assert_no_credentials(store, tmp_path)
+    if store.token is not None:
+        assert store.token.refreshes > 0, "the credentials were really used"
 
     # status and report from elsewhere: another machine's cache, from the bucket alone.
     os.environ["BATCHER_CACHE"] = str(tmp_path / "laptop")
-    result = CliRunner().invoke(cli, ["status", str(manifest), "-o", f"s3://{bucket}/runs/night-1", "--json"])
+    result = CliRunner().invoke(cli, ["status", str(manifest), "-o", store.url("runs/night-1"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["counts"]["done"] == 6
-    result = CliRunner().invoke(cli, ["report", str(manifest), "-o", f"s3://{bucket}/runs/night-1"])
+    result = CliRunner().invoke(cli, ["report", str(manifest), "-o", store.url("runs/night-1")])
     assert result.exit_code == 0, result.output
-    assert b"job-0003" in _objects(bucket, "runs/night-1/index.html")["runs/night-1/index.html"]
+    assert b"job-0003" in store.objects("runs/night-1/index.html")["runs/night-1/index.html"]
 
 
 class _CheckingTransport(httpx.AsyncBaseTransport):
     """Passes requests to the sandbox; at each submit, records whether its intent was in the bucket already."""
 
-    def __init__(self, bucket: str, prefix: str) -> None:
+    def __init__(self, store: Store, prefix: str) -> None:
         self.inner = httpx.AsyncHTTPTransport()
-        self.bucket, self.prefix = bucket, prefix
+        self.store, self.prefix = store, prefix
         self.seen: list[bool] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if request.method == "POST" and request.url.path.startswith("/v1/models/"):
             prompt = json.loads(request.content)["prompt"]
-            journal = _bucket_journal(self.bucket, self.prefix)
+            journal = _bucket_journal(self.store, self.prefix)
             self.seen.append(f'"prompt":"{prompt}"'.encode() in journal and b'"e":"submitting"' in journal)
         return await self.inner.handle_async_request(request)
 
 
 async def test_every_submit_intent_is_in_the_bucket_before_its_post_leaves(
-    bucket: str, tmp_path: Path, start_sandbox: StartSandbox
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:
     sandbox = start_sandbox()
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 12)
     loaded = load_manifest(manifest)
-    transport = _CheckingTransport(bucket, "r")
-    options = fast_options(api_base=sandbox.url, remote=parse_output(f"s3://{bucket}/r"), api_transport=transport)
+    transport = _CheckingTransport(store, "r")
+    options = fast_options(api_base=sandbox.url, remote=parse_output(store.url("r")), api_transport=transport)
     options.concurrency = 6
     summary = await run_manifest(loaded, options)
     await transport.inner.aclose()
@@ -154,42 +237,44 @@ async def test_every_submit_intent_is_in_the_bucket_before_its_post_leaves(
     assert transport.seen == [True] * 12
 
 
-async def test_a_second_writer_is_fenced_off_before_its_next_post(bucket: str, tmp_path: Path) -> None:
-    output = parse_output(f"s3://{bucket}/fenced")
+async def test_a_second_writer_is_fenced_off_before_its_next_post(store: Store, tmp_path: Path) -> None:
+    output = parse_output(store.url("fenced"))
     assert output is not None
     folder = tmp_path / "work"
     with pytest.raises(StorageError, match="another machine"):  # at the end too: it is not hidden
         async with RemoteRun.open(output, folder) as run:
             (folder / JOURNAL_NAME).write_bytes(b'{"e":"note"}\n')
             # Another machine (whose lease check raced ours) takes segment 0 first.
-            _client().put_object(Bucket=bucket, Key="fenced/journal/00000000.jsonl", Body=b"theirs\n")
+            store.put_raw("fenced/journal/00000000.jsonl", b"theirs\n")
             with pytest.raises(StorageError, match="another machine"):
                 await run.durable()
             with pytest.raises(StorageError, match="another machine"):
                 await run.durable()  # and every later submit's
-    assert _objects(bucket, "fenced/journal/") == {"fenced/journal/00000000.jsonl": b"theirs\n"}
+    assert store.objects("fenced/journal/") == {"fenced/journal/00000000.jsonl": b"theirs\n"}
 
 
-def test_a_held_lease_refuses_a_second_machine_with_exit_2(bucket: str, tmp_path: Path) -> None:
+def test_a_held_lease_refuses_a_second_machine_with_exit_2(store: Store, tmp_path: Path) -> None:
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
     lease = {"holder": "x", "host": "other-machine", "pid": 7, "until": time.time() + 60}
-    _client().put_object(Bucket=bucket, Key="held/lease.json", Body=json.dumps(lease).encode())
-    result = CliRunner().invoke(cli, ["run", str(manifest), "-o", f"s3://{bucket}/held", "--sandbox", "--yes"])
+    store.put_raw("held/lease.json", json.dumps(lease).encode())
+    result = CliRunner().invoke(cli, ["run", str(manifest), "-o", store.url("held"), "--sandbox", "--yes"])
     assert result.exit_code == 2, result.output
     assert "other-machine" in result.output
     assert "Traceback" not in result.output
-    assert list(_objects(bucket, "held/")) == ["held/lease.json"]
+    assert list(store.objects("held/")) == ["held/lease.json"]
 
 
 @pytest.mark.parametrize(
     ("output", "words"),
     [
-        ("gs://bucket/x", "not gs://"),
-        ("s3://Not_A_Bucket/x", "not a bucket name"),
-        ("s3://no-such-bucket-here/x", "does not exist"),
+        ("az://bucket/x", "not az://"),
+        ("{scheme}://Not_A_Bucket/x", "not a bucket name"),
+        ("{scheme}://no-such-bucket-here/x", "does not exist"),
+        ("{scheme}://bucket/a/../b", "ambiguous"),
     ],
 )
-def test_bad_outputs_are_exit_2_with_a_message(bucket: str, tmp_path: Path, output: str, words: str) -> None:
+def test_bad_outputs_are_exit_2_with_a_message(store: Store, tmp_path: Path, output: str, words: str) -> None:
+    output = output.format(scheme=store.scheme)
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
     result = CliRunner().invoke(cli, ["run", str(manifest), "-o", output, "--sandbox", "--yes"])
     assert result.exit_code == 2, result.output
@@ -197,22 +282,25 @@ def test_bad_outputs_are_exit_2_with_a_message(bucket: str, tmp_path: Path, outp
     assert "Traceback" not in result.output
 
 
-def test_missing_credentials_are_exit_2(bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
-    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+def test_missing_credentials_are_exit_2(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if store.scheme == "s3":
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    else:  # ADC pointed at a key file that is not there (and no gcloud login, no metadata server)
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "gone.json"))
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
-    result = CliRunner().invoke(cli, ["run", str(manifest), "-o", f"s3://{bucket}/x", "--sandbox", "--yes"])
+    result = CliRunner().invoke(cli, ["run", str(manifest), "-o", store.url("x"), "--sandbox", "--yes"])
     assert result.exit_code == 2, result.output
     assert "no credentials" in result.output
 
 
 async def test_shards_from_slurm_variables_are_summed_by_status(
-    bucket: str, tmp_path: Path, start_sandbox: StartSandbox
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:
     sandbox = start_sandbox()
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 10)
     loaded = load_manifest(manifest)
-    remote = parse_output(f"s3://{bucket}/sharded")
+    remote = parse_output(store.url("sharded"))
     for task in (4, 5):  # --array=4-5
         env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "4"}
         found = shard_from_scheduler("auto", env)
@@ -221,11 +309,11 @@ async def test_shards_from_slurm_variables_are_summed_by_status(
             loaded, fast_options(api_base=sandbox.url, remote=remote, shard=(found.part, found.shards))
         )
         assert summary.exit_code == 0
-    keys = _objects(bucket, "sharded/")
+    keys = store.objects("sharded/")
     assert any(k.startswith("sharded/shard-1-of-2/journal/") for k in keys)
     assert any(k.startswith("sharded/shard-2-of-2/journal/") for k in keys)
     os.environ["BATCHER_CACHE"] = str(tmp_path / "laptop")
-    result = CliRunner().invoke(cli, ["status", str(manifest), "-o", f"s3://{bucket}/sharded", "--json"])
+    result = CliRunner().invoke(cli, ["status", str(manifest), "-o", store.url("sharded"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["counts"]["done"] == 10
 
@@ -244,13 +332,13 @@ def test_shard_auto_reads_kubernetes_and_slurm_and_refuses_nothing() -> None:
 
 @pytest.mark.slow
 def test_killed_on_one_machine_resumed_on_another_without_resending(
-    bucket: str, tmp_path: Path, start_sandbox: StartSandbox
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:
     """SIGKILL mid-run; the same command from another cache folder and cwd finishes from the bucket."""
     sandbox = start_sandbox(queue_delay=0.2, run_delay=0.3)
     jobs = 24
     manifest = many_jobs_manifest(tmp_path / "m.yaml", jobs)
-    url = f"s3://{bucket}/moving"
+    url = store.url("moving")
 
     def start(machine: str, *extra: str) -> subprocess.Popen[str]:
         home = tmp_path / machine
@@ -263,7 +351,7 @@ def test_killed_on_one_machine_resumed_on_another_without_resending(
 
     first = start("machine-a")
     deadline = time.monotonic() + 30
-    while _bucket_journal(bucket, "moving").count(b'"e":"downloaded"') < 4:
+    while _bucket_journal(store, "moving").count(b'"e":"downloaded"') < 4:
         assert time.monotonic() < deadline and first.poll() is None
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
@@ -272,31 +360,171 @@ def test_killed_on_one_machine_resumed_on_another_without_resending(
     second = start("machine-b")
     output, _ = second.communicate(timeout=120)
     assert second.returncode in (0, 1), output
-    folded = fold_bytes(_bucket_journal(bucket, "moving"))
+    folded = fold_bytes(_bucket_journal(store, "moving"))
     per_prompt = Counter(s.body["prompt"] for s in sandbox.sandbox.submits)
     assert all(n == 1 for n in per_prompt.values()), per_prompt  # nothing sent twice
     held = [r for r in folded.records.values() if r.phase in ("uncertain", "submitting")]
     assert len(held) <= 6  # at most the submits in flight at the kill (--concurrency 6)
     assert sum(1 for r in folded.records.values() if r.downloaded) == jobs - len(held)
-    objects = _objects(bucket, "moving/")
+    objects = store.objects("moving/")
     for record in folded.records.values():
         for file in record.files.values():
             assert hashlib.sha256(objects[f"moving/{file.path}"]).hexdigest() == file.sha256
     assert not (tmp_path / "machine-b" / "output").exists()
-    _assert_no_credentials(bucket, tmp_path)
+    _assert_no_credentials(store, tmp_path, texts=(output,))
 
 
 async def test_another_layout_of_one_bucket_prefix_never_pays_again(
-    bucket: str, tmp_path: Path, start_sandbox: StartSandbox
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:
     """Found by review: an unsharded run, then --shard on the same prefix, submitted everything again
     (each layout's journal knows only its own jobs, and the local overlap check saw only the cache folder)."""
     sandbox = start_sandbox()
     loaded = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 6))
-    remote = parse_output(f"s3://{bucket}/night")
+    remote = parse_output(store.url("night"))
     os.environ["BATCHER_CACHE"] = str(tmp_path / "node-a")
     assert (await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=remote))).exit_code == 0
     os.environ["BATCHER_CACHE"] = str(tmp_path / "node-b")
     with pytest.raises(UsageError, match="already submitted by the run journalled in"):
         await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=remote, shard=(1, 2)))
     assert len(sandbox.sandbox.submits) == 6, "nothing sent twice"
+
+
+def test_a_conditional_create_lets_exactly_one_of_concurrent_writers_win(store: Store) -> None:
+    """The fence under the journal: eight clients create one segment at once, exactly one is told it did (GCS:
+    ifGenerationMatch=0, whose 412 must read as S3's refused If-None-Match: *), and its bytes are what is there."""
+    output = parse_output(store.url("race"))
+    assert output is not None
+    buckets = [open_bucket(output) for _ in range(8)]
+    start = threading.Barrier(len(buckets))
+    results: dict[int, bool] = {}
+
+    def create(i: int) -> None:
+        start.wait()
+        results[i] = buckets[i].put("journal/00000000.jsonl", f"writer {i}\n".encode(), if_absent=True)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(len(buckets))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for bucket in buckets:
+        bucket.close()
+    winners = [i for i, won in results.items() if won]
+    assert len(winners) == 1, results
+    assert store.objects("race/journal/") == {"race/journal/00000000.jsonl": f"writer {winners[0]}\n".encode()}
+
+
+def _image_uploads(method: str, path: str, body: bytes) -> bool:
+    """An image's upload: S3's PUT of …png, GCS's POST of /upload/… whose metadata part names a …png."""
+    if method == "PUT":
+        return path.endswith(".png")
+    return (
+        method == "POST"
+        and path.startswith("/upload/")
+        and re.search(rb'"name": ?"[^"]+\.png"', body[:4096]) is not None
+    )
+
+
+@pytest.mark.parametrize("kind", ["503", "reset"])
+async def test_transient_upload_failures_are_tried_again_before_the_run_stops(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox, kind: str
+) -> None:
+    """A 5xx or a reset connection on an image's upload, past the SDK's own retries (botocore's are turned off,
+    google-cloud-storage's upload is sent once): the upload is tried again and the run ends whole."""
+    sandbox = start_sandbox()
+    loaded = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 4))
+    with fault_proxy(store.endpoint) as proxy:
+        store.through(proxy)
+        proxy.faults.append(Fault(_image_uploads, 3, kind))  # type: ignore[arg-type]
+        remote = parse_output(store.url("flaky"))
+        summary = await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=remote))
+    assert summary.exit_code == 0
+    assert summary.done == 4
+    assert sum(1 for *_, got in proxy.seen if got == kind) == 3, "the faults were met"
+    objects = store.objects("flaky/")
+    folded = fold_bytes(_bucket_journal(store, "flaky"))
+    for record in folded.records.values():
+        for file in record.files.values():
+            assert hashlib.sha256(objects[f"flaky/{file.path}"]).hexdigest() == file.sha256
+
+
+async def test_a_refused_upload_stops_the_run_at_once_with_what_to_check(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """A 403 on an image's upload is not tried again: the run stops, saying which file and what to check."""
+    sandbox = start_sandbox()
+    loaded = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 4))
+    with fault_proxy(store.endpoint) as proxy:
+        store.through(proxy)
+        proxy.faults.append(Fault(_image_uploads, 10**6, "403"))
+        remote = parse_output(store.url("refused"))
+        with pytest.raises(StorageError) as raised:
+            await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=remote))
+    message = str(raised.value)
+    assert "403" in message or "AccessDenied" in message
+    assert "may not write there" in message
+    assert ".png" in message
+    refused = Counter(path for _, path, got in proxy.seen if got == "403")
+    assert refused, "the refusal was met"
+    assert set(refused.values()) == {1}, f"a refusal is never tried again: {refused}"
+    _assert_no_credentials(store, tmp_path, texts=(message,))
+
+
+def test_gs_through_the_emulator_variable_alone(
+    gcs_endpoint: tuple[str, Any, TokenServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STORAGE_EMULATOR_HOST, as every GCS emulator documents it: no credentials looked for, none needed."""
+    endpoint, client, tokens = gcs_endpoint
+    for name in _VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    env, secrets = gcs_environment(endpoint, None, tmp_path / "home")
+    assert secrets == []
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    client.create_bucket("emulated")
+    refreshes = tokens.refreshes
+    output = parse_output("gs://emulated/p")
+    assert output is not None
+    with open_bucket(output) as bucket:
+        bucket.check()
+        assert bucket.put("lease.json", b"{}", if_absent=True)
+        assert not bucket.put("lease.json", b"{}", if_absent=True)
+        assert bucket.get("lease.json") == b"{}"
+        assert bucket.listing() == {"lease.json": 2}
+    assert tokens.refreshes == refreshes
+
+
+async def test_many_segments_are_folded_into_one_base_that_a_resume_reads(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a run's end more than _COMPACT_AFTER segments become one base object (the old ones deleted); the
+    journal read back from it, elsewhere, is the run's."""
+    monkeypatch.setattr("batcher.remote._COMPACT_AFTER", 2)
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)
+    remote = parse_output(store.url("folded"))
+    summary = await run_manifest(load_manifest(manifest), fast_options(api_base=sandbox.url, remote=remote))
+    assert summary.done == 6
+    names = list(store.objects("folded/journal/"))
+    assert len(names) == 1, names
+    assert names[0].startswith("folded/journal/base-")
+    os.environ["BATCHER_CACHE"] = str(tmp_path / "laptop")
+    result = CliRunner().invoke(cli, ["status", str(manifest), "-o", store.url("folded"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["counts"]["done"] == 6
+
+
+@pytest.mark.parametrize("store", ["gs"], indirect=True)
+def test_a_broken_gcs_key_file_is_exit_2_without_its_contents(store: Store, tmp_path: Path) -> None:
+    """A key file google-auth cannot use: exit 2 naming what to do; nothing of the file in the message."""
+    broken = tmp_path / "broken.json"
+    secret = "-----BEGIN PRIVATE KEY-----\nSENTINEL-not-a-key-b81f\n-----END PRIVATE KEY-----\n"
+    broken.write_text(json.dumps({"type": "service_account", "private_key": secret, "private_key_id": "k"}))
+    store.monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(broken))
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
+    result = CliRunner().invoke(cli, ["run", str(manifest), "-o", store.url("x"), "--sandbox", "--yes"])
+    assert result.exit_code == 2, result.output
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in result.output
+    assert "SENTINEL-not-a-key" not in result.output
+    assert "Traceback" not in result.output

@@ -7,7 +7,15 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
-from batcher.retrying import RetryPolicy, TryAgain, is_testing, parse_retry_after, retrying, set_testing
+from batcher.retrying import (
+    RetryPolicy,
+    TryAgain,
+    is_testing,
+    parse_retry_after,
+    retrying,
+    retrying_blocking,
+    set_testing,
+)
 
 
 class Flaky(Exception):
@@ -60,6 +68,35 @@ async def test_what_the_predicate_refuses_is_raised_at_once_and_the_rest_until_t
         await retrying(attempt, policy=policy, retry_on=_flaky_only, name="t")
     assert len(calls) == 3
     assert caught.value.__context__ is None, "an earlier try's error is not chained to the last one"
+
+
+@pytest.mark.usefixtures("testing")
+def test_the_blocking_loop_decides_as_the_async_one() -> None:
+    """retrying_blocking (uploads on worker threads): the same predicate, budget and unchained last error."""
+    policy = RetryPolicy(attempts=3, base=60.0)
+    outcomes: list[Exception | str] = [Flaky("1"), Flaky("2"), "done"]
+    calls: list[int] = []
+
+    def attempt() -> str:
+        calls.append(1)
+        outcome = outcomes[len(calls) - 1]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert retrying_blocking(attempt, policy=policy, retry_on=_flaky_only, name="t") == "done"
+    assert len(calls) == 3
+    calls.clear()
+    outcomes[:] = [Flaky("1"), Broken("final"), "never"]
+    with pytest.raises(Broken, match="final"):
+        retrying_blocking(attempt, policy=policy, retry_on=_flaky_only, name="t")
+    assert len(calls) == 2
+    calls.clear()
+    outcomes[:] = [Flaky("1"), Flaky("2"), Flaky("last"), "never"]
+    with pytest.raises(Flaky, match="last") as caught:
+        retrying_blocking(attempt, policy=policy, retry_on=_flaky_only, name="t")
+    assert len(calls) == 3
+    assert caught.value.__context__ is None
 
 
 async def test_waits_are_jittered_below_the_capped_bound_and_retry_after_wins_up_to_its_cap() -> None:
