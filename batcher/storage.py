@@ -40,6 +40,18 @@ __all__ = ["Bucket", "RemoteOutput", "StorageError", "cache_root", "parse_output
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_CONTENT_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".html": "text/html; charset=utf-8",
+    ".json": "application/json",
+    ".jsonl": "application/jsonl",
+}
+"""What a browser is told each file batcher uploads is (S3 says binary/octet-stream otherwise, and a browser
+opening the gallery from the bucket would download index.html and every full-size image instead of showing them)."""
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 """Files past this go up in parts (8 MiB each, four at a time); each object appears only once complete."""
 
@@ -198,9 +210,13 @@ class Bucket:
         config = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=4
         )
+        content_type = _CONTENT_TYPES.get(os.path.splitext(relative)[1].lower())
+        extra = {"ContentType": content_type} if content_type else None
         self.requests += 1
         try:
-            self._client.upload_file(str(local), self.output.bucket, self.output.key(relative), Config=config)
+            self._client.upload_file(
+                str(local), self.output.bucket, self.output.key(relative), ExtraArgs=extra, Config=config
+            )
         except Exception as exc:
             msg = f"cannot upload {relative} to {self.output.url}: {_said(exc)}"
             raise StorageError(msg) from exc
