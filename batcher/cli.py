@@ -43,7 +43,6 @@ from .export import DEFAULT_SHARD_SIZE, FORMATS, ExportFormat, export_dataset
 from .failures import RETRYABLE, parse_retry_classes
 from .folders import (
     default_output_dir,
-    noted_folders,
     parse_shard,
     read_folder,
     refuse_linked_default,
@@ -51,6 +50,7 @@ from .folders import (
     shard_folders,
 )
 from .gallery import GALLERY_NAME, write_gallery
+from .ledger import noted_buckets, noted_folders
 from .manifest import Manifest, load_manifest
 from .netpolicy import loopback_origin
 from .notify import check_notify_url, error_payload, send, summary_payload
@@ -317,8 +317,9 @@ def _point_at_noted_folders(manifest: Manifest, looked_in: Path) -> None:
     if rehearsal in others:
         click.echo(f"no journal in {looked_in}; the sandbox rehearsal's is in {rehearsal}: add --sandbox", err=True)
         others.remove(rehearsal)
-    if others:
-        shown = ", ".join(str(folder) for folder in others[:5])
+    places = [str(folder) for folder in others] + [bucket.url for bucket in noted_buckets(manifest)]
+    if places:
+        shown = ", ".join(places[:5])
         click.echo(f"no journal in {looked_in}; this manifest has runs in: {shown} (use -o)", err=True)
 
 
@@ -700,6 +701,8 @@ def _announce(plan: RunPlan, confirm_above: float | None) -> None:
     rest += [f"{plan.held} held"] if plan.held else []
     rest += [f"{plan.done} done"] if plan.done else []
     tail = f"; {', '.join(rest)}" if rest else ""
+    for notice in plan.notices:  # said even with -q, before anything is sent: each changes what is sent
+        stderr.print(f"warning: {notice}", markup=False)
     for line in [] if plan.sandbox else plan.prices:  # a rehearsal's prices are the bundled ones, and not paid
         stderr.print(f"price: {line}", markup=False)
     balance = f"; balance ${plan.balance:,.2f}" if plan.balance is not None and not plan.sandbox else ""
@@ -893,7 +896,8 @@ def _remote_report(loaded: Manifest, output: RemoteOutput) -> None:
     with StoredFiles(output_dir, listing) as files:
         rows = write_metadata(loaded, output_dir, folded.records, files)
     with StoredFiles(output_dir, listing) as files:
-        write_gallery(loaded, output_dir, folded, files)
+        # The file's name only: a page in a bucket may be served to others, and this machine's paths are its own.
+        write_gallery(loaded, output_dir, folded, files, manifest_shown=loaded.path.name)
     with open_bucket(output) as bucket:
         for name in (METADATA_NAME, GALLERY_NAME):
             upload(bucket, output_dir / name, name)

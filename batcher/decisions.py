@@ -88,6 +88,8 @@ class Decisions:
     """(job key, output index) -> input group, in the order the images were first rejected (dicts keep it)."""
     warnings: list[str] = field(default_factory=list)
     lines: int = 0
+    skipped: int = 0
+    """Damaged lines passed over (only when read with ``skip_damaged``)."""
 
     def of(self, key: str, index: int, sha256: str | None) -> Decision:
         """The decision that applies to the image now: undecided when none was made on these bytes.
@@ -100,8 +102,9 @@ class Decisions:
         return found.decision
 
 
-def fold_decisions(data: bytes, source: str = DECISIONS_NAME) -> Decisions:
-    """Fold the bytes of a decisions file; a torn last line is dropped with a warning, other damage raises."""
+def fold_decisions(data: bytes, source: str = DECISIONS_NAME, *, skip_damaged: bool = False) -> Decisions:
+    """Fold the bytes of a decisions file; a torn last line is dropped with a warning, other damage raises
+    (with skip_damaged, every damaged line is passed over and counted in `Decisions.skipped` instead)."""
     folded = Decisions()
     lines = data.split(b"\n")
     damaged: int | None = None
@@ -112,8 +115,9 @@ def fold_decisions(data: bytes, source: str = DECISIONS_NAME) -> Decisions:
         decision = _decision(event) if event is not None else None
         if decision is None:
             damaged = damaged or number
+            folded.skipped += skip_damaged
             continue
-        if damaged is not None:
+        if damaged is not None and not skip_damaged:
             msg = (
                 f"{source} line {damaged} is damaged but later lines are sound: the file was changed or the disk "
                 "corrupted it. Keep a copy, then remove that line by hand to go on (its decision is then lost)"
@@ -125,7 +129,7 @@ def fold_decisions(data: bytes, source: str = DECISIONS_NAME) -> Decisions:
         if made.decision == "rejected" and (key, index) not in folded.first_rejections:
             group = event.get("input") if event is not None else None
             folded.first_rejections[(key, index)] = group if isinstance(group, str) else ""
-    if damaged is not None:
+    if damaged is not None and not skip_damaged:
         folded.warnings.append(
             f"{source}: dropped a torn last line (line {damaged}), as a crash or power loss leaves; nothing else was lost"
         )
@@ -143,10 +147,11 @@ def _decision(event: dict[str, object]) -> tuple[str, int, ImageDecision] | None
     return key, index, made
 
 
-def read_decisions(output_dir: Path) -> Decisions:
+def read_decisions(output_dir: Path, *, skip_damaged: bool = False) -> Decisions:
     """The decisions recorded in output_dir (none when it has no ``decisions.jsonl``), read without a lock.
 
-    Raises JournalCorruptError for a damaged line before the last, JournalError for a link or a device there.
+    Raises JournalCorruptError for a damaged line before the last (unless skip_damaged: see
+    `fold_decisions`), JournalError for a link or a device there.
     """
     try:
         with OutputDir(output_dir, error=JournalError) as folder:
@@ -157,7 +162,7 @@ def read_decisions(output_dir: Path) -> Decisions:
         msg = f"cannot read {output_dir / DECISIONS_NAME}: {exc.strerror or exc}"
         raise JournalError(msg) from exc
     with open(fd, "rb") as handle:
-        return fold_decisions(handle.read(), str(output_dir / DECISIONS_NAME))
+        return fold_decisions(handle.read(), str(output_dir / DECISIONS_NAME), skip_damaged=skip_damaged)
 
 
 class DecisionLog:

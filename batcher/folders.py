@@ -1,4 +1,4 @@
-"""Which folder holds a manifest's run, and which journals already paid for its jobs.
+"""Which folder holds a manifest's run, and one view of a folder's journals and its shards'.
 
 A journal is the only record of what was paid for, so finding the right one
 is part of the money promise. Three rules keep a person from paying twice by
@@ -12,27 +12,21 @@ taking an ordinary path:
   talked to; a run against another API refuses the folder. Sandbox
   rehearsals default to ``output/sandbox/<name>/``, so "now drop
   ``--sandbox``" starts the real run in a clean folder.
-- **A ledger of folders.** Every run notes (manifest, folder, API) in a small
-  per-user file (``$XDG_STATE_HOME/batcher/ledger.jsonl``). Before the first
-  submit, the journals of the other folders noted for the same manifest are
-  read; a job one of them already submitted to the same API is never sent
-  again because ``-o`` or the current folder changed (``--new-output`` is the
-  explicit way to pay again).
+- **A ledger of places.** Every run notes where it lives in a per-user file,
+  and a job another noted place already submitted is never sent again
+  because ``-o`` or the current folder changed (`batcher.ledger`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .errors import BatcherError, UsageError
+from .errors import UsageError
 from .manifest import Manifest
 from .netpolicy import is_loopback_host
 from .recordtable import RecordTable
@@ -44,20 +38,15 @@ __all__ = [
     "FolderView",
     "api_identity",
     "check_journal_api",
-    "check_ledger",
     "check_no_overlap",
     "default_output_dir",
-    "forget_gone_folders",
     "is_rehearsal",
     "is_shard_folder",
-    "ledger_path",
-    "noted_folders",
     "parse_shard",
     "project_root",
     "read_folder",
     "refuse_linked_default",
     "rehearsal_only",
-    "remember_folder",
     "shard_folder_name",
     "shard_folders",
 ]
@@ -68,7 +57,6 @@ LOOPBACK_API = "loopback"
 """The API identity of any server on loopback (``batcher sandbox``, a test's): its port changes
 from one start to the next, and plain http is allowed only there, so it is never RunComfy."""
 _SHARD_FOLDER = re.compile(r"shard-(\d+)-of-(\d+)")
-_LEDGER_ENV = "BATCHER_LEDGER"
 
 
 # -- where a manifest's run lives -------------------------------------------------------------
@@ -246,133 +234,3 @@ def is_rehearsal(identity: str) -> bool:
 
 def _spoken(identity: str) -> str:
     return {SANDBOX_API: "the in-process sandbox", LOOPBACK_API: "a server on loopback"}.get(identity, identity)
-
-
-# -- the ledger of folders ------------------------------------------------------------------------
-
-
-def ledger_path() -> Path:
-    """``$BATCHER_LEDGER``, else ``$XDG_STATE_HOME/batcher/ledger.jsonl`` (``~/.local/state`` by default)."""
-    explicit = os.environ.get(_LEDGER_ENV)
-    if explicit:
-        return Path(explicit)
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "batcher" / "ledger.jsonl"
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    manifest: str
-    name: str
-    output: str
-    api: str
-
-
-def _entries() -> list[_Entry]:
-    try:
-        text = ledger_path().read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    found: list[_Entry] = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-            found.append(_Entry(str(row["manifest"]), str(row["name"]), str(row["output"]), str(row["api"])))
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn or foreign line: the ledger is a safety net, not the truth
-    return found
-
-
-def remember_folder(manifest: Manifest, output_dir: Path, identity: str) -> None:
-    """Note that output_dir holds a run of manifest against the API `identity` (once per triple)."""
-    entry = _Entry(str(manifest.path.resolve()), manifest.name, str(output_dir.resolve()), identity)
-    if entry in _entries():
-        return
-    path = ledger_path()
-    line = json.dumps({"t": round(time.time()), **{k: getattr(entry, k) for k in entry.__slots__}}) + "\n"
-    with contextlib.suppress(OSError):  # an unwritable home must not stop a run; the journal is the truth
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-
-
-def noted_folders(manifest: Manifest) -> list[Path]:
-    """The output folders the ledger notes for this manifest (by path or name), that still hold a journal."""
-    path = str(manifest.path.resolve())
-    found = dict.fromkeys(Path(e.output) for e in _entries() if (e.manifest == path or e.name == manifest.name))
-    return [folder for folder in found if (folder / JOURNAL_NAME).is_file()]
-
-
-def check_ledger(manifest: Manifest, keys: Iterable[str], output_dir: Path, identity: str) -> None:
-    """Refuse when sending these jobs from output_dir could pay for them twice.
-
-    Two ways: another folder the ledger notes for the same API already
-    submitted some of them (by job identity, so a renamed or copied manifest
-    is caught too), or a folder noted for this manifest is gone (moved or
-    archived: its journal is the only record of what it paid for).
-    """
-    here = str(output_dir.resolve())
-    path = str(manifest.path.resolve())
-    mine = set(keys)
-    checked: set[str] = set()
-    gone: list[Path] = []
-    for entry in _entries():
-        if entry.api != identity or entry.output in checked:
-            continue
-        checked.add(entry.output)
-        other = Path(entry.output)
-        if here.startswith(entry.output + os.sep) or entry.output.startswith(here + os.sep):
-            continue  # a shard of this folder, or its parent: check_no_overlap's business
-        if not (other / JOURNAL_NAME).is_file() and not shard_folders(other):
-            # A rehearsal's folder may go freely (nothing was paid); the others' journals are the money.
-            # By path only: another project's manifest may well have the same name (london.yaml).
-            if identity != SANDBOX_API and entry.manifest == path:
-                gone.append(other)
-            continue
-        if entry.output == here:
-            continue  # this folder's own journal: the run resumes from it
-        try:
-            view = read_folder(other)
-        except BatcherError:
-            continue  # a journal that cannot be read is its own run's problem, reported there
-        overlap = sum(1 for k, r in view.records.items() if k in mine and r.submits)
-        if overlap:
-            msg = (
-                f"{overlap} of these jobs were already submitted from {other} (noted in {ledger_path()}); "
-                f"sending them from {output_dir} would pay for them again. Go on with them there: {_resume_hint(other)} "
-                "(or add --new-output to pay for them again here)"
-            )
-            raise UsageError(msg)
-    if gone and not (output_dir / JOURNAL_NAME).is_file():
-        # With a journal here, this folder is the run (a project moved whole); without one, the
-        # jobs the gone folder paid for would be sent again from scratch.
-        msg = (
-            f"{gone[0]} held a run of this manifest against this API and its journal is gone: it was the only "
-            "record of what that run paid for. If you moved the folder, run with -o <its new place>; if you "
-            "deleted it on purpose, add --new-output (any jobs it submitted will be paid for again)"
-        )
-        raise UsageError(msg)
-
-
-def _resume_hint(folder: Path) -> str:
-    match = _SHARD_FOLDER.fullmatch(folder.name)
-    if match:
-        return f"-o {folder.parent} --shard {match[1]}/{match[2]}"
-    return f"-o {folder}"
-
-
-def forget_gone_folders() -> None:
-    """Drop ledger entries whose folder no longer holds a journal (``--new-output`` said to pay again)."""
-    path = ledger_path()
-    entries = _entries()
-    kept = [e for e in entries if (Path(e.output) / JOURNAL_NAME).is_file() or shard_folders(Path(e.output))]
-    if len(kept) == len(entries):
-        return
-    lines = "".join(json.dumps({k: getattr(e, k) for k in e.__slots__}) + "\n" for e in kept)
-    with contextlib.suppress(OSError):
-        temporary = path.with_name(f".{path.name}.part")
-        temporary.write_text(lines, encoding="utf-8")
-        os.replace(temporary, path)

@@ -151,16 +151,25 @@ def _card(job: Job, record: JobRecord | None, folder: OutputDir) -> str:
 </article>"""
 
 
-def write_gallery(manifest: Manifest, output_dir: Path, folded: FoldedJournal, files: OutputDir | None = None) -> Path:
-    """Write ``index.html`` into output_dir (atomically) and return its path (files: see `write_metadata`).
+def write_gallery(
+    manifest: Manifest,
+    output_dir: Path,
+    folded: FoldedJournal,
+    files: OutputDir | None = None,
+    *,
+    manifest_shown: str | None = None,
+) -> Path:
+    """Write ``index.html`` into output_dir (atomically) and return its path (files: see `write_metadata`;
+    manifest_shown: how the page names the manifest, its path by default).
 
     Raises OutputFolderError for a link where it would write, OSError when it cannot.
     """
+    shown = str(manifest.path) if manifest_shown is None else manifest_shown
     with files or OutputDir(output_dir) as folder:
-        return folder.write_atomically(GALLERY_NAME, _page(manifest, folded, folder).encode())
+        return folder.write_atomically(GALLERY_NAME, _page(manifest, folded, folder, shown).encode())
 
 
-def _page(manifest: Manifest, folded: FoldedJournal, folder: OutputDir) -> str:
+def _page(manifest: Manifest, folded: FoldedJournal, folder: OutputDir, manifest_shown: str) -> str:
     states = Counter(category_of(folded.records.get(job.key), folder) for job in manifest.jobs)
     buttons = [f'<button data-state="all" aria-pressed="true">all {len(manifest.jobs)}</button>']
     buttons += [
@@ -193,7 +202,7 @@ def _page(manifest: Manifest, folded: FoldedJournal, folder: OutputDir) -> str:
 <header>
 <h1>{_e(manifest.name)}</h1>
 <div class="meta">{_e(manifest.model)} · {len(manifest.jobs)} jobs · {states["done"]} done · {money_said}
- · manifest {_e(manifest.path)}</div>
+ · manifest {_e(manifest_shown)}</div>
 </header>
 <nav>{"".join(buttons)}</nav>
 <main>

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .storage import MULTIPART_THRESHOLD, Bucket, RemoteOutput, StorageError
+from .storage import MULTIPART_THRESHOLD, Bucket, RemoteOutput, StorageError, content_type
 
 __all__ = ["GcsBucket"]
 
@@ -141,7 +141,7 @@ class GcsBucket(Bucket):
         self.requests += 1
         try:
             # retry=None: one try here; batcher.storage.upload decides about another (and logs it).
-            blob.upload_from_filename(str(local), retry=None, timeout=_TIMEOUT)
+            blob.upload_from_filename(str(local), content_type=content_type(relative), retry=None, timeout=_TIMEOUT)
         except Exception as exc:
             status = _status(exc)
             msg = f"cannot upload {relative} to {self.output.url}: {_said(exc)}"

@@ -22,6 +22,7 @@ downloads it like the manifest's own.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +47,7 @@ __all__ = [
 
 log = logging.getLogger("batcher")
 
+_SOUND_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 REPLACEMENT_BASE = MAX_REPEAT
 """The first repeat index of replacements: past any ``repeat:`` a manifest may ask for, so raising a job's
 repeat later never meets a replacement's identity."""
@@ -111,13 +113,20 @@ def replacements(manifest: Manifest, records: Mapping[str, JobRecord], decisions
 
 
 def with_replacements(
-    manifest: Manifest, output_dir: Path, *, submit_new: bool = False, view: FolderView | None = None
+    manifest: Manifest,
+    output_dir: Path,
+    *,
+    submit_new: bool = False,
+    view: FolderView | None = None,
+    said: list[str] | None = None,
 ) -> Manifest:
     """manifest with the replacements of the images rejected in output_dir: those the journal already knows,
     and with submit_new those of the images rejected now that were not sent yet (``--replace-rejected``).
 
     Nothing is read but ``decisions.jsonl`` when there is none (the usual case). A damaged one
-    (JournalCorruptError) is raised with submit_new, and otherwise a warning: it must not stop a run.
+    (JournalCorruptError) is raised with submit_new; otherwise it must not stop a run: the replacements the
+    journal knows are found past the damaged lines (`_sent_replacements`), and what to say about it goes
+    into said (a run's caller shows it whatever ``-q`` says), else to the log.
     """
     folder = decisions_folder(output_dir)
     try:
@@ -125,9 +134,13 @@ def with_replacements(
     except JournalCorruptError as exc:
         if submit_new:
             raise
-        # Only a plain run's or a view's: replacements already sent are finished as jobs edited away are.
-        log.warning("%s; until then, rejected images' replacements are not counted as this manifest's", exc)
-        return manifest
+        message = f"{exc}; until then no rejected image is replaced (the replacements already sent are finished)"
+        if said is None:
+            log.warning("%s", message)
+        else:
+            said.append(message)
+        salvaged = read_decisions(folder, skip_damaged=True)
+        return manifest.with_jobs(_sent_replacements(manifest, (view or read_folder(folder)).records, salvaged))
     if not decisions.first_rejections:
         return manifest
     records = (view or read_folder(folder)).records
@@ -135,10 +148,48 @@ def with_replacements(
     return manifest.with_jobs(jobs)
 
 
+def _sent_replacements(manifest: Manifest, records: Mapping[str, JobRecord], decisions: Decisions) -> list[Job]:
+    """The replacements the journal knows, from a decisions file read past its damaged lines.
+
+    A lost line may have been an input's first rejection, which shifts the numbers of that input's later
+    ones: so every input is tried at each number up to its rejections found plus the lines lost. Only
+    the journal's jobs that the manifest does not hold are looked for, and none when there is none.
+    """
+    unknown = {key for key in records if not manifest.holds(key)}
+    if not unknown:
+        return []
+    per_group: dict[str, int] = {}
+    for group in decisions.first_rejections.values():
+        per_group[group] = per_group.get(group, 0) + 1
+    unsharded = manifest if manifest.shard is None else replace(manifest, shard=None)
+    seen: set[str] = set()
+    found: list[Job] = []
+    for base in unsharded.iter_jobs():
+        group = input_group(base)
+        if group in seen:
+            continue
+        seen.add(group)
+        identity = identity_form(base.input, base.local)
+        for number in range(per_group.get(group, 0) + decisions.skipped):
+            key = job_key(base.model, identity, REPLACEMENT_BASE + number)
+            if key not in unknown:
+                continue
+            name = records[key].name
+            name = name if _SOUND_NAME.fullmatch(name) else f"{base.name}-r{number + 1}"
+            found.append(
+                Job(key, name, base.model, base.input, REPLACEMENT_BASE + number, base.line, base.source, base.local)
+            )
+    return found
+
+
 def pending_replacements(manifest: Manifest, output_dir: Path, *, view: FolderView | None = None) -> list[Job]:
-    """The replacements ``run --replace-rejected`` would submit now: images rejected, replacements not sent."""
+    """The replacements ``run --replace-rejected`` would submit now: images rejected, replacements not sent;
+    none while ``decisions.jsonl`` is damaged (``run --replace-rejected`` refuses then, naming the line)."""
     folder = decisions_folder(output_dir)
-    decisions = read_decisions(folder)
+    try:
+        decisions = read_decisions(folder)
+    except JournalCorruptError:
+        return []
     if not decisions.first_rejections:
         return []
     records = (view or read_folder(folder)).records

@@ -77,9 +77,11 @@ def status_report(
     whole manifest.
     """
     view = view or read_folder(output_dir)
-    manifest = with_replacements(manifest, output_dir, view=view)
+    damage: list[str] = []
+    manifest = with_replacements(manifest, output_dir, view=view, said=damage)
     prices = price_dirs(output_dir, manifest.schema_dirs)
-    decisions = read_decisions(decisions_folder(output_dir))
+    # Read past a damaged line (said in the warnings): the counts are then of the sound lines.
+    decisions = read_decisions(decisions_folder(output_dir), skip_damaged=bool(damage))
     with nullcontext(files) if files is not None else opened(output_dir) as folder:
         sums = tally(manifest.iter_jobs(), view.records, prices, folder)
         # A second pass over the jobs only once someone reviewed: a prompt file is read again for it.
@@ -92,7 +94,7 @@ def status_report(
         journal=str(view.journals[0]) if view.journals else str(output_dir / JOURNAL_NAME),
         total=manifest.count,
         sandbox=is_sandbox(view),
-        warnings=view.warnings + decisions.warnings,
+        warnings=view.warnings + damage + decisions.warnings,
         journals=[str(j) for j in view.journals],
         accepted=counts.accepted,
         rejected=counts.rejected,

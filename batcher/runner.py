@@ -43,15 +43,13 @@ from .failures import FailureClass
 from .folders import (
     api_identity,
     check_journal_api,
-    check_ledger,
     check_no_overlap,
     default_output_dir,
-    forget_gone_folders,
     is_rehearsal,
     refuse_linked_default,
-    remember_folder,
     shard_folder_name,
 )
+from .ledger import Place, check_ledger, forget_gone_places, remember_place
 from .manifest import Job, Manifest
 from .netpolicy import loopback_origin
 from .options import JobSelection, RunOptions, select_jobs
@@ -124,6 +122,9 @@ class RunPlan:
     """What resubmitting retry_skipped would have been estimated at."""
     without_token: dict[str, list[str]] = field(default_factory=dict)
     """Jobs in flight held because no token of this run is the account's that submitted them, by account."""
+    notices: list[str] = field(default_factory=list)
+    """What to say before the first request even to a quiet run: it changes what the run may send
+    (a damaged ``decisions.jsonl``: no rejected image is replaced until it is mended)."""
 
 
 @dataclass(slots=True)
@@ -160,13 +161,21 @@ def _output_dir(manifest: Manifest, options: RunOptions) -> Path:
     return folder.resolve()
 
 
+def _place(manifest: Manifest, options: RunOptions) -> Place:
+    """Where the run lives, as the ledger notes it: the bucket output (a shard's), else the local folder."""
+    if options.remote is not None:
+        return run_output(options.remote, options.shard)
+    return _output_dir(manifest, options)
+
+
 @asynccontextmanager
 async def _open_run(
-    manifest: Manifest, options: RunOptions, jobs: JobSelection, *, ledger: bool
+    manifest: Manifest, options: RunOptions, jobs: JobSelection, *, ledger: bool, journal_here: bool = False
 ) -> AsyncIterator[tuple[Endpoint, Journal, AccountPool, RemoteRun | None]]:
     """What `run_manifest` and `cancel_manifest` share: the endpoint, the folder's journal (locked,
-    checked to belong to this API) and a client per account; with ledger, the check that no other folder
-    already submitted these jobs, made before the folder is even created."""
+    checked to belong to this API) and a client per account; with ledger, the check that no other place
+    already submitted these jobs, made before the folder (or anything in the bucket) is even created
+    (journal_here: the run's own place already holds its journal)."""
     output_dir = _output_dir(manifest, options)
     remote: RemoteRun | None = None
     async with AsyncExitStack() as stack:
@@ -179,9 +188,12 @@ async def _open_run(
             )
         )
         if ledger and not options.new_output:
-            check_ledger(manifest, jobs.keys(), output_dir, endpoint.identity)
+            here = _place(manifest, options)
+            await anyio.to_thread.run_sync(
+                lambda: check_ledger(manifest, jobs.keys(), here, endpoint.identity, journal_here=journal_here)
+            )
         elif ledger:
-            forget_gone_folders()
+            await anyio.to_thread.run_sync(forget_gone_places)
         if options.remote is not None:
             # Before the journal opens: the bucket's journal is the truth, rebuilt here; flushed until the end.
             remote = await stack.enter_async_context(
@@ -221,27 +233,34 @@ async def run_manifest(
     """
     options = options or RunOptions()
     # Rejected images' replacements are the manifest's jobs once sent; new ones only with --replace-rejected.
-    manifest = with_replacements(manifest, _output_dir(manifest, options), submit_new=options.replace_rejected)
+    notices: list[str] = []
+    manifest = with_replacements(
+        manifest, _output_dir(manifest, options), submit_new=options.replace_rejected, said=notices
+    )
     # A bad --only, or jobs another sharding already submitted, fail here, before anything is opened.
     jobs = select_jobs(manifest, options)
     output_dir = _output_dir(manifest, options)
     if options.remote is None:
         check_no_overlap(output_dir, jobs.keys())
+        journal_here = (output_dir / JOURNAL_NAME).is_file()
     else:
         # The bucket's layouts (unsharded, shard-K-of-N/), read into a local view laid out as a folder is:
-        # the same check, so that another layout of one prefix never pays again for what it sent.
+        # the same check, so that another layout of one prefix never pays again for what it sent, from
+        # whichever machine (the per-user ledger knows only this one's runs).
         view, _ = await anyio.to_thread.run_sync(pull_view, options.remote)
-        check_no_overlap(view / shard_folder_name(*options.shard) if options.shard else view, jobs.keys())
+        own = view / shard_folder_name(*options.shard) if options.shard else view
+        check_no_overlap(own, jobs.keys())
+        journal_here = (own / JOURNAL_NAME).is_file() and (own / JOURNAL_NAME).stat().st_size > 0
     async with AsyncExitStack() as stack:
         endpoint, journal, pool, remote = await stack.enter_async_context(
-            _open_run(manifest, options, jobs, ledger=True)
+            _open_run(manifest, options, jobs, ledger=True, journal_here=journal_here)
         )
-        if options.remote is None:  # the bucket is a remote run's record, not a local cache folder
-            remember_folder(manifest, output_dir, endpoint.identity)
+        # The bucket's URL for a bucket run (never its working copy in the cache, nor a credential).
+        remember_place(manifest, _place(manifest, options), endpoint.identity)
         folded = journal.folded
-        warnings = list(folded.warnings)
-        for warning in warnings:
+        for warning in folded.warnings:
             log.warning("%s", warning)
+        warnings = list(folded.warnings) + notices
         downloader = await stack.enter_async_context(
             Downloader(
                 max_bytes=options.max_download_bytes,
@@ -280,13 +299,13 @@ async def run_manifest(
             api_base=endpoint.identity if endpoint.sandbox else endpoint.base_url,
             jobs=manifest.count,
         )
-        await _execute(run, account, on_start, on_plan, balances)
+        await _execute(run, account, on_start, on_plan, balances, notices)
         try:
             files = remote.files() if remote is not None else None
             await anyio.to_thread.run_sync(write_metadata, manifest, output_dir, run.records, files)
         except OSError as exc:
             log.warning("could not write %s: %s", METADATA_NAME, exc.strerror or exc)
-        return _summarize(run, warnings, endpoint)
+        return _summarize(run, warnings, endpoint, remote)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -296,6 +315,7 @@ async def _execute(
     on_start: Callable[[RunProgress], None] | None,
     on_plan: Callable[[RunPlan], None] | None,
     balances: list[tuple[str, float | None]],
+    notices: list[str],
 ) -> None:
     options = run.options
     # One byte a job, in manifest order: the jobs themselves are expanded again as they are fed (see feed).
@@ -328,6 +348,8 @@ async def _execute(
     superseded = _superseded_in_flight(run)
     counts.update(action for _, action in superseded)
     run.progress.total += len(superseded)
+    for notice in notices if on_plan is None else ():
+        log.warning("%s", notice)  # a library caller's log; the CLI says them with the plan, -q or not
     if on_plan is not None:
         on_plan(
             RunPlan(
@@ -345,6 +367,7 @@ async def _execute(
                 retry_skipped=dict(run.retry_skipped),
                 retry_skipped_cost=run.retry_skipped_cost,
                 without_token=run.without_token,
+                notices=notices,
             )
         )
     over = account.balance is not None and counts["submit"] and estimate_left > account.balance + 1e-9
@@ -473,8 +496,9 @@ def _safe_name(name: str, key: str) -> str:
     return name if _SAFE_NAME.fullmatch(name or "") else key[:12]
 
 
-def _summarize(run: JobSteps, warnings: list[str], endpoint: Endpoint) -> RunSummary:
-    with opened(run.output_dir) as folder:
+def _summarize(run: JobSteps, warnings: list[str], endpoint: Endpoint, remote: RemoteRun | None) -> RunSummary:
+    # A bucket run's files are counted where they are: in the bucket (a resume elsewhere fetches none again).
+    with remote.files() if remote is not None else opened(run.output_dir) as folder:
         sums = tally(run.jobs, run.records, run.price_dirs, folder, wanted=run.manifest.holds)
     return RunSummary(
         **{f.name: getattr(sums, f.name) for f in fields(Tally)},

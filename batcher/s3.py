@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
-from .storage import MULTIPART_THRESHOLD, Bucket, RemoteOutput, StorageError
+from .storage import MULTIPART_THRESHOLD, Bucket, RemoteOutput, StorageError, content_type
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -116,9 +116,13 @@ class S3Bucket(Bucket):
         config = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=4
         )
+        kind = content_type(relative)
+        extra = {"ContentType": kind} if kind else None
         self.requests += 1
         try:
-            self._client.upload_file(str(local), self.output.bucket, self.output.key(relative), Config=config)
+            self._client.upload_file(
+                str(local), self.output.bucket, self.output.key(relative), ExtraArgs=extra, Config=config
+            )
         except Exception as exc:
             # boto3 wraps a ClientError in S3UploadFailedError, raised inside its except block: the code is there.
             service = exc.__context__ if type(exc).__name__ == "S3UploadFailedError" and exc.__context__ else exc

@@ -42,6 +42,7 @@ __all__ = [
     "Scheme",
     "StorageError",
     "cache_root",
+    "content_type",
     "open_bucket",
     "parse_output",
     "upload",
@@ -57,6 +58,25 @@ _BUCKET: dict[Scheme, re.Pattern[str]] = {
     "s3": re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"),
     "gs": re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]"),  # GCS allows underscores too
 }
+_CONTENT_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".html": "text/html; charset=utf-8",
+    ".json": "application/json",
+    ".jsonl": "application/jsonl",
+}
+"""What a browser is told each file batcher uploads is (S3 says binary/octet-stream otherwise, and a browser
+opening the gallery from the bucket would download index.html and every full-size image instead of showing them)."""
+
+
+def content_type(relative: str) -> str | None:
+    """The type an object batcher uploads is served with, by its extension; None for one it does not know."""
+    return _CONTENT_TYPES.get(os.path.splitext(relative)[1].lower())
+
+
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 """Files past this go up in parts (S3: 8 MiB parts, four at a time; GCS: a resumable upload in 8 MiB chunks);
 each object appears only once complete."""

@@ -198,3 +198,39 @@ def test_a_damaged_decisions_file_stops_only_the_run_that_replaces(tmp_path: Pat
     assert plain.exit_code == 0 and "line 1 is damaged" in plain.output
     replacing = CliRunner().invoke(cli, ["run", str(path), "-o", str(out), "--sandbox", "--replace-rejected"])
     assert replacing.exit_code == 2 and "line 1 is damaged" in replacing.output
+
+
+def test_a_damaged_decisions_file_is_said_under_quiet_and_sent_replacements_stay_replacements(
+    tmp_path: Path, start_sandbox
+) -> None:
+    """Found by review: the warning about a damaged decisions.jsonl was hidden by -q, and the replacements
+    already sent were then called "no longer in the manifest" (and their cost counted as such)."""
+    from .conftest import TOKEN, many_jobs_manifest
+
+    sandbox = start_sandbox(queue_delay=1.0, run_delay=0.01)
+    path, out = many_jobs_manifest(tmp_path / "m.yaml", 3), tmp_path / "out"
+    options = fast_options(output_dir=out, api_base=sandbox.url)
+    assert anyio.run(run_manifest, load_manifest(path), options).done == 3
+    decide(load_manifest(path), out, {"job-0000": "rejected", "job-0001": "rejected", "job-0002": "accepted"})
+    # The replacements are sent, and the run stops while they are queued: paid for, not finished.
+    sending = fast_options(output_dir=out, api_base=sandbox.url, replace_rejected=True, run_timeout=0.4)
+    assert anyio.run(run_manifest, load_manifest(path), sending).done == 3
+    assert len(sandbox.sandbox.submits) == 5
+    lines = (out / DECISIONS_NAME).read_bytes().split(b"\n")
+    lines[0] = lines[0].replace(b"rejected", b"accepted")  # job-0000's rejection: its CRC no longer matches
+    (out / DECISIONS_NAME).write_bytes(b"\n".join(lines))
+
+    result = CliRunner().invoke(
+        cli,
+        ["run", str(path), "-o", str(out), "--api-base", sandbox.url, "-q", "--yes", "--poll-interval", "0.05"],
+        env={"RUNCOMFY_API_TOKEN": TOKEN},
+    )
+    assert result.exit_code == 0, result.output
+    assert "line 1 is damaged" in result.output  # said even under -q: it decides what a run may send
+    assert "no longer in the manifest" not in result.output, result.output
+    assert "2 already submitted to finish" in result.output, result.output
+    assert "5/5 done" in result.output, result.output
+    assert len(sandbox.sandbox.submits) == 5, "nothing sent again"
+    status = status_report(load_manifest(path), out)
+    assert status.total == 5 and status.done == 5 and not status.spent_superseded
+    assert any("line 1 is damaged" in warning for warning in status.warnings)  # status says it, and works

@@ -528,3 +528,227 @@ def test_a_broken_gcs_key_file_is_exit_2_without_its_contents(store: Store, tmp_
     assert "GOOGLE_APPLICATION_CREDENTIALS" in result.output
     assert "SENTINEL-not-a-key" not in result.output
     assert "Traceback" not in result.output
+
+
+_S3_ONLY = pytest.mark.parametrize("store", ["s3"], indirect=True)
+"""The ledger is the same for every store (it reads a bucket through `pull_view`); one store is enough."""
+
+
+# -- the per-user ledger knows bucket runs ---------------------------------------------------------------
+
+
+def _ledger(tmp_path: Path) -> str:
+    return (tmp_path / ".state" / "batcher" / "ledger.jsonl").read_text()
+
+
+@_S3_ONLY
+async def test_a_local_run_after_a_bucket_run_of_the_same_manifest_does_not_pay_again(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Found by review: a bucket run did not note itself in the ledger, so a local run paid for everything again."""
+    sandbox = start_sandbox()
+    loaded = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 4))
+    url = store.url("nightly")
+    assert (await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=parse_output(url)))).exit_code == 0
+    assert url in _ledger(tmp_path)
+    with pytest.raises(UsageError, match=f"already submitted from {url} .*-o {url} .*--new-output"):
+        await run_manifest(loaded, fast_options(api_base=sandbox.url, output_dir=tmp_path / "local"))
+    assert len(sandbox.sandbox.submits) == 4, "nothing sent twice"
+    again = await run_manifest(
+        loaded, fast_options(api_base=sandbox.url, output_dir=tmp_path / "local", new_output=True)
+    )
+    assert again.done == 4 and len(sandbox.sandbox.submits) == 8, "--new-output pays again, as asked"
+    _assert_no_credentials(store, tmp_path)  # the ledger included: a URL, never a key
+
+
+@_S3_ONLY
+async def test_a_bucket_run_after_a_local_run_of_the_same_manifest_does_not_pay_again(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox()
+    loaded = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 3))
+    local = tmp_path / "local"
+    assert (await run_manifest(loaded, fast_options(api_base=sandbox.url, output_dir=local))).exit_code == 0
+    remote = parse_output(store.url("after-local"))
+    with pytest.raises(UsageError, match=f"already submitted from {local} .*--new-output"):
+        await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=remote))
+    assert len(sandbox.sandbox.submits) == 3
+    assert not store.objects(), "refused before the bucket was written (no lease, no segment)"
+
+
+@_S3_ONLY
+async def test_a_run_to_another_bucket_prefix_does_not_pay_again(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox()
+    loaded = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 4))
+    first = store.url("a")
+    options = fast_options(api_base=sandbox.url, remote=parse_output(first), shard=(1, 2))
+    assert (await run_manifest(loaded, options)).exit_code == 0
+    sent = len(sandbox.sandbox.submits)
+    # Another prefix, from another machine's cache folder (the ledger is the user's, not the cache's).
+    os.environ["BATCHER_CACHE"] = str(tmp_path / "elsewhere")
+    second = parse_output(store.url("b"))
+    with pytest.raises(UsageError, match=f"already submitted from {first}/shard-1-of-2 .*-o {first} --shard 1/2"):
+        await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=second))
+    assert len(sandbox.sandbox.submits) == sent
+    # The same prefix and shard resumes (its own entry), and its other shard is a new slice: neither refused.
+    for shard in ((1, 2), (2, 2)):
+        resumed = await run_manifest(
+            loaded, fast_options(api_base=sandbox.url, remote=parse_output(first), shard=shard)
+        )
+        assert resumed.exit_code == 0
+    assert len(sandbox.sandbox.submits) == 4
+
+
+@_S3_ONLY
+def test_the_cli_refuses_a_local_run_after_a_bucket_run_with_exit_2(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    url = store.url("cli")
+    common = ["--api-base", sandbox.url, "--yes", "-q", "--poll-interval", "0.05"]
+    env = {"RUNCOMFY_API_TOKEN": TOKEN}
+    first = CliRunner().invoke(cli, ["run", str(manifest), "-o", url, *common], env=env)
+    assert first.exit_code == 0, first.output
+    result = CliRunner().invoke(cli, ["run", str(manifest), *common], env=env)  # the default folder
+    assert result.exit_code == 2, result.output
+    assert url in result.output and "--new-output" in result.output and "Traceback" not in result.output
+    assert len(sandbox.sandbox.submits) == 2
+
+
+@_S3_ONLY
+async def test_a_bucket_run_that_cannot_be_read_or_is_gone_is_refused_not_paid_again(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A noted bucket run of this manifest whose journal cannot be read now (no credentials here) might have
+    paid for these jobs; one whose journal is gone (deleted) was the only record of what it paid: both refuse."""
+    sandbox = start_sandbox()
+    loaded = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 2))
+    url = store.url("archived")
+    assert (await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=parse_output(url)))).exit_code == 0
+    local = fast_options(api_base=sandbox.url, output_dir=tmp_path / "local")
+    with monkeypatch.context() as unset:
+        unset.delenv("AWS_ACCESS_KEY_ID")
+        unset.delenv("AWS_SECRET_ACCESS_KEY")
+        with pytest.raises(UsageError, match=f"{url} .*cannot be read now.*--new-output"):
+            await run_manifest(loaded, local)
+    for key in store.objects("archived/"):
+        store.admin.delete_object(Bucket=store.bucket, Key=key)
+    with pytest.raises(UsageError, match=f"{url} held a run of this manifest .*gone.*--new-output"):
+        await run_manifest(loaded, local)
+    assert len(sandbox.sandbox.submits) == 2
+    # --new-output pays again and forgets the gone prefix: the next run is not refused for it.
+    assert (
+        await run_manifest(loaded, fast_options(api_base=sandbox.url, output_dir=tmp_path / "local", new_output=True))
+    ).done == 2
+    assert url not in _ledger(tmp_path)
+    assert (await run_manifest(loaded, local)).exit_code == 0
+    assert len(sandbox.sandbox.submits) == 4
+
+
+# -- the gallery, opened from the bucket and from a synced copy -------------------------------------------
+
+
+def _gallery_manifest(path: Path, sandbox_url: str, count: int) -> Path:
+    """Jobs whose inputs are on the sandbox's loopback host: the browser never reaches out."""
+    lines = ["model: openai/gpt-image-1-5/image-to-image", "defaults: {quality: low}", "jobs:"]
+    for i in range(count):
+        lines += [
+            f"  - id: shot-{i}",
+            f'    prompt: "a harbour, take {i}"',
+            f"    image_urls: ['{sandbox_url}/inputs/ref-{i % 3}.png']",
+        ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+_LOADED = "return Array.from(document.querySelectorAll('.outputs img')).map(i => i.complete && i.naturalWidth > 0)"
+_LINKS = """
+const done = arguments[arguments.length - 1];
+Promise.all(Array.from(document.querySelectorAll('.outputs a')).map(a => fetch(a.href).then(
+  r => [a.getAttribute('href'), r.status, r.headers.get('content-type')], e => [a.getAttribute('href'), 0, String(e)])))
+  .then(done);
+"""
+
+
+def _check_gallery(driver: Any, url: str, jobs: int) -> dict[str, int]:
+    """Open the gallery at url and check what a person sees: every card, every output image drawn, every
+    full-size link answered as an image, the state filters working. Returns the cards by state."""
+    from .browser import wait_for
+
+    driver.get(url)
+    wait_for(lambda: driver.execute_script("return document.readyState") == "complete", what=url)
+    states = Counter(
+        driver.execute_script("return Array.from(document.querySelectorAll('.card')).map(c => c.dataset.state)")
+    )
+    assert sum(states.values()) == jobs, driver.page_source[:500]
+    assert states["done"] and states["failed"], states
+    loaded = wait_for(lambda: (found := driver.execute_script(_LOADED)) and all(found) and found, what="the images")
+    assert len(loaded) == states["done"]  # one output a job
+    links = driver.execute_async_script(_LINKS)
+    assert len(links) == states["done"]
+    for href, status, kind in links:
+        assert not href.startswith(("/", "file:", "s3:")) and "/.cache/" not in href, href  # relative, into the output
+        if url.startswith("http"):
+            assert status == 200 and kind == "image/png", (href, status, kind)  # shown, not downloaded
+    driver.find_element("css selector", 'nav button[data-state="failed"]').click()
+    shown = driver.execute_script(
+        "return Array.from(document.querySelectorAll('.card:not(.hidden)')).map(c => c.dataset.state)"
+    )
+    assert shown == ["failed"] * states["failed"]
+    assert driver.execute_script("return location.hash") == "#failed"
+    return dict(states)
+
+
+@pytest.mark.slow
+@_S3_ONLY
+async def test_the_gallery_works_opened_from_the_bucket_and_from_a_synced_copy(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Found by review: the gallery written into a bucket was never looked at. Objects went up as
+    binary/octet-stream, so a browser downloaded index.html instead of showing it."""
+    from .browser import chromium
+
+    sandbox = start_sandbox(queue_delay=0.01, run_delay=0.01, fail_rate=0.4, seed=5)
+    jobs = 8
+    manifest = _gallery_manifest(tmp_path / "harbour.yaml", sandbox.url, jobs)
+    loaded = load_manifest(manifest)
+    remote = parse_output(store.url("gallery/night"))
+    for shard in ((1, 2), (2, 2)):  # two workers: the page at the top links into both shards' folders
+        await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=remote, shard=shard))
+    result = CliRunner().invoke(cli, ["report", str(manifest), "-o", store.url("gallery/night")])
+    assert result.exit_code == 0, result.output
+    # Served as a website endpoint or a public bucket serves it: anonymous GETs, allowed by a bucket policy.
+    grant = {
+        "Effect": "Allow",
+        "Principal": "*",
+        "Action": "s3:GetObject",
+        "Resource": f"arn:aws:s3:::{store.bucket}/*",
+    }
+    store.admin.put_bucket_policy(
+        Bucket=store.bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [grant]})
+    )
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    served = f"{endpoint}/{store.bucket}/gallery/night/index.html"
+    async with httpx.AsyncClient() as client:
+        page = await client.get(served)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.headers
+    assert str(tmp_path) not in page.text, "no path of this machine's in a page others may be served"
+
+    # A copy as `aws s3 sync s3://…/gallery/night copy/` makes it: every object under the prefix, same paths.
+    copy = tmp_path / "synced"
+    for key, data in store.objects("gallery/night/").items():
+        target = copy / key.removeprefix("gallery/night/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+    with chromium(1280, 1100) as driver:
+        from_bucket = _check_gallery(driver, served, jobs)
+        assert _check_gallery(driver, (copy / "index.html").as_uri(), jobs) == from_bucket
+        driver.get(served)
+        shot = Path(os.environ.get("BATCHER_SCREENSHOTS") or tmp_path)
+        shot = (shot if shot.is_absolute() else Path(__file__).parent.parent / shot) / "gallery-s3.png"
+        driver.save_screenshot(str(shot))
+        assert shot.read_bytes().startswith(b"\x89PNG")
