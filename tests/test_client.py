@@ -433,3 +433,40 @@ async def test_the_pools_own_bookkeeping_queues_reuses_and_makes_room_as_httpcor
         with anyio.fail_after(0.25):  # seconds: a loopback request; waiting for an idle one to close takes longer
             await one(second.url)
         assert len(transport._pool.connections) == 2
+
+
+async def test_a_connection_its_server_closed_while_idle_is_never_reused() -> None:
+    """The pool asks idle connections whether their server closed them (`batcher.transport._Stream`'s cheap
+    check): a server that answers once and closes must cost a new connection, not a failed request (for a
+    submit, an uncertain one)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: text/plain\r\n\r\nok")
+                # Keep-alive as far as the client knows; closed a moment later, as an idle timeout closes it.
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    from batcher.transport import pooled_transport
+
+    try:
+        async with httpx.AsyncClient(transport=pooled_transport(4)) as client:
+            for _ in range(4):
+                assert (await client.get(f"http://127.0.0.1:{port}/")).text == "ok"
+                await anyio.sleep(0.05)  # the server's close reaches this side
+    finally:
+        listener.close()
+    assert len(accepted) == 4
