@@ -244,7 +244,8 @@ class RemoteRun:
         if not data:
             return
         name = f"{SEGMENTS}{self._seq:08d}.jsonl"
-        if not self.bucket.put(name, data, if_absent=True):
+        # An SDK's retry of a PUT whose answer was lost finds the segment there: its own bytes mean it was ours.
+        if not self.bucket.put(name, data, if_absent=True) and self.bucket.get(name) != data:
             msg = (
                 f"another machine wrote {self.bucket.output.url}'s journal ({name} exists): this run stops before "
                 "sending anything more. Only one machine may run an output at a time"

@@ -1,5 +1,5 @@
 """A reverse proxy on loopback in front of a storage server, failing the requests it is told to: a 5xx, a
-refusal, or a connection reset after the request was read. Real sockets both ways, so the SDKs under test
+refusal, a connection reset after the request was read, or one reset after the server did what it asked. Real sockets both ways, so the SDKs under test
 see exactly what a flaky network or a refusing service would show them."""
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class Fault:
 
     matches: Callable[[str, str, bytes], bool]
     times: int
-    kind: Literal["503", "403", "reset"]
+    kind: Literal["503", "403", "reset", "lost"]
+    """lost: the request reaches the server, its answer never comes back (the connection is reset)."""
 
 
 @dataclass
@@ -78,9 +79,17 @@ def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
                 )
                 if fault is not None:
                     fault.times -= 1
+            if fault is not None and fault.kind == "lost":
+                upstream_connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                    upstream_connection.request(self.command, self.path, body=body, headers=headers)
+                    upstream_connection.getresponse().read()
+                finally:
+                    upstream_connection.close()
             if fault is not None:
                 proxy.seen.append((self.command, _named(self.path, body), fault.kind))
-                if fault.kind == "reset":
+                if fault.kind in ("reset", "lost"):
                     # SO_LINGER 0: close sends RST, as a dropped connection does.
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True

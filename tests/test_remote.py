@@ -426,6 +426,30 @@ def _image_uploads(method: str, path: str, body: bytes) -> bool:
     )
 
 
+def _journal_writes(method: str, path: str, body: bytes) -> bool:
+    """A journal segment's conditional create: S3's PUT of …/journal/…, GCS's upload naming one."""
+    if method == "PUT":
+        return "/journal/" in path
+    return method == "POST" and path.startswith("/upload/") and b"journal/" in body[:4096]
+
+
+async def test_a_journal_write_whose_answer_was_lost_is_not_taken_for_another_machine(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Found by review: the SDK sends a conditional create again when its answer is lost; the server, which had
+    done it, refuses the second (412). The run took that for another machine's segment and stopped."""
+    sandbox = start_sandbox()
+    loaded = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 4))
+    with fault_proxy(store.endpoint) as proxy:
+        store.through(proxy)
+        store.monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)  # the SDK's own retry is the point here
+        proxy.faults.append(Fault(_journal_writes, 1, "lost"))
+        summary = await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=parse_output(store.url("lost"))))
+    assert [got for *_, got in proxy.seen if got == "lost"] == ["lost"], "the answer was lost"
+    assert summary.exit_code == 0 and summary.done == 4
+    assert len(sandbox.sandbox.submits) == 4
+
+
 @pytest.mark.parametrize("kind", ["503", "reset"])
 async def test_transient_upload_failures_are_tried_again_before_the_run_stops(
     store: Store, tmp_path: Path, start_sandbox: StartSandbox, kind: str
