@@ -335,7 +335,7 @@ def _load_slice(
     if shard:
         loaded = loaded.only_shard(*shard)
     if isinstance(output, RemoteOutput):
-        return loaded, pull_view(output)[0]  # every shard's journal, read from the bucket
+        return loaded, pull_view(output, journals_only=True)[0]  # every shard's journal, read from the bucket
     return loaded, output or default_output_dir(loaded, shard, sandbox=sandbox)
 
 

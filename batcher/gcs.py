@@ -136,6 +136,23 @@ class GcsBucket(Bucket):
         listed: dict[str, int] = self._call("list", every, start, counted=False)  # each page counts itself
         return listed
 
+    def subfolders(self, relative: str) -> list[str]:
+        start = self.output.key(relative)
+        cut = len(self.output.prefix) + 1 if self.output.prefix else 0
+
+        def every() -> list[str]:
+            listed = self._client.list_blobs(
+                self._bucket, prefix=start, delimiter="/", retry=self._retry, timeout=_TIMEOUT
+            )
+            found: list[str] = []
+            for page in listed.pages:
+                self.requests += 1
+                found += [name[cut:].rstrip("/") for name in page.prefixes]
+            return found
+
+        folders: list[str] = self._call("list", every, start, counted=False)
+        return folders
+
     def upload(self, local: Path, relative: str) -> None:
         blob = self._bucket.blob(self.output.key(relative), chunk_size=MULTIPART_THRESHOLD)
         self.requests += 1

@@ -156,7 +156,7 @@ def _read_place(place: Place) -> FolderView | None:
     """
     if isinstance(place, Path):
         return read_folder(place) if _holds_journal(place) else None
-    folder, _ = pull_view(place)
+    folder, _ = pull_view(place, journals_only=True)
     view = read_folder(folder)
     # pull_view writes each layout's journal as the bucket holds it: all empty when the prefix has none.
     return view if any(journal.stat().st_size for journal in view.journals) else None

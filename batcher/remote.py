@@ -383,12 +383,22 @@ class StoredFiles(OutputDir):
         return relative in self.stored or super().has_file(relative)
 
 
-def pull_view(output: RemoteOutput) -> tuple[Path, dict[str, int]]:
+def pull_view(output: RemoteOutput, *, journals_only: bool = False) -> tuple[Path, dict[str, int]]:
     """A read-only local copy of the output's journals, its own and every shard's (``shard-K-of-N/``), laid
-    out as a local output folder is, for `status`, `plan` and `report`; and the bucket's listing."""
+    out as a local output folder is, for `status`, `plan` and `report`; and the bucket's listing.
+
+    journals_only: list the journals alone (the listing returned holds nothing else), a few requests
+    however many images the output holds, for a caller that reads what was paid for and no file.
+    """
     with open_bucket(output) as bucket:
         bucket.check()
-        listing = bucket.listing()
+        if journals_only:
+            found = [f"{name}/" for name in bucket.subfolders("shard-") if _SHARD.fullmatch(f"{name}/")]
+            listing = {}
+            for layout in ["", *found]:
+                listing.update(bucket.listing(f"{layout}{SEGMENTS}"))
+        else:
+            listing = bucket.listing()
     view = output.cache_dir().with_name(output.cache_dir().name + "-view")
     shards = sorted({m[1] for name in listing if (m := _SHARD.match(name))})
     for shard in ["", *shards]:

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -247,7 +248,7 @@ async def run_manifest(
         # The bucket's layouts (unsharded, shard-K-of-N/), read into a local view laid out as a folder is:
         # the same check, so that another layout of one prefix never pays again for what it sent, from
         # whichever machine (the per-user ledger knows only this one's runs).
-        view, _ = await anyio.to_thread.run_sync(pull_view, options.remote)
+        view, _ = await anyio.to_thread.run_sync(partial(pull_view, options.remote, journals_only=True))
         own = view / shard_folder_name(*options.shard) if options.shard else view
         check_no_overlap(own, jobs.keys())
         journal_here = (own / JOURNAL_NAME).is_file() and (own / JOURNAL_NAME).stat().st_size > 0

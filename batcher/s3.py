@@ -110,6 +110,19 @@ class S3Bucket(Bucket):
                 return found
             token = page["NextContinuationToken"]
 
+    def subfolders(self, relative: str) -> list[str]:
+        start = self.output.key(relative)
+        cut = len(self.output.prefix) + 1 if self.output.prefix else 0
+        found: list[str] = []
+        token: str | None = None
+        while True:
+            extra: dict[str, Any] = {"ContinuationToken": token} if token else {}
+            page = self._call("list_objects_v2", Bucket=self.output.bucket, Prefix=start, Delimiter="/", **extra)
+            found += [item["Prefix"][cut:].rstrip("/") for item in page.get("CommonPrefixes", [])]
+            if not page.get("IsTruncated"):
+                return found
+            token = page["NextContinuationToken"]
+
     def upload(self, local: Path, relative: str) -> None:
         from boto3.s3.transfer import TransferConfig
 

@@ -189,6 +189,11 @@ class Bucket(Protocol):
         """Every object under relative (a folder: ``journal/``), as path relative to the output → size."""
         ...
 
+    def subfolders(self, relative: str) -> list[str]:
+        """The folders (``shard-1-of-4``) whose names start with relative (``shard-``), without listing what
+        is in them: one request where a listing of the objects would page through every image."""
+        ...
+
     def upload(self, local: Path, relative: str) -> None:
         """Upload a local file, once (see `upload` for the retries); past `MULTIPART_THRESHOLD` in parts.
         The object appears only complete."""

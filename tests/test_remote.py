@@ -26,7 +26,8 @@ from click.testing import CliRunner
 
 from batcher import SandboxThread, UsageError, load_manifest, run_manifest
 from batcher.cli import cli
-from batcher.remote import RemoteRun
+from batcher.folders import read_folder
+from batcher.remote import RemoteRun, pull_view
 from batcher.retrying import set_testing
 from batcher.scheduler import shard_from_scheduler
 from batcher.state import JOURNAL_NAME, fold_bytes
@@ -316,6 +317,14 @@ async def test_shards_from_slurm_variables_are_summed_by_status(
     result = CliRunner().invoke(cli, ["status", str(manifest), "-o", store.url("sharded"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["counts"]["done"] == 10
+    # What the ledger and a run's start read: every layout's journal, listed without a page of images.
+    full_view, full = pull_view(remote)
+    records = {key: (record.phase, record.request_id) for key, record in read_folder(full_view).records.items()}
+    assert any("/journal/" not in name for name in full)
+    view, listing = pull_view(remote, journals_only=True)
+    assert listing and all(name.split("/journal/")[0] in ("shard-1-of-2", "shard-2-of-2") for name in listing)
+    assert {key: (record.phase, record.request_id) for key, record in read_folder(view).records.items()} == records
+    assert len(records) == 10
 
 
 def test_shard_auto_reads_kubernetes_and_slurm_and_refuses_nothing() -> None:
