@@ -85,13 +85,16 @@ class AccountPool:
         """Wait until some account has room for one more job in flight, count it there, and return its lane.
 
         The lane with the most room left (relative to its learned cap) wins, the first token on a tie,
-        so a fresh run fills accounts evenly and an account that is 429ing gets fewer. The caller then
-        says what became of the submit: `accepted`, `refused` (a 429) or `unsent`.
+        so a fresh run fills accounts evenly and an account that is 429ing gets fewer. An account that
+        answered 429 within its quiet spell comes after every other with room: full with jobs this run
+        does not hold (another machine's), its room says 1 of 1, and a retried submit would go back to
+        it on every try. The caller then says what became of the submit: `accepted`, `refused` (a 429)
+        or `unsent`.
         """
         while True:
             free = [lane for lane in self.lanes if lane.cap.room > 0]
             if free:
-                lane = max(free, key=lambda ln: ln.cap.room / ln.cap.limit)
+                lane = max(free, key=lambda ln: (not ln.cap.cooling, ln.cap.room / ln.cap.limit))
                 lane.cap.take()
                 return lane
             changed = self._changed

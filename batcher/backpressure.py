@@ -60,6 +60,12 @@ class AccountCap:
         """How many more submits may go now (0 or less: none)."""
         return self.limit - self.in_flight
 
+    @property
+    def cooling(self) -> bool:
+        """True within the quiet spell after a 429: the account is full, perhaps with jobs this run cannot
+        see (another machine's), whatever its room says."""
+        return time.monotonic() - self._refused_at < self.quiet
+
     def take(self) -> None:
         """Count one more submit about to be sent."""
         self.sending += 1

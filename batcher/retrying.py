@@ -76,8 +76,16 @@ class RetryPolicy:
 
     def backoff(self, tried: int, retry_after: float | None = None) -> float:
         """The wait after the tried-th failure (from 0) of a wait-and-try-again loop of the caller's own:
-        the same growth, jitter and Retry-After as `retrying`, and zero under `set_testing`."""
-        return 0.0 if _testing else self.wait(min(self.cap, self.base * 2 ** min(tried, 30)), retry_after)
+        the same growth and jitter as `retrying`, and zero under `set_testing`.
+
+        Such a loop has no end of its own (a submit refused "not now" is tried for as long as the run
+        lasts), so a server's Retry-After may lengthen the wait but never shorten it: ``Retry-After: 0``
+        would have it send, and journal, as fast as the server answers.
+        """
+        if _testing:
+            return 0.0
+        jittered = random.uniform(0, min(self.cap, self.base * 2 ** min(tried, 30)))
+        return jittered if retry_after is None else max(jittered, min(retry_after, self.max_retry_after))
 
     def wait(self, bound: float, retry_after: float | None) -> float:
         """The wait before the next attempt: the server's Retry-After (at most max_retry_after), else 0 to bound."""

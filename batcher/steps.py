@@ -290,7 +290,17 @@ class JobSteps:
             progress.set(job.key, "submitting")
             # Intent first: if we die while the POST is out, the next run knows it may have been paid, and by whom.
             self.record(job, "submitting", name=job.name, model=job.model, input=job.input, account=lane.account)
-            await self.durable()
+            try:
+                await self.durable()
+            except BaseException:
+                # The intent is not where the run's journal lives (the bucket failed, or the run was cancelled
+                # while it waited): no POST leaves, and the working copy says so, or a resume here would hold
+                # the job as uncertain.
+                self.record(job, "deferred", reason="not sent: the intent could not be made durable")
+                self.accounts.unsent(lane)
+                self.committed -= price
+                progress.set(job.key, "pending")
+                raise
             try:
                 # Local images inline, only here.
                 submission = await lane.client.submit(job.model, payload_for(job))
@@ -311,10 +321,11 @@ class JobSteps:
                 faults += 1
                 if faults >= retry.attempts:
                     await self.durable()
-                    self.committed -= price
+                    # Its estimate stays committed while it waits: the job is sent when RunComfy is back, and
+                    # another submit must not pass --max-cost on the room it seemed to leave.
                     if not await self.sit_out_outage(job, exc):
+                        self.committed -= price
                         return None
-                    self.committed += price
                     faults = 0
                     continue
                 delay = retry.backoff(faults - 1, exc.retry_after)

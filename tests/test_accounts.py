@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from batcher import RunSummary, SandboxThread, UsageError, load_manifest, read_journal, run_manifest
 from batcher.backpressure import AccountCap
 from batcher.cli import cli
+from batcher.retrying import RetryPolicy
 from batcher.runner import RunPlan
 from batcher.state import JOURNAL_NAME
 from batcher.tokens import FINGERPRINT_KEY, fingerprint, read_token_file, tokens_from_env
@@ -137,6 +138,30 @@ async def test_a_run_over_two_accounts_uses_both_and_polls_each_job_with_its_own
     assert [name for name, _ in plans[0].accounts] == [fingerprint(ALICE), fingerprint(BOB)]
     assert set(summary.accounts) == {fingerprint(ALICE), fingerprint(BOB)}
     assert sum(f.jobs for f in summary.accounts.values()) == 12
+
+
+@pytest.mark.anyio
+async def test_a_submit_refused_by_an_account_full_of_other_jobs_goes_to_the_other_account(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Found by review: Alice's account is full with jobs this run does not hold (another machine's). After her
+    429, her learned cap is 1 of 1, as "roomy" as Bob's idle 8 of 8, and the first token won the tie: the job
+    went back to her on every try (46 POSTs in 10 s) while Bob had room."""
+    import httpx
+
+    sandbox = start_sandbox(accounts=(ALICE, BOB), max_in_flight=2, queue_delay=0.0, run_delay=2.0, retry_after=0.0)
+    body = {"prompt": "another machine's", "image_urls": ["https://example.org/r.jpg"]}
+    async with httpx.AsyncClient(base_url=sandbox.url, headers={"Authorization": f"Bearer {ALICE}"}) as other:
+        for _ in range(2):
+            assert (await other.post("/v1/models/openai/gpt-image-1-5/image-to-image", json=body)).status_code == 200
+    options = fast_options(api_base=sandbox.url, output_dir=Path("out"), token=None, tokens=(ALICE, BOB))
+    options.concurrency = 1
+    options.retry = RetryPolicy(attempts=6, base=0.05, cap=0.2, max_retry_after=1.0)
+    summary = await run_manifest(load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 2)), options)
+    assert (summary.done, summary.exit_code) == (2, 0)
+    stats = sandbox.sandbox.stats()
+    assert stats["submits_by_account"] == {1: 2, 2: 2}  # Alice: the other machine's two; Bob: this run's
+    assert stats["account_refusals"] == 1, "Alice was asked once, then left alone while she was full"
 
 
 def _in_flight_run(tmp_path: Path, sandbox: SandboxThread, jobs: int) -> subprocess.Popen[str]:

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from batcher import SandboxThread, UsageError, load_manifest, run_manifest
+from batcher import SandboxThread, UsageError, load_manifest, read_journal, run_manifest
 from batcher.cli import cli
 from batcher.folders import read_folder
 from batcher.remote import RemoteRun, pull_view
@@ -480,6 +480,28 @@ async def test_transient_upload_failures_are_tried_again_before_the_run_stops(
     for record in folded.records.values():
         for file in record.files.values():
             assert hashlib.sha256(objects[f"flaky/{file.path}"]).hexdigest() == file.sha256
+
+
+@pytest.mark.parametrize("store", ["s3"], indirect=True)
+async def test_a_journal_the_bucket_refuses_leaves_no_job_uncertain_in_the_working_copy(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Found by review: when the bucket refused the intent's write, the working copy still said `submitting`
+    although no POST left, so a resume on this machine held that job as uncertain."""
+    sandbox = start_sandbox()
+    loaded = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 3))
+    remote = parse_output(store.url("refusing"))
+    assert remote is not None
+    with fault_proxy(store.endpoint) as proxy:
+        store.through(proxy)
+        # The first segment (the run's header and first intents) goes up; every later one is refused.
+        proxy.faults.append(Fault(lambda m, p, b: _journal_writes(m, p, b) and "00000000" not in p, 10**6, "403"))
+        with pytest.raises(StorageError):
+            await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=remote, concurrency=1))
+    folded = read_journal(remote.cache_dir() / JOURNAL_NAME)
+    sent = len(sandbox.sandbox.submits)
+    assert sum(r.phase in ("submitting", "uncertain") for r in folded.records.values()) == 0
+    assert sum(r.phase == "submitted" or r.request_id is not None for r in folded.records.values()) == sent
 
 
 async def test_a_refused_upload_stops_the_run_at_once_with_what_to_check(

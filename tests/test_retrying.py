@@ -144,3 +144,6 @@ def test_a_loop_of_the_callers_own_waits_as_retrying_would_and_honours_retry_aft
     assert policy.backoff(0, retry_after=7.0) == 7.0
     assert policy.backoff(5, retry_after=60.0) == 10.0  # a server's wish, capped
     assert policy.backoff(10**6) <= 3.0
+    # Never shorter than its own backoff (found by review: Retry-After: 0 made a refused submit a hot loop).
+    waits = [policy.backoff(4, retry_after=0.0) for _ in range(400)]
+    assert all(0 <= w <= 3.0 for w in waits) and 1.2 < sum(waits) / len(waits) < 1.8

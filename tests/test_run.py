@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from batcher import (
+    BatcherError,
     JournalError,
     JournalLockedError,
     OutputFolderError,
@@ -23,6 +25,7 @@ from batcher import (
     read_journal,
     run_manifest,
 )
+from batcher.retrying import RetryPolicy
 from batcher.runner import cancel_manifest
 from batcher.state import JOURNAL_NAME
 
@@ -206,6 +209,25 @@ async def test_every_retried_submit_has_its_own_intent_and_refusal_in_the_journa
         sum((r.throttled or {}).values()) for r in read_journal(tmp_path / "out" / JOURNAL_NAME).records.values()
     )
     assert throttled == (posts - jobs if fault == "429" else 0)
+
+
+async def test_a_submit_refused_with_retry_after_0_is_tried_again_with_a_growing_backoff(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Found by review: a 429 saying "Retry-After: 0" had one job sent, and journalled twice, as fast as the
+    server answered (69 POSTs in 3 s), for as long as the run lasted."""
+    sandbox = start_sandbox(fault_rate=1.0, faults=("429",), fault_paths=("submit",), retry_after=0.0)
+    options = fast_options(
+        api_base=sandbox.url,
+        output_dir=tmp_path / "out",
+        retry=RetryPolicy(attempts=6, base=0.05, cap=0.4, max_retry_after=10.0),
+        run_timeout=1.5,
+    )
+    with contextlib.suppress(BatcherError):
+        await run_manifest(load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1)), options)
+    posts = sandbox.sandbox.calls["submit"]
+    # Waits drawn up to 0.05, 0.1, 0.2, then 0.4 s: about ten tries in 1.5 s; a hot loop makes hundreds.
+    assert 2 <= posts <= 30, posts
 
 
 async def test_insufficient_balance_stops_submitting_and_resumes_later(tmp_path: Path) -> None:
