@@ -10,11 +10,12 @@ bare httpx loop.
   idle ones: ``len([c.is_idle() for c in ...])``): 64 x 64 calls a step.
   `_Pool` walks once, with the same decisions (and counts idle connections
   where httpcore meant to).
-- Before reuse, the pool asks every idle connection whether its server
-  closed it ("is the socket readable?"). Through anyio that question builds a
-  table of the socket's attributes, with a ``getpeername`` call, before a
-  zero-timeout ``poll``. The streams here keep their socket from the start and
-  only poll it.
+- It also asks every idle connection, at each of those steps, whether its
+  server closed it ("is the socket readable?"): a system call each. `_Pool`
+  asks the one it is about to reuse, and the rest at most every 0.1 s. And
+  through anyio that question builds a table of the socket's attributes, with
+  a ``getpeername`` call, before a zero-timeout ``poll``: the streams here
+  keep their socket from the start and only poll it.
 
 Both reach into httpx's transport (``_pool``) and httpcore's pool (its class,
 ``_network_backend`` and the attributes `_Pool` reads); where a later version
@@ -30,6 +31,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -59,18 +61,31 @@ _POOL_ATTRIBUTES = ("_connections", "_requests", "_max_connections", "_max_keepa
 
 
 class _Pool(httpcore.AsyncConnectionPool):
-    """httpcore's pool, its bookkeeping linear in its connections (see the module's doc)."""
+    """httpcore's pool, its bookkeeping linear in its connections (see the module's doc).
+
+    A connection is asked whether its server closed it (a system call) when
+    it is about to be reused, and the whole pool at most every `_SWEEP`
+    seconds, not at every request's start and end: most of a run's
+    connections sit idle between polls, and asking each of them twice a
+    request was most of what the pool cost.
+    """
+
+    _next_sweep = 0.0
 
     def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
         # httpcore's own steps, in its order, each a single walk. Called under the pool's lock, as before.
         closing: list[httpcore.AsyncConnectionInterface] = []
         kept: list[httpcore.AsyncConnectionInterface] = []
         idle = 0
+        now = time.monotonic()
+        sweep = now >= self._next_sweep
+        if sweep:
+            self._next_sweep = now + _SWEEP
         for connection in self._connections:
             if connection.is_closed():
                 continue
             unused = connection.is_idle()
-            if connection.has_expired() or (unused and idle >= self._max_keepalive_connections):
+            if (sweep and connection.has_expired()) or (unused and idle >= self._max_keepalive_connections):
                 closing.append(connection)
                 continue
             idle += unused
@@ -79,7 +94,7 @@ class _Pool(httpcore.AsyncConnectionPool):
 
         for pool_request in [request for request in self._requests if request.is_queued()]:
             origin = pool_request.request.url.origin
-            reusable = next((c for c in self._connections if c.can_handle_request(origin) and c.is_available()), None)
+            reusable = self._reusable(origin, closing)
             if reusable is not None:
                 pool_request.assign_to_connection(reusable)
                 continue
@@ -93,6 +108,22 @@ class _Pool(httpcore.AsyncConnectionPool):
             self._connections.append(connection)
             pool_request.assign_to_connection(connection)
         return closing
+
+    def _reusable(
+        self, origin: httpcore.Origin, closing: list[httpcore.AsyncConnectionInterface]
+    ) -> httpcore.AsyncConnectionInterface | None:
+        """The first connection that can take a request to origin now; one its server closed (or whose
+        keep-alive ran out) is moved to closing on the way, as httpcore's sweep would have."""
+        while True:
+            found = next((c for c in self._connections if c.can_handle_request(origin) and c.is_available()), None)
+            if found is None or not (found.is_idle() and found.has_expired()):
+                return found
+            self._connections.remove(found)
+            closing.append(found)
+
+
+_SWEEP = 0.1
+"""Seconds between walks that ask every connection whether it expired; one about to be reused is always asked."""
 
 
 def _readable(sock: socket.socket | None) -> bool:
