@@ -14,7 +14,7 @@ parquet      DEST/train-00000-of-0000N.parquet: the row's columns and ``image``,
              bytes and path with Hugging Face's features in the schema's metadata, so ``datasets``
              reads it as an ``Image`` column; ``parameters`` is a JSON string (jobs of several models
              have parameters of different types, which one Arrow struct cannot hold). Needs pyarrow
-             (``pip install 'batcher[parquet]'``)
+             (``pip install -e '.[parquet]'`` in the checkout)
 
 Every image is read from the output folder without following a link and
 checked against the sha256 its download recorded: a file changed since is
@@ -55,7 +55,9 @@ FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
 DEFAULT_SHARD_SIZE = 1000
 _ROW_GROUP = 64
 """Parquet rows per row group: images are large, and a reader holds one group at a time."""
-_PARQUET_HINT = "parquet export needs pyarrow: pip install 'batcher[parquet]' (or pip install pyarrow)"
+_PARQUET_HINT = (
+    "parquet export needs pyarrow: pip install pyarrow (or, in batcher's checkout, pip install -e '.[parquet]')"
+)
 
 
 @dataclass(slots=True)

@@ -54,7 +54,7 @@ class GcsBucket(Bucket):
             from google.cloud import storage
             from google.cloud.storage.retry import DEFAULT_RETRY
         except ImportError as exc:
-            msg = "a gs:// output needs google-cloud-storage: pip install 'batcher[gcs]'"
+            msg = "a gs:// output needs google-cloud-storage: pip install google-cloud-storage (or, in batcher's checkout, pip install -e '.[gcs]')"
             raise UsageError(msg) from exc
         self.output = output
         self.requests = 0

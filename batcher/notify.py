@@ -68,7 +68,7 @@ def summary_payload(name: str, summary: RunSummary) -> dict[str, Any]:
             parts.append(f"{len(jobs)} {word}")
     money = f"sandbox, would have cost ${summary.spent:,.2f}" if summary.sandbox else f"spent ${summary.spent:,.2f}"
     verb = "was interrupted" if outcome == "interrupted" else "finished"
-    text = f"batcher: {name} {verb}: {', '.join(parts)}; {money}. Output: {summary.output_dir}"
+    text = f"batcher: {name} {verb}: {', '.join(parts)}; {money}. Output: {summary.output}"
     if summary.stop_reason and outcome != "done":
         text += f" (stopped submitting: {summary.stop_reason})"
     return {

@@ -268,7 +268,7 @@ def print_summary(console: Console, summary: RunSummary, resume: str | None = No
         if count:
             parts.append(f"{count} {word}")
     spent = _spent_line(summary.spent, summary.spent_superseded, summary.sandbox)
-    console.print(", ".join(parts) + f"; {spent}. Output: {summary.output_dir}")
+    console.print(", ".join(parts) + f"; {spent}. Output: {summary.output}")
     _print_accounts(console, summary.accounts, summary.sandbox)
     _print_problems(console, summary, summary.possible_extra_cost)
     again = resume or "the same command"

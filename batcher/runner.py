@@ -134,6 +134,7 @@ class RunSummary(Tally):
     disagree), and how the run ended; `exit_code` follows the CLI's contract."""
 
     output_dir: Path = Path()
+    """The run's folder: for a bucket run, its working copy on this machine (see `output`)."""
     journal: Path = Path()
     total: int = 0
     interrupted: bool = False
@@ -142,6 +143,13 @@ class RunSummary(Tally):
     sandbox: bool = False
     """The figures are a rehearsal's: nothing was charged."""
     warnings: list[str] = field(default_factory=list)
+    output_url: str | None = None
+    """A bucket run's ``s3://`` or ``gs://`` URL (a shard's own)."""
+
+    @property
+    def output(self) -> str:
+        """Where the run's files are, as a person looks for them: the bucket URL, else the folder."""
+        return self.output_url or str(self.output_dir)
 
     @property
     def exit_code(self) -> int:
@@ -188,6 +196,9 @@ async def _open_run(
                 tokens=options.tokens,
             )
         )
+        # An in-process sandbox charges nothing: a rehearsal in a second checkout must not be refused for the
+        # first one's (found by a newcomer: the README's first command, exit 2), nor note itself.
+        ledger = ledger and not endpoint.sandbox
         if ledger and not options.new_output:
             here = _place(manifest, options)
             await anyio.to_thread.run_sync(
@@ -257,7 +268,8 @@ async def run_manifest(
             _open_run(manifest, options, jobs, ledger=True, journal_here=journal_here)
         )
         # The bucket's URL for a bucket run (never its working copy in the cache, nor a credential).
-        remember_place(manifest, _place(manifest, options), endpoint.identity)
+        if not endpoint.sandbox:
+            remember_place(manifest, _place(manifest, options), endpoint.identity)
         folded = journal.folded
         for warning in folded.warnings:
             log.warning("%s", warning)
@@ -511,6 +523,7 @@ def _summarize(run: JobSteps, warnings: list[str], endpoint: Endpoint, remote: R
         stop_kind=run.stop_kind,
         sandbox=endpoint.sandbox or is_rehearsal(endpoint.identity),
         warnings=warnings,
+        output_url=remote.bucket.output.url if remote is not None else None,
     )
 
 

@@ -40,7 +40,7 @@ class S3Bucket(Bucket):
             import boto3
             from botocore.config import Config
         except ImportError as exc:
-            msg = "an s3:// output needs boto3: pip install 'batcher[s3]'"
+            msg = "an s3:// output needs boto3: pip install boto3 (or, in batcher's checkout, pip install -e '.[s3]')"
             raise UsageError(msg) from exc
         self.output = output
         self.requests = 0

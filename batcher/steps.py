@@ -615,26 +615,25 @@ class JobSteps:
         return output_path(self.output_dir, job, index, url)
 
     async def flush_sidecars(self) -> None:
-        """Write the waiting sidecars in one thread hop (one per job cost a millisecond of CPU each)."""
+        """Write the waiting sidecars, here on the event loop.
+
+        A sidecar is a small JSON file with no fsync (derived from the journal, written again by a
+        resume): a few page-cache writes each. On a worker thread, each of its system calls handed the
+        GIL to the event loop and back; measured in one process, four pairs of 1,500 jobs at
+        concurrency 64, writing them here cost 5.2 against 5.7 ms of CPU a job.
+        """
         waiting, self.sidecars = self.sidecars, []
-        if not waiting:
-            return
-
-        def write_all() -> None:
-            for job, record in waiting:
-                try:
-                    self.write_sidecar(job, record)
-                except OSError as exc:
-                    msg = f"cannot write the sidecar of {job.name}: {exc.strerror or exc}"
-                    raise OutputFolderError(msg) from exc
-
-        try:
-            await anyio.to_thread.run_sync(write_all)
-        except BaseException:
-            # Cancelled before the thread ran (the run's end cancels the fsync loop), or failed: the final
-            # flush writes them again, or reports why it cannot. Writing one twice does no harm.
-            self.sidecars = waiting + self.sidecars
-            raise
+        for done, (job, record) in enumerate(waiting):
+            try:
+                self.write_sidecar(job, record)
+            except OSError as exc:
+                self.sidecars = waiting[done:] + self.sidecars  # the final flush tries them again, or says why
+                msg = f"cannot write the sidecar of {job.name}: {exc.strerror or exc}"
+                raise OutputFolderError(msg) from exc
+            except BaseException:
+                self.sidecars = waiting[done:] + self.sidecars
+                raise
+        await anyio.lowlevel.checkpoint()
 
     def write_sidecar(self, job: Job, record: JobRecord) -> None:
         write_sidecar(self.output_dir, self.manifest, job, record)

@@ -54,6 +54,8 @@ Scheme = Literal["s3", "gs"]
 """The object stores batcher writes to: S3 (and S3-compatible stores through ``AWS_ENDPOINT_URL``) and GCS."""
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_NEAR_URL = re.compile(r"(s3|gs):/?(?!/)", re.IGNORECASE)
+"""``s3:/bucket``, ``gs:bucket``: what a slip of the keyboard makes of a bucket URL."""
 _BUCKET: dict[Scheme, re.Pattern[str]] = {
     "s3": re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"),
     "gs": re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]"),  # GCS allows underscores too
@@ -137,6 +139,12 @@ def parse_output(text: str) -> RemoteOutput | None:
     cannot write to or a malformed bucket name."""
     match = _SCHEME.match(text)
     if match is None:
+        typo = _NEAR_URL.match(text)
+        if typo is not None:
+            # Else the run writes to a folder named "s3:" here and pays for everything there (found by a newcomer).
+            meant = f"{typo[1].lower()}://{text[typo.end() :]}"
+            msg = f"--output {text!r} looks like a bucket URL without its //: did you mean {meant}?"
+            raise UsageError(msg)
         return None
     scheme = match[1].lower()
     if scheme == "file":

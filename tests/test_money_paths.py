@@ -69,6 +69,17 @@ def test_a_rehearsal_then_the_real_run_pays_for_every_job(
     assert _categories(tmp_path / "output" / "m") == {"done": 4}
 
 
+def test_a_rehearsal_in_a_second_checkout_is_not_refused_for_the_first(runner: CliRunner, tmp_path: Path) -> None:
+    """Found by a newcomer: the README's first command, in a second clone of the repository, was exit 2 ("would
+    pay for them again") because the first clone's rehearsal was in the ledger. A rehearsal charges nothing."""
+    for checkout in ("first", "second"):
+        (tmp_path / checkout).mkdir()
+        manifest = many_jobs_manifest(tmp_path / checkout / "london.yaml", 3)
+        result = _run(runner, str(manifest), "--sandbox")
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / checkout / "output" / "sandbox" / "london" / JOURNAL_NAME).is_file()
+
+
 def test_a_folder_belongs_to_one_api(runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox) -> None:
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
     assert _run(runner, str(manifest), "--sandbox", "-o", "out").exit_code == 0

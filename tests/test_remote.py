@@ -180,6 +180,7 @@ async def test_a_run_to_object_storage_puts_images_journal_and_dataset_in_the_bu
     summary = await run_manifest(loaded, fast_options(api_base=sandbox.url, remote=remote))
     assert summary.exit_code == 0
     assert summary.done == 6
+    assert summary.output == store.url("runs/night-1")  # what the summary line and --notify say, not the cache
     objects = store.objects()
     folded = fold_bytes(_bucket_journal(store, "runs/night-1"))
     assert sum(1 for r in folded.records.values() if r.downloaded) == 6
@@ -272,15 +273,17 @@ def test_a_held_lease_refuses_a_second_machine_with_exit_2(store: Store, tmp_pat
         ("{scheme}://Not_A_Bucket/x", "not a bucket name"),
         ("{scheme}://no-such-bucket-here/x", "does not exist"),
         ("{scheme}://bucket/a/../b", "ambiguous"),
+        ("{scheme}:/bucket/x", "did you mean {scheme}://bucket/x?"),  # a slip that made a folder named "s3:"
     ],
 )
 def test_bad_outputs_are_exit_2_with_a_message(store: Store, tmp_path: Path, output: str, words: str) -> None:
-    output = output.format(scheme=store.scheme)
+    output, words = output.format(scheme=store.scheme), words.format(scheme=store.scheme)
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
     result = CliRunner().invoke(cli, ["run", str(manifest), "-o", output, "--sandbox", "--yes"])
     assert result.exit_code == 2, result.output
     assert words in result.output
     assert "Traceback" not in result.output
+    assert not list(tmp_path.glob("*:")), "no folder named after the slip"
 
 
 def test_missing_credentials_are_exit_2(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
