@@ -415,7 +415,7 @@ def plan(
 def status(
     manifest: Path, schema_dirs: tuple[Path, ...], output: Path | RemoteOutput | None, sandbox: bool, as_json: bool
 ) -> None:
-    """Where every job stands, from the journal. Works during a run. No network.
+    """Where every job stands, from the journal. Works during a run. No network but an s3:// or gs:// output's bucket.
 
     Shard folders (shard-K-of-N/) inside the output folder are summed in.
     """
@@ -861,7 +861,7 @@ def report(
     shard: tuple[int, int] | None,
     sandbox: bool,
 ) -> None:
-    """Write the gallery (index.html) and the dataset's metadata.jsonl. No network.
+    """Write the gallery (index.html) and the dataset's metadata.jsonl. No network but an s3:// or gs:// output's bucket.
 
     Shard folders (shard-K-of-N/) inside the output folder are summed in.
     """
@@ -1075,9 +1075,17 @@ def _allowed(spec: dict[str, Any]) -> str:
 @cli.command("sandbox")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to listen on.")
 @click.option("-p", "--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--queue-delay", default=0.3, show_default=True, type=float, help="Seconds a job waits in the queue.")
-@click.option("--run-delay", default=0.7, show_default=True, type=float, help="Seconds a job runs.")
-@click.option("--run-delay-max", type=float, help="Draw each job's run time between --run-delay and this.")
+@click.option(
+    "--queue-delay",
+    default=0.3,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds a job waits in the queue.",
+)
+@click.option("--run-delay", default=0.7, show_default=True, type=click.FloatRange(min=0), help="Seconds a job runs.")
+@click.option(
+    "--run-delay-max", type=click.FloatRange(min=0), help="Draw each job's run time between --run-delay and this."
+)
 @click.option(
     "--fail-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Fraction of jobs that fail."
 )

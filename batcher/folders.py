@@ -215,10 +215,24 @@ def check_journal_api(headers: Iterable[dict[str, object]], identity: str, outpu
             continue
         msg = (
             f"the journal in {output_dir} belongs to runs against {_spoken(api_identity(recorded))}, and this "
-            f"run is against {_spoken(identity)}: its jobs are not this API's. Give this run a folder of its "
+            f"run is against {_spoken(identity)}: its jobs are not this API's. To go on with those runs, "
+            f"start this one as they were ({_as_started(recorded)}); for a new run, give it a folder of its "
             "own with -o (a --sandbox rehearsal's default is output/sandbox/<name>/, a real run's output/<name>/)"
         )
         raise UsageError(msg)
+
+
+_SHOWN_BASE = re.compile(r"https?://[!-~]{1,200}")
+"""A recorded API base worth repeating in a hint: a URL of visible characters (a journal can say anything)."""
+
+
+def _as_started(recorded: str) -> str:
+    """The option that points a run at the API a journal recorded (forgotten on a resume, most often)."""
+    if recorded == SANDBOX_API:
+        return "add --sandbox"
+    if _SHOWN_BASE.fullmatch(recorded):
+        return f"add --api-base {recorded}"
+    return "with the --api-base they had"
 
 
 def rehearsal_only(headers: Iterable[dict[str, object]]) -> bool:

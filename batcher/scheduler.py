@@ -65,6 +65,9 @@ def shard_from_scheduler(text: str, env: Mapping[str, str] | None = None) -> Sch
 
 def _number(env: Mapping[str, str], name: str) -> int:
     text = env.get(name, "").strip()
+    if not text:
+        msg = f"--shard auto: {name} is not set (or empty); run under the scheduler, or give --shard K/N"
+        raise UsageError(msg)
     if not text.isdigit():
         msg = f"--shard auto: {name}={text!r} is not a whole number"
         raise UsageError(msg)

@@ -80,6 +80,19 @@ def test_a_rehearsal_in_a_second_checkout_is_not_refused_for_the_first(runner: C
         assert (tmp_path / checkout / "output" / "sandbox" / "london" / JOURNAL_NAME).is_file()
 
 
+def test_a_resume_that_forgot_its_api_base_is_told_to_add_it(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Found by a newcomer: a resume without --api-base was told to give itself another folder."""
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    server = start_sandbox()
+    assert _run(runner, str(manifest), "--api-base", server.url, "-o", "out").exit_code == 0
+    result = _run(runner, str(manifest), "--sandbox", "-o", "out")
+    assert result.exit_code == 2, result.output
+    assert f"add --api-base {server.url}" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
 def test_a_folder_belongs_to_one_api(runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox) -> None:
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
     assert _run(runner, str(manifest), "--sandbox", "-o", "out").exit_code == 0
@@ -88,6 +101,7 @@ def test_a_folder_belongs_to_one_api(runner: CliRunner, tmp_path: Path, start_sa
     result = _run(runner, str(manifest), "--api-base", other.url, "-o", "out")
     assert result.exit_code == 2, result.output
     assert "belongs to runs against the in-process sandbox" in result.output and "-o" in result.output
+    assert "add --sandbox" in result.output  # the likeliest slip: a resume without the flag the run had
     assert "Traceback" not in result.output
     assert other.sandbox.submits == [] and (tmp_path / "out" / JOURNAL_NAME).read_bytes() == before
     for command in (["status", str(manifest), "-o", "out"], ["cancel", str(manifest), "-o", "out"]):

@@ -340,6 +340,8 @@ def test_shard_auto_reads_kubernetes_and_slurm_and_refuses_nothing() -> None:
     result = CliRunner().invoke(cli, ["plan", "m.yaml", "--shard", "auto"], env={"JOB_COMPLETION_INDEX": None})
     assert result.exit_code == 2
     assert "no scheduler variables" in result.output
+    with pytest.raises(UsageError, match="SLURM_ARRAY_TASK_COUNT is not set"):  # not "'' is not a whole number"
+        shard_from_scheduler("auto", {"SLURM_ARRAY_TASK_ID": "3"})
 
 
 @pytest.mark.slow
