@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .storage import MULTIPART_THRESHOLD, Bucket, RemoteOutput, StorageError, content_type
+from .storage import (
+    MAX_OBJECT_BYTES,
+    MULTIPART_THRESHOLD,
+    Bucket,
+    RemoteOutput,
+    StorageError,
+    content_type,
+    too_large,
+)
 
 __all__ = ["GcsBucket"]
 
@@ -109,16 +117,22 @@ class GcsBucket(Bucket):
             raise
         return True
 
-    def get(self, relative: str) -> bytes | None:
+    def get(self, relative: str, *, max_bytes: int | None = None) -> bytes | None:
+        max_bytes = MAX_OBJECT_BYTES if max_bytes is None else max_bytes
         blob = self._bucket.blob(self.output.key(relative))
         try:
+            # end is inclusive: one byte past the cap tells an object over it from one at it.
             data: bytes = self._call(
-                "get", lambda: blob.download_as_bytes(retry=self._retry, timeout=_TIMEOUT), relative
+                "get",
+                lambda: blob.download_as_bytes(start=0, end=max_bytes, retry=self._retry, timeout=_TIMEOUT),
+                relative,
             )
         except StorageError as exc:
             if _status(exc.__cause__) == 404:
                 return None
             raise
+        if len(data) > max_bytes:
+            raise too_large(self.output, relative, len(data), max_bytes)
         return data
 
     def listing(self, relative: str = "") -> dict[str, int]:

@@ -55,7 +55,7 @@ from .errors import BatcherError, JournalCorruptError, JournalLockedError
 from .folders import shard_folder_name
 from .records import FileRecord
 from .state import CHECKPOINT_NAME, JOURNAL_NAME, LOCK_NAME
-from .storage import Bucket, RemoteOutput, StorageError, open_bucket, upload
+from .storage import Bucket, ObjectTooLargeError, RemoteOutput, StorageError, open_bucket, upload
 
 __all__ = [
     "FLUSH_SECONDS",
@@ -71,6 +71,8 @@ log = logging.getLogger("batcher")
 
 SEGMENTS = "journal/"
 LEASE = "lease.json"
+_LEASE_BYTES = 64 * 1024
+"""A lease is a line of JSON: anything larger is not one."""
 LEASE_SECONDS = float(os.environ.get("BATCHER_LEASE_SECONDS", 60))
 """How long a lease holds without renewal: after a lost machine, another takes over at most this late."""
 FLUSH_SECONDS = float(os.environ.get("BATCHER_REMOTE_FLUSH_SECONDS", 1.0))
@@ -177,7 +179,7 @@ class RemoteRun:
                 await anyio.to_thread.run_sync(run._finish, flusher)
 
     def _take_lease(self) -> None:
-        raw = self.bucket.get(LEASE)
+        raw = self.bucket.get(LEASE, max_bytes=_LEASE_BYTES)
         if raw is not None:
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 held = json.loads(raw)
@@ -245,7 +247,7 @@ class RemoteRun:
             return
         name = f"{SEGMENTS}{self._seq:08d}.jsonl"
         # An SDK's retry of a PUT whose answer was lost finds the segment there: its own bytes mean it was ours.
-        if not self.bucket.put(name, data, if_absent=True) and self.bucket.get(name) != data:
+        if not self.bucket.put(name, data, if_absent=True) and self._read_back(name, len(data)) != data:
             msg = (
                 f"another machine wrote {self.bucket.output.url}'s journal ({name} exists): this run stops before "
                 "sending anything more. Only one machine may run an output at a time"
@@ -262,6 +264,13 @@ class RemoteRun:
                     path = orjson.loads(line).get("path")
                     if isinstance(path, str):
                         self._pending.append(path)
+
+    def _read_back(self, name: str, size: int) -> bytes | None:
+        """The segment the bucket holds under name, if it is no larger than the one this run wrote."""
+        try:
+            return self.bucket.get(name, max_bytes=size)
+        except ObjectTooLargeError:
+            return None  # larger than what was written: not this run's
 
     def _keep_flushing(self) -> None:
         """The flusher thread: every `FLUSH_SECONDS`, the journal's new lines, the new files, the lease."""

@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
-from .storage import MULTIPART_THRESHOLD, Bucket, RemoteOutput, StorageError, content_type
+from .storage import (
+    MAX_OBJECT_BYTES,
+    MULTIPART_THRESHOLD,
+    Bucket,
+    RemoteOutput,
+    StorageError,
+    content_type,
+    too_large,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -86,14 +94,23 @@ class S3Bucket(Bucket):
             raise
         return True
 
-    def get(self, relative: str) -> bytes | None:
+    def get(self, relative: str, *, max_bytes: int | None = None) -> bytes | None:
+        max_bytes = MAX_OBJECT_BYTES if max_bytes is None else max_bytes
         try:
             answer = self._call("get_object", Bucket=self.output.bucket, Key=self.output.key(relative))
         except StorageError as exc:
             if _code(exc.__cause__) in ("NoSuchKey", "404"):
                 return None
             raise
-        body: bytes = answer["Body"].read()
+        stream = answer["Body"]
+        try:
+            if int(answer.get("ContentLength") or 0) > max_bytes:
+                raise too_large(self.output, relative, int(answer["ContentLength"]), max_bytes)
+            body: bytes = stream.read(max_bytes + 1)  # a length that lied is caught here
+        finally:
+            stream.close()
+        if len(body) > max_bytes:
+            raise too_large(self.output, relative, len(body), max_bytes)
         return body
 
     def listing(self, relative: str = "") -> dict[str, int]:

@@ -35,9 +35,11 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 __all__ = [
+    "MAX_OBJECT_BYTES",
     "MULTIPART_THRESHOLD",
     "UPLOAD_RETRY",
     "Bucket",
+    "ObjectTooLargeError",
     "RemoteOutput",
     "Scheme",
     "StorageError",
@@ -45,6 +47,7 @@ __all__ = [
     "content_type",
     "open_bucket",
     "parse_output",
+    "too_large",
     "upload",
 ]
 
@@ -82,6 +85,8 @@ def content_type(relative: str) -> str | None:
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 """Files past this go up in parts (S3: 8 MiB parts, four at a time; GCS: a resumable upload in 8 MiB chunks);
 each object appears only once complete."""
+MAX_OBJECT_BYTES = 1 << 30
+"""The most batcher reads of one object: a journal base of about seven million events (a million is 140 MB)."""
 UPLOAD_RETRY = RetryPolicy(attempts=5, base=0.5, cap=8.0)
 """An upload's transient failures past the SDK's own retries: up to 5 tries, waits up to 0.5, 1, 2, 4 s
 (jittered), so a bucket that is down costs a run at most about 8 s before it stops."""
@@ -95,6 +100,19 @@ class StorageError(JournalError):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class ObjectTooLargeError(StorageError):
+    """Raised for an object over what a read allows."""
+
+
+def too_large(output: RemoteOutput, relative: str, size: int, max_bytes: int) -> ObjectTooLargeError:
+    """The error for an object over what a read allows."""
+    msg = (
+        f"{output.url}: {relative} is {size:,} bytes or more, over the {max_bytes:,} batcher reads of one object; "
+        "it is not an object batcher wrote there"
+    )
+    return ObjectTooLargeError(msg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +207,10 @@ class Bucket(Protocol):
         ``ifGenerationMatch=0``). The journal's fencing rests on this answer."""
         ...
 
-    def get(self, relative: str) -> bytes | None:
-        """The object's bytes, or None when there is none."""
+    def get(self, relative: str, *, max_bytes: int | None = None) -> bytes | None:
+        """The object's bytes, or None when there is none; StorageError for one over max_bytes (default
+        `MAX_OBJECT_BYTES`: a bucket may hold anything, and what is read into memory is bounded, as every
+        network answer is)."""
         ...
 
     def listing(self, relative: str = "") -> dict[str, int]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import boto3
 import httpx
 import pytest
@@ -529,6 +530,32 @@ async def test_a_refused_upload_stops_the_run_at_once_with_what_to_check(
     assert refused, "the refusal was met"
     assert set(refused.values()) == {1}, f"a refusal is never tried again: {refused}"
     _assert_no_credentials(store, tmp_path, texts=(message,))
+
+
+def test_an_object_larger_than_a_read_allows_is_refused_not_read_whole(
+    store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A bucket may hold anything: a journal segment over the cap (1 GiB; 1,000 bytes here) is refused with a
+    message, never read into memory whole, and a lease over 64 KiB likewise. Every network answer is bounded."""
+    monkeypatch.setattr("batcher.storage.MAX_OBJECT_BYTES", 1000)
+    for module in ("batcher.s3", "batcher.gcs"):
+        monkeypatch.setattr(f"{module}.MAX_OBJECT_BYTES", 1000)
+    store.put_raw("big/journal/00000000.jsonl", b"x" * 5000)
+    output = parse_output(store.url("big"))
+    assert output is not None
+    with open_bucket(output) as bucket:
+        with pytest.raises(StorageError, match="bytes or more, over the 1,000 batcher reads"):
+            bucket.get("journal/00000000.jsonl")
+        assert bucket.get("journal/00000000.jsonl", max_bytes=5000) == b"x" * 5000  # at the cap: read
+        with pytest.raises(StorageError, match="over the 4,999"):
+            bucket.get("journal/00000000.jsonl", max_bytes=4999)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
+    result = CliRunner().invoke(cli, ["status", str(manifest), "-o", store.url("big")])
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert "over the 1,000" in result.output
+    store.put_raw("leased/lease.json", b" " * 70_000)
+    with pytest.raises(StorageError, match=r"lease\.json is .* over the 65,536"):
+        anyio.run(run_manifest, load_manifest(manifest), fast_options(remote=parse_output(store.url("leased"))))
 
 
 def test_gs_through_the_emulator_variable_alone(
