@@ -49,6 +49,7 @@ __all__ = [
     "UncertainSubmitError",
     "UnreachableError",
     "UsageError",
+    "missing_package",
 ]
 
 
@@ -58,6 +59,13 @@ class BatcherError(Exception):
 
 class UsageError(BatcherError):
     """Raised for bad flags, a missing token or an unsafe URL: fix the command."""
+
+
+def missing_package(needed_by: str, package: str, extra: str) -> UsageError:
+    """The error for an optional dependency that is not installed. It names the package itself: "batcher" on
+    PyPI is another project, so ``pip install 'batcher[extra]'`` would fetch that."""
+    msg = f"{needed_by} needs {package}: pip install {package} (or, in batcher's checkout, pip install -e '.[{extra}]')"
+    return UsageError(msg)
 
 
 class ManifestChangedError(UsageError):

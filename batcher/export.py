@@ -42,7 +42,7 @@ from typing import Any, Literal, get_args
 from .confined import open_journalled
 from .dataset import METADATA_NAME, DatasetImage, dataset_images, row_of
 from .decisions import Decisions, read_decisions
-from .errors import OutputFolderError, UsageError
+from .errors import OutputFolderError, UsageError, missing_package
 from .folders import read_folder
 from .manifest import Manifest
 from .replacements import decisions_folder, with_replacements
@@ -55,9 +55,6 @@ FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
 DEFAULT_SHARD_SIZE = 1000
 _ROW_GROUP = 64
 """Parquet rows per row group: images are large, and a reader holds one group at a time."""
-_PARQUET_HINT = (
-    "parquet export needs pyarrow: pip install pyarrow (or, in batcher's checkout, pip install -e '.[parquet]')"
-)
 
 
 @dataclass(slots=True)
@@ -223,7 +220,7 @@ def _pyarrow() -> Any:
         import pyarrow
         import pyarrow.parquet
     except ImportError as exc:
-        raise UsageError(_PARQUET_HINT) from exc
+        raise missing_package("parquet export", "pyarrow", "parquet") from exc
     return pyarrow
 
 

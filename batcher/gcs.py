@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, missing_package
 from .storage import (
     MAX_OBJECT_BYTES,
     MULTIPART_THRESHOLD,
@@ -62,8 +62,7 @@ class GcsBucket(Bucket):
             from google.cloud import storage
             from google.cloud.storage.retry import DEFAULT_RETRY
         except ImportError as exc:
-            msg = "a gs:// output needs google-cloud-storage: pip install google-cloud-storage (or, in batcher's checkout, pip install -e '.[gcs]')"
-            raise UsageError(msg) from exc
+            raise missing_package("a gs:// output", "google-cloud-storage", "gcs") from exc
         self.output = output
         self.requests = 0
         self._retry = DEFAULT_RETRY.with_timeout(_SMALL_CALLS)

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError
+from .errors import UsageError, missing_package
 from .storage import (
     MAX_OBJECT_BYTES,
     MULTIPART_THRESHOLD,
@@ -48,8 +48,7 @@ class S3Bucket(Bucket):
             import boto3
             from botocore.config import Config
         except ImportError as exc:
-            msg = "an s3:// output needs boto3: pip install boto3 (or, in batcher's checkout, pip install -e '.[s3]')"
-            raise UsageError(msg) from exc
+            raise missing_package("an s3:// output", "boto3", "s3") from exc
         self.output = output
         self.requests = 0
         # Five retries after the first try; AWS_MAX_ATTEMPTS (botocore's own variable, counting every try) wins

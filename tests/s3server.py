@@ -8,13 +8,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 FAKE_KEY_ID = "AKIAFAKESENTINEL4242"
 FAKE_SECRET = "fake-secret-SENTINEL-9d2c7e11"
 
-__all__ = ["FAKE_KEY_ID", "FAKE_SECRET", "s3_environment", "s3_server"]
+__all__ = ["FAKE_KEY_ID", "FAKE_SECRET", "local_server", "s3_environment", "s3_server"]
 
 
 def _free_port() -> int:
@@ -24,14 +24,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def s3_server() -> Iterator[str]:
-    """Start ``python -m moto.server`` on a free loopback port; yields its endpoint URL."""
+def local_server(command: Callable[[int], list[str]], what: str) -> Iterator[int]:
+    """Start command(port) on a free loopback port, wait until it accepts connections; yields the port and
+    stops the process on exit. The tests' storage servers (moto, fake-gcs-server) start so."""
     port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -40,12 +37,23 @@ def s3_server() -> Iterator[str]:
                 break
             except OSError:
                 if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("the moto S3 server did not start") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+                    raise RuntimeError(f"{what} did not start") from None
+                time.sleep(0.05)
+        yield port
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    """Start ``python -m moto.server`` on a free loopback port; yields its endpoint URL."""
+
+    def moto(port: int) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+    with local_server(moto, "the moto S3 server") as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:
