@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
-import httpx
+import httpx2
 
 from .client import DEFAULT_API_BASE, RetryPolicy, RunComfyClient
 from .confined import write_atomically
@@ -58,7 +58,7 @@ BALANCE_BASE_ENV = "RUNCOMFY_BALANCE_BASE"
 DEFAULT_BALANCE_BASE = "https://api.runcomfy.net/prod/v2"
 LIVE_PRICES = ".prices"
 """The folder, inside the output folder, holding the live price tables a run fetched."""
-_TIMEOUT = httpx.Timeout(5.0, connect=5.0)
+_TIMEOUT = httpx2.Timeout(5.0, connect=5.0)
 _MAX_PRICE = 1000.0
 """A live price above this many dollars an output is not believed (kept out of every estimate)."""
 
@@ -140,7 +140,7 @@ async def look_up(
     output_dir: Path,
     *,
     schema_dirs: Sequence[Path] = (),
-    transport: httpx.AsyncBaseTransport | None = None,
+    transport: httpx2.AsyncBaseTransport | None = None,
 ) -> Account:
     """Ask RunComfy for the balance and each model's live price; never raises for want of an answer,
     but raises AuthError when RunComfy refuses the token (better now than at the first submit)."""
@@ -156,7 +156,9 @@ async def look_up(
     return account
 
 
-async def read_balance(api_base: str, token: str, *, transport: httpx.AsyncBaseTransport | None = None) -> float | None:
+async def read_balance(
+    api_base: str, token: str, *, transport: httpx2.AsyncBaseTransport | None = None
+) -> float | None:
     """The balance of the account behind token, or None when it cannot be had (never raises for want of one)."""
     base = balance_base(api_base)
     if base is None:
@@ -179,7 +181,7 @@ BALANCES_AT_ONCE = 8
 
 
 async def read_balances(
-    api_base: str, tokens: Sequence[str], *, transport: httpx.AsyncBaseTransport | None = None
+    api_base: str, tokens: Sequence[str], *, transport: httpx2.AsyncBaseTransport | None = None
 ) -> list[float | None]:
     """Each token's balance (None: not known), in tokens' order, read together (`BALANCES_AT_ONCE` at a
     time): each waits up to its own timeout, so one slow answer no longer adds up over the accounts."""

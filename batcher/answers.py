@@ -18,7 +18,7 @@ import re
 import zlib
 from typing import Any
 
-import httpx
+import httpx2
 
 from .printable import printable
 
@@ -68,7 +68,7 @@ def _cap_words(limit: int) -> str:
     return f"over batcher's {size} cap on API answers"
 
 
-async def read_answer(response: httpx.Response, limit: int) -> bytes:
+async def read_answer(response: httpx2.Response, limit: int) -> bytes:
     """The body of an answer, at most ``limit`` bytes both as sent and decompressed; Unreadable past that.
 
     Identity is asked for; gzip and deflate (a proxy may compress anyway) are
@@ -82,13 +82,13 @@ async def read_answer(response: httpx.Response, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise Unreadable(f"announced {int(declared):,} bytes, {_cap_words(limit)}", status)
     if response.is_stream_consumed:
-        # An in-process transport (tests) hands over a body httpx has already read and decoded.
+        # An in-process transport (tests) hands over a body httpx2 has already read and decoded.
         content = response.content
         if len(content) > limit:
             raise Unreadable(f"was {_cap_words(limit)}", status)
         return content
     raw = bytearray()
-    async for chunk in response.aiter_raw():  # raw: httpx's own decoder would inflate without a bound
+    async for chunk in response.aiter_raw():  # raw: httpx2's own decoder would inflate without a bound
         raw += chunk
         if len(raw) > limit:
             raise Unreadable(f"was {_cap_words(limit)}", status)
@@ -96,7 +96,7 @@ async def read_answer(response: httpx.Response, limit: int) -> bytes:
 
 
 def _inflate(data: bytes, encoding: str, limit: int, status: int) -> bytes:
-    # deflate is zlib-wrapped by the standard and raw by some servers: httpx tries both, so do we.
+    # deflate is zlib-wrapped by the standard and raw by some servers: httpx2 tries both, so do we.
     for wbits in (31,) if "gzip" in encoding else (15, -15):
         inflater = zlib.decompressobj(wbits)
         try:
@@ -109,10 +109,10 @@ def _inflate(data: bytes, encoding: str, limit: int, status: int) -> bytes:
     raise Unreadable(f"came {encoding}-encoded but does not decompress", status)
 
 
-def call_deadline(timeout: httpx.Timeout) -> float | None:
+def call_deadline(timeout: httpx2.Timeout) -> float | None:
     """The most a whole call may take: every one of its time limits together.
 
-    httpx bounds each read, not the answer: a server sending a byte every few
+    httpx2 bounds each read, not the answer: a server sending a byte every few
     seconds would hold a call for days. Each phase within its own limit fits in
     their sum, so only an answer trickled out (or a request trickled in) hits it.
     """

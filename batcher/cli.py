@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import click
-import httpx
+import httpx2
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -216,12 +216,12 @@ def _api_base_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def _setup_logging(verbosity: int, quiet: bool) -> None:
     """Warnings (errors only with quiet); from ``-v`` (1) batcher's own lines too, one per API call; from
-    ``-vv`` (2) httpx's and httpcore's. A bool counts as 0 or 1: ``-v`` as a flag. The token is in none."""
+    ``-vv`` (2) httpx2's and httpcore2's. A bool counts as 0 or 1: ``-v`` as a flag. The token is in none."""
     logging.basicConfig(
         level=logging.ERROR if quiet else logging.WARNING, format="batcher: %(message)s", stream=sys.stderr, force=True
     )
     logging.getLogger("batcher").setLevel(logging.DEBUG if verbosity >= 1 else logging.NOTSET)
-    for library in ("httpx", "httpcore"):
+    for library in ("httpx2", "httpcore2"):
         logging.getLogger(library).setLevel(logging.DEBUG if verbosity >= 2 else logging.NOTSET)
 
 
@@ -652,8 +652,8 @@ def run(
         download_deadline=download_timeout,
         max_answer_bytes=max_answer_bytes,
         retry=RetryPolicy(attempts=retries),
-        submit_timeout=httpx.Timeout(read_timeout, connect=10.0) if read_timeout else None,
-        poll_timeout=httpx.Timeout(read_timeout, connect=10.0) if read_timeout else None,
+        submit_timeout=httpx2.Timeout(read_timeout, connect=10.0) if read_timeout else None,
+        poll_timeout=httpx2.Timeout(read_timeout, connect=10.0) if read_timeout else None,
         handle_signals=True,
     )
     if sandbox:

@@ -1,6 +1,6 @@
 """How is each call to RunComfy's Model API made, and what does its outcome mean?
 
-One `RunComfyClient` per run keeps one pooled `httpx.AsyncClient`. Result
+One `RunComfyClient` per run keeps one pooled `httpx2.AsyncClient`. Result
 and cancel calls are retried with exponential backoff and full jitter on
 429, 5xx and connection faults, honouring ``Retry-After`` (`batcher.retrying`).
 Submits cost money and the API has no idempotency key, so `submit` sends
@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import quote
 
 import anyio
-import httpx
+import httpx2
 
 from ._version import __version__
 from .answers import (
@@ -168,7 +168,7 @@ def _retry_on(exc: Exception) -> TryAgain | None:
     return TryAgain(exc.retry_after) if isinstance(exc, _Retry) else None
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: httpx2.Response) -> float | None:
     return parse_retry_after(response.headers.get("retry-after"))
 
 
@@ -189,9 +189,9 @@ class RunComfyClient:
         *,
         retry: RetryPolicy | None = None,
         rate_limiter: RateLimiter | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        submit_timeout: httpx.Timeout | None = None,
-        poll_timeout: httpx.Timeout | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
+        submit_timeout: httpx2.Timeout | None = None,
+        poll_timeout: httpx2.Timeout | None = None,
         max_connections: int = 100,
         max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ) -> None:
@@ -208,9 +208,9 @@ class RunComfyClient:
         self.base_url = base_url.rstrip("/")
         # The API base's scheme, host and port, parsed once: `own_url` compares every answer's URL to it.
         try:
-            base = httpx.URL(self.base_url)
+            base = httpx2.URL(self.base_url)
             self._origin: tuple[str, str, int | None] | None = (base.scheme, base.host, base.port)
-        except (httpx.InvalidURL, ValueError):
+        except (httpx2.InvalidURL, ValueError):
             self._origin = None  # then no URL from an answer is ever taken as the API's own
         # Masked in anything the server says back; too short a token would mask innocent text.
         self._secret = token if len(token) >= 8 else ""
@@ -218,9 +218,9 @@ class RunComfyClient:
         self.retry = retry or RetryPolicy()
         self.rate_limiter = rate_limiter or RateLimiter()
         # RunComfy's own clients: connect 10 s, read 90 s for submits, 20 s for polls.
-        self.submit_timeout = submit_timeout or httpx.Timeout(90.0, connect=10.0)
-        self.poll_timeout = poll_timeout or httpx.Timeout(20.0, connect=10.0)
-        self._http = httpx.AsyncClient(
+        self.submit_timeout = submit_timeout or httpx2.Timeout(90.0, connect=10.0)
+        self.poll_timeout = poll_timeout or httpx2.Timeout(20.0, connect=10.0)
+        self._http = httpx2.AsyncClient(
             base_url=self.base_url,
             # As RunComfy's own clients send them (its CLI and ComfyUI nodes): JSON, named, never a cached
             # /result. identity: a compressed answer could expand far past the cap before anyone looks at it.
@@ -248,7 +248,7 @@ class RunComfyClient:
     async def _pace(self) -> None:
         await self.rate_limiter.wait()
 
-    def _note(self, response: httpx.Response) -> None:
+    def _note(self, response: httpx2.Response) -> None:
         if response.status_code == 429:
             self.rate_limiter.refused()
 
@@ -257,15 +257,15 @@ class RunComfyClient:
         call: str,
         method: str,
         path: str,
-        limits: httpx.Timeout,
+        limits: httpx2.Timeout,
         *,
         read_redirects: bool = True,
         paces: bool = True,
         **options: Any,
-    ) -> tuple[httpx.Response, bytes]:
+    ) -> tuple[httpx2.Response, bytes]:
         """Send one request and read its answer: at most max_answer_bytes, within the call's deadline.
 
-        Raises what httpx raises (the caller knows what each fault means for
+        Raises what httpx2 raises (the caller knows what each fault means for
         its call), and Unreadable once an answer came that batcher will not
         read whole: too large, oddly encoded, or trickled past the deadline.
         Without ``read_redirects`` a 3xx answer comes back with an empty body,
@@ -281,15 +281,15 @@ class RunComfyClient:
             status = f"HTTP {exc.status_code}, " if exc.status_code is not None else ""
             _log_call(call, started, f"{status}answer not read: it {exc}")
             raise
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             _log_call(call, started, type(exc).__name__)
             raise
         _log_call(call, started, f"HTTP {response.status_code}")
         return response, content
 
     async def _read(
-        self, method: str, path: str, limits: httpx.Timeout, *, read_redirects: bool, paces: bool, **options: Any
-    ) -> tuple[httpx.Response, bytes]:
+        self, method: str, path: str, limits: httpx2.Timeout, *, read_redirects: bool, paces: bool, **options: Any
+    ) -> tuple[httpx2.Response, bytes]:
         deadline = call_deadline(limits)
         with anyio.move_on_after(deadline):
             async with self._http.stream(method, path, timeout=limits, **options) as response:
@@ -326,15 +326,15 @@ class RunComfyClient:
             # learns it), not its request rate: halving the pace of every call for it starved the polls
             # that free the cap, and each probe of a recovered cap halved it again.
             response, content = await self._exchange(call, "POST", path, self.submit_timeout, paces=False, json=payload)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
             # The request never left this machine: safe to send again.
             msg = f"cannot reach RunComfy while {doing}: {type(exc).__name__} (the job was not accepted)"
             raise UnreachableError(msg) from exc
-        except httpx.LocalProtocolError as exc:
+        except httpx2.LocalProtocolError as exc:
             # h11 refused to write the request (a header it cannot carry): not a byte left this machine.
             msg = f"the submit could not be written as HTTP ({type(exc).__name__}); nothing was sent"
             raise ApiError(msg) from exc
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             msg = (
                 f"the connection failed after the submit was sent ({type(exc).__name__}); RunComfy may have accepted it"
             )
@@ -384,7 +384,7 @@ class RunComfyClient:
                 "GET", f"/v1/models/{quote(model_id, safe='/')}", timeout=self.poll_timeout
             ) as response:
                 self._note(response)
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             _log_call(call, started, type(exc).__name__)
             return False
         _log_call(call, started, f"HTTP {response.status_code}")
@@ -411,9 +411,9 @@ class RunComfyClient:
             response, content = await self._exchange(
                 call, method, path, self.poll_timeout, read_redirects=False, params=params
             )
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
             raise _Retry(UnreachableError(f"cannot reach RunComfy while {doing}: {type(exc).__name__}")) from exc
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise _Retry(TransientApiError(f"connection trouble while {doing}: {type(exc).__name__}")) from exc
         except Unreadable as exc:
             unread = TransientApiError(f"RunComfy's answer {exc} while {doing}", status_code=exc.status_code)
@@ -443,8 +443,8 @@ class RunComfyClient:
         if not isinstance(url, str) or len(url) > 2000 or printable(url, 2000) != url:
             return None
         try:
-            parts = httpx.URL(url)
-        except (httpx.InvalidURL, ValueError):
+            parts = httpx2.URL(url)
+        except (httpx2.InvalidURL, ValueError):
             return None
         if parts.userinfo or self._origin is None or (parts.scheme, parts.host, parts.port) != self._origin:
             return None

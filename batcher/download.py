@@ -4,7 +4,7 @@ A file is streamed to a hidden temporary file beside its target, checked
 (scheme and host, content type, size cap, length against Content-Length),
 hashed, fsynced and renamed into place, so a final name never holds a
 partial file. Download hosts never see the API token: this client is a
-separate ``httpx.AsyncClient`` with no credentials, and follows redirects by
+separate ``httpx2.AsyncClient`` with no credentials, and follows redirects by
 hand so that every hop passes the same checks (`batcher.redirects`).
 Loopback is reached only at the API base's own origin when that base is
 loopback (the sandbox). A failed try is repeated with the same backoff as API
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import aiofiles
 import anyio
-import httpx
+import httpx2
 
 from ._version import __version__
 from .confined import OutputDir, StagedFile
@@ -142,8 +142,8 @@ class Downloader:
         max_bytes: int = DEFAULT_MAX_BYTES,
         attempts: int = 4,
         backoff: float = 0.5,
-        transport: httpx.AsyncBaseTransport | None = None,
-        timeout: httpx.Timeout | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
+        timeout: httpx2.Timeout | None = None,
         max_connections: int = 100,
         folder: Path | None = None,
         loopback_origin: str | None = None,
@@ -164,7 +164,7 @@ class Downloader:
         self.deadline = deadline if deadline is not None else deadline_for(max_bytes)
         self._http = anonymous_client(
             user_agent=f"batcher/{__version__}",
-            timeout=timeout or httpx.Timeout(60.0, connect=10.0),
+            timeout=timeout or httpx2.Timeout(60.0, connect=10.0),
             transport=transport or pooled_transport(max_connections),
         )
 
@@ -204,11 +204,11 @@ class Downloader:
             raise _PermanentDownloadError(f"refusing to download {display_url(exc.url)}: {exc.reason}") from exc
         except TooManyRedirectsError as exc:
             raise _PermanentDownloadError(f"too many redirects downloading {display_url(url)}") from exc
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             msg = f"download of {display_url(_hop_url(exc, url))} failed: {type(exc).__name__}: {exc}"
             raise DownloadError(msg) from exc
 
-    async def _save(self, response: httpx.Response, url: str, target: Path) -> Downloaded:
+    async def _save(self, response: httpx2.Response, url: str, target: Path) -> Downloaded:
         status = response.status_code
         if status in (403, 404, 410):
             msg = f"the output URL answered HTTP {status}; it has probably expired"
@@ -308,8 +308,8 @@ def _worth_another_try(exc: Exception) -> TryAgain | None:
     return None
 
 
-def _hop_url(exc: httpx.TransportError, fallback: str) -> str:
-    """The URL of the hop that failed: httpx attaches its request to the error."""
+def _hop_url(exc: httpx2.TransportError, fallback: str) -> str:
+    """The URL of the hop that failed: httpx2 attaches its request to the error."""
     try:
         return str(exc.request.url)
     except RuntimeError:  # raised before any request was made

@@ -19,7 +19,7 @@
     ├── DownloadError              an output could not be fetched or failed a check
     └── OutputFolderError          the output folder cannot be written (disk full, permissions)
 
-Foreign errors (httpx, yaml, jsonschema, OSError) are turned into these where
+Foreign errors (httpx2, yaml, jsonschema, OSError) are turned into these where
 they happen, with ``raise ... from exc``; the CLI turns these into messages
 and exit codes in one place. Messages are written for the person at the
 terminal and never contain the API token.

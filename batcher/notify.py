@@ -24,7 +24,7 @@ import logging
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 
 from ._version import __version__
 from .errors import UsageError
@@ -136,11 +136,11 @@ async def _post(url: str, payload: dict[str, Any]) -> str | None:
     with anyio.move_on_after(2 * TIMEOUT):
         try:
             async with (
-                httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client,
+                httpx2.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client,
                 client.stream("POST", url, json=payload, headers=headers) as response,
             ):
                 status = response.status_code  # the answer's body is not ours to read
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             return f"{type(exc).__name__}: {printable(str(exc), 300)}"
     if not status:
         return f"no answer within {2 * TIMEOUT:g} s"

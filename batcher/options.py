@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
+import httpx2
 
 from .client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy
 from .download import DEFAULT_MAX_BYTES
@@ -167,10 +167,10 @@ class RunOptions:
     fsync_interval: float = 0.2
     handle_signals: bool = False
     """Install SIGINT/SIGTERM handlers (the CLI does; library callers usually should not)."""
-    api_transport: httpx.AsyncBaseTransport | None = None
-    download_transport: httpx.AsyncBaseTransport | None = None
-    submit_timeout: httpx.Timeout | None = None
-    poll_timeout: httpx.Timeout | None = None
+    api_transport: httpx2.AsyncBaseTransport | None = None
+    download_transport: httpx2.AsyncBaseTransport | None = None
+    submit_timeout: httpx2.Timeout | None = None
+    poll_timeout: httpx2.Timeout | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sandbox, bool):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 
 from ._version import __version__
 from .localimages import MAX_IMAGE_BYTES
@@ -80,14 +80,14 @@ async def check_urls(
     *,
     concurrency: int = 8,
     request_timeout: float = 15.0,
-    transport: httpx.AsyncBaseTransport | None = None,
+    transport: httpx2.AsyncBaseTransport | None = None,
 ) -> None:
     """Fill in each check's problem (None when the URL serves an image within the limit)."""
     limiter = anyio.CapacityLimiter(concurrency)
     async with (
         anonymous_client(
             user_agent=f"batcher/{__version__} (pre-flight)",
-            timeout=httpx.Timeout(request_timeout),
+            timeout=httpx2.Timeout(request_timeout),
             transport=transport,
         ) as client,
         anyio.create_task_group() as group,
@@ -98,13 +98,13 @@ async def check_urls(
                 async with limiter:
                     try:
                         await _check(client, check)
-                    except httpx.HTTPError as exc:
+                    except httpx2.HTTPError as exc:
                         check.problem = f"cannot fetch it: {type(exc).__name__} {exc}".rstrip()
 
             group.start_soon(one)
 
 
-async def _check(client: httpx.AsyncClient, check: UrlCheck) -> None:
+async def _check(client: httpx2.AsyncClient, check: UrlCheck) -> None:
     try:
         # The user's own URLs: any loopback one may be checked (a local server of theirs).
         async with follow(client, check.url, loopback=ANY_LOOPBACK, open_hop=_probe) as response:
@@ -116,7 +116,7 @@ async def _check(client: httpx.AsyncClient, check: UrlCheck) -> None:
 
 
 @asynccontextmanager
-async def _probe(client: httpx.AsyncClient, url: str) -> AsyncIterator[httpx.Response]:
+async def _probe(client: httpx2.AsyncClient, url: str) -> AsyncIterator[httpx2.Response]:
     """One hop: HEAD, or a one-byte ranged GET where HEAD is refused or names no type."""
     response = await client.head(url)
     if response.status_code in (403, 405, 501) or (response.is_success and "content-type" not in response.headers):
@@ -127,7 +127,7 @@ async def _probe(client: httpx.AsyncClient, url: str) -> AsyncIterator[httpx.Res
     yield response
 
 
-def _judge(check: UrlCheck, response: httpx.Response) -> None:
+def _judge(check: UrlCheck, response: httpx2.Response) -> None:
     """Fill in check from the answer its URL finally led to."""
     if not response.is_success:
         check.problem = f"answers HTTP {response.status_code}"
@@ -140,7 +140,7 @@ def _judge(check: UrlCheck, response: httpx.Response) -> None:
         check.problem = f"is {check.size / 1e6:.1f} MB; RunComfy takes at most {MAX_INPUT_BYTES // (1024 * 1024)} MB"
 
 
-def _size(response: httpx.Response) -> int | None:
+def _size(response: httpx2.Response) -> int | None:
     if response.status_code == 206:
         total = _RANGE_TOTAL.search(response.headers.get("content-range", ""))
         return int(total[1]) if total else None

@@ -1,7 +1,7 @@
 """Where does a URL someone else named lead? Redirects followed by hand, every hop checked, no credentials.
 
 Downloads (URLs from an API answer) and the pre-flight check (URLs from a
-manifest) both fetch URLs batcher did not choose. httpx would follow their
+manifest) both fetch URLs batcher did not choose. httpx2 would follow their
 redirects on its own and check no hop, so neither lets it: `follow` walks
 at most `MAX_REDIRECTS` redirects and checks every hop before connecting
 (a usable URL, then `batcher.netpolicy.resolve_refusal`: its scheme and every
@@ -19,7 +19,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import urljoin, urlsplit
 
-import httpx
+import httpx2
 
 from .netpolicy import resolve_refusal
 from .printable import printable
@@ -41,10 +41,10 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
 """Redirects followed from one URL; one more is an error."""
 
-HopOpener = Callable[[httpx.AsyncClient, str], AbstractAsyncContextManager[httpx.Response]]
+HopOpener = Callable[[httpx2.AsyncClient, str], AbstractAsyncContextManager[httpx2.Response]]
 """Sends one hop's request and holds its answer open while the caller reads it."""
 
-_DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own default
+_DEFAULT_LIMITS = httpx2.Limits(max_connections=100, max_keepalive_connections=20)  # httpx2's own default
 _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _HELD_LOCATION = "x-batcher-held-location"
 
@@ -71,10 +71,10 @@ def display_url(url: str) -> str:
     return printable(f"{parts.scheme}://{parts.netloc}{parts.path}", len(url) + 1)
 
 
-async def hold_location(response: httpx.Response) -> None:
-    """A response hook: move a redirect's Location aside, where httpx does not read it (see `held_location`).
+async def hold_location(response: httpx2.Response) -> None:
+    """A response hook: move a redirect's Location aside, where httpx2 does not read it (see `held_location`).
 
-    httpx parses a Location even when it follows no redirect, and one it
+    httpx2 parses a Location even when it follows no redirect, and one it
     cannot parse became a protocol error: a transient fault, tried again and
     again (a poll went on all night). Set aside, it is ours to judge.
     """
@@ -82,7 +82,7 @@ async def hold_location(response: httpx.Response) -> None:
         response.headers[_HELD_LOCATION] = response.headers.pop("location")
 
 
-def held_location(response: httpx.Response) -> str | None:
+def held_location(response: httpx2.Response) -> str | None:
     """The Location of a response seen by `hold_location`, or None."""
     location: str | None = response.headers.get(_HELD_LOCATION)
     return location
@@ -91,12 +91,12 @@ def held_location(response: httpx.Response) -> str | None:
 def anonymous_client(
     *,
     user_agent: str,
-    timeout: httpx.Timeout,
-    transport: httpx.AsyncBaseTransport | None = None,
-    limits: httpx.Limits = _DEFAULT_LIMITS,
-) -> httpx.AsyncClient:
+    timeout: httpx2.Timeout,
+    transport: httpx2.AsyncBaseTransport | None = None,
+    limits: httpx2.Limits = _DEFAULT_LIMITS,
+) -> httpx2.AsyncClient:
     """An HTTP client for URLs others name: no credentials, no cookies kept, no redirect followed, identity encoding."""
-    return httpx.AsyncClient(
+    return httpx2.AsyncClient(
         transport=transport,
         timeout=timeout,
         limits=limits,
@@ -109,20 +109,20 @@ def anonymous_client(
     )
 
 
-def _get(client: httpx.AsyncClient, url: str) -> AbstractAsyncContextManager[httpx.Response]:
+def _get(client: httpx2.AsyncClient, url: str) -> AbstractAsyncContextManager[httpx2.Response]:
     return client.stream("GET", url)
 
 
 @asynccontextmanager
 async def follow(
-    client: httpx.AsyncClient, url: str, *, loopback: str | None, open_hop: HopOpener = _get
-) -> AsyncIterator[httpx.Response]:
+    client: httpx2.AsyncClient, url: str, *, loopback: str | None, open_hop: HopOpener = _get
+) -> AsyncIterator[httpx2.Response]:
     """The answer url finally leads to, open, its body unread; every hop checked before it is sent.
 
     loopback is `resolve_refusal`'s: which loopback URLs a hop may use.
     open_hop sends one hop (default: a streamed GET). Raises RefusedHopError
     for a hop that may not be fetched, TooManyRedirectsError past
-    `MAX_REDIRECTS`, and whatever httpx raises.
+    `MAX_REDIRECTS`, and whatever httpx2 raises.
     """
     if (
         client.follow_redirects
@@ -157,8 +157,8 @@ async def follow(
 def _malformed(url: str) -> str | None:
     """Why url cannot even be sent (a control character, a broken host or port), or None."""
     try:
-        httpx.URL(url)
+        httpx2.URL(url)
         urlsplit(url).port  # noqa: B018 - parsing it is the check: out of range raises
-    except (httpx.InvalidURL, ValueError) as exc:
+    except (httpx2.InvalidURL, ValueError) as exc:
         return f"not a usable URL ({printable(str(exc), 200)})"
     return None

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
+import httpx2
 
 from .errors import (
     ApiError,
@@ -43,12 +43,12 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 """What a request id may look like: it goes into URLs, the journal and the terminal."""
 
 
-def redirect_error(response: httpx.Response, doing: str) -> ApiError:
+def redirect_error(response: httpx2.Response, doing: str) -> ApiError:
     """A 3xx from the API: never followed (it would carry the token elsewhere), and never worth repeating."""
     location = held_location(response) or ""
     try:
-        host = httpx.URL(location).host or "the same host"  # a relative Location stays on this host
-    except (httpx.InvalidURL, ValueError):
+        host = httpx2.URL(location).host or "the same host"  # a relative Location stays on this host
+    except (httpx2.InvalidURL, ValueError):
         host = location
     where = f"to {printable(host, 100)}" if location else "without a Location"
     msg = (
@@ -87,7 +87,7 @@ def error_code(body: Mapping[str, Any] | None) -> int | None:
         return -1
 
 
-def refusal(response: httpx.Response, body: Mapping[str, Any] | None, doing: str) -> ApiError:
+def refusal(response: httpx2.Response, body: Mapping[str, Any] | None, doing: str) -> ApiError:
     """Turn an error answer into the error a user can act on."""
     status = response.status_code
     code = error_code(body)

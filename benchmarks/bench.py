@@ -8,7 +8,7 @@ Sections (each prints a table row or two):
 load      seconds and peak RSS to load, validate and identify --load-jobs jobs from a CSV prompt file
           and from a YAML jobs list, each in a fresh process (and an earlier checkout's, with --before).
 overhead  wall and client CPU of `run_manifest` (journal, downloads, progress
-          counters on) against a floor: a bare httpx script making the same
+          counters on) against a floor: a bare httpx2 script making the same
           calls (submit, one result poll, download) at the same concurrency.
           The sandbox runs in its own process with zero delays.
 memory    peak RSS of planning and of running N jobs, each in a fresh process.
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -94,10 +94,10 @@ def cpu() -> float:
 async def floor(url: str, jobs: int, concurrency: int, folder: Path) -> None:
     """The least a client can do: submit, poll once, download. No journal, no checks."""
     headers = {"Authorization": "Bearer bench"}
-    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+    limits = httpx2.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
     async with (
-        httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as api,
-        httpx.AsyncClient(limits=limits, timeout=60) as files,
+        httpx2.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as api,
+        httpx2.AsyncClient(limits=limits, timeout=60) as files,
     ):
         send, receive = anyio.create_memory_object_stream[int](0)
 
@@ -165,7 +165,7 @@ def _overhead_at(args: argparse.Namespace, concurrency: int) -> None:
     print("| client | wall s | client CPU s | CPU ms/job | of which system ms/job |")
     print("|---|---|---|---|---|")
     print(
-        f"| floor (bare httpx) | {floor_wall:.2f} | {floor_cpu:.2f} | {floor_cpu * per_job:.2f} "
+        f"| floor (bare httpx2) | {floor_wall:.2f} | {floor_cpu:.2f} | {floor_cpu * per_job:.2f} "
         f"| {floor_sys * per_job:.2f} |"
     )
     print(f"| batcher | {ours_wall:.2f} | {ours_cpu:.2f} | {ours_cpu * per_job:.2f} | {ours_sys * per_job:.2f} |")
@@ -371,7 +371,7 @@ def bench_polls(args: argparse.Namespace) -> None:
                 poll_max=poll_max,
             )
             anyio.run(run_manifest, manifest, options)
-            calls = httpx.get(f"{sandbox.url}/_sandbox/stats").json()["calls"]
+            calls = httpx2.get(f"{sandbox.url}/_sandbox/stats").json()["calls"]
             delays, ratios = [], []
             for line in (Path(tmp) / "out" / JOURNAL_NAME).read_text().splitlines():
                 event = json.loads(line)
@@ -418,7 +418,7 @@ def bench_ratelimit(args: argparse.Namespace) -> None:
                 started = time.perf_counter()
                 anyio.run(run_manifest, manifest, options)
                 wall = time.perf_counter() - started
-                stats = httpx.get(f"{sandbox.url}/_sandbox/stats").json()
+                stats = httpx2.get(f"{sandbox.url}/_sandbox/stats").json()
             calls, refused = stats["rate_calls_at"], stats["rate_limited_at"]
             middle = calls[0] + (calls[-1] - calls[0]) / 2
             late_calls = sum(1 for t in calls if t >= middle)
@@ -461,7 +461,7 @@ def bench_accounts(args: argparse.Namespace) -> None:
                 started = time.perf_counter()
                 summary = anyio.run(run_manifest, manifest, options)
                 wall = time.perf_counter() - started
-                stats = httpx.get(f"{sandbox.url}/_sandbox/stats").json()
+                stats = httpx2.get(f"{sandbox.url}/_sandbox/stats").json()
             assert summary.done == jobs, summary
             per = ", ".join(f"{n}" for _, n in sorted(stats["submits_by_account"].items()))
             print(

@@ -147,11 +147,11 @@ async def test_a_submit_refused_by_an_account_full_of_other_jobs_goes_to_the_oth
     """Found by review: Alice's account is full with jobs this run does not hold (another machine's). After her
     429, her learned cap is 1 of 1, as "roomy" as Bob's idle 8 of 8, and the first token won the tie: the job
     went back to her on every try (46 POSTs in 10 s) while Bob had room."""
-    import httpx
+    import httpx2
 
     sandbox = start_sandbox(accounts=(ALICE, BOB), max_in_flight=2, queue_delay=0.0, run_delay=2.0, retry_after=0.0)
     body = {"prompt": "another machine's", "image_urls": ["https://example.org/r.jpg"]}
-    async with httpx.AsyncClient(base_url=sandbox.url, headers={"Authorization": f"Bearer {ALICE}"}) as other:
+    async with httpx2.AsyncClient(base_url=sandbox.url, headers={"Authorization": f"Bearer {ALICE}"}) as other:
         for _ in range(2):
             assert (await other.post("/v1/models/openai/gpt-image-1-5/image-to-image", json=body)).status_code == 200
     options = fast_options(api_base=sandbox.url, output_dir=Path("out"), token=None, tokens=(ALICE, BOB))

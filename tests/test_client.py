@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 import anyio
-import httpx
+import httpx2
 import pytest
 
 from batcher import (
@@ -18,7 +18,6 @@ from batcher import (
     RequestGoneError,
     RetryPolicy,
     RunComfyClient,
-    SandboxThread,
     TransientApiError,
     UncertainSubmitError,
     UsageError,
@@ -41,29 +40,29 @@ def no_waiting() -> Iterator[None]:
     set_testing(False)
 
 
-def _client(answers: list[Callable[[httpx.Request], httpx.Response]], seen: list[httpx.Request]) -> RunComfyClient:
-    def handler(request: httpx.Request) -> httpx.Response:
+def _client(answers: list[Callable[[httpx2.Request], httpx2.Response]], seen: list[httpx2.Request]) -> RunComfyClient:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         seen.append(request)
         return answers.pop(0)(request)
 
-    return RunComfyClient(TOKEN, "https://api.test", retry=FAST, transport=httpx.MockTransport(handler))
+    return RunComfyClient(TOKEN, "https://api.test", retry=FAST, transport=httpx2.MockTransport(handler))
 
 
-def ok(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, json={"request_id": "r-1", "status_url": "x"})
+def ok(request: httpx2.Request) -> httpx2.Response:
+    return httpx2.Response(200, json={"request_id": "r-1", "status_url": "x"})
 
 
-def status(code: int, body: object = None, headers: dict[str, str] | None = None) -> Callable[..., httpx.Response]:
-    def answer(request: httpx.Request) -> httpx.Response:
+def status(code: int, body: object = None, headers: dict[str, str] | None = None) -> Callable[..., httpx2.Response]:
+    def answer(request: httpx2.Request) -> httpx2.Response:
         if isinstance(body, dict):
-            return httpx.Response(code, json=body, headers=headers)
-        return httpx.Response(code, content=(body or b"") if isinstance(body, bytes) else b"", headers=headers)
+            return httpx2.Response(code, json=body, headers=headers)
+        return httpx2.Response(code, content=(body or b"") if isinstance(body, bytes) else b"", headers=headers)
 
     return answer
 
 
-def raises(exc: type[Exception]) -> Callable[..., httpx.Response]:
-    def answer(request: httpx.Request) -> httpx.Response:
+def raises(exc: type[Exception]) -> Callable[..., httpx2.Response]:
+    def answer(request: httpx2.Request) -> httpx2.Response:
         raise exc("boom", request=request)  # type: ignore[call-arg]
 
     return answer
@@ -75,20 +74,20 @@ def raises(exc: type[Exception]) -> Callable[..., httpx.Response]:
         (status(429, {"error_message": "slow down"}, {"retry-after": "7"}), RateLimitedError, 1, 7.0),
         (status(503, b"<html>unavailable</html>"), RateLimitedError, 0, None),
         (status(500, {"error_code": 500001, "error_message": "Internal error"}), TransientApiError, None, None),
-        (raises(httpx.ConnectError), UnreachableError, None, None),
-        (raises(httpx.ConnectTimeout), UnreachableError, None, None),
+        (raises(httpx2.ConnectError), UnreachableError, None, None),
+        (raises(httpx2.ConnectTimeout), UnreachableError, None, None),
     ],
     ids=["429", "503", "500001", "connect-error", "connect-timeout"],
 )
 async def test_a_submit_certainly_not_accepted_is_sent_once_and_says_so(
-    answer: Callable[..., httpx.Response],
+    answer: Callable[..., httpx2.Response],
     kind: type[TransientApiError],
     throttled: int | None,
     retry_after: float | None,
 ) -> None:
     # Sent once: the caller retries, after journalling the refusal (see test_run's
     # test_every_retried_submit_has_its_own_intent_and_refusal_in_the_journal).
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
     async with _client([answer, ok], seen) as client:
         with pytest.raises(kind, match="was not accepted") as caught:
             await client.submit(MODEL, {"prompt": "x"})
@@ -105,7 +104,7 @@ async def test_a_submit_certainly_not_accepted_is_sent_once_and_says_so(
 async def test_a_429_to_a_submit_does_not_slow_the_other_calls() -> None:
     # It is the account's cap on jobs in flight speaking (AccountCap learns it): halving the pace of
     # every call for it starved the polls that free the cap. A 429 to a poll still slows the pace.
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
     answers = [status(429, {}, {"retry-after": "0"}), status(429, {}, {"retry-after": "0"}), ok_result]
     async with _client(answers, seen) as client:
         with pytest.raises(RateLimitedError):
@@ -115,16 +114,16 @@ async def test_a_429_to_a_submit_does_not_slow_the_other_calls() -> None:
         assert client.rate_limiter.refusals == 1
 
 
-def ok_result(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, json={"request_id": "r-1", "status": "in_queue"})
+def ok_result(request: httpx2.Request) -> httpx2.Response:
+    return httpx2.Response(200, json={"request_id": "r-1", "status": "in_queue"})
 
 
 @pytest.mark.parametrize(
     "answer",
     [
-        raises(httpx.ReadTimeout),
-        raises(httpx.RemoteProtocolError),
-        raises(httpx.ReadError),
+        raises(httpx2.ReadTimeout),
+        raises(httpx2.RemoteProtocolError),
+        raises(httpx2.ReadError),
         status(502, b"<html>bad gateway</html>"),
         status(504, b""),
         status(500, b"oops"),
@@ -133,8 +132,8 @@ def ok_result(request: httpx.Request) -> httpx.Response:
     ],
     ids=["read-timeout", "disconnect", "read-error", "502", "504", "bare-500", "no-request-id", "not-json"],
 )
-async def test_submits_of_unknown_fate_are_never_retried(answer: Callable[..., httpx.Response]) -> None:
-    seen: list[httpx.Request] = []
+async def test_submits_of_unknown_fate_are_never_retried(answer: Callable[..., httpx2.Response]) -> None:
+    seen: list[httpx2.Request] = []
     async with _client([answer, ok], seen) as client:
         with pytest.raises(UncertainSubmitError) as caught:
             await client.submit(MODEL, {"prompt": "x"})
@@ -159,9 +158,9 @@ async def test_submits_of_unknown_fate_are_never_retried(answer: Callable[..., h
     ids=["401001", "400004", "400002", "402", "422001", "200-with-error-code"],
 )
 async def test_refusals_become_actionable_errors(
-    answer: Callable[..., httpx.Response], error: type[Exception], words: str
+    answer: Callable[..., httpx2.Response], error: type[Exception], words: str
 ) -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
     async with _client([answer, ok], seen) as client:
         with pytest.raises(error, match=words):
             await client.submit(MODEL, {"prompt": "x"})
@@ -169,11 +168,11 @@ async def test_refusals_become_actionable_errors(
 
 
 async def test_each_call_logs_one_line_without_the_token(caplog: pytest.LogCaptureFixture) -> None:
-    seen: list[httpx.Request] = []
-    answers: list[Callable[[httpx.Request], httpx.Response]] = [
+    seen: list[httpx2.Request] = []
+    answers: list[Callable[[httpx2.Request], httpx2.Response]] = [
         status(429, {}, {"retry-after": "0"}),
         ok,
-        raises(httpx.ReadTimeout),
+        raises(httpx2.ReadTimeout),
         status(200, {"request_id": "r-1", "status": "in_queue"}),
         status(200, {"request_id": "r-1", "status": "cancelled", "outcome": "cancelled"}),
     ]
@@ -193,10 +192,10 @@ async def test_each_call_logs_one_line_without_the_token(caplog: pytest.LogCaptu
 
 
 async def test_polls_retry_anything_transient_and_honour_retry_after() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
     done = status(200, {"request_id": "r", "status": "succeeded", "output": {"image": "https://cdn.test/a.png"}})
     answers = [
-        raises(httpx.ReadTimeout),
+        raises(httpx2.ReadTimeout),
         status(502, b"gateway"),
         status(429, {}, {"retry-after": "0.001"}),
         done,
@@ -210,7 +209,7 @@ async def test_polls_retry_anything_transient_and_honour_retry_after() -> None:
 
 
 async def test_result_states_and_errors_are_normalized() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
     answers = [
         status(200, {"request_id": "r", "status": "in_queue", "queue_position": 3}),
         status(200, {"request_id": "r", "status": "failed", "error": {"message": "nsfw"}}),
@@ -229,7 +228,7 @@ async def test_result_states_and_errors_are_normalized() -> None:
 
 
 async def test_cancel_reports_the_outcome() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
     answers = [status(200, {"request_id": "r", "status": "in_progress", "outcome": "not_cancellable"})]
     async with _client(answers, seen) as client:
         outcome = await client.cancel("r-1")
@@ -278,7 +277,7 @@ def test_token_and_base_come_from_the_environment(monkeypatch: pytest.MonkeyPatc
 
 
 async def test_a_server_echoing_the_token_never_gets_it_into_messages() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
     echo = f"bad request, headers were: Authorization: Bearer {TOKEN}"
     answers = [
         status(401, {"error_code": 401001, "error_message": echo}),
@@ -294,14 +293,14 @@ async def test_a_server_echoing_the_token_never_gets_it_into_messages() -> None:
 
 @pytest.mark.parametrize(
     ("verbosity", "shown"),
-    [(False, []), (0, []), (True, ["batcher"]), (1, ["batcher"]), (2, ["batcher", "httpx", "httpcore"])],
+    [(False, []), (0, []), (True, ["batcher"]), (1, ["batcher"]), (2, ["batcher", "httpx2", "httpcore2"])],
 )
 def test_verbosity_chooses_whose_lines_are_shown(verbosity: int, shown: list[str]) -> None:
     from batcher.cli import _setup_logging
 
     _setup_logging(verbosity, False)  # a bool: `-v` as a flag; an int: `-v` counted
     try:
-        loggers = {"batcher": "batcher.client", "httpx": "httpx", "httpcore": "httpcore.http11"}
+        loggers = {"batcher": "batcher.client", "httpx2": "httpx2", "httpcore2": "httpcore2.http11"}
         assert [
             name for name, logger in loggers.items() if logging.getLogger(logger).isEnabledFor(logging.DEBUG)
         ] == shown
@@ -354,7 +353,7 @@ async def test_the_rate_limiter_halves_on_429_and_recovers(monkeypatch: pytest.M
 
 
 async def test_headers_are_the_ones_runcomfys_own_clients_send() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
     async with _client([ok], seen) as client:
         await client.submit("openai/gpt-image-1-5/image-to-image", {"prompt": "x"})
     headers = seen[0].headers
@@ -381,7 +380,7 @@ async def test_a_redirect_from_the_api_never_carries_the_token_elsewhere() -> No
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         other = f"http://127.0.0.1:{server.server_address[1]}/v1/requests/r-1/result"
-        seen: list[httpx.Request] = []
+        seen: list[httpx2.Request] = []
         async with _client([status(302, b"", {"location": other})], seen) as client:
             with pytest.raises(ApiError, match="redirect"):
                 await client.result("r-1")
@@ -391,48 +390,67 @@ async def test_a_redirect_from_the_api_never_carries_the_token_elsewhere() -> No
     assert len(seen) == 1 and hits == []
 
 
-async def test_the_clients_transport_checks_idle_sockets_the_cheap_way(
-    start_sandbox: Callable[..., SandboxThread],
-) -> None:
-    """`batcher.transport` reaches into httpx and httpcore; an upgrade that moves what it swaps must be seen
-    here, not as a silent slowdown. Requests through it work, kept-alive connections included."""
-    from batcher.transport import _Backend, _Pool, pooled_transport
+def _counting_server() -> tuple[int, list[int], Callable[[], None]]:
+    """A keep-alive HTTP/1.1 server on loopback that counts the connections it accepts (one thread each)."""
+    import socket
+    import threading
 
-    transport = pooled_transport(4)
-    assert isinstance(transport._pool._network_backend, _Backend)
-    assert type(transport._pool) is _Pool
-    sandbox = start_sandbox()
-    async with httpx.AsyncClient(transport=transport) as client:
-        for _ in range(3):  # the second and third reuse the connection, after asking it whether it closed
-            assert (await client.get(f"{sandbox.url}/_sandbox")).status_code == 200
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[int] = []
+
+    def one(conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: text/plain\r\n\r\nok")
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], accepted, listener.close
 
 
-async def test_the_pools_own_bookkeeping_queues_reuses_and_makes_room_as_httpcores_does(
-    start_sandbox: Callable[..., SandboxThread],
-) -> None:
-    """`batcher.transport._Pool` restates httpcore's request assignment. With room for 2 connections: 12 requests
-    at once all complete (the queued ones wait for a free connection), the pool never holds more than 2, and a
-    request to another origin while both are idle closes one to make room at once, rather than waiting."""
+async def test_the_pool_queues_reuses_and_makes_room_for_another_origin() -> None:
+    """`batcher.transport` is httpx2's public transport with every connection kept alive. With room for 2
+    connections: 12 requests at once all complete (the queued ones wait for a free connection), the server sees
+    2 connections, later requests reuse them, and a request to another origin while both are idle closes one to
+    make room at once, rather than waiting. Counted at the servers: no private attribute is read."""
     from batcher.transport import pooled_transport
 
-    first, second = start_sandbox(), start_sandbox()
-    transport = pooled_transport(2)
-    most = 0
-    async with httpx.AsyncClient(transport=transport) as client:
+    port, accepted, close = _counting_server()
+    other_port, other_accepted, close_other = _counting_server()
+    try:
+        async with httpx2.AsyncClient(transport=pooled_transport(2)) as client:
 
-        async def one(url: str) -> None:
-            nonlocal most
-            response = await client.get(f"{url}/_sandbox")
-            most = max(most, len(transport._pool.connections))
-            assert response.status_code == 200
+            async def one(url: str) -> None:
+                response = await client.get(url)
+                assert response.status_code == 200 and response.text == "ok"
 
-        async with anyio.create_task_group() as group:
-            for _ in range(12):
-                group.start_soon(one, first.url)
-        assert most == 2 and all(c.is_idle() for c in transport._pool.connections)
-        with anyio.fail_after(0.25):  # seconds: a loopback request; waiting for an idle one to close takes longer
-            await one(second.url)
-        assert len(transport._pool.connections) == 2
+            async with anyio.create_task_group() as group:
+                for _ in range(12):
+                    group.start_soon(one, f"http://127.0.0.1:{port}/")
+            assert len(accepted) == 2
+            for _ in range(3):
+                await one(f"http://127.0.0.1:{port}/")
+            assert len(accepted) == 2  # kept alive and reused
+            with anyio.fail_after(0.5):  # seconds: a loopback request; waiting for an idle one to close takes longer
+                await one(f"http://127.0.0.1:{other_port}/")
+            assert len(other_accepted) == 1
+    finally:
+        close()
+        close_other()
 
 
 async def test_a_connection_its_server_closed_while_idle_is_never_reused() -> None:
@@ -463,7 +481,7 @@ async def test_a_connection_its_server_closed_while_idle_is_never_reused() -> No
     from batcher.transport import pooled_transport
 
     try:
-        async with httpx.AsyncClient(transport=pooled_transport(4)) as client:
+        async with httpx2.AsyncClient(transport=pooled_transport(4)) as client:
             for _ in range(4):
                 assert (await client.get(f"http://127.0.0.1:{port}/")).text == "ok"
                 await anyio.sleep(0.05)  # the server's close reaches this side

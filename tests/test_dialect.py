@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 
 from batcher import (
@@ -209,13 +209,13 @@ async def test_another_users_request_stops_the_polls_and_pays_nothing_again(
 # -- what the sandbox answers, call by call --------------------------------------------------------------
 
 
-def _get(sandbox: SandboxThread, path: str) -> httpx.Response:
-    return httpx.get(sandbox.url + path, headers={"Authorization": f"Bearer {TOKEN}"})
+def _get(sandbox: SandboxThread, path: str) -> httpx2.Response:
+    return httpx2.get(sandbox.url + path, headers={"Authorization": f"Bearer {TOKEN}"})
 
 
-def _submit(sandbox: SandboxThread, **fields: object) -> httpx.Response:
+def _submit(sandbox: SandboxThread, **fields: object) -> httpx2.Response:
     body = {"prompt": "p", "image_urls": ["https://example.org/ref.jpg"], **fields}
-    return httpx.post(f"{sandbox.url}/v1/models/{MODEL}", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    return httpx2.post(f"{sandbox.url}/v1/models/{MODEL}", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
 
 
 def test_model_info_carries_the_price_as_runcomfys_clients_read_it(start_sandbox: StartSandbox) -> None:
@@ -286,16 +286,16 @@ def test_plan_prices_the_default_job_at_runcomfys_price(tmp_path: Path) -> None:
 
 
 async def test_a_result_about_another_model_is_not_taken_for_this_job(tmp_path: Path) -> None:
-    import httpx
+    import httpx2
 
-    def api(request: httpx.Request) -> httpx.Response:
+    def api(request: httpx2.Request) -> httpx2.Response:
         if request.method == "POST":
-            return httpx.Response(200, json={"request_id": "r-1"})
+            return httpx2.Response(200, json={"request_id": "r-1"})
         body = {"request_id": "r-1", "status": "completed", "model_id": "someone/else", "output": {"image": "x"}}
-        return httpx.Response(200, json=body)
+        return httpx2.Response(200, json=body)
 
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
-    options = fast_options(api_transport=httpx.MockTransport(api), output_dir=tmp_path / "out")
+    options = fast_options(api_transport=httpx2.MockTransport(api), output_dir=tmp_path / "out")
     summary = await run_manifest(manifest, options)
     assert summary.done == 0 and len(summary.unfinished) == 1
     assert "someone/else" in (summary.unfinished[0].error or "")
@@ -339,18 +339,18 @@ async def test_the_live_price_sets_the_estimates_and_is_kept_for_status(
 async def test_the_result_url_of_a_submit_is_used_only_on_the_api_base(
     tmp_path: Path, result_url: str, polled: str
 ) -> None:
-    import httpx
+    import httpx2
 
-    seen: list[httpx.URL] = []
+    seen: list[httpx2.URL] = []
 
-    def api(request: httpx.Request) -> httpx.Response:
+    def api(request: httpx2.Request) -> httpx2.Response:
         seen.append(request.url)
         if request.method == "POST":
-            return httpx.Response(200, json={"request_id": "r-1", "result_url": result_url})
-        return httpx.Response(200, json={"request_id": "r-1", "status": "in_progress"})
+            return httpx2.Response(200, json={"request_id": "r-1", "result_url": result_url})
+        return httpx2.Response(200, json={"request_id": "r-1", "status": "in_progress"})
 
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
-    options = fast_options(api_transport=httpx.MockTransport(api), output_dir=tmp_path / "out", run_timeout=0.3)
+    options = fast_options(api_transport=httpx2.MockTransport(api), output_dir=tmp_path / "out", run_timeout=0.3)
     await run_manifest(manifest, options)
     polls = seen[1:]
     assert polls and all(url.host == "model-api.runcomfy.net" and url.path == polled for url in polls), polls

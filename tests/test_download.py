@@ -6,7 +6,7 @@ import gzip
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 
 from batcher import DownloadError, SandboxThread
@@ -28,21 +28,24 @@ def no_waiting() -> Iterator[None]:
 
 
 def _downloader(
-    handler: Callable[[httpx.Request], httpx.Response], seen: list[httpx.Request], *, max_bytes: int = DEFAULT_MAX_BYTES
+    handler: Callable[[httpx2.Request], httpx2.Response],
+    seen: list[httpx2.Request],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Downloader:
-    def record(request: httpx.Request) -> httpx.Response:
+    def record(request: httpx2.Request) -> httpx2.Response:
         seen.append(request)
         return handler(request)
 
-    return Downloader(transport=httpx.MockTransport(record), backoff=0.001, attempts=2, max_bytes=max_bytes)
+    return Downloader(transport=httpx2.MockTransport(record), backoff=0.001, attempts=2, max_bytes=max_bytes)
 
 
-def _png(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, content=PNG, headers={"content-type": "image/png"})
+def _png(request: httpx2.Request) -> httpx2.Response:
+    return httpx2.Response(200, content=PNG, headers={"content-type": "image/png"})
 
 
 async def test_a_good_download_is_hashed_and_in_place_without_credentials(tmp_path: Path) -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
     async with _downloader(_png, seen) as downloader:
         got = await downloader.fetch(f"{PUBLIC}/out/0.png?sig=secret", tmp_path / "job" / "0.png")
     assert got.path.read_bytes() == PNG and got.bytes == len(PNG)
@@ -57,10 +60,10 @@ async def test_a_file_larger_than_one_batch_streams_to_disk(tmp_path: Path) -> N
     from batcher.download import _WRITE_BATCH
 
     body = bytes(range(256)) * ((_WRITE_BATCH * 2 + 12_345) // 256)  # three batches, the last one partial
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
 
-    def big(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=body, headers={"content-type": "image/png"})
+    def big(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=body, headers={"content-type": "image/png"})
 
     async with _downloader(big, seen, max_bytes=_WRITE_BATCH * 3) as downloader:
         got = await downloader.fetch(f"{PUBLIC}/out/big.png", tmp_path / "job" / "big.png")
@@ -86,7 +89,7 @@ async def test_a_file_larger_than_one_batch_streams_to_disk(tmp_path: Path) -> N
     ],
 )
 async def test_unsafe_urls_are_refused_before_connecting(tmp_path: Path, url: str, words: str) -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
     async with _downloader(_png, seen) as downloader:
         with pytest.raises(DownloadError, match=words) as caught:
             await downloader.fetch(url, tmp_path / "a.png")
@@ -96,10 +99,10 @@ async def test_unsafe_urls_are_refused_before_connecting(tmp_path: Path, url: st
 
 
 async def test_redirects_are_checked_at_every_hop(tmp_path: Path) -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(302, headers={"location": "https://169.254.169.254/latest/meta-data/"})
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(302, headers={"location": "https://169.254.169.254/latest/meta-data/"})
 
     async with _downloader(handler, seen) as downloader:
         with pytest.raises(DownloadError, match="link-local"):
@@ -109,13 +112,13 @@ async def test_redirects_are_checked_at_every_hop(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("hops", "fetched"), [(5, True), (6, False)])
 async def test_downloads_follow_at_most_five_redirects(tmp_path: Path, hops: int, fetched: bool) -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         step = int(request.url.path.strip("/") or 0)
         if step < hops:
             # relative Locations, and a cookie that must not ride along to the next hop
-            return httpx.Response(302, headers={"location": f"/{step + 1}", "set-cookie": "session=s3cret; Path=/"})
+            return httpx2.Response(302, headers={"location": f"/{step + 1}", "set-cookie": "session=s3cret; Path=/"})
         return _png(request)
 
     async with _downloader(handler, seen) as downloader:
@@ -133,9 +136,9 @@ async def test_downloads_follow_at_most_five_redirects(tmp_path: Path, hops: int
     "location", ["https://exa\x9bmple.org/a.png", "https://[::1/a.png"], ids=["control-character", "broken-ipv6"]
 )
 async def test_a_redirect_to_something_unusable_is_a_permanent_error(tmp_path: Path, location: str) -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
     header = [(b"location", location.encode("latin-1"))]  # as a server sends it: bytes
-    async with _downloader(lambda request: httpx.Response(302, headers=header), seen) as downloader:
+    async with _downloader(lambda request: httpx2.Response(302, headers=header), seen) as downloader:
         with pytest.raises(DownloadError, match="not a usable URL") as caught:
             await downloader.fetch(f"{PUBLIC}/a.png", tmp_path / "a.png")
         assert caught.value.permanent and len(seen) == 1
@@ -145,14 +148,14 @@ async def test_a_redirect_to_something_unusable_is_a_permanent_error(tmp_path: P
 
 
 async def test_transient_faults_are_retried_and_an_expired_url_is_not(tmp_path: Path) -> None:
-    seen: list[httpx.Request] = []
-    answers = iter([httpx.Response(503), httpx.Response(429)])
+    seen: list[httpx2.Request] = []
+    answers = iter([httpx2.Response(503), httpx2.Response(429)])
 
-    def flaky(request: httpx.Request) -> httpx.Response:
+    def flaky(request: httpx2.Request) -> httpx2.Response:
         seen.append(request)
         return next(answers, None) or _png(request)
 
-    async with Downloader(transport=httpx.MockTransport(flaky), attempts=3) as downloader:
+    async with Downloader(transport=httpx2.MockTransport(flaky), attempts=3) as downloader:
         assert (await downloader.fetch(f"{PUBLIC}/a.png", tmp_path / "a.png")).bytes == len(PNG)
     assert len(seen) == 3
 
@@ -163,8 +166,8 @@ async def test_transient_faults_are_retried_and_an_expired_url_is_not(tmp_path: 
     assert len(seen) == 1, "an expired URL needs a fresh one, not another try"
 
 
-def _answer(status: int, body: bytes, **headers: str) -> Callable[[httpx.Request], httpx.Response]:
-    return lambda request: httpx.Response(status, content=body, headers=headers)
+def _answer(status: int, body: bytes, **headers: str) -> Callable[[httpx2.Request], httpx2.Response]:
+    return lambda request: httpx2.Response(status, content=body, headers=headers)
 
 
 @pytest.mark.parametrize(
@@ -187,9 +190,9 @@ def _answer(status: int, body: bytes, **headers: str) -> Callable[[httpx.Request
     ids=["html", "over-cap", "declared-over-cap", "short-body", "empty", "gzip-bomb", "expired", "server-error"],
 )
 async def test_broken_answers_leave_no_file(
-    tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response], words: str
+    tmp_path: Path, handler: Callable[[httpx2.Request], httpx2.Response], words: str
 ) -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
     async with _downloader(handler, seen, max_bytes=len(PNG) * 2) as downloader:
         with pytest.raises(DownloadError, match=words):
             await downloader.fetch(f"{PUBLIC}/a.png", tmp_path / "a.png")

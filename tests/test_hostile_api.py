@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 import anyio
-import httpx
+import httpx2
 import pytest
 
 from batcher import (
@@ -221,7 +221,7 @@ async def test_an_answer_trickled_for_ever_is_cut_off(serve: Callable[[Answer], 
             yield b" "
 
     server = serve(trickle)
-    timeout = httpx.Timeout(0.3)
+    timeout = httpx2.Timeout(0.3)
     async with client(server, poll_timeout=timeout, submit_timeout=timeout) as api:
         with anyio.fail_after(20):
             with pytest.raises(TransientApiError, match="took longer"):

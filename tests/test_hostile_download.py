@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import anyio
-import httpx
+import httpx2
 import pytest
 
 from batcher import DownloadError, load_manifest, read_journal, run_manifest
@@ -57,20 +57,20 @@ def serving_png() -> Iterator[tuple[str, list[str]]]:
         server.server_close()
 
 
-def scripted_api(output_url: str, extra: bytes = b"") -> httpx.MockTransport:
+def scripted_api(output_url: str, extra: bytes = b"") -> httpx2.MockTransport:
     """An API that accepts every submit and answers each poll 'completed' with output_url (and extra
     raw JSON members)."""
     submitted: list[str] = []
 
-    def api(request: httpx.Request) -> httpx.Response:
+    def api(request: httpx2.Request) -> httpx2.Response:
         if request.method == "POST":
             submitted.append(f"r-{len(submitted)}")
-            return httpx.Response(200, json={"request_id": submitted[-1]})
+            return httpx2.Response(200, json={"request_id": submitted[-1]})
         request_id = request.url.path.split("/")[3]
         body = json.dumps({"request_id": request_id, "status": "completed", "output": {"image": output_url}})
-        return httpx.Response(200, content=body.encode()[:-1] + extra + b"}")
+        return httpx2.Response(200, content=body.encode()[:-1] + extra + b"}")
 
-    return httpx.MockTransport(api)
+    return httpx2.MockTransport(api)
 
 
 @pytest.mark.parametrize("api_base", [None, "http://127.0.0.1:1"], ids=["remote-api", "other-loopback-api"])
@@ -109,13 +109,13 @@ async def test_output_urls_on_other_loopback_ports_are_never_fetched(tmp_path: P
 async def test_private_addresses_in_ipv6_disguise_are_refused_before_connecting(
     tmp_path: Path, address: str, inner: str
 ) -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
 
-    def answer(request: httpx.Request) -> httpx.Response:
+    def answer(request: httpx2.Request) -> httpx2.Response:
         seen.append(request)
-        return httpx.Response(200, content=PNG)
+        return httpx2.Response(200, content=PNG)
 
-    async with Downloader(transport=httpx.MockTransport(answer), attempts=1) as downloader:
+    async with Downloader(transport=httpx2.MockTransport(answer), attempts=1) as downloader:
         with pytest.raises(DownloadError, match=inner.replace(".", r"\.")) as caught:
             await downloader.fetch(f"https://[{address}]/latest/meta-data", tmp_path / "a.png")
     assert seen == [] and caught.value.permanent
@@ -129,11 +129,11 @@ async def test_private_addresses_in_ipv6_disguise_are_refused_before_connecting(
     ids=["absent", "empty", "octet-stream", "no-subtype"],
 )
 async def test_a_download_that_is_not_an_image_or_video_is_refused(tmp_path: Path, headers: dict[str, str]) -> None:
-    def answer(request: httpx.Request) -> httpx.Response:
+    def answer(request: httpx2.Request) -> httpx2.Response:
         kind = "video/mp4" if request.url.path.endswith(".mp4") else None
-        return httpx.Response(200, content=PNG, headers={"content-type": kind} if kind else headers)
+        return httpx2.Response(200, content=PNG, headers={"content-type": kind} if kind else headers)
 
-    async with Downloader(transport=httpx.MockTransport(answer), attempts=1) as downloader:
+    async with Downloader(transport=httpx2.MockTransport(answer), attempts=1) as downloader:
         with pytest.raises(DownloadError, match="not an image or video") as caught:
             await downloader.fetch("https://93.184.216.34/a.png", tmp_path / "a.png")
         assert caught.value.permanent
@@ -200,13 +200,13 @@ def test_the_journal_writer_never_writes_what_its_reader_refuses() -> None:
 async def test_a_nan_cost_or_odd_text_from_the_server_leaves_a_readable_journal(tmp_path: Path) -> None:
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=PNG, headers={"content-type": "image/png"})
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=PNG, headers={"content-type": "image/png"})
 
     # Python's json reads NaN, Infinity, huge numbers and lone surrogates; orjson, the journal's reader, does not.
     odd = b', "cost": NaN, "usage": {"ratio": Infinity, "big": 1' + b"0" * 400 + b', "note": "\\ud800"}'
     api = scripted_api("https://93.184.216.34/0.png", odd)
-    options = fast_options(output_dir=Path("out"), api_transport=api, download_transport=httpx.MockTransport(answer))
+    options = fast_options(output_dir=Path("out"), api_transport=api, download_transport=httpx2.MockTransport(answer))
     summary = await run_manifest(manifest, options)
     assert summary.done == 1
     folded = read_journal(tmp_path / "out" / JOURNAL_NAME)  # raised JournalCorruptError before

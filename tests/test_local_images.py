@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from click.testing import CliRunner, Result
 
@@ -338,7 +338,7 @@ def test_urls_and_data_uris_keep_their_rules(runner: CliRunner, tmp_path: Path) 
 )
 def test_the_sandbox_refuses_a_bad_data_uri_naming_the_field(start_sandbox: StartSandbox, uri: str, said: str) -> None:
     sandbox = start_sandbox()
-    answer = httpx.post(
+    answer = httpx2.post(
         f"{sandbox.url}/v1/models/{MODEL}",
         json={"prompt": "x", "image_urls": [REF, uri]},
         headers={"authorization": f"Bearer {TOKEN}"},

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from click.testing import CliRunner, Result
 
@@ -371,17 +371,17 @@ def test_the_run_says_what_it_will_send_and_never_waits_without_a_terminal(
 async def test_an_answer_that_may_mean_accepted_is_never_sent_again(
     tmp_path: Path, status: int, body: dict[str, object], phase: str
 ) -> None:
-    posts: list[httpx.Request] = []
+    posts: list[httpx2.Request] = []
 
-    def api(request: httpx.Request) -> httpx.Response:
+    def api(request: httpx2.Request) -> httpx2.Response:
         if request.method == "POST":
             posts.append(request)
-            return httpx.Response(status, json=body)
-        return httpx.Response(200, json={"request_id": "r-1", "status": "in_progress"})
+            return httpx2.Response(status, json=body)
+        return httpx2.Response(200, json={"request_id": "r-1", "status": "in_progress"})
 
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
     for _ in range(2):
-        options = fast_options(api_transport=httpx.MockTransport(api), output_dir=tmp_path / "out", run_timeout=0.5)
+        options = fast_options(api_transport=httpx2.MockTransport(api), output_dir=tmp_path / "out", run_timeout=0.5)
         await run_manifest(manifest, options)
     assert len(posts) == 1
     (record,) = read_journal(tmp_path / "out" / JOURNAL_NAME).records.values()
@@ -498,16 +498,16 @@ async def test_a_live_price_below_the_bundled_one_never_lowers_the_estimates(
 async def test_server_text_in_the_live_price_is_made_printable(tmp_path: Path) -> None:
     from batcher.runner import RunPlan
 
-    def api(request: httpx.Request) -> httpx.Response:
+    def api(request: httpx2.Request) -> httpx2.Response:
         if request.url.path.startswith("/v1/models/"):
             evil = "output\x1b]0;PWNED\x07\x1b[2J"
-            return httpx.Response(200, json={"base_price_usd": 0.266, "price_unit": evil, "pricing_note": evil})
-        return httpx.Response(503)
+            return httpx2.Response(200, json={"base_price_usd": 0.266, "price_unit": evil, "pricing_note": evil})
+        return httpx2.Response(503)
 
     seen: list[RunPlan] = []
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
     options = fast_options(
-        api_transport=httpx.MockTransport(api), output_dir=tmp_path / "out", live_prices=True, run_timeout=1
+        api_transport=httpx2.MockTransport(api), output_dir=tmp_path / "out", live_prices=True, run_timeout=1
     )
     await run_manifest(manifest, options, on_plan=seen.append)
     table = (tmp_path / "out" / ".prices" / "openai" / "gpt-image-1-5" / "image-to-image.pricing.json").read_text()

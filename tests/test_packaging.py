@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-import httpx
+import httpx2
 
 from batcher import __version__
 
@@ -66,14 +66,14 @@ def test_the_sandbox_command_serves_the_api(tmp_path: Path) -> None:
         url = line.split(" at ")[1].split()[0]
         headers = {"Authorization": "Bearer any"}
         body = {"prompt": "x", "image_urls": ["https://example.org/a.png"]}
-        submitted = httpx.post(f"{url}/v1/models/openai/gpt-image-1-5/image-to-image", json=body, headers=headers)
+        submitted = httpx2.post(f"{url}/v1/models/openai/gpt-image-1-5/image-to-image", json=body, headers=headers)
         assert submitted.status_code == 200
         request_id = submitted.json()["request_id"]
-        status = httpx.get(f"{url}/v1/requests/{request_id}/status", headers=headers).json()
+        status = httpx2.get(f"{url}/v1/requests/{request_id}/status", headers=headers).json()
         assert status["status"] in ("in_queue", "in_progress", "completed")
-        bad = httpx.post(f"{url}/v1/models/openai/gpt-image-1-5/image-to-image", json={"prompt": 1}, headers=headers)
+        bad = httpx2.post(f"{url}/v1/models/openai/gpt-image-1-5/image-to-image", json={"prompt": 1}, headers=headers)
         assert bad.status_code == 422 and bad.json()["error_code"] == 422001
-        assert httpx.get(f"{url}/v1/requests/{request_id}/status").json()["error_code"] == 401001
+        assert httpx2.get(f"{url}/v1/requests/{request_id}/status").json()["error_code"] == 401001
     finally:
         process.terminate()
         process.communicate(timeout=10)

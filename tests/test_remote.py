@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 import boto3
-import httpx
+import httpx2
 import pytest
 from click.testing import CliRunner
 
@@ -209,15 +209,15 @@ async def test_a_run_to_object_storage_puts_images_journal_and_dataset_in_the_bu
     assert b"job-0003" in store.objects("runs/night-1/index.html")["runs/night-1/index.html"]
 
 
-class _CheckingTransport(httpx.AsyncBaseTransport):
+class _CheckingTransport(httpx2.AsyncBaseTransport):
     """Passes requests to the sandbox; at each submit, records whether its intent was in the bucket already."""
 
     def __init__(self, store: Store, prefix: str) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
+        self.inner = httpx2.AsyncHTTPTransport()
         self.store, self.prefix = store, prefix
         self.seen: list[bool] = []
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         if request.method == "POST" and request.url.path.startswith("/v1/models/"):
             prompt = json.loads(request.content)["prompt"]
             journal = _bucket_journal(self.store, self.prefix)
@@ -820,7 +820,7 @@ async def test_the_gallery_works_opened_from_the_bucket_and_from_a_synced_copy(
     )
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     served = f"{endpoint}/{store.bucket}/gallery/night/index.html"
-    async with httpx.AsyncClient() as client:
+    async with httpx2.AsyncClient() as client:
         page = await client.get(served)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.headers
     assert str(tmp_path) not in page.text, "no path of this machine's in a page others may be served"

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 
 from batcher import UsageError, load_manifest
@@ -57,22 +57,22 @@ def inputs_host() -> Iterator[tuple[str, dict[str, int]]]:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[ReviewServer, httpx.Client, Path]]:
+def served(tmp_path: Path) -> Iterator[tuple[ReviewServer, httpx2.Client, Path]]:
     path, out = finished_run(tmp_path, 3)
     with (
         ReviewServer(load_manifest(path), out, prefetch=False) as server,
-        httpx.Client(base_url=server.origin) as client,
+        httpx2.Client(base_url=server.origin) as client,
     ):
         yield server, client, out
 
 
-def _items(server: ReviewServer, client: httpx.Client) -> dict[str, Any]:
+def _items(server: ReviewServer, client: httpx2.Client) -> dict[str, Any]:
     answer = client.get("/api/items", params={"t": server.token})
     assert answer.status_code == 200
     return dict(answer.json())
 
 
-def _post(server: ReviewServer, client: httpx.Client, body: dict[str, Any], **headers: str) -> httpx.Response:
+def _post(server: ReviewServer, client: httpx2.Client, body: dict[str, Any], **headers: str) -> httpx2.Response:
     sent = {"Content-Type": "application/json", "X-Batcher-Token": server.token, "Origin": server.origin, **headers}
     return client.post("/api/decisions", content=json.dumps(body), headers=sent)
 
@@ -203,7 +203,7 @@ def test_a_failed_input_is_a_placeholder_on_the_page(tmp_path: Path) -> None:
     path, out = finished_run(tmp_path, 1)  # its input is https://example.org/ref.jpg: not reachable here
     with (
         ReviewServer(load_manifest(path), out, prefetch=False) as server,
-        httpx.Client(base_url=server.origin) as client,
+        httpx2.Client(base_url=server.origin) as client,
     ):
         ident = _items(server, client)["jobs"][0]["inputs"][0]["id"]
         answer = client.get(f"/inputs/{ident}", params={"t": server.token}, timeout=60)
@@ -250,8 +250,8 @@ def test_the_command_prints_the_address_and_stops_on_ctrl_c(tmp_path: Path) -> N
         line = process.stderr.readline()
         assert line.startswith("review: http://127.0.0.1:"), line
         url = line.split()[1]
-        assert httpx.get(url).status_code == 200
-        assert httpx.get(url.split("?")[0]).status_code == 403
+        assert httpx2.get(url).status_code == 200
+        assert httpx2.get(url.split("?")[0]).status_code == 403
     finally:
         process.send_signal(signal.SIGINT)
         _, rest = process.communicate(timeout=20)

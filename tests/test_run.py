@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
-import httpx
+import httpx2
 import pytest
 
 from batcher import (
@@ -114,7 +114,7 @@ async def test_faults_at_a_real_rate_never_pay_twice(tmp_path: Path, start_sandb
     sandbox = start_sandbox(fault_rate=0.2, slow_seconds=0.6, retry_after=0.01, seed=7)
     server = sandbox.sandbox
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 40)
-    timeouts = {"submit_timeout": httpx.Timeout(0.3), "poll_timeout": httpx.Timeout(0.3)}
+    timeouts = {"submit_timeout": httpx2.Timeout(0.3), "poll_timeout": httpx2.Timeout(0.3)}
     summary = await _run(manifest, sandbox, concurrency=8, **timeouts)
     assert sum(server.faults_injected.values()) >= 10, server.faults_injected
     assert summary.done + len(summary.uncertain) + len(summary.failed) == 40
@@ -233,12 +233,12 @@ async def test_a_submit_refused_with_retry_after_0_is_tried_again_with_a_growing
 async def test_insufficient_balance_stops_submitting_and_resumes_later(tmp_path: Path) -> None:
     calls: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         calls.append(request.url.path)
-        return httpx.Response(400, json={"error_code": 400002, "error_message": "Insufficient balance"})
+        return httpx2.Response(400, json={"error_code": 400002, "error_message": "Insufficient balance"})
 
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 5))
-    options = fast_options(output_dir=Path("out"), concurrency=1, api_transport=httpx.MockTransport(handler))
+    options = fast_options(output_dir=Path("out"), concurrency=1, api_transport=httpx2.MockTransport(handler))
     summary = await run_manifest(manifest, options)
     assert summary.exit_code == 1
     assert "balance" in (summary.stop_reason or "")
@@ -359,26 +359,26 @@ async def test_unknown_states_empty_outputs_and_unsafe_urls_fail_one_job_each(tm
     }
     submitted: list[str] = []
 
-    def api(request: httpx.Request) -> httpx.Response:
+    def api(request: httpx2.Request) -> httpx2.Response:
         if request.method == "POST":
             request_id = f"r-{len(submitted)}"
             submitted.append(request_id)
-            return httpx.Response(200, json={"request_id": request_id})
+            return httpx2.Response(200, json={"request_id": request_id})
         request_id = request.url.path.split("/")[3]
         script = results[request_id]
         body = script.pop(0) if len(script) > 1 else script[0]
-        return httpx.Response(200, json={"request_id": request_id, **body})
+        return httpx2.Response(200, json={"request_id": request_id, **body})
 
-    def files(request: httpx.Request) -> httpx.Response:
+    def files(request: httpx2.Request) -> httpx2.Response:
         assert "authorization" not in request.headers
-        return httpx.Response(200, content=png, headers={"content-type": "image/png"})
+        return httpx2.Response(200, content=png, headers={"content-type": "image/png"})
 
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 4))
     options = fast_options(
         output_dir=Path("out"),
         concurrency=1,
-        api_transport=httpx.MockTransport(api),
-        download_transport=httpx.MockTransport(files),
+        api_transport=httpx2.MockTransport(api),
+        download_transport=httpx2.MockTransport(files),
     )
     summary = await run_manifest(manifest, options)
     assert summary.done == 1
