@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .api import run
-from .client import RetryPolicy, RunComfyClient
+from .engine.runner import RunOptions, RunSummary, run_manifest
 from .errors import (
     ApiError,
     ApiValidationError,
@@ -30,10 +30,10 @@ from .errors import (
     UncertainSubmitError,
     UsageError,
 )
-from .manifest import Job, Manifest, load_manifest
-from .runner import RunOptions, RunSummary, run_manifest
-from .sandbox import Sandbox, SandboxConfig, SandboxThread
-from .state import read_journal
+from .journal.store import read_journal
+from .manifest.loader import Job, Manifest, load_manifest
+from .runcomfy.client import RetryPolicy, RunComfyClient
+from .sandbox.server import Sandbox, SandboxConfig, SandboxThread
 
 __all__ = [
     "ApiError",

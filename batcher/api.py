@@ -9,10 +9,10 @@ from typing import Any
 
 import anyio
 
+from .engine.runner import RunOptions, RunSummary, run_manifest
 from .errors import UsageError
-from .manifest import load_manifest
-from .runner import RunOptions, RunSummary, run_manifest
-from .sandbox import SandboxConfig
+from .manifest.loader import load_manifest
+from .sandbox.server import SandboxConfig
 
 __all__ = ["run"]
 

@@ -50,8 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from batcher import RunOptions, load_manifest, run_manifest  # noqa: E402
-from batcher.polling import DurationModel, remote_duration  # noqa: E402
-from batcher.state import CHECKPOINT_NAME, JOURNAL_NAME, Journal  # noqa: E402
+from batcher.journal.store import CHECKPOINT_NAME, JOURNAL_NAME, Journal  # noqa: E402
+from batcher.runcomfy.polling import DurationModel, remote_duration  # noqa: E402
 
 MODEL = "openai/gpt-image-1-5/image-to-image"
 REF = "https://example.org/ref.jpg"
@@ -216,7 +216,7 @@ _PLAN_CHILD = """
 import resource, sys, time
 sys.path.insert(0, {root!r})
 from batcher import load_manifest
-from batcher.cost import estimate
+from batcher.manifest.cost import estimate
 started = time.perf_counter()
 manifest = load_manifest({manifest!r})
 total = sum(estimate(job) or 0.0 for job in manifest.iter_jobs())  # what `batcher plan` does
@@ -270,7 +270,7 @@ _FOLD_CHILD = """
 import sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from batcher.state import read_journal
+from batcher.journal.store import read_journal
 started = time.perf_counter()
 folded = read_journal(Path({path!r}))
 left = sum(1 for r in folded.records.values() if not r.downloaded)
@@ -342,7 +342,7 @@ class _Unlearned(DurationModel):
 
 
 def bench_polls(args: argparse.Namespace) -> None:
-    import batcher.runner
+    import batcher.engine.runner
 
     scale = args.scale
     print(
@@ -359,7 +359,7 @@ def bench_polls(args: argparse.Namespace) -> None:
     }
     learning = DurationModel
     for name, (poll_min, poll_max, learn) in policies.items():
-        batcher.runner.DurationModel = learning if learn else _Unlearned  # type: ignore[misc, assignment]
+        batcher.engine.runner.DurationModel = learning if learn else _Unlearned  # type: ignore[misc, assignment]
         with SandboxProcess(*flags) as sandbox, tempfile.TemporaryDirectory() as tmp:
             manifest = load_manifest(write_manifest(Path(tmp) / "polls.yaml", args.poll_jobs))
             options = RunOptions(
@@ -387,7 +387,7 @@ def bench_polls(args: argparse.Namespace) -> None:
                 f"| {name} | {per_job:.1f} | {statistics.mean(delays) * scale:.2f} s (unscaled) | "
                 f"{statistics.mean(ratios) * 100:.1f}% |"
             )
-    batcher.runner.DurationModel = learning  # type: ignore[misc]
+    batcher.engine.runner.DurationModel = learning  # type: ignore[misc]
 
 
 # -- rate limit ----------------------------------------------------------------------------

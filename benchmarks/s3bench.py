@@ -27,8 +27,8 @@ import boto3
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batcher import RunOptions, SandboxConfig, load_manifest, run_manifest
-from batcher.remote import MirrorFigures, RemoteRun
-from batcher.storage import parse_output
+from batcher.output.remote import MirrorFigures, RemoteRun
+from batcher.output.storage.bucket import parse_output
 from tests.gcsserver import gcs_environment, gcs_server
 from tests.s3server import s3_environment, s3_server
 

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from batcher import Sandbox, SandboxConfig, SandboxThread, read_journal  # noqa: E402
-from batcher.state import JOURNAL_NAME  # noqa: E402
+from batcher.journal.store import JOURNAL_NAME  # noqa: E402
 from benchmarks.bench import write_manifest  # noqa: E402
 
 TOKEN = "sk-torture-SENTINEL-0f9e"

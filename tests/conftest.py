@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from batcher import RetryPolicy, RunOptions, Sandbox, SandboxConfig, SandboxThread
-from batcher.state import Journal
+from batcher.journal.store import Journal
 
 TOKEN = "sk-test-SENTINEL-7f3a9"
 REF = "https://example.org/ref.jpg"
@@ -29,7 +29,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BATCHER_LEDGER", raising=False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / ".state"))
     # Every journal gets a checkpoint, so that resumes in tests start from one and fold only the tail.
-    monkeypatch.setattr("batcher.state.CHECKPOINT_MIN_BYTES", 0)
+    monkeypatch.setattr("batcher.journal.store.CHECKPOINT_MIN_BYTES", 0)
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ from pathlib import Path
 import anyio
 
 from batcher import load_manifest, run_manifest
-from batcher.decisions import Decision, DecisionLog, input_group
-from batcher.folders import read_folder
-from batcher.manifest import Manifest
-from batcher.records import JobRecord
-from batcher.replacements import with_replacements
-from batcher.sandbox import SandboxConfig, make_png
-from batcher.state import Journal
+from batcher.journal.records import JobRecord
+from batcher.journal.store import Journal
+from batcher.manifest.loader import Manifest
+from batcher.output.folders import read_folder
+from batcher.review.decisions import Decision, DecisionLog, input_group
+from batcher.review.replacements import with_replacements
+from batcher.sandbox.server import SandboxConfig, make_png
 
 from .conftest import fast_options, many_jobs_manifest
 

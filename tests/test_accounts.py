@@ -26,12 +26,12 @@ import pytest
 from click.testing import CliRunner
 
 from batcher import RunSummary, SandboxThread, UsageError, load_manifest, read_journal, run_manifest
-from batcher.backpressure import AccountCap
-from batcher.cli import cli
-from batcher.retrying import RetryPolicy
-from batcher.runner import RunPlan
-from batcher.state import JOURNAL_NAME
-from batcher.tokens import FINGERPRINT_KEY, fingerprint, read_token_file, tokens_from_env
+from batcher.cli.main import cli
+from batcher.engine.runner import RunPlan
+from batcher.journal.store import JOURNAL_NAME
+from batcher.net.retrying import RetryPolicy
+from batcher.runcomfy.backpressure import AccountCap
+from batcher.runcomfy.tokens import FINGERPRINT_KEY, fingerprint, read_token_file, tokens_from_env
 
 from .conftest import fast_options, many_jobs_manifest
 
@@ -296,7 +296,7 @@ def test_a_burst_that_meets_the_cap_learns_what_runcomfy_holds() -> None:
 
 def test_a_cap_that_stays_is_asked_past_less_and_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [100.0]
-    monkeypatch.setattr("batcher.backpressure.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("batcher.runcomfy.backpressure.time.monotonic", lambda: clock[0])
     cap = AccountCap(8, recover_after=5.0, most_quiet=20.0)
 
     def fill() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from batcher.cli import cli
+from batcher.cli.main import cli
 
 from .conftest import REF, another_run_holding, many_jobs_manifest, write_manifest
 

@@ -22,9 +22,9 @@ from batcher import (
     UncertainSubmitError,
     UsageError,
 )
-from batcher.client import api_base_from_env, collect_output_urls, normalize_state, token_from_env
 from batcher.errors import RateLimitedError, UnreachableError
-from batcher.retrying import set_testing
+from batcher.net.retrying import set_testing
+from batcher.runcomfy.client import api_base_from_env, collect_output_urls, normalize_state, token_from_env
 
 from .conftest import TOKEN
 
@@ -183,11 +183,11 @@ async def test_each_call_logs_one_line_without_the_token(caplog: pytest.LogCaptu
         await client.submit(MODEL, {"prompt": "x"})
         await client.result("r-1")
         await client.cancel("r-1")
-    calls = [r.getMessage() for r in caplog.records if r.name == "batcher.client"]
+    calls = [r.getMessage() for r in caplog.records if r.name == "batcher.runcomfy.client"]
     assert [line.split(":")[0] for line in calls] == [f"submit {MODEL}"] * 2 + ["result r-1"] * 2 + ["cancel r-1"]
     assert "HTTP 429 in" in calls[0] and "HTTP 200 in" in calls[1] and "ReadTimeout in" in calls[2]
     assert all(line.endswith(" s") for line in calls)
-    assert any("try 2 of 4" in r.getMessage() for r in caplog.records if r.name == "batcher.retrying")
+    assert any("try 2 of 4" in r.getMessage() for r in caplog.records if r.name == "batcher.net.retrying")
     assert TOKEN not in caplog.text
 
 
@@ -296,11 +296,11 @@ async def test_a_server_echoing_the_token_never_gets_it_into_messages() -> None:
     [(False, []), (0, []), (True, ["batcher"]), (1, ["batcher"]), (2, ["batcher", "httpx2", "httpcore2"])],
 )
 def test_verbosity_chooses_whose_lines_are_shown(verbosity: int, shown: list[str]) -> None:
-    from batcher.cli import _setup_logging
+    from batcher.cli.main import _setup_logging
 
     _setup_logging(verbosity, False)  # a bool: `-v` as a flag; an int: `-v` counted
     try:
-        loggers = {"batcher": "batcher.client", "httpx2": "httpx2", "httpcore2": "httpcore2.http11"}
+        loggers = {"batcher": "batcher.runcomfy.client", "httpx2": "httpx2", "httpcore2": "httpcore2.http11"}
         assert [
             name for name, logger in loggers.items() if logging.getLogger(logger).isEnabledFor(logging.DEBUG)
         ] == shown
@@ -309,10 +309,10 @@ def test_verbosity_chooses_whose_lines_are_shown(verbosity: int, shown: list[str
 
 
 async def test_the_rate_limiter_halves_on_429_and_recovers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from batcher.client import RateLimiter
+    from batcher.runcomfy.client import RateLimiter
 
     clock = [100.0]
-    monkeypatch.setattr("batcher.pacing.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("batcher.runcomfy.pacing.time.monotonic", lambda: clock[0])
     limiter = RateLimiter(10.0)
     limiter.refused()
     assert limiter.rate == 5.0
@@ -423,11 +423,11 @@ def _counting_server() -> tuple[int, list[int], Callable[[], None]]:
 
 
 async def test_the_pool_queues_reuses_and_makes_room_for_another_origin() -> None:
-    """`batcher.transport` is httpx2's public transport with every connection kept alive. With room for 2
+    """`batcher.net.transport` is httpx2's public transport with every connection kept alive. With room for 2
     connections: 12 requests at once all complete (the queued ones wait for a free connection), the server sees
     2 connections, later requests reuse them, and a request to another origin while both are idle closes one to
     make room at once, rather than waiting. Counted at the servers: no private attribute is read."""
-    from batcher.transport import pooled_transport
+    from batcher.net.transport import pooled_transport
 
     port, accepted, close = _counting_server()
     other_port, other_accepted, close_other = _counting_server()
@@ -454,7 +454,7 @@ async def test_the_pool_queues_reuses_and_makes_room_for_another_origin() -> Non
 
 
 async def test_a_connection_its_server_closed_while_idle_is_never_reused() -> None:
-    """The pool asks idle connections whether their server closed them (`batcher.transport._Stream`'s cheap
+    """The pool asks idle connections whether their server closed them (`batcher.net.transport._Stream`'s cheap
     check): a server that answers once and closes must cost a new connection, not a failed request (for a
     submit, an uncertain one)."""
     import socket
@@ -478,7 +478,7 @@ async def test_a_connection_its_server_closed_while_idle_is_never_reused() -> No
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    from batcher.transport import pooled_transport
+    from batcher.net.transport import pooled_transport
 
     try:
         async with httpx2.AsyncClient(transport=pooled_transport(4)) as client:

@@ -12,11 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from batcher import JournalCorruptError, JournalError, load_manifest, run_manifest
-from batcher.cli import cli
-from batcher.decisions import DECISIONS_NAME, DecisionLog, fold_decisions, read_decisions
-from batcher.replacements import REPLACEMENT_BASE, pending_replacements, with_replacements
-from batcher.report import status_report
-from batcher.sandbox import SandboxConfig
+from batcher.cli.main import cli
+from batcher.reports.report import status_report
+from batcher.review.decisions import DECISIONS_NAME, DecisionLog, fold_decisions, read_decisions
+from batcher.review.replacements import REPLACEMENT_BASE, pending_replacements, with_replacements
+from batcher.sandbox.server import SandboxConfig
 
 from .conftest import fast_options
 from .reviewkit import decide, finished_run, records_of

@@ -27,13 +27,13 @@ from batcher import (
     read_journal,
     run_manifest,
 )
-from batcher.client import normalize_state
-from batcher.cost import estimate
-from batcher.polling import remote_duration
-from batcher.runner import RunPlan
-from batcher.sandbox import DIALECTS, SandboxConfig
-from batcher.standing import category
-from batcher.state import JOURNAL_NAME
+from batcher.engine.runner import RunPlan
+from batcher.journal.standing import category
+from batcher.journal.store import JOURNAL_NAME
+from batcher.manifest.cost import estimate
+from batcher.runcomfy.client import normalize_state
+from batcher.runcomfy.polling import remote_duration
+from batcher.sandbox.server import DIALECTS, SandboxConfig
 
 from .conftest import TOKEN, fast_options, many_jobs_manifest, write_manifest
 

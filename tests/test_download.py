@@ -10,10 +10,10 @@ import httpx2
 import pytest
 
 from batcher import DownloadError, SandboxThread
-from batcher.download import DEFAULT_MAX_BYTES, Downloader, safe_child
-from batcher.netpolicy import address_refusal, scheme_refusal
-from batcher.retrying import set_testing
-from batcher.sandbox import make_png
+from batcher.net.policy import address_refusal, scheme_refusal
+from batcher.net.retrying import set_testing
+from batcher.output.download import DEFAULT_MAX_BYTES, Downloader, safe_child
+from batcher.sandbox.server import make_png
 
 PNG = make_png("x")
 PUBLIC = "https://93.184.216.34"  # a literal public address: resolves to itself, no DNS needed
@@ -57,7 +57,7 @@ async def test_a_good_download_is_hashed_and_in_place_without_credentials(tmp_pa
 async def test_a_file_larger_than_one_batch_streams_to_disk(tmp_path: Path) -> None:
     import hashlib
 
-    from batcher.download import _WRITE_BATCH
+    from batcher.output.download import _WRITE_BATCH
 
     body = bytes(range(256)) * ((_WRITE_BATCH * 2 + 12_345) // 256)  # three batches, the last one partial
     seen: list[httpx2.Request] = []

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from batcher import ManifestError, load_manifest
-from batcher.manifest import shard_of
-from batcher.schema import bundled_schema_dir
+from batcher.manifest.loader import shard_of
+from batcher.manifest.schema import bundled_schema_dir
 
 from .conftest import MODEL, REF, user_schema_folder, write_manifest
 

@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from batcher import UsageError, load_manifest
-from batcher.cli import cli
-from batcher.dataset import dataset_rows
-from batcher.export import export_dataset
-from batcher.folders import read_folder
+from batcher.cli.main import cli
+from batcher.output.dataset import dataset_rows
+from batcher.output.folders import read_folder
+from batcher.reports.export import export_dataset
 
 from .reviewkit import decide, finished_run
 

@@ -1,4 +1,4 @@
-"""fsync in groups (`batcher.groupsync`): every caller's file is synced, in fewer hops than files, errors kept apart."""
+"""fsync in groups (`batcher.output.groupsync`): every caller's file is synced, in fewer hops than files, errors kept apart."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from batcher import groupsync
-from batcher.groupsync import GroupSync
+from batcher.output import groupsync
+from batcher.output.groupsync import GroupSync
 
 
 async def test_files_arriving_together_are_synced_in_few_hops_and_each_caller_waits_for_its_own(

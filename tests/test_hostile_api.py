@@ -29,9 +29,9 @@ from batcher import (
     TransientApiError,
     UncertainSubmitError,
 )
-from batcher.client import collect_output_urls
-from batcher.polling import remote_duration
 from batcher.printable import printable
+from batcher.runcomfy.client import collect_output_urls
+from batcher.runcomfy.polling import remote_duration
 
 from .conftest import TOKEN
 
@@ -325,7 +325,7 @@ async def test_a_zero_epoch_created_at_teaches_no_duration(serve: Callable[[Answ
 
 
 def test_the_journal_view_of_a_hand_made_result_is_json_safe() -> None:
-    from batcher.client import RequestResult
+    from batcher.runcomfy.client import RequestResult
 
     raw = {"status": "completed", "x": [float("nan"), float("inf")], "y": "\ud800", "big": 10**5000}
     result = RequestResult("r", "completed", "completed", [], None, float("nan"), None, raw)

@@ -20,10 +20,10 @@ import httpx2
 import pytest
 
 from batcher import DownloadError, load_manifest, read_journal, run_manifest
-from batcher.download import Downloader
-from batcher.netpolicy import address_refusal
-from batcher.sandbox import make_png
-from batcher.state import JOURNAL_NAME, encode_event, fold_bytes
+from batcher.journal.store import JOURNAL_NAME, encode_event, fold_bytes
+from batcher.net.policy import address_refusal
+from batcher.output.download import Downloader
+from batcher.sandbox.server import make_png
 
 from .conftest import fast_options, many_jobs_manifest
 

@@ -25,10 +25,10 @@ from batcher import (
     read_journal,
     run_manifest,
 )
-from batcher.cli import cli
-from batcher.dataset import METADATA_NAME
-from batcher.gallery import GALLERY_NAME
-from batcher.state import JOURNAL_NAME, encode_event
+from batcher.cli.main import cli
+from batcher.journal.store import JOURNAL_NAME, encode_event
+from batcher.output.dataset import METADATA_NAME
+from batcher.reports.gallery import GALLERY_NAME
 
 from .conftest import fast_options, many_jobs_manifest
 
@@ -211,7 +211,7 @@ def test_status_never_reads_a_journal_that_is_a_link_or_a_device(tmp_path: Path)
 
 
 def test_live_prices_committed_into_the_output_folder_cannot_lower_the_estimates(tmp_path: Path) -> None:
-    from batcher.cost import forget_price_tables
+    from batcher.manifest.cost import forget_price_tables
 
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 2, quality="high")
     table = tmp_path / "out" / ".prices" / "openai" / "gpt-image-1-5" / "image-to-image.pricing.json"

@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from batcher import load_manifest
-from batcher.cli import cli
+from batcher.cli.main import cli
 from batcher.errors import ManifestError, UsageError
-from batcher.schema import load_model_schema
+from batcher.manifest.schema import load_model_schema
 
 from .conftest import MODEL, REF, write_manifest
 
@@ -100,7 +100,7 @@ def test_ordinary_anchors_keep_working(tmp_path: Path) -> None:
 def test_the_alias_budget_grows_with_what_the_file_writes_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A long manifest merging the same few fields into every job copies much through aliases, yet
     # no more than ten times what it writes out: allowed. A bomb of the same size is not.
-    monkeypatch.setattr("batcher.yamlread.MAX_ALIAS_VALUES", 1_000)
+    monkeypatch.setattr("batcher.manifest.yamlread.MAX_ALIAS_VALUES", 1_000)
     lines = [f"model: {MODEL}", "x-shared: &s {quality: low, background: opaque, output_format: png}", "jobs:"]
     for i in range(400):  # 400 merges of 7 values each: 2,800 copied, 4,000+ written
         lines += ["  - <<: *s", f"    prompt: 'prompt {i}'", f"    image_urls: ['{REF}']"]

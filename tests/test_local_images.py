@@ -16,10 +16,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from batcher import SandboxThread, load_manifest, read_journal, run_manifest
-from batcher.cli import cli
-from batcher.sandbox import make_png
-from batcher.standing import category
-from batcher.state import JOURNAL_NAME
+from batcher.cli.main import cli
+from batcher.journal.standing import category
+from batcher.journal.store import JOURNAL_NAME
+from batcher.sandbox.server import make_png
 
 from .conftest import MODEL, REF, TOKEN, fast_options, write_manifest
 
@@ -254,7 +254,7 @@ def test_the_whole_request_must_fit_in_64_mib(
     runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = _project(tmp_path / "proj")
-    monkeypatch.setattr("batcher.localimages.MAX_REQUEST_BYTES", 1000)  # the real cap, without 64 MiB of files
+    monkeypatch.setattr("batcher.manifest.localimages.MAX_REQUEST_BYTES", 1000)  # the real cap, without 64 MiB of files
     result = _validate(runner, manifest)
     assert result.exit_code == 2, result.output
     assert f"{manifest}:6: jobs[0].image_urls" in result.output
@@ -395,8 +395,8 @@ def test_a_big_data_uri_in_the_manifest_is_refused_so_the_journal_stays_small(tm
 
     from click.testing import CliRunner
 
-    from batcher.cli import cli
-    from batcher.sandbox import make_png
+    from batcher.cli.main import cli
+    from batcher.sandbox.server import make_png
 
     uri = "data:image/png;base64," + base64.b64encode(make_png("big", 64)).decode()
     path = tmp_path / "m.yaml"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from batcher import ManifestError, UsageError, load_manifest
-from batcher.manifest import job_key
+from batcher.manifest.loader import job_key
 
 from .conftest import REF, write_manifest
 
@@ -197,7 +197,7 @@ def test_the_editor_schema_accepts_the_examples_and_catches_typos() -> None:
 
 
 def test_a_jobs_list_is_streamed_unless_it_uses_anchors(tmp_path: Path) -> None:
-    from batcher.yamlread import LocatedYaml, Skimmed
+    from batcher.manifest.yamlread import LocatedYaml, Skimmed
 
     streamed = f"""
     model: openai/gpt-image-1-5/image-to-image

@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from batcher import SandboxThread, load_manifest, read_journal, run_manifest
-from batcher.cli import cli
+from batcher.cli.main import cli
 from batcher.errors import ManifestChangedError
-from batcher.standing import category
-from batcher.state import JOURNAL_NAME
+from batcher.journal.standing import category
+from batcher.journal.store import JOURNAL_NAME
 
 from .conftest import TOKEN, fast_options, many_jobs_manifest
 
@@ -484,7 +484,7 @@ def test_another_project_with_a_manifest_of_the_same_name_is_not_blocked(
 async def test_a_live_price_below_the_bundled_one_never_lowers_the_estimates(
     tmp_path: Path, start_sandbox: StartSandbox, live: float
 ) -> None:
-    from batcher.runner import RunPlan
+    from batcher.engine.runner import RunPlan
 
     sandbox = start_sandbox(model_price=live)
     seen: list[RunPlan] = []
@@ -496,7 +496,7 @@ async def test_a_live_price_below_the_bundled_one_never_lowers_the_estimates(
 
 
 async def test_server_text_in_the_live_price_is_made_printable(tmp_path: Path) -> None:
-    from batcher.runner import RunPlan
+    from batcher.engine.runner import RunPlan
 
     def api(request: httpx2.Request) -> httpx2.Response:
         if request.url.path.startswith("/v1/models/"):
@@ -580,7 +580,7 @@ def test_plan_sends_no_token_to_an_api_base_a_journal_names(
 ) -> None:
     """Found by review: `plan` took the API base from the folder's journal (a file anyone could commit)
     and asked it for prices with the user's token."""
-    from batcher.state import Journal
+    from batcher.journal.store import Journal
 
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
     journal = Journal(tmp_path / "out")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from batcher.cli import cli
+from batcher.cli.main import cli
 
 from .conftest import TOKEN, many_jobs_manifest
 
@@ -150,7 +150,7 @@ def test_a_receiver_that_drips_its_answer_cannot_hold_the_run_s_end(monkeypatch:
     import threading
     import time
 
-    from batcher import notify
+    from batcher.reports import notify
 
     monkeypatch.setattr(notify, "TIMEOUT", 0.5)
     server = socket.create_server(("127.0.0.1", 0))

@@ -43,7 +43,7 @@ def test_the_wheel_carries_the_schemas_and_uses_them(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = (
-        "import batcher.schema as s; m = s.load_model_schema('openai/gpt-image-1-5/image-to-image');"
+        "import batcher.manifest.schema as s; m = s.load_model_schema('openai/gpt-image-1-5/image-to-image');"
         "print(s.bundled_schema_dir().name, sorted(m.properties)[0])"
     )
     env = {**os.environ, "PYTHONPATH": str(site)}

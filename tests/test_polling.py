@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from batcher.polling import DurationModel, remote_duration
+from batcher.runcomfy.polling import DurationModel, remote_duration
 
 
 def test_nothing_is_suggested_until_a_few_jobs_finished() -> None:

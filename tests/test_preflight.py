@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx2
 import pytest
 
-from batcher.preflight import MAX_INPUT_BYTES, UrlCheck, check_urls
-from batcher.redirects import MAX_REDIRECTS
+from batcher.manifest.preflight import MAX_INPUT_BYTES, UrlCheck, check_urls
+from batcher.net.redirects import MAX_REDIRECTS
 
 PUBLIC = "https://93.184.216.34"  # a literal public address: resolves to itself, no DNS needed
 

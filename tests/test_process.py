@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from batcher import SandboxThread, read_journal
-from batcher.state import JOURNAL_NAME
+from batcher.journal.store import JOURNAL_NAME
 
 from .conftest import TOKEN, many_jobs_manifest
 
@@ -154,7 +154,7 @@ def test_cancel_on_interrupt_cancels_queued_jobs(tmp_path: Path, start_sandbox: 
 def test_a_run_checkpoints_as_it_goes_so_a_kill_leaves_a_short_tail(
     tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batcher.state import CHECKPOINT_NAME, _load_checkpoint, fold_bytes
+    from batcher.journal.store import CHECKPOINT_NAME, _load_checkpoint, fold_bytes
 
     monkeypatch.setenv("BATCHER_CHECKPOINT_EVERY_BYTES", "1")  # one at every fsync tick with news
     monkeypatch.setenv("BATCHER_CHECKPOINT_MIN_BYTES", "0")

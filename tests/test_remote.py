@@ -26,13 +26,13 @@ import pytest
 from click.testing import CliRunner
 
 from batcher import SandboxThread, UsageError, load_manifest, read_journal, run_manifest
-from batcher.cli import cli
-from batcher.folders import read_folder
-from batcher.remote import RemoteRun, pull_view
-from batcher.retrying import set_testing
-from batcher.scheduler import shard_from_scheduler
-from batcher.state import JOURNAL_NAME, fold_bytes
-from batcher.storage import StorageError, open_bucket, parse_output
+from batcher.cli.main import cli
+from batcher.engine.scheduler import shard_from_scheduler
+from batcher.journal.store import JOURNAL_NAME, fold_bytes
+from batcher.net.retrying import set_testing
+from batcher.output.folders import read_folder
+from batcher.output.remote import RemoteRun, pull_view
+from batcher.output.storage.bucket import StorageError, open_bucket, parse_output
 
 from .conftest import TOKEN, fast_options, many_jobs_manifest
 from .faultproxy import Fault, FaultProxy, fault_proxy
@@ -537,8 +537,8 @@ def test_an_object_larger_than_a_read_allows_is_refused_not_read_whole(
 ) -> None:
     """A bucket may hold anything: a journal segment over the cap (1 GiB; 1,000 bytes here) is refused with a
     message, never read into memory whole, and a lease over 64 KiB likewise. Every network answer is bounded."""
-    monkeypatch.setattr("batcher.storage.MAX_OBJECT_BYTES", 1000)
-    for module in ("batcher.s3", "batcher.gcs"):
+    monkeypatch.setattr("batcher.output.storage.bucket.MAX_OBJECT_BYTES", 1000)
+    for module in ("batcher.output.storage.s3", "batcher.output.storage.gcs"):
         monkeypatch.setattr(f"{module}.MAX_OBJECT_BYTES", 1000)
     store.put_raw("big/journal/00000000.jsonl", b"x" * 5000)
     output = parse_output(store.url("big"))
@@ -588,7 +588,7 @@ async def test_many_segments_are_folded_into_one_base_that_a_resume_reads(
     """At a run's end more than _COMPACT_AFTER segments become one base object (the old ones deleted); the
     journal read back from it, elsewhere, is the run's."""
     # 0: however few segments this machine's timing groups the run's lines into (CI's made 2), they are folded.
-    monkeypatch.setattr("batcher.remote._COMPACT_AFTER", 0)
+    monkeypatch.setattr("batcher.output.remote._COMPACT_AFTER", 0)
     sandbox = start_sandbox()
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)
     remote = parse_output(store.url("folded"))

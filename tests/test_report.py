@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from batcher import load_manifest, run_manifest
-from batcher.cli import cli
-from batcher.dataset import METADATA_NAME
-from batcher.sandbox import SandboxConfig
+from batcher.cli.main import cli
+from batcher.output.dataset import METADATA_NAME
+from batcher.sandbox.server import SandboxConfig
 
 from .conftest import fast_options, many_jobs_manifest
 

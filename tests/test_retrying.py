@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
-from batcher.retrying import (
+from batcher.net.retrying import (
     RetryPolicy,
     TryAgain,
     is_testing,

@@ -15,10 +15,10 @@ import httpx2
 import pytest
 
 from batcher import UsageError, load_manifest
-from batcher.decisions import DECISIONS_NAME, read_decisions
-from batcher.review import ReviewServer
-from batcher.sandbox import make_png
-from batcher.thumbnails import INPUTS_DIR, InputImages, input_id
+from batcher.review.decisions import DECISIONS_NAME, read_decisions
+from batcher.review.server import ReviewServer
+from batcher.review.thumbnails import INPUTS_DIR, InputImages, input_id
+from batcher.sandbox.server import make_png
 
 from .reviewkit import finished_run
 
@@ -226,7 +226,7 @@ def test_the_server_writes_only_decisions_and_inputs(served, tmp_path: Path) -> 
 def test_nothing_to_review_says_so(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from batcher.cli import cli
+    from batcher.cli.main import cli
 
     from .conftest import many_jobs_manifest
 

@@ -14,9 +14,9 @@ import anyio
 import pytest
 
 from batcher import load_manifest, run_manifest
-from batcher.decisions import read_decisions
-from batcher.folders import read_folder
-from batcher.review import ReviewServer
+from batcher.output.folders import read_folder
+from batcher.review.decisions import read_decisions
+from batcher.review.server import ReviewServer
 
 from .browser import chromium, press, ready, saved, wait_for
 from .conftest import fast_options

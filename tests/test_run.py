@@ -25,9 +25,9 @@ from batcher import (
     read_journal,
     run_manifest,
 )
-from batcher.retrying import RetryPolicy
-from batcher.runner import cancel_manifest
-from batcher.state import JOURNAL_NAME
+from batcher.engine.runner import cancel_manifest
+from batcher.journal.store import JOURNAL_NAME
+from batcher.net.retrying import RetryPolicy
 
 from .conftest import TOKEN, another_run_holding, fast_options, many_jobs_manifest
 
@@ -276,7 +276,7 @@ async def test_a_journal_that_cannot_record_a_request_id_stops_the_run_and_says_
     import errno
     import os
 
-    import batcher.state
+    import batcher.journal.store
 
     real_write = os.write
 
@@ -287,11 +287,11 @@ async def test_a_journal_that_cannot_record_a_request_id_stops_the_run_and_says_
 
     sandbox = start_sandbox()
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
-    monkeypatch.setattr(batcher.state.os, "write", full_disk)
+    monkeypatch.setattr(batcher.journal.store.os, "write", full_disk)
     with pytest.raises(JournalError, match=r"No space left on device.*WAS submitted as request sbx-") as caught:
         await _run(manifest, sandbox, concurrency=1)
     assert sandbox.sandbox.submits[0].request_id in str(caught.value)
-    monkeypatch.setattr(batcher.state.os, "write", real_write)
+    monkeypatch.setattr(batcher.journal.store.os, "write", real_write)
 
     # The journal still folds; the job whose answer was lost is uncertain, never resent.
     again = await _run(manifest, sandbox)
@@ -305,18 +305,18 @@ async def test_an_unwritable_output_folder_stops_the_run_cleanly(
 ) -> None:
     import errno
 
-    import batcher.download
+    import batcher.output.download
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise OSError(getattr(errno, code), os_strerror(code))
 
     sandbox = start_sandbox()
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 4)
-    real_create = batcher.download._create
-    monkeypatch.setattr(batcher.download, "_create", refuse)
+    real_create = batcher.output.download._create
+    monkeypatch.setattr(batcher.output.download, "_create", refuse)
     with pytest.raises(OutputFolderError, match="free space or fix permissions"):
         await _run(manifest, sandbox, concurrency=1)
-    monkeypatch.setattr(batcher.download, "_create", real_create)
+    monkeypatch.setattr(batcher.output.download, "_create", real_create)
     folded = read_journal(tmp_path / "out" / JOURNAL_NAME)
     assert {r.request_id for r in folded.records.values() if r.request_id} == {
         s.request_id for s in sandbox.sandbox.submits
@@ -348,7 +348,7 @@ async def test_cancel_cancels_queued_jobs(tmp_path: Path, start_sandbox: StartSa
 
 async def test_unknown_states_empty_outputs_and_unsafe_urls_fail_one_job_each(tmp_path: Path) -> None:
     """A scripted API: each job meets a different oddity; the run goes on and reports each."""
-    from batcher.sandbox import make_png
+    from batcher.sandbox.server import make_png
 
     png = make_png("ok")
     results: dict[str, list[dict[str, object]]] = {

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from batcher import SandboxThread
-from batcher.cli import cli
+from batcher.cli.main import cli
 
 from .conftest import REF, many_jobs_manifest, user_schema_folder, write_manifest
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from batcher import JournalCorruptError, JournalLockedError
-from batcher.state import JOURNAL_NAME, Journal, encode_event, fold_bytes, read_journal, write_checkpoint
+from batcher.journal.store import JOURNAL_NAME, Journal, encode_event, fold_bytes, read_journal, write_checkpoint
 
 
 def _events() -> list[dict[str, object]]:
@@ -85,7 +85,7 @@ def test_a_second_writer_is_refused(tmp_path: Path) -> None:
             Journal(tmp_path).open()
         # ... also from another process, which is how two `batcher run`s meet
         code = (
-            "import sys; from pathlib import Path; from batcher.state import Journal\n"
+            "import sys; from pathlib import Path; from batcher.journal.store import Journal\n"
             "try:\n    Journal(Path(sys.argv[1])).open()\nexcept Exception as e:\n    print(type(e).__name__)"
         )
         out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
@@ -158,7 +158,7 @@ def test_a_flipped_byte_before_the_last_line_is_always_caught(position: int, fli
 
 
 def test_a_failed_redownload_no_longer_claims_the_file() -> None:
-    from batcher.standing import category
+    from batcher.journal.standing import category
 
     events = [*_events(), {"t": 2.0, "e": "download_failed", "job": "a", "index": 0, "reason": "disk"}]
     record = fold_bytes(_journal_bytes(events)).records["a"]
@@ -187,7 +187,7 @@ def _write_session(folder: Path, start: int, count: int, *, close: bool = True) 
 
 
 def _same(a: object, b: object) -> None:
-    from batcher.state import FoldedJournal
+    from batcher.journal.store import FoldedJournal
 
     assert isinstance(a, FoldedJournal) and isinstance(b, FoldedJournal)
     assert a.records == b.records and a.headers == b.headers and a.good_length == b.good_length
@@ -195,12 +195,12 @@ def _same(a: object, b: object) -> None:
 
 @pytest.fixture
 def small_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("batcher.state.CHECKPOINT_MIN_BYTES", 0)
+    monkeypatch.setattr("batcher.journal.store.CHECKPOINT_MIN_BYTES", 0)
 
 
 @pytest.mark.usefixtures("small_checkpoints")
 def test_a_checkpoint_folds_only_the_tail_and_agrees_with_a_full_fold(tmp_path: Path) -> None:
-    from batcher.state import CHECKPOINT_NAME
+    from batcher.journal.store import CHECKPOINT_NAME
 
     _write_session(tmp_path, 0, 30)
     assert (tmp_path / CHECKPOINT_NAME).is_file()
@@ -214,7 +214,7 @@ def test_a_checkpoint_folds_only_the_tail_and_agrees_with_a_full_fold(tmp_path: 
 
 @pytest.mark.usefixtures("small_checkpoints")
 def test_a_checkpoint_that_does_not_match_is_ignored(tmp_path: Path) -> None:
-    from batcher.state import CHECKPOINT_NAME
+    from batcher.journal.store import CHECKPOINT_NAME
 
     _write_session(tmp_path, 0, 20)
     path = tmp_path / JOURNAL_NAME
@@ -250,7 +250,7 @@ def test_a_torn_tail_after_a_checkpoint_is_cut_as_usual(tmp_path: Path) -> None:
 def test_a_settled_record_reads_back_equal_and_changes_only_through_live(tmp_path: Path) -> None:
     """RecordTable keeps records a run is done with as deflated rows: reading gives an equal copy,
     `live` the one to change, and a checkpoint of settled rows folds back to the same records."""
-    from batcher.recordtable import RecordTable, record_row
+    from batcher.journal.table import RecordTable, record_row
 
     journal = Journal(tmp_path)
     journal.open()
@@ -285,8 +285,8 @@ def test_a_row_too_long_for_the_arena_stays_a_live_record() -> None:
     checkpoint line made long) must not wrap into another row's bytes."""
     import orjson
 
-    from batcher.records import JobRecord
-    from batcher.recordtable import RecordTable, record_row
+    from batcher.journal.records import JobRecord
+    from batcher.journal.table import RecordTable, record_row
 
     table = RecordTable()
     huge = JobRecord("a" * 16, name="huge", phase="completed", outputs=["https://x/" + "y" * (1 << 24)])

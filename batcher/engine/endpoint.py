@@ -1,0 +1,66 @@
+"""Which API a run talks to, with which token: RunComfy's, or an in-process sandbox's.
+
+The sandbox is imported only when a run asks for one: the fake server is
+not part of a real run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from ..output.folders import SANDBOX_API, api_identity
+from ..runcomfy.client import api_base_from_env
+from ..runcomfy.tokens import tokens_from_env
+
+if TYPE_CHECKING:
+    from ..sandbox.server import SandboxConfig
+
+__all__ = ["SANDBOX_TOKEN", "Endpoint", "open_endpoint"]
+
+SANDBOX_TOKEN = "sandbox-token"
+"""What a run sends to the in-process sandbox, which accepts any bearer token."""
+
+
+class Endpoint:
+    """An API to talk to: its base URL, the tokens for it (one per account; the first is the one single
+    calls use), and its identity for journals and the ledger."""
+
+    __slots__ = ("base_url", "identity", "sandbox", "token", "tokens")
+
+    def __init__(self, base_url: str, token: str, *, sandbox: bool, tokens: tuple[str, ...] = ()) -> None:
+        self.base_url = base_url
+        self.token = token
+        self.tokens = tokens or (token,)
+        self.sandbox = sandbox
+        """An in-process sandbox: nothing is charged."""
+        self.identity = SANDBOX_API if sandbox else api_identity(base_url)
+
+    def __repr__(self) -> str:  # never the token
+        return f"Endpoint({self.base_url!r}, sandbox={self.sandbox})"
+
+
+@asynccontextmanager
+async def open_endpoint(
+    *,
+    sandbox: SandboxConfig | None,
+    api_base: str | None,
+    token: str | None,
+    tokens: tuple[str, ...] | None = None,
+) -> AsyncIterator[Endpoint]:
+    """The in-process sandbox (served for as long as the block lasts), or the real API from the
+    flag, then ``RUNCOMFY_API_BASE``, and the tokens given (tokens, else token) or from the
+    environment (see `batcher.runcomfy.tokens`).
+
+    Raises UsageError when the real API is asked for with no token or a bad base.
+    """
+    if sandbox is not None:
+        from ..sandbox.server import Sandbox  # only when asked for
+
+        async with Sandbox(sandbox).running() as url:
+            yield Endpoint(url, SANDBOX_TOKEN, sandbox=True)
+        return
+    # The first thing a new user meets: said before anything else.
+    held = tuple(tokens) if tokens else (token,) if token else tokens_from_env()
+    yield Endpoint(api_base_from_env(api_base), held[0], sandbox=False, tokens=held)

@@ -1,0 +1,100 @@
+"""Price estimates from a bundled, per-model price table.
+
+A table is a JSON file beside the model's input schema
+(``<model>.pricing.json``): ``keys`` names the input fields that set the
+price, and ``prices`` nests one level per key. ``source``, ``as_of``,
+``unit`` (RunComfy's ``price_unit``, ``output`` for an image) and ``note``
+say where the numbers come from; other fields (``provenance``) are for
+people and ignored. Where a table prices a field the service may resolve
+either way, it should give the upper bound.
+
+Prices change: a folder named by ``BATCHER_PRICES``, laid out the same way
+(``openai/gpt-image-1-5/image-to-image.pricing.json``), overrides the
+bundled tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from .loader import Job
+from .schema import bundled_schema_dir
+
+__all__ = ["PRICES_ENV", "PriceTable", "estimate", "forget_price_tables", "load_price_table"]
+
+PRICES_ENV = "BATCHER_PRICES"
+
+
+@dataclass(frozen=True, slots=True)
+class PriceTable:
+    """Prices for one model, with where they came from."""
+
+    model: str
+    keys: tuple[str, ...]
+    prices: dict[str, Any]
+    source: str
+    as_of: str
+    unit: str = "output"
+    """RunComfy's ``price_unit`` (``output`` for an image model, ``second`` for video)."""
+    note: str = ""
+    """One line on how the prices go, as RunComfy's ``pricing_note``."""
+
+    def price(self, payload: dict[str, Any]) -> float | None:
+        """The price of one job with this input, or None when the table does not say."""
+        level: Any = self.prices
+        for key in self.keys:
+            if not isinstance(level, dict):
+                return None
+            level = level.get(str(payload.get(key)))
+        return float(level) if isinstance(level, int | float) else None
+
+
+@cache
+def _load(path: Path) -> PriceTable | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return PriceTable(
+            model=data["model"],
+            keys=tuple(data["keys"]),
+            prices=data["prices"],
+            source=data.get("source", ""),
+            as_of=data.get("as_of", ""),
+            unit=str(data.get("unit") or "output"),
+            note=str(data.get("note") or ""),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_price_table(model_id: str, directories: Sequence[Path] = ()) -> PriceTable | None:
+    """The price table for model_id from the given folders, then BATCHER_PRICES, then the bundled ones."""
+    return _find(model_id, tuple(directories), os.environ.get(PRICES_ENV))
+
+
+def estimate(job: Job, directories: Sequence[Path] = ()) -> float | None:
+    """One job's price, or None when no table says; directories are the manifest's schema folders."""
+    table = load_price_table(job.model, directories)
+    return table.price(job.input) if table else None
+
+
+def forget_price_tables() -> None:
+    """Drop the cached tables: a run just wrote a new one (the live price) where they are looked up."""
+    _find.cache_clear()
+    _load.cache_clear()
+
+
+@cache
+def _find(model_id: str, directories: tuple[Path, ...], override: str | None) -> PriceTable | None:
+    # Cached: estimates run once per job, and a file system look-up per job adds up at 100,000.
+    name = model_id.rsplit("/", 1)[-1] + ".pricing.json"
+    for directory in [*directories, *([Path(override)] if override else []), bundled_schema_dir()]:
+        path = directory.joinpath(*model_id.split("/")).with_name(name)
+        if path.is_file():
+            return _load(path)
+    return None
