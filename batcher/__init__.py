@@ -11,8 +11,8 @@ The library is the product; the ``batcher`` command is one consumer of it::
 from __future__ import annotations
 
 from ._version import __version__
-from .api import run
-from .engine.runner import RunOptions, RunSummary, run_manifest
+from .api import cancel_manifest, run, run_manifest
+from .engine.runner import RunOptions, RunSummary
 from .errors import (
     ApiError,
     ApiValidationError,
@@ -61,6 +61,7 @@ __all__ = [
     "UncertainSubmitError",
     "UsageError",
     "__version__",
+    "cancel_manifest",
     "load_manifest",
     "read_journal",
     "run",

@@ -1,20 +1,50 @@
-"""The synchronous entry point: `batcher.run(...)`."""
+"""The library's entry points: `batcher.run(...)` (synchronous) and `run_manifest` / `cancel_manifest` (async).
+
+They are the engine's own, with the one thing the engine cannot do itself: it
+never imports the sandbox, so a rehearsal (``RunOptions(sandbox=True)``) gets
+its default sandbox here.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import fields
+from collections.abc import Callable, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from .engine.runner import RunOptions, RunSummary, run_manifest
+from .engine import runner
+from .engine.progress import RunProgress
+from .engine.runner import CancelSummary, RunOptions, RunPlan, RunSummary
 from .errors import UsageError
-from .manifest.loader import load_manifest
+from .manifest.loader import Manifest, load_manifest
 from .sandbox.server import SandboxConfig
 
-__all__ = ["run"]
+__all__ = ["cancel_manifest", "run", "run_manifest"]
+
+
+def _with_sandbox(options: RunOptions | None) -> RunOptions | None:
+    """options, its sandbox settings filled in when it asks for a sandbox without them."""
+    if options is not None and options.sandbox and options.sandbox_config is None:
+        options = replace(options, sandbox_config=SandboxConfig())
+    return options
+
+
+async def run_manifest(
+    manifest: Manifest,
+    options: RunOptions | None = None,
+    *,
+    on_start: Callable[[RunProgress], None] | None = None,
+    on_plan: Callable[[RunPlan], None] | None = None,
+) -> RunSummary:
+    """Run (or resume) every job of manifest: `batcher.engine.runner.run_manifest`, sandbox included."""
+    return await runner.run_manifest(manifest, _with_sandbox(options), on_start=on_start, on_plan=on_plan)
+
+
+async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None) -> CancelSummary:
+    """Cancel every job of manifest still cancellable: `batcher.engine.runner.cancel_manifest`, sandbox included."""
+    return await runner.cancel_manifest(manifest, _with_sandbox(options))
 
 
 def run(

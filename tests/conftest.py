@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,6 +16,20 @@ TOKEN = "sk-test-SENTINEL-7f3a9"
 REF = "https://example.org/ref.jpg"
 MODEL = "openai/gpt-image-1-5/image-to-image"
 """The bundled model most tests' manifests use."""
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """The CLI's logging set-up (`basicConfig(force=True)`, ERROR with -q) is the process's: undone after each
+    test, so a later test in the same worker (pytest-xdist runs many in one) sees warnings again."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    ours = {name: logging.getLogger(name).level for name in ("batcher", "httpx2", "httpcore2")}
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+    for name, was in ours.items():
+        logging.getLogger(name).setLevel(was)
 
 
 @pytest.fixture(autouse=True)

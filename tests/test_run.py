@@ -21,11 +21,11 @@ from batcher import (
     SandboxConfig,
     SandboxThread,
     UsageError,
+    cancel_manifest,
     load_manifest,
     read_journal,
     run_manifest,
 )
-from batcher.engine.runner import cancel_manifest
 from batcher.journal.store import JOURNAL_NAME
 from batcher.net.retrying import RetryPolicy
 

@@ -26,8 +26,9 @@ from rich.live import Live
 from rich.table import Table
 
 from .._version import __version__
+from ..api import cancel_manifest, run_manifest
 from ..engine.progress import ProgressView, RunProgress, plain_progress_line
-from ..engine.runner import RunOptions, RunPlan, RunSummary, cancel_manifest, run_manifest
+from ..engine.runner import RunOptions, RunPlan, RunSummary
 from ..engine.scheduler import is_auto, shard_from_scheduler
 from ..errors import (
     AuthError,
@@ -56,7 +57,7 @@ from ..output.folders import (
 )
 from ..output.ledger import noted_buckets, noted_folders
 from ..output.remote import StoredFiles, pull_view
-from ..output.storage.bucket import RemoteOutput, open_bucket, parse_output, upload
+from ..output.storage import RemoteOutput, open_bucket, parse_output, upload
 from ..printable import printable
 from ..reports.export import DEFAULT_SHARD_SIZE, FORMATS, ExportFormat, export_dataset
 from ..reports.gallery import GALLERY_NAME, write_gallery

@@ -1,23 +1,31 @@
 """Which API a run talks to, with which token: RunComfy's, or an in-process sandbox's.
 
-The sandbox is imported only when a run asks for one: the fake server is
-not part of a real run.
+The engine never imports the sandbox (a contract in pyproject.toml checks it): a
+rehearsal's server comes from the caller as a `LocalApi` (`batcher.SandboxConfig`
+is one, filled in by `batcher.run_manifest`), so the fake server is no part of a
+real run's code.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
 
 from ..output.folders import SANDBOX_API, api_identity
 from ..runcomfy.client import api_base_from_env
 from ..runcomfy.tokens import tokens_from_env
 
-if TYPE_CHECKING:
-    from ..sandbox.server import SandboxConfig
+__all__ = ["SANDBOX_TOKEN", "Endpoint", "LocalApi", "open_endpoint"]
 
-__all__ = ["SANDBOX_TOKEN", "Endpoint", "open_endpoint"]
+
+class LocalApi(Protocol):
+    """An API served in this process for a rehearsal (the sandbox's settings): nothing is charged."""
+
+    def serve(self) -> AbstractAsyncContextManager[str]:
+        """Serve it on loopback for as long as the block lasts; the block gets its base URL."""
+        ...
+
 
 SANDBOX_TOKEN = "sandbox-token"
 """What a run sends to the in-process sandbox, which accepts any bearer token."""
@@ -44,7 +52,7 @@ class Endpoint:
 @asynccontextmanager
 async def open_endpoint(
     *,
-    sandbox: SandboxConfig | None,
+    sandbox: LocalApi | None,
     api_base: str | None,
     token: str | None,
     tokens: tuple[str, ...] | None = None,
@@ -56,9 +64,7 @@ async def open_endpoint(
     Raises UsageError when the real API is asked for with no token or a bad base.
     """
     if sandbox is not None:
-        from ..sandbox.server import Sandbox  # only when asked for
-
-        async with Sandbox(sandbox).running() as url:
+        async with sandbox.serve() as url:
             yield Endpoint(url, SANDBOX_TOKEN, sandbox=True)
         return
     # The first thing a new user meets: said before anything else.

@@ -21,10 +21,10 @@ from ..journal.failures import RETRYABLE, FailureClass
 from ..manifest.loader import Job, Manifest, in_shard
 from ..output.download import DEFAULT_MAX_BYTES
 from ..runcomfy.client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy
+from .endpoint import LocalApi
 
 if TYPE_CHECKING:
     from ..output.storage.bucket import RemoteOutput
-    from ..sandbox.server import SandboxConfig
 
 __all__ = ["JobSelection", "RunOptions", "select_jobs"]
 
@@ -115,8 +115,9 @@ class RunOptions:
     """Several accounts' tokens for one run (instead of token): each its own pace and in-flight cap."""
     sandbox: bool = False
     """Run against an in-process sandbox (no token, no network, no cost)."""
-    sandbox_config: SandboxConfig | None = None
-    """The in-process sandbox's settings (default: `SandboxConfig()`); used only with `sandbox`."""
+    sandbox_config: LocalApi | None = None
+    """The in-process sandbox's settings (`batcher.SandboxConfig`; `batcher.run_manifest` gives the default one);
+    used only with `sandbox`."""
     retry_failed: bool = False
     retry_classes: frozenset[FailureClass] = RETRYABLE
     """Which failures --retry-failed submits again (`batcher.journal.failures`): by default those another try can fix,

@@ -27,13 +27,20 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 
 from .._version import __version__
-from ..errors import ApiError, AuthError, BalanceError, JournalError, ManifestChangedError, OutputFolderError
+from ..errors import (
+    ApiError,
+    AuthError,
+    BalanceError,
+    JournalError,
+    ManifestChangedError,
+    OutputFolderError,
+    UsageError,
+)
 from ..journal.failures import FailureClass
 from ..journal.standing import Category, Tally, category, opened, tally
 from ..journal.store import JOURNAL_NAME, Journal
@@ -55,14 +62,11 @@ from ..output.ledger import Place, check_ledger, forget_gone_places, remember_pl
 from ..output.remote import RemoteRun, pull_view, run_output
 from ..review.replacements import with_replacements
 from ..runcomfy.account import Account, look_up, price_dirs
-from .endpoint import Endpoint, open_endpoint
+from .endpoint import Endpoint, LocalApi, open_endpoint
 from .lanes import AccountPool, balances_of, open_pool
 from .options import JobSelection, RunOptions, select_jobs
 from .progress import JobStatus, RunProgress
 from .steps import Action, JobSteps, StopKind
-
-if TYPE_CHECKING:
-    from ..sandbox.server import SandboxConfig
 
 __all__ = [
     "CancelSummary",
@@ -219,10 +223,10 @@ async def _open_run(
         yield endpoint, journal, pool, remote
 
 
-def _default_sandbox() -> SandboxConfig:
-    from ..sandbox.server import SandboxConfig  # only when asked for
-
-    return SandboxConfig()
+def _default_sandbox() -> LocalApi:
+    # The engine cannot make a sandbox (it never imports one): `batcher.run_manifest` and the CLI give it.
+    msg = "RunOptions(sandbox=True) needs a sandbox_config here: call batcher.run_manifest, which gives the default"
+    raise UsageError(msg)
 
 
 async def run_manifest(

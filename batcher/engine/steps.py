@@ -47,7 +47,7 @@ from ..journal.store import EventKind, FileRecord, JobRecord, Journal
 from ..journal.table import RecordTable
 from ..manifest.cost import estimate
 from ..manifest.loader import Job, Manifest
-from ..manifest.localimages import payload_for
+from ..manifest.payload import payload_for
 from ..output.download import Downloader
 from ..output.jobfiles import file_matches, output_path, write_sidecar
 from ..printable import printable

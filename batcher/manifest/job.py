@@ -39,7 +39,7 @@ class Job:
     source: str = ""
     """The manifest, or the prompt file holding the job's row."""
     local: LocalSource | None = field(default=None, compare=False)
-    """Where its local images are read from when it is sent (`batcher.manifest.localimages.payload_for`); None without."""
+    """Where its local images are read from when it is sent (`batcher.manifest.payload.payload_for`); None without."""
 
     @property
     def origin(self) -> str:

@@ -15,7 +15,7 @@ A local image goes through three forms:
   — the path and the content hash, never the bytes. The job's identity
   counts only the hash (`identity_form`): editing the image re-runs its
   jobs, moving or renaming the folder does not;
-- **as sent**: ``data:<mime>;base64,...``, built by `payload_for` at submit
+- **as sent**: ``data:<mime>;base64,...``, built by `batcher.manifest.payload.payload_for` at submit
   time only, after checking that the file still has the hash the job was
   made with.
 
@@ -36,20 +36,16 @@ import math
 import os
 import re
 import stat
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from ..errors import ApiError
 from .folder import Confinement
 from .problems import shorten
 from .schema import FieldError, ModelSchema
-
-if TYPE_CHECKING:
-    from .job import Job
 
 __all__ = [
     "MAX_IMAGE_BYTES",
@@ -64,7 +60,6 @@ __all__ = [
     "identity_form",
     "is_local",
     "parse_reference",
-    "payload_for",
     "sniff",
 ]
 
@@ -90,7 +85,6 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _REFERENCE = re.compile(r"^file:(?P<path>[^#]+)#sha256=(?P<sha>[0-9a-f]{64})$")
 _DATA_URI = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),")
 _SAFE = "/!$&'()*+,;=:@-._~"  # kept as written in a file: URL's path; '#', '%' and the rest are escaped
-_CACHE_CHARS = 256 * 1024 * 1024  # encoded images kept for the next submit of the same file
 
 
 class LocalImageError(ApiError):
@@ -153,7 +147,7 @@ def _reference(path_text: str, sha256: str) -> str:
     return f"file:{quote(path_text, safe=_SAFE)}#sha256={sha256}"
 
 
-def _values(payload: dict[str, Any], fields: dict[str, bool]) -> Iterator[tuple[str, int | None, Any]]:
+def image_values(payload: dict[str, Any], fields: dict[str, bool]) -> Iterator[tuple[str, int | None, Any]]:
     """(field, index in its list or None, value) for every value of the image fields."""
     for name, is_list in fields.items():
         value = payload.get(name)
@@ -173,7 +167,7 @@ def _only_urls(value: object) -> bool:
     return True  # no string: nothing to read, the schema says what is wrong
 
 
-def _replaced(payload: dict[str, Any], changes: dict[tuple[str, int | None], Any]) -> dict[str, Any]:
+def replaced(payload: dict[str, Any], changes: dict[tuple[str, int | None], Any]) -> dict[str, Any]:
     """A copy of payload with the given values replaced; lists are copied, never changed (jobs share them)."""
     if not changes:
         return payload
@@ -188,7 +182,7 @@ def _replaced(payload: dict[str, Any], changes: dict[tuple[str, int | None], Any
     return result
 
 
-def _dotted(name: str, index: int | None) -> str:
+def dotted(name: str, index: int | None) -> str:
     return name if index is None else f"{name}.{index}"
 
 
@@ -197,11 +191,11 @@ def identity_form(payload: dict[str, Any], source: LocalSource | None) -> dict[s
     if source is None:
         return payload
     changes: dict[tuple[str, int | None], Any] = {}
-    for name, index, value in _values(payload, dict(source.fields)):
+    for name, index, value in image_values(payload, dict(source.fields)):
         found = parse_reference(value)
         if found is not None:
             changes[(name, index)] = f"sha256:{found[1]}"
-    return _replaced(payload, changes)
+    return replaced(payload, changes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,13 +230,13 @@ class LocalImages:
         problems: list[tuple[str, str]] = []
         sizes: list[_Checked] = []
         local_fields: dict[str, bool] = {}
-        for name, index, value in _values(payload, fields):
+        for name, index, value in image_values(payload, fields):
             if isinstance(value, str) and value[:5].lower() == "data:" and len(value) > MAX_INLINE_IN_MANIFEST:
                 # Job.input goes into the journal's "submitting" line: a big data: URI would be copied there for
                 # every job and every retry. A file beside the manifest is sent the same way, and journalled small.
                 problems.append(
                     (
-                        _dotted(name, index),
+                        dotted(name, index),
                         f"a data: URI of {len(value):,} characters in the manifest would be copied into the journal "
                         "for every job; save the image beside the manifest and give its path instead",
                     )
@@ -254,7 +248,7 @@ class LocalImages:
             stand_ins[(name, index)] = STAND_IN  # a bad file is reported once, here, not again as "not a URL"
             checked = self._check(folder, value)
             if isinstance(checked, str):
-                problems.append((_dotted(name, index), f"{shorten(value)}: {checked}"))
+                problems.append((dotted(name, index), f"{shorten(value)}: {checked}"))
                 continue
             path_text, found = checked
             sizes.append(found)
@@ -264,7 +258,7 @@ class LocalImages:
             changes[(name, index)] = ref
         if not local_fields:
             return Normalised(payload, payload, problems)
-        normalised = _replaced(payload, changes)
+        normalised = replaced(payload, changes)
         source = LocalSource(folder, tuple(local_fields.items()))
         if not problems and sizes:
             size = _request_size(normalised, source, sizes)
@@ -276,7 +270,7 @@ class LocalImages:
                         f"at most {MAX_REQUEST_BYTES / 2**20:g} MiB (use fewer or smaller images, or public URLs)",
                     )
                 )
-        return Normalised(normalised, _replaced(payload, stand_ins), problems, source)
+        return Normalised(normalised, replaced(payload, stand_ins), problems, source)
 
     def _only_urls(self, value: object) -> bool:
         """`_only_urls`, remembered for lists by identity: jobs of one entry (or of the defaults) share theirs."""
@@ -390,71 +384,6 @@ def _request_size(payload: dict[str, Any], source: LocalSource, images: list[_Ch
 
 # -- at submit time ---------------------------------------------------------------------------------
 
-_encoded: OrderedDict[tuple[str, int, int, int], tuple[str, str]] = OrderedDict()
-"""(path, mtime, size, inode) → (sha256, data URI) for the last few files sent: one reference image for
-thousands of jobs is read and encoded once, not once a job."""
-
-
-def payload_for(job: Job) -> dict[str, Any]:
-    """What to send for job: its input with each local image reference replaced by the file's data URI.
-
-    Only here are the bytes read; `Job.input` (journal, sidecars) keeps the
-    reference. Raises LocalImageError (nothing was sent) when a file is gone,
-    unreadable, or no longer has the hash the job was made with.
-    """
-    source = job.local
-    if source is None:
-        return job.input
-    changes: dict[tuple[str, int | None], Any] = {}
-    for name, index, value in _values(job.input, dict(source.fields)):
-        found = parse_reference(value)
-        if found is None:
-            if is_local(value):
-                msg = f"{_dotted(name, index)}: {value!r} was not a readable image when the manifest was loaded"
-                raise LocalImageError(msg)
-            continue
-        changes[(name, index)] = _data_uri(source.folder, _dotted(name, index), *found)
-    payload = _replaced(job.input, changes)
-    size = len(json.dumps(payload).encode())  # escaped ASCII, as HTTP clients send JSON by default: the larger
-    if size > MAX_REQUEST_BYTES:
-        msg = f"the request would be {size / 2**20:.1f} MiB with its images inline; RunComfy takes at most {MAX_REQUEST_BYTES / 2**20:g} MiB"
-        raise LocalImageError(msg)
-    return payload
-
-
-def _data_uri(folder: Path, where: str, path_text: str, sha256: str) -> str:
-    """The data URI of the file path_text names (relative to folder), if it still hashes to sha256."""
-    path = folder / path_text
-    try:
-        with path.open("rb") as handle:
-            status = os.fstat(handle.fileno())
-            key = (str(path), status.st_mtime_ns, status.st_size, status.st_ino)
-            cached = _encoded.get(key)
-            if cached is not None and cached[0] == sha256:
-                _encoded.move_to_end(key)
-                return cached[1]
-            if status.st_size > MAX_IMAGE_BYTES:
-                msg = f"{where}: {path} has grown past {MAX_IMAGE_BYTES // 2**20} MB since the manifest was loaded"
-                raise LocalImageError(msg)
-            data = handle.read(MAX_IMAGE_BYTES + 1)
-    except OSError as exc:
-        msg = f"{where}: cannot read the local image {path}: {exc.strerror}"
-        raise LocalImageError(msg) from exc
-    if hashlib.sha256(data).hexdigest() != sha256:
-        # Sending other bytes than the job's identity names would pay for a job the journal misdescribes.
-        msg = f"{where}: {path} changed since the manifest was loaded; run again to pick up the new image"
-        raise LocalImageError(msg)
-    mime = sniff(data[:64])
-    if mime is None:  # unreachable for a file whose hash was checked at load, unless the hash collides
-        msg = f"{where}: {path} is not an image"
-        raise LocalImageError(msg)
-    uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-    _encoded[key] = (sha256, uri)
-    while sum(len(u) for _, u in _encoded.values()) > _CACHE_CHARS and len(_encoded) > 1:
-        _encoded.popitem(last=False)
-    return uri
-
-
 # -- receiving (the sandbox) -----------------------------------------------------------------------
 
 
@@ -497,12 +426,12 @@ def check_inline_images(schema: ModelSchema, payload: dict[str, Any]) -> tuple[d
     """
     problems: list[FieldError] = []
     changes: dict[tuple[str, int | None], Any] = {}
-    for name, index, value in _values(payload, schema.image_fields):
+    for name, index, value in image_values(payload, schema.image_fields):
         if not (isinstance(value, str) and value[:5].lower() == "data:"):
             continue
         changes[(name, index)] = STAND_IN
         try:
             decode_data_uri(value)
         except ValueError as exc:
-            problems.append(FieldError(_dotted(name, index), str(exc)))
-    return _replaced(payload, changes), problems
+            problems.append(FieldError(dotted(name, index), str(exc)))
+    return replaced(payload, changes), problems

@@ -55,7 +55,8 @@ from ..errors import BatcherError, JournalCorruptError, JournalLockedError
 from ..journal.records import FileRecord
 from ..journal.store import CHECKPOINT_NAME, JOURNAL_NAME, LOCK_NAME
 from .folders import shard_folder_name
-from .storage.bucket import Bucket, ObjectTooLargeError, RemoteOutput, StorageError, open_bucket, upload
+from .storage import open_bucket
+from .storage.bucket import Bucket, ObjectTooLargeError, RemoteOutput, StorageError, upload
 
 __all__ = [
     "FLUSH_SECONDS",

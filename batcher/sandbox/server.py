@@ -32,7 +32,7 @@ import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -245,6 +245,10 @@ class SandboxConfig:
     blocked_words: tuple[str, ...] = ()
     """A job whose prompt holds one of these (any case) is accepted, runs, and fails with a content-policy
     error, as gpt-image's moderation answers (``moderation_blocked``)."""
+
+    def serve(self) -> AbstractAsyncContextManager[str]:
+        """This sandbox served on loopback for as long as the block lasts (`batcher.engine.endpoint.LocalApi`)."""
+        return Sandbox(self).running()
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULT_KINDS)

@@ -3,7 +3,7 @@
 `parse_output` turns the text of ``--output`` into a `RemoteOutput` (an
 ``s3://bucket/prefix`` or ``gs://bucket/prefix`` URL) or None (a local
 folder, as before). `Bucket` is the one interface batcher talks to object
-storage through, and `open_bucket` picks its implementation by scheme:
+storage through, and `batcher.output.storage.open_bucket` picks its implementation by scheme:
 `batcher.output.storage.s3` (boto3) or `batcher.output.storage.gcs` (google-cloud-storage); nothing above
 this module knows which. Each implementation turns every foreign error into
 ours at its boundary: a setup problem (no such bucket, no credentials) is a
@@ -45,7 +45,6 @@ __all__ = [
     "StorageError",
     "cache_root",
     "content_type",
-    "open_bucket",
     "parse_output",
     "too_large",
     "upload",
@@ -242,17 +241,6 @@ class Bucket(Protocol):
         self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.close()
-
-
-def open_bucket(output: RemoteOutput) -> Bucket:
-    """The client for output's store; UsageError when its SDK is not installed or cannot be set up."""
-    if output.scheme == "gs":
-        from .gcs import GcsBucket
-
-        return GcsBucket(output)
-    from .s3 import S3Bucket
-
-    return S3Bucket(output)
 
 
 def upload(bucket: Bucket, local: Path, relative: str, *, policy: RetryPolicy = UPLOAD_RETRY) -> None:
