@@ -78,7 +78,7 @@ __all__ = [
     "select_jobs",
 ]
 
-log = logging.getLogger("batcher")
+log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 """A journalled job name fit for a folder (a tampered journal's is replaced by the key)."""

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Action", "JobSteps", "StopKind", "price_of"]
 
-log = logging.getLogger("batcher")
+log = logging.getLogger(__name__)
 
 Action = Literal["submit", "poll", "download", "hold", "done"]
 """What a run does next with a job, decided once from its record (`JobSteps.action_for`)."""

@@ -45,7 +45,7 @@ __all__ = [
     "remember_place",
 ]
 
-log = logging.getLogger("batcher")
+log = logging.getLogger(__name__)
 
 Place = Path | RemoteOutput
 """Where a run lives: a local output folder, or an output on object storage."""

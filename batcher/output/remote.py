@@ -68,7 +68,7 @@ __all__ = [
     "run_output",
 ]
 
-log = logging.getLogger("batcher")
+log = logging.getLogger(__name__)
 
 SEGMENTS = "journal/"
 LEASE = "lease.json"

@@ -34,7 +34,7 @@ from ..printable import printable
 
 __all__ = ["TIMEOUT", "check_notify_url", "error_payload", "send", "summary_payload"]
 
-log = logging.getLogger("batcher")
+log = logging.getLogger(__name__)
 
 TIMEOUT = 10.0
 _NAMES_SENT = 50

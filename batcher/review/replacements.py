@@ -45,7 +45,7 @@ __all__ = [
     "with_replacements",
 ]
 
-log = logging.getLogger("batcher")
+log = logging.getLogger(__name__)
 
 _SOUND_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 REPLACEMENT_BASE = MAX_REPEAT

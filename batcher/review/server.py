@@ -54,7 +54,7 @@ from .thumbnails import InputImages
 
 __all__ = ["DEFAULT_PORT", "ReviewServer"]
 
-log = logging.getLogger("batcher")
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8766
 _MAX_BODY = 4096

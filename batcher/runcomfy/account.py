@@ -52,7 +52,7 @@ __all__ = [
     "read_balances",
 ]
 
-log = logging.getLogger("batcher")
+log = logging.getLogger(__name__)
 
 BALANCE_BASE_ENV = "RUNCOMFY_BALANCE_BASE"
 DEFAULT_BALANCE_BASE = "https://api.runcomfy.net/prod/v2"

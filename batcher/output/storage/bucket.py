@@ -50,7 +50,7 @@ __all__ = [
     "upload",
 ]
 
-log = logging.getLogger("batcher")
+log = logging.getLogger(__name__)
 
 Scheme = Literal["s3", "gs"]
 """The object stores batcher writes to: S3 (and S3-compatible stores through ``AWS_ENDPOINT_URL``) and GCS."""
