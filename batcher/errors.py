@@ -17,7 +17,11 @@
     │   ├── JournalCorruptError    a damaged line that is not the last one
     │   └── JournalLockedError     another `batcher run` holds the output folder
     ├── DownloadError              an output could not be fetched or failed a check
-    └── OutputFolderError          the output folder cannot be written (disk full, permissions)
+    │   └── ExpiredUrlError        the download host answered 403/404: the signed URL has likely expired
+    ├── OutputFolderError          the output folder cannot be written (disk full, permissions)
+    ├── StorageError               object storage refused or failed a call: the run stops
+    │   └── ObjectTooLargeError    an object over what a read allows
+    └── LocalImageError            a local image is gone, unreadable or changed since the manifest was loaded
 
 Foreign errors (httpx2, yaml, jsonschema, OSError) are turned into these where
 they happen, with ``raise ... from exc``; the CLI turns these into messages
@@ -36,15 +40,19 @@ __all__ = [
     "BalanceError",
     "BatcherError",
     "DownloadError",
+    "ExpiredUrlError",
     "JournalCorruptError",
     "JournalError",
     "JournalLockedError",
+    "LocalImageError",
     "ManifestChangedError",
     "ManifestError",
+    "ObjectTooLargeError",
     "OutputFolderError",
     "Problem",
     "RateLimitedError",
     "RequestGoneError",
+    "StorageError",
     "TransientApiError",
     "UncertainSubmitError",
     "UnreachableError",
@@ -193,9 +201,40 @@ class DownloadError(BatcherError):
     permanent = False
 
 
+class ExpiredUrlError(DownloadError):
+    """Raised when a download host answers 403 or 404: the signed URL has probably expired."""
+
+
 class OutputFolderError(BatcherError):
     """Raised when files cannot be written to the output folder (disk full, no permission).
 
     The run stops rather than fail every remaining job the same way; the
     journal still folds, and the next run downloads what is missing.
+    """
+
+
+class StorageError(BatcherError):
+    """Raised when object storage refuses or fails a call during a run.
+
+    The run stops, as it does when its journal cannot be written (a bucket run's
+    journal lives there), so nothing goes unrecorded. ``transient`` when another
+    try may work (a 5xx, a throttle, a reset or timed-out connection); a refusal
+    (403, no such bucket) is not.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class ObjectTooLargeError(StorageError):
+    """Raised for an object over what a read allows: not an object batcher wrote."""
+
+
+class LocalImageError(BatcherError):
+    """Raised at send time when a local image cannot be sent as it was checked: it is gone, unreadable or
+    changed since the manifest was loaded.
+
+    Nothing left this machine: the submit step records the job as refused for
+    certain, and the next run sends it again.
     """

@@ -28,12 +28,12 @@ from click.testing import CliRunner
 from batcher import SandboxThread, UsageError, load_manifest, read_journal, run_manifest
 from batcher.cli.main import cli
 from batcher.engine.scheduler import shard_from_scheduler
+from batcher.errors import StorageError
 from batcher.journal.store import JOURNAL_NAME, fold_bytes
 from batcher.net.retrying import set_testing
 from batcher.output.folders import read_folder
 from batcher.output.remote import RemoteRun, pull_view
 from batcher.output.storage import open_bucket, parse_output
-from batcher.output.storage.bucket import StorageError
 
 from .conftest import TOKEN, fast_options, many_jobs_manifest
 from .faultproxy import Fault, FaultProxy, fault_proxy

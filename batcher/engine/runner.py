@@ -39,6 +39,7 @@ from ..errors import (
     JournalError,
     ManifestChangedError,
     OutputFolderError,
+    StorageError,
     UsageError,
 )
 from ..journal.failures import FailureClass
@@ -431,7 +432,7 @@ async def _execute(
             async for job, action in jobs:
                 try:
                     await run.process(job, action)
-                except (JournalError, OutputFolderError) as exc:
+                except (JournalError, OutputFolderError, StorageError) as exc:
                     run.fatal = exc
                     group.cancel_scope.cancel()
                 # Done with it this run: keep its record small (a later change decodes it again).

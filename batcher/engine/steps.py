@@ -34,6 +34,7 @@ from ..errors import (
     BalanceError,
     DownloadError,
     JournalError,
+    LocalImageError,
     ManifestChangedError,
     OutputFolderError,
     RateLimitedError,
@@ -334,8 +335,9 @@ class JobSteps:
                 self.not_accepted(job, lane, "deferred", exc, "pending")
                 self.halt("auth", str(exc), exc)
                 return None
-            except ApiError as exc:
-                # Refused for certain (validation, bad model, balance): nothing was charged.
+            except (ApiError, LocalImageError) as exc:
+                # Refused for certain (validation, bad model, balance, a local image that cannot be sent as it
+                # was checked): nothing was charged.
                 self.not_accepted(job, lane, "refused", exc, "refused")
                 if isinstance(exc, BalanceError):
                     progress.error(job.name, "insufficient balance")
@@ -376,7 +378,9 @@ class JobSteps:
             self.accounts.unsent(lane)
         self.progress.set(job.key, "pending")
 
-    def not_accepted(self, job: Job, lane: Lane, kind: EventKind, exc: ApiError, status: JobStatus) -> None:
+    def not_accepted(
+        self, job: Job, lane: Lane, kind: EventKind, exc: ApiError | LocalImageError, status: JobStatus
+    ) -> None:
         """A submit RunComfy certainly did not take: journalled as such, its room and estimate given back."""
         self.record(job, kind, reason=str(exc))
         self.accounts.unsent(lane)

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from ..errors import ApiError
 from .folder import Confinement
 from .problems import shorten
 from .schema import FieldError, ModelSchema
@@ -51,7 +50,6 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_REQUEST_BYTES",
     "STAND_IN",
-    "LocalImageError",
     "LocalImages",
     "LocalSource",
     "Normalised",
@@ -85,14 +83,6 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _REFERENCE = re.compile(r"^file:(?P<path>[^#]+)#sha256=(?P<sha>[0-9a-f]{64})$")
 _DATA_URI = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),")
 _SAFE = "/!$&'()*+,;=:@-._~"  # kept as written in a file: URL's path; '#', '%' and the rest are escaped
-
-
-class LocalImageError(ApiError):
-    """A local image could not be sent as it was checked: it is gone, unreadable or changed since loading.
-
-    An `ApiError`, so the submit step records the job as refused for certain:
-    nothing left this machine, nothing was charged, the next run sends it again.
-    """
 
 
 @dataclass(frozen=True, slots=True)

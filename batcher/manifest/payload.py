@@ -15,11 +15,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from ..errors import LocalImageError
 from .job import Job
 from .localimages import (
     MAX_IMAGE_BYTES,
     MAX_REQUEST_BYTES,
-    LocalImageError,
     dotted,
     image_values,
     is_local,

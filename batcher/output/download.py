@@ -31,7 +31,7 @@ import httpx2
 
 from .._version import __version__
 from ..confined import OutputDir, StagedFile
-from ..errors import DownloadError, OutputFolderError
+from ..errors import DownloadError, ExpiredUrlError, OutputFolderError
 from ..net.policy import origin
 from ..net.redirects import RefusedHopError, TooManyRedirectsError, anonymous_client, display_url, follow
 from ..net.retrying import RetryPolicy, TryAgain, retrying
@@ -43,7 +43,6 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "Downloaded",
     "Downloader",
-    "ExpiredUrlError",
     "deadline_for",
     "extension_for",
     "safe_child",
@@ -68,10 +67,6 @@ _TYPE_EXTENSIONS = {
     "video/mp4": ".mp4",
     "video/webm": ".webm",
 }
-
-
-class ExpiredUrlError(DownloadError):
-    """Raised when a download host answers 403 or 404: the signed URL has probably expired."""
 
 
 class _PermanentDownloadError(DownloadError):

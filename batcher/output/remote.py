@@ -51,12 +51,12 @@ import anyio
 import orjson
 
 from ..confined import OutputDir, write_atomically
-from ..errors import BatcherError, JournalCorruptError, JournalLockedError
+from ..errors import BatcherError, JournalCorruptError, JournalLockedError, ObjectTooLargeError, StorageError
 from ..journal.records import FileRecord
 from ..journal.store import CHECKPOINT_NAME, JOURNAL_NAME, LOCK_NAME
 from .folders import shard_folder_name
 from .storage import open_bucket
-from .storage.bucket import Bucket, ObjectTooLargeError, RemoteOutput, StorageError, upload
+from .storage.bucket import Bucket, RemoteOutput, upload
 
 __all__ = [
     "FLUSH_SECONDS",

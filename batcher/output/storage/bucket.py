@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from ...errors import JournalError, UsageError
+from ...errors import ObjectTooLargeError, StorageError, UsageError
 from ...net.retrying import RetryPolicy, TryAgain, retrying_blocking
 
 if TYPE_CHECKING:
@@ -39,10 +39,8 @@ __all__ = [
     "MULTIPART_THRESHOLD",
     "UPLOAD_RETRY",
     "Bucket",
-    "ObjectTooLargeError",
     "RemoteOutput",
     "Scheme",
-    "StorageError",
     "cache_root",
     "content_type",
     "parse_output",
@@ -89,20 +87,6 @@ MAX_OBJECT_BYTES = 1 << 30
 UPLOAD_RETRY = RetryPolicy(attempts=5, base=0.5, cap=8.0)
 """An upload's transient failures past the SDK's own retries: up to 5 tries, waits up to 0.5, 1, 2, 4 s
 (jittered), so a bucket that is down costs a run at most about 8 s before it stops."""
-
-
-class StorageError(JournalError):
-    """Raised when object storage refuses or fails a call during a run: the run stops, as it does when its
-    journal cannot be written, so nothing goes unrecorded. ``transient`` when another try may work (a 5xx,
-    a throttle, a reset or timed-out connection); a refusal (403, no such bucket) is not."""
-
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
-
-
-class ObjectTooLargeError(StorageError):
-    """Raised for an object over what a read allows."""
 
 
 def too_large(output: RemoteOutput, relative: str, size: int, max_bytes: int) -> ObjectTooLargeError:

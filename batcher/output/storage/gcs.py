@@ -27,16 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ...errors import UsageError, missing_package
-from .bucket import (
-    MAX_OBJECT_BYTES,
-    MULTIPART_THRESHOLD,
-    Bucket,
-    RemoteOutput,
-    StorageError,
-    content_type,
-    too_large,
-)
+from ...errors import StorageError, UsageError, missing_package
+from .bucket import MAX_OBJECT_BYTES, MULTIPART_THRESHOLD, Bucket, RemoteOutput, content_type, too_large
 
 __all__ = ["GcsBucket"]
 

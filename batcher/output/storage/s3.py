@@ -20,16 +20,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import UsageError, missing_package
-from .bucket import (
-    MAX_OBJECT_BYTES,
-    MULTIPART_THRESHOLD,
-    Bucket,
-    RemoteOutput,
-    StorageError,
-    content_type,
-    too_large,
-)
+from ...errors import StorageError, UsageError, missing_package
+from .bucket import MAX_OBJECT_BYTES, MULTIPART_THRESHOLD, Bucket, RemoteOutput, content_type, too_large
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
