@@ -15,9 +15,10 @@ from click.testing import CliRunner
 from batcher import SandboxThread, UsageError, load_manifest, read_journal, run_manifest
 from batcher.cli.main import cli
 from batcher.engine.runner import RunPlan
-from batcher.journal.failures import FAILURE_CLASSES, RETRYABLE, classify, failure_of, parse_retry_classes
+from batcher.journal.failures import RETRYABLE, classify, failure_of, parse_retry_classes
 from batcher.journal.records import JobRecord
 from batcher.journal.store import JOURNAL_NAME
+from batcher.lifecycle import FAILURE_CLASSES
 
 from .conftest import REF, TOKEN, fast_options, write_manifest
 

@@ -40,6 +40,7 @@ from ..errors import (
 )
 from ..journal.failures import RETRYABLE, parse_retry_classes
 from ..journal.store import JOURNAL_NAME, FoldedJournal
+from ..lifecycle import ExitCode
 from ..manifest.cost import load_price_table
 from ..manifest.loader import Manifest, load_manifest
 from ..manifest.preflight import check_urls, input_urls
@@ -72,9 +73,9 @@ from ..sandbox.server import DIALECTS, FAULT_KINDS, REFUSALS, Sandbox, SandboxCo
 
 __all__ = ["cli", "main"]
 
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+EXIT_FAILED = ExitCode.FAILED
+EXIT_BAD_INPUT = ExitCode.BAD_INPUT
+EXIT_INTERRUPTED = ExitCode.INTERRUPTED
 
 _BAD_INPUT = (ManifestError, UsageError, AuthError, JournalLockedError, JournalCorruptError)
 

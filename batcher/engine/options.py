@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import httpx2
 
 from ..errors import ManifestChangedError, UsageError
-from ..journal.failures import RETRYABLE, FailureClass
+from ..journal.failures import RETRYABLE
+from ..lifecycle import FailureClass
 from ..manifest.loader import Job, Manifest, in_shard
 from ..output.download import DEFAULT_MAX_BYTES
 from ..runcomfy.client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy

@@ -12,32 +12,18 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
 
 from rich.console import Group, RenderableType
 from rich.text import Text
 
+from ..lifecycle import JobStatus
 from ..printable import printable
 
-__all__ = ["JobStatus", "ProgressView", "RunProgress", "plain_progress_line"]
+__all__ = ["ProgressView", "RunProgress", "plain_progress_line"]
 
-JobStatus = Literal[
-    "pending",
-    "submitting",
-    "queued",
-    "running",
-    "downloading",
-    "done",
-    "refused",
-    "failed",
-    "uncertain",
-    "lost",
-    "held",
-]
-"""A job's live status: `standing.Category`, with in flight split into queued and running, and two
-passing states of its own (submitting; held: this run stopped waiting for it)."""
-
-_ENDED: frozenset[JobStatus] = frozenset({"done", "refused", "failed", "lost", "held"})
+_ENDED: frozenset[JobStatus] = frozenset({"done", "refused", "failed", "cancelled", "lost", "held"})
+_FINISHED: frozenset[JobStatus] = _ENDED - {"held"}
+"""Counted as finished this run (throughput, ETA): every end but a hold, which only stops waiting."""
 _LEFT: tuple[JobStatus, ...] = ("pending", "submitting", "queued", "running", "downloading")
 
 
@@ -61,7 +47,7 @@ class RunProgress:
             self.statuses[old] -= 1
         self.statuses[status] += 1
         self.status_of[key] = status
-        if status in ("done", "refused", "failed", "lost") and old is not None and old not in _ENDED:
+        if status in _FINISHED and old is not None and old not in _ENDED:
             self.finished_this_run += 1
 
     def settle(self, key: str) -> None:
@@ -102,6 +88,7 @@ def plain_progress_line(progress: RunProgress) -> str:
     s = progress.statuses
     lost = f"{s['lost']} lost, " if s["lost"] else ""
     lost += f"{s['refused']} refused, " if s["refused"] else ""
+    lost += f"{s['cancelled']} cancelled, " if s["cancelled"] else ""
     return (
         f"[{_clock(progress.elapsed)}] {s['done']}/{progress.total} done, {s['failed']} failed, "
         f"{s['uncertain']} uncertain, {lost}{s['pending'] + s['submitting']} pending, "
@@ -130,6 +117,7 @@ class ProgressView:
             (f"{s['failed']} failed  ", "red" if s["failed"] else "dim"),
             (f"{s['uncertain']} uncertain  ", "yellow" if s["uncertain"] else "dim"),
             *([(f"{s['lost']} lost  ", "yellow")] if s["lost"] else []),
+            *([(f"{s['cancelled']} cancelled  ", "yellow")] if s["cancelled"] else []),
             f"{s['pending'] + s['submitting']} pending  {s['queued']} queued  {s['running']} running  "
             f"{s['downloading']} downloading",
         )

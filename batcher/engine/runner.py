@@ -27,6 +27,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
+from typing import get_args
 
 import anyio
 import anyio.abc
@@ -42,9 +43,9 @@ from ..errors import (
     StorageError,
     UsageError,
 )
-from ..journal.failures import FailureClass
-from ..journal.standing import Category, Tally, category, opened, tally
+from ..journal.standing import Tally, category, opened, tally
 from ..journal.store import JOURNAL_NAME, Journal
+from ..lifecycle import Action, ExitCode, FailureClass, StopKind, held_status, starting_status
 from ..manifest.cost import estimate
 from ..manifest.loader import Job, Manifest
 from ..net.policy import loopback_origin
@@ -66,8 +67,8 @@ from ..runcomfy.account import Account, look_up, price_dirs
 from .endpoint import Endpoint, LocalApi, open_endpoint
 from .lanes import AccountPool, balances_of, open_pool
 from .options import JobSelection, RunOptions, select_jobs
-from .progress import JobStatus, RunProgress
-from .steps import Action, JobSteps, StopKind
+from .progress import RunProgress
+from .steps import JobSteps
 
 __all__ = [
     "CancelSummary",
@@ -84,19 +85,10 @@ log = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 """A journalled job name fit for a folder (a tampered journal's is replaced by the key)."""
 
-_INITIAL_STATUS: dict[Action, JobStatus] = {
-    "submit": "pending",
-    "poll": "queued",
-    "download": "downloading",
-    "hold": "held",
-    "done": "done",
-}
-_ACTIONS: tuple[Action, ...] = ("submit", "poll", "download", "hold", "done")
+_ACTIONS: tuple[Action, ...] = get_args(Action)
 _CODE: dict[Action, int] = {action: code for code, action in enumerate(_ACTIONS)}
 _SUBMIT = _CODE["submit"]
 _PAID_FOR = frozenset({_CODE["poll"], _CODE["download"]})
-_HELD_STATUS: dict[Category, JobStatus] = {"failed": "failed", "uncertain": "uncertain", "lost": "lost"}
-"""The live status of a job this run holds: the journal's word for it, so the counters start from it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,12 +149,12 @@ class RunSummary(Tally):
         return self.output_url or str(self.output_dir)
 
     @property
-    def exit_code(self) -> int:
+    def exit_code(self) -> ExitCode:
         if self.interrupted:
-            return 130
+            return ExitCode.INTERRUPTED
         if self.failed or self.refused or self.uncertain or self.unfinished or self.lost:
-            return 1
-        return 0
+            return ExitCode.FAILED
+        return ExitCode.DONE
 
 
 def _output_dir(manifest: Manifest, options: RunOptions) -> Path:
@@ -355,10 +347,10 @@ async def _execute(
         if action == "submit":
             estimate_left += price or 0.0
             unpriced += price is None
-        status = _INITIAL_STATUS[action]
+        status = starting_status(action)
         if action == "hold":
             # Live counters start from the journal's: a resumed run shows the failures it holds.
-            status = _HELD_STATUS.get(category(record), "held")
+            status = held_status(category(record))
         elif record is not None and record.downloaded:
             status = "done"  # re-verified by a worker; only a missing or wrong file is fetched again
         finishing += action in ("poll", "download") and status != "done"

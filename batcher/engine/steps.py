@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -43,9 +43,10 @@ from ..errors import (
     UncertainSubmitError,
     UnreachableError,
 )
-from ..journal.failures import FailureClass, classify, failure_of
-from ..journal.store import EventKind, FileRecord, JobRecord, Journal
+from ..journal.failures import classify, failure_of
+from ..journal.store import FileRecord, JobRecord, Journal
 from ..journal.table import RecordTable
+from ..lifecycle import Action, EventKind, FailureClass, JobStatus, StopKind, running_status
 from ..manifest.cost import estimate
 from ..manifest.loader import Job, Manifest
 from ..manifest.payload import payload_for
@@ -56,19 +57,14 @@ from ..runcomfy.backpressure import Outage
 from ..runcomfy.client import RequestResult
 from ..runcomfy.polling import DurationModel, remote_duration
 from .lanes import AccountPool, Lane
-from .progress import JobStatus, RunProgress
+from .progress import RunProgress
 
 if TYPE_CHECKING:
     from .options import JobSelection, RunOptions
 
-__all__ = ["Action", "JobSteps", "StopKind", "price_of"]
+__all__ = ["JobSteps", "price_of"]
 
 log = logging.getLogger(__name__)
-
-Action = Literal["submit", "poll", "download", "hold", "done"]
-"""What a run does next with a job, decided once from its record (`JobSteps.action_for`)."""
-StopKind = Literal["interrupted", "terminated", "budget", "balance", "outage", "auth", "timeout", "changed"]
-"""Why a run sent no more submits."""
 
 
 class JobSteps:
@@ -492,7 +488,7 @@ class JobSteps:
                 return
             if state == "cancelled":
                 self.record(job, "cancelled")
-                progress.set(job.key, "failed")
+                progress.set(job.key, "cancelled")
                 return
             if state == "unknown" and not reported_unknown:
                 reported_unknown = True
@@ -502,7 +498,8 @@ class JobSteps:
                     result.raw_status,
                     result.for_journal(),
                 )
-            progress.set(job.key, "queued" if state == "in_queue" else "running")
+            # Still RunComfy's (a word it has not ended the job with): an unknown one shows as running.
+            progress.set(job.key, running_status(state) or "running")
 
             now = time.monotonic()
             if state == "in_queue":

@@ -28,26 +28,19 @@ from the record and `--retry-failed` cannot name it.
 from __future__ import annotations
 
 import re
-from typing import Literal, assert_never, get_args
+from typing import assert_never
 
 from ..errors import UsageError
+from ..lifecycle import FAILURE_CLASSES, RESUBMITTABLE, FailureClass
 from .records import JobRecord
 
 __all__ = [
-    "FAILURE_CLASSES",
-    "RESUBMITTABLE",
     "RETRYABLE",
-    "FailureClass",
     "classify",
     "failure_of",
     "parse_retry_classes",
     "retryable",
 ]
-
-FailureClass = Literal["content_policy", "invalid_input", "model_error", "timeout", "cancelled", "unknown", "download"]
-FAILURE_CLASSES: tuple[FailureClass, ...] = get_args(FailureClass)
-RESUBMITTABLE: tuple[FailureClass, ...] = tuple(k for k in FAILURE_CLASSES if k != "download")
-"""The classes --retry-failed may name: every failure RunComfy reported (a download failure is paid for)."""
 
 # Read in this order: a moderation message often also says "invalid" or "failed".
 _CONTENT_POLICY = re.compile(

@@ -10,63 +10,12 @@ are stored, checked and read is `batcher.journal.store`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, assert_never, get_args
+from typing import Any, assert_never
 
+from ..lifecycle import EVENT_KINDS, EventKind, Phase
 from ..runcomfy.polling import MAX_DURATION
 
-__all__ = ["EVENT_KINDS", "EventKind", "FileRecord", "JobRecord", "Phase"]
-
-EventKind = Literal[
-    "run",
-    "submitting",
-    "submitted",
-    "deferred",
-    "refused",
-    "uncertain",
-    "state",
-    "completed",
-    "urls",
-    "downloaded",
-    "download_failed",
-    "note",
-    "failed",
-    "cancelled",
-    "lost",
-]
-"""Every kind of journal line, defined once (`JobRecord.apply` is exhaustive over it).
-
-run              a run's header: manifest, sha256, version, API base (no job)
-submitting       intent: the POST is about to leave (written before it does), and through which account
-submitted        RunComfy took it: request_id
-deferred         certainly not accepted, not for good (429, an outage, a refused token); a 429 says throttled
-                 and the account
-refused          certainly not accepted, for good (validation, bad model, balance)
-uncertain        the submit's fate is unknown
-state            RunComfy's state word changed
-completed        outputs (and cost, duration) known
-urls             fresh output URLs after the old ones expired
-downloaded       one output file in place: path, bytes, sha256
-download_failed  one output file could not be fetched
-note             something worth showing that changes no phase (a hold, a cancel asked)
-failed           RunComfy reported failure: its words (reason) and their class (failure)
-cancelled        cancelled at RunComfy
-lost             accepted, then unknown to RunComfy past the grace period
-"""
-EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
-
-Phase = Literal["pending", "submitting", "uncertain", "submitted", "completed", "failed", "cancelled", "lost"]
-"""Where a job stands, from the journal's point of view.
-
-pending     never submitted, or certainly refused: submit it
-submitting  intent written, answer not: the run died mid-submit (resumes as uncertain)
-uncertain   the submit's fate is unknown: held until --resubmit-uncertain
-submitted   RunComfy has it: poll it
-lost        accepted (maybe charged), then unknown to RunComfy past the grace period: held until
-            --resubmit-uncertain, never by --retry-failed
-completed   outputs known: download what is missing (done once every file is down)
-failed      RunComfy reported failure: held until --retry-failed
-cancelled   cancelled: held until --retry-failed
-"""
+__all__ = ["FileRecord", "JobRecord"]
 
 
 @dataclass(frozen=True, slots=True)

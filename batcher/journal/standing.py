@@ -11,18 +11,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from ..confined import OutputDir
+from ..lifecycle import CATEGORIES, Category, category_for
 from ..manifest.cost import estimate
 from ..manifest.loader import Job
 from .failures import failure_of
 from .store import JobRecord
 
 __all__ = [
-    "CATEGORIES",
     "AccountFigures",
-    "Category",
     "JobStanding",
     "Tally",
     "category",
@@ -32,49 +30,12 @@ __all__ = [
     "tally",
 ]
 
-Category = Literal["done", "downloading", "in_flight", "pending", "refused", "failed", "uncertain", "lost"]
-"""Where a job stands for a person: the rows of `batcher status`, the gallery's filters.
-
-done         every output file in place
-downloading  completed at RunComfy; files still to fetch (or gone since, or not sound)
-in_flight    submitted: queued or running at RunComfy
-pending      never sent, or sent back for later (429, an outage, a refused token): sent by the next run
-refused      RunComfy refused the submit for certain (validation, balance): nothing charged, sent again by
-             the next run (fix the cause first)
-failed       RunComfy's failures and cancellations: sent again with --retry-failed
-uncertain    the submit may have been accepted: sent again only with --resubmit-uncertain
-lost         accepted (maybe charged), then unknown to RunComfy: sent again only with --resubmit-uncertain
-"""
-CATEGORIES: tuple[Category, ...] = (
-    "done",
-    "downloading",
-    "in_flight",
-    "pending",
-    "refused",
-    "failed",
-    "uncertain",
-    "lost",
-)
-
 
 def category(record: JobRecord | None) -> Category:
     """A job's category from its record alone (None: never seen by the journal)."""
     if record is None:
         return "pending"
-    phase = record.phase
-    if phase == "pending":
-        return "refused" if record.refused else "pending"
-    if phase in ("submitting", "uncertain"):
-        return "uncertain"
-    if phase == "lost":
-        return "lost"
-    if phase == "submitted":
-        return "in_flight"
-    if phase == "completed":
-        if record.downloaded:
-            return "done"
-        return "failed" if record.error else "downloading"
-    return "failed"
+    return category_for(record.phase, refused=record.refused, downloaded=record.downloaded, errored=bool(record.error))
 
 
 def category_of(record: JobRecord | None, folder: OutputDir | None) -> Category:

@@ -39,7 +39,8 @@ import orjson
 
 from ..confined import OutputDir
 from ..errors import JournalCorruptError, JournalError, JournalLockedError
-from .records import EVENT_KINDS, EventKind, FileRecord, JobRecord, Phase
+from ..lifecycle import EVENT_KINDS, EventKind, Phase
+from .records import FileRecord, JobRecord
 from .table import RecordTable, Rows, record_from
 
 __all__ = [

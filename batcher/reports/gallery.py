@@ -20,9 +20,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ..confined import OutputDir
-from ..journal.failures import FAILURE_CLASSES, failure_of
-from ..journal.standing import CATEGORIES, Category, category_of, money
+from ..journal.failures import failure_of
+from ..journal.standing import category_of, money
 from ..journal.store import FoldedJournal, JobRecord
+from ..lifecycle import CATEGORIES, FAILURE_CLASSES, Category
 from ..manifest.loader import Job, Manifest
 from ..manifest.localimages import parse_reference
 from ..output.folders import rehearsal_only

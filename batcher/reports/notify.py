@@ -29,6 +29,7 @@ import httpx2
 from .._version import __version__
 from ..engine.runner import RunSummary
 from ..errors import UsageError
+from ..lifecycle import outcome_word
 from ..net.policy import scheme_refusal
 from ..printable import printable
 
@@ -49,13 +50,9 @@ def check_notify_url(url: str) -> None:
         raise UsageError(msg)
 
 
-def _outcome(exit_code: int) -> str:
-    return {0: "done", 130: "interrupted"}.get(exit_code, "failed")
-
-
 def summary_payload(name: str, summary: RunSummary) -> dict[str, Any]:
     """The body for a run that ended with a summary (done, failed or interrupted)."""
-    outcome = _outcome(summary.exit_code)
+    outcome = outcome_word(summary.exit_code)
     parts = [f"{summary.done}/{summary.total} done"]
     for jobs, word in (
         (summary.refused, "refused"),
@@ -100,7 +97,7 @@ def summary_payload(name: str, summary: RunSummary) -> dict[str, Any]:
 
 def error_payload(name: str, error: BaseException, exit_code: int) -> dict[str, Any]:
     """The body for a run that an error ended before it had a summary (a refused token, the disk full)."""
-    outcome = _outcome(exit_code)
+    outcome = outcome_word(exit_code)
     reason = printable(str(error) or type(error).__name__, 1000)
     return {
         "text": f"batcher: {name} stopped: {reason}",

@@ -19,8 +19,9 @@ from rich.table import Table
 from ..confined import OutputDir
 from ..engine.runner import RunSummary
 from ..journal.failures import RETRYABLE
-from ..journal.standing import CATEGORIES, AccountFigures, JobStanding, Tally, category_of, opened, tally
+from ..journal.standing import AccountFigures, JobStanding, Tally, category_of, opened, tally
 from ..journal.store import JOURNAL_NAME
+from ..lifecycle import CATEGORIES
 from ..manifest.cost import estimate, load_price_table
 from ..manifest.loader import Job, Manifest
 from ..output.dataset import dataset_images

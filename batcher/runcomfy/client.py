@@ -42,6 +42,7 @@ from ..errors import (
     UnreachableError,
     UsageError,
 )
+from ..lifecycle import JobState
 from ..net.policy import scheme_refusal
 from ..net.redirects import hold_location
 from ..net.retrying import RetryPolicy, TryAgain, parse_retry_after, retrying
@@ -64,7 +65,6 @@ from .results import (
     MAX_OUTPUTS,
     MAX_URL_CHARS,
     CancelOutcome,
-    JobState,
     RequestResult,
     Submission,
     collect_output_urls,
@@ -80,7 +80,6 @@ __all__ = [
     "MAX_OUTPUTS",
     "MAX_URL_CHARS",
     "CancelOutcome",
-    "JobState",
     "RateLimiter",
     "RequestResult",
     "RetryPolicy",

@@ -14,8 +14,9 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from ..lifecycle import JobState
 from ..printable import printable
 from .answers import MAX_JSON_DEPTH, TEXT_LIMIT, WORD_LIMIT, safe_text
 
@@ -24,7 +25,6 @@ __all__ = [
     "MAX_OUTPUTS",
     "MAX_URL_CHARS",
     "CancelOutcome",
-    "JobState",
     "RequestResult",
     "Submission",
     "collect_output_urls",
@@ -41,7 +41,6 @@ MAX_URL_CHARS = 4096
 MAX_COST_USD = 10_000.0
 """A reported cost above this (or negative, or not finite) is recorded as unknown."""
 
-JobState = Literal["in_queue", "in_progress", "completed", "failed", "cancelled", "unknown"]
 
 _OUTPUT_KEYS = ("image", "images", "video", "videos")
 _MAX_QUEUE_POSITION = 10_000_000
