@@ -422,7 +422,7 @@ def test_output_collection_is_linear_and_capped(caplog: pytest.LogCaptureFixture
     output = {"images": urls + urls, "image": "https://cdn.test/" + "x" * 5000, "video": "https://cdn.test/v.mp4"}
     started = time.perf_counter()
     found = collect_output_urls(output)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 5.0  # generous for a loaded machine: a quadratic walk takes minutes
     assert found == urls[:1000]  # known fields first: `video` comes after the cap
     assert any("output" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
@@ -434,7 +434,7 @@ async def test_a_result_naming_many_outputs_is_read_quickly(serve: Callable[[Ans
     async with client(server, max_answer_bytes=16 * MiB) as api:
         started = time.perf_counter()
         result = await api.result("r-1")
-    assert time.perf_counter() - started < 5.0
+    assert time.perf_counter() - started < 15.0  # generous for a loaded machine: a quadratic walk takes minutes
     assert result.outputs == urls[:1000]
     assert len(json.dumps(result.for_journal())) < 8192
 

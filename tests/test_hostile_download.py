@@ -177,7 +177,7 @@ async def test_a_trickling_download_gives_up_at_its_deadline(tmp_path: Path) -> 
             with anyio.fail_after(20), pytest.raises(DownloadError, match="deadline") as caught:
                 await downloader.fetch(f"{url}/slow.png", tmp_path / "job" / "slow.png")
         elapsed = time.monotonic() - started
-    assert 1.0 <= elapsed < 3.0, elapsed
+    assert 1.0 <= elapsed < 8.0, elapsed  # the deadline, not the three tries' trickle (generous for a loaded machine)
     assert not caught.value.permanent, "a fresh URL may be faster: the runner may ask for one"
     assert list(tmp_path.rglob("*")) in ([], [tmp_path / "job"])
 

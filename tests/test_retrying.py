@@ -117,22 +117,22 @@ async def test_waits_are_jittered_below_the_capped_bound_and_retry_after_wins_up
 
 async def test_the_loop_really_waits_unless_testing() -> None:
     assert not is_testing(), "waiting is on unless a test turns it off"
-    policy = RetryPolicy(attempts=2, base=0.001, max_retry_after=0.2)
+    policy = RetryPolicy(attempts=2, base=0.001, max_retry_after=1.0)
 
     def told(exc: Exception) -> TryAgain:
-        return TryAgain(retry_after=0.2)
+        return TryAgain(retry_after=1.0)
 
     _, attempt = _script(Flaky("1"), "done")
     started = time.monotonic()
     await retrying(attempt, policy=policy, retry_on=told, name="t")
-    assert time.monotonic() - started >= 0.19
+    assert time.monotonic() - started >= 0.99
 
     set_testing(True)
     try:
         _, attempt = _script(Flaky("1"), "done")
         started = time.monotonic()
         await retrying(attempt, policy=policy, retry_on=told, name="t")
-        assert time.monotonic() - started < 0.1
+        assert time.monotonic() - started < 0.5  # the told second not slept (generous for a loaded machine)
     finally:
         set_testing(False)
 
