@@ -62,7 +62,7 @@ from .replacements import with_replacements
 from .report import print_plan, print_status, print_summary, status_report
 from .review import DEFAULT_PORT, ReviewServer
 from .runner import RunOptions, RunPlan, RunSummary, cancel_manifest, run_manifest
-from .sandbox import DIALECTS, FAULT_KINDS, REFUSALS, Sandbox, SandboxConfig
+from .sandbox import DEFAULT_FAULTS, DIALECTS, FAULT_KINDS, REFUSALS, Sandbox, SandboxConfig
 from .scheduler import is_auto, shard_from_scheduler
 from .schema import available_models, load_model_schema
 from .state import JOURNAL_NAME, FoldedJournal
@@ -1098,7 +1098,7 @@ def _allowed(spec: dict[str, Any]) -> str:
 )
 @click.option(
     "--faults",
-    default=",".join(FAULT_KINDS),
+    default=",".join(DEFAULT_FAULTS),
     show_default=True,
     help="Comma-separated faults to draw from: " + ", ".join(FAULT_KINDS) + ".",
 )
