@@ -10,7 +10,7 @@
     │   ├── RequestGoneError       request not found or expired (404001)
     │   ├── ApiValidationError     the service rejected the input (422001)
     │   ├── TransientApiError      429, 5xx, connection trouble: worth retrying
-    │   │   ├── RateLimitedError   429 (or a bare 503) past the retries: "not now", never "not this run"
+    │   │   ├── RateLimitedError   429 past the retries: "not now", never "not this run"
     │   │   └── UnreachableError   no connection could be made past the retries: an outage
     │   └── UncertainSubmitError   a submit may or may not have been accepted
     ├── JournalError               the state journal cannot be read or written
@@ -152,7 +152,7 @@ class TransientApiError(ApiError):
 
 
 class RateLimitedError(TransientApiError):
-    """Raised when a call is refused with 429 (or a bare 503) past the retries (a submit: at once).
+    """Raised when a call is refused with 429 past the retries (a submit: at once).
 
     For a submit this is certain: nothing was accepted. It means "not now"
     (often an account's cap on jobs in flight), so the runner sends the job
@@ -160,7 +160,7 @@ class RateLimitedError(TransientApiError):
     """
 
     throttled: int = 1
-    """429s the call met: 1 for a submit's 429, 0 for its bare 503 (per-account figures count them)."""
+    """429s the call met (per-account figures count them): 1 for a submit's 429."""
 
 
 class UnreachableError(TransientApiError):

@@ -1,5 +1,6 @@
-"""A reverse proxy on loopback in front of a storage server, failing the requests it is told to: a 5xx, a
-refusal, a connection reset after the request was read, or one reset after the server did what it asked. Real sockets both ways, so the SDKs under test
+"""A reverse proxy on loopback in front of a storage server (or the sandbox's API), failing the requests it is
+told to: a 5xx, a refusal, a 408, a connection reset after the request was read, one reset after the server did
+what it asked, or the server's answer edited on its way back. Real sockets both ways, so the SDKs under test
 see exactly what a flaky network or a refusing service would show them."""
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ class Fault:
 
     matches: Callable[[str, str, bytes], bool]
     times: int
-    kind: Literal["503", "403", "reset", "lost"]
-    """lost: the request reaches the server, its answer never comes back (the connection is reset)."""
+    kind: Literal["503", "403", "408", "reset", "lost", "edit"]
+    """lost: the request reaches the server, its answer never comes back (the connection is reset).
+    edit: the request reaches the server, and its answer's body comes back through ``edit``."""
+    edit: Callable[[bytes], bytes] | None = None
 
 
 @dataclass
@@ -87,7 +90,7 @@ def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
                     upstream_connection.getresponse().read()
                 finally:
                     upstream_connection.close()
-            if fault is not None:
+            if fault is not None and fault.kind != "edit":
                 proxy.seen.append((self.command, _named(self.path, body), fault.kind))
                 if fault.kind in ("reset", "lost"):
                     # SO_LINGER 0: close sends RST, as a dropped connection does.
@@ -115,6 +118,8 @@ def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
                 data = answer.read()
             finally:
                 upstream_connection.close()
+            if fault is not None and fault.edit is not None:
+                data = fault.edit(data)
             proxy.seen.append((self.command, _named(self.path, body), str(answer.status)))
             self.send_response(answer.status)
             for key, value in answer.getheaders():

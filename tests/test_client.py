@@ -72,12 +72,12 @@ def raises(exc: type[Exception]) -> Callable[..., httpx2.Response]:
     ("answer", "kind", "throttled", "retry_after"),
     [
         (status(429, {"error_message": "slow down"}, {"retry-after": "7"}), RateLimitedError, 1, 7.0),
-        (status(503, b"<html>unavailable</html>"), RateLimitedError, 0, None),
-        (status(500, {"error_code": 500001, "error_message": "Internal error"}), TransientApiError, None, None),
+        (status(429, b""), RateLimitedError, 1, None),
         (raises(httpx2.ConnectError), UnreachableError, None, None),
         (raises(httpx2.ConnectTimeout), UnreachableError, None, None),
+        (raises(httpx2.PoolTimeout), UnreachableError, None, None),
     ],
-    ids=["429", "503", "500001", "connect-error", "connect-timeout"],
+    ids=["429", "bare-429", "connect-error", "connect-timeout", "pool-timeout"],
 )
 async def test_a_submit_certainly_not_accepted_is_sent_once_and_says_so(
     answer: Callable[..., httpx2.Response],
@@ -129,8 +129,49 @@ def ok_result(request: httpx2.Request) -> httpx2.Response:
         status(500, b"oops"),
         status(200, {"status": "in_queue"}),
         status(200, b"<html>not json</html>"),
+        # Issue 23: read as "not accepted" and sent again before; RunComfy's nodes never retry them.
+        status(503, b"<html>unavailable</html>"),
+        status(503, b""),
+        status(500, {"error_code": 500001, "error_message": "Internal error"}),
+        status(503, {"error_code": 400002, "error_message": "a refusing code on a 5xx"}),
+        status(200, {"error_code": 500001, "error_message": "Internal error"}),
+        status(200, b""),
+        status(200, b"[]"),
+        status(301, b"", {"location": "https://elsewhere.test/"}),
+        # A 4xx with neither a refusing code nor a refusing status: the nodes read it as "could not be confirmed".
+        status(404, b""),
+        status(400, b"bad request"),
+        status(408, b""),
+        status(409, {"error_message": "conflict"}),
+        status(413, b"too large"),
+        status(404, {"error_code": 404001, "error_message": "not found"}),
+        raises(httpx2.WriteTimeout),
     ],
-    ids=["read-timeout", "disconnect", "read-error", "502", "504", "bare-500", "no-request-id", "not-json"],
+    ids=[
+        "read-timeout",
+        "disconnect",
+        "read-error",
+        "502",
+        "504",
+        "bare-500",
+        "no-request-id",
+        "not-json",
+        "503-html",
+        "bare-503",
+        "500001",
+        "5xx-with-a-refusing-code",
+        "200-500001",
+        "empty-200",
+        "list-200",
+        "301",
+        "bare-404",
+        "400-without-code",
+        "408",
+        "409",
+        "413",
+        "404001",
+        "write-timeout",
+    ],
 )
 async def test_submits_of_unknown_fate_are_never_retried(answer: Callable[..., httpx2.Response]) -> None:
     seen: list[httpx2.Request] = []
@@ -154,17 +195,37 @@ async def test_submits_of_unknown_fate_are_never_retried(answer: Callable[..., h
             "prompt",
         ),
         (status(200, {"error_code": 422001, "error_message": "bad input"}), ApiValidationError, "bad input"),
+        (status(404, {"error_code": 400001, "error_message": "Unknown model"}), ApiError, "does not know this model"),
+        (status(400, {"error_code": 400001, "error_message": "Unknown model"}), ApiError, "does not know this model"),
+        (status(403, b""), AuthError, "RUNCOMFY_API_TOKEN"),
+        (status(401, b""), AuthError, "RUNCOMFY_API_TOKEN"),
+        (status(403, {"error_code": 403001, "error_message": "Not yours"}), AuthError, "RUNCOMFY_API_TOKEN"),
+        (status(422, b""), ApiValidationError, "rejected the input"),
     ],
-    ids=["401001", "400004", "400002", "402", "422001", "200-with-error-code"],
+    ids=[
+        "401001",
+        "400004",
+        "400002",
+        "402",
+        "422001",
+        "200-with-error-code",
+        "404-400001",
+        "400-400001",
+        "bare-403",
+        "bare-401",
+        "403001",
+        "bare-422",
+    ],
 )
 async def test_refusals_become_actionable_errors(
     answer: Callable[..., httpx2.Response], error: type[Exception], words: str
 ) -> None:
     seen: list[httpx2.Request] = []
     async with _client([answer, ok], seen) as client:
-        with pytest.raises(error, match=words):
+        with pytest.raises(error, match=words) as caught:
             await client.submit(MODEL, {"prompt": "x"})
     assert len(seen) == 1
+    assert not isinstance(caught.value, UncertainSubmitError | TransientApiError), "certainly refused, and final"
 
 
 async def test_each_call_logs_one_line_without_the_token(caplog: pytest.LogCaptureFixture) -> None:
@@ -206,6 +267,33 @@ async def test_polls_retry_anything_transient_and_honour_retry_after() -> None:
     assert result.outputs == ["https://cdn.test/a.png"]
     assert seen[-1].url.params["include_cost"] == "true"
     assert len(seen) == 4
+
+
+async def test_a_408_on_a_poll_is_retried_and_a_409_is_final_as_runcomfys_cli_reads_them() -> None:
+    """src/exit.rs: 408 and 429 are EX_TEMPFAIL (retryable); any other 4xx, 409 among them, EX_DATAERR."""
+    seen: list[httpx2.Request] = []
+    done = status(200, {"request_id": "r", "status": "completed", "output": {"image": "https://cdn.test/a.png"}})
+    async with _client([status(408, b""), done, status(409, {"error_message": "conflict"}), done], seen) as client:
+        assert (await client.result("r")).state == "completed"
+        with pytest.raises(ApiError, match="HTTP 409") as caught:
+            await client.result("r")
+    assert not isinstance(caught.value, TransientApiError)
+    assert len(seen) == 3
+
+
+async def test_an_error_text_beside_a_state_is_kept_but_only_failed_fails() -> None:
+    """RunComfy's CLI reads `error` only when the status is failed."""
+    seen: list[httpx2.Request] = []
+    answers = [
+        status(200, {"request_id": "r", "status": "in_progress", "error": "retrying on another worker"}),
+        status(200, {"request_id": "r", "status": "in_queue", "error": {"message": "degraded"}}),
+        status(200, {"request_id": "r", "status": "warming_up", "error": "slow"}),
+    ]
+    async with _client(answers, seen) as client:
+        running, queued, unknown = [await client.result("r") for _ in range(3)]
+    assert (running.state, running.error) == ("in_progress", "retrying on another worker")
+    assert queued.state == "in_queue" and queued.error is not None and "degraded" in queued.error
+    assert unknown.state == "unknown" and unknown.error == "slow"
 
 
 async def test_result_states_and_errors_are_normalized() -> None:

@@ -21,6 +21,7 @@ from batcher.journal.standing import category
 from batcher.journal.store import JOURNAL_NAME
 
 from .conftest import TOKEN, fast_options, many_jobs_manifest
+from .faultproxy import Fault, FaultProxy, fault_proxy
 
 StartSandbox = Callable[..., SandboxThread]
 FAST = ["--poll-interval", "0.05", "--poll-max", "0.1", "--retries", "3", "-q"]
@@ -388,6 +389,97 @@ async def test_an_answer_that_may_mean_accepted_is_never_sent_again(
     assert record.phase == phase and record.submits == 1
     if phase == "submitted":
         assert record.request_id == "r-1"
+
+
+# -- issue 23: the submit rule, as RunComfy's own clients read an answer -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["accept_503", "accept_500001", "502", "accept_empty", "accept_list", "accept_no_id", "drop_after_accept"],
+    ids=["bare-503", "500-500001", "502-with-body", "empty-200", "list-200", "200-without-id", "reset-after-body"],
+)
+def test_an_accepted_submit_answered_as_unknown_is_sent_once_until_asked(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox, fault: str
+) -> None:
+    """The server takes (and charges) each job, creates the request, then answers so: RunComfy's nodes call each
+    of these "Submission could not be confirmed" and never send again. Exactly one POST a job after a run and a
+    plain rerun; two only with --resubmit-uncertain. 503 and 500001 were read as "not accepted" and resent."""
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2, quality="high")
+    sandbox = start_sandbox(fault_rate=1.0, faults=(fault,), fault_paths=("submit",))
+    server = sandbox.sandbox
+    every = {f"prompt number {i}": 1 for i in range(2)}
+    # --timeout: an answer read as "not now" would be sent again for as long as the run lasts.
+    args = [str(manifest), "--api-base", sandbox.url, "-o", "out", "--timeout", "20"]
+    first = _run(runner, *args)
+    assert first.exit_code == 1, first.output
+    assert _submits_per_job(sandbox) == every and not any(s.answered for s in server.submits)
+    summary = " ".join(first.output.split())
+    assert "2 uncertain" in summary and "could cost up to $0.27 more" in summary, summary
+    assert "--resubmit-uncertain" in summary
+    assert _categories(tmp_path / "out") == {"uncertain": 2}
+
+    again = _run(runner, *args)
+    assert again.exit_code == 1, again.output
+    assert _submits_per_job(sandbox) == every, "a plain rerun sends no uncertain job again"
+
+    server.config.fault_rate = 0.0
+    asked = _run(runner, *args, "--resubmit-uncertain")
+    assert asked.exit_code == 0, asked.output
+    assert _submits_per_job(sandbox) == {prompt: 2 for prompt in every}
+    assert _categories(tmp_path / "out") == {"done": 2}
+
+
+def _in_progress_with_an_error(data: bytes) -> bytes:
+    answer = json.loads(data)
+    answer.update(status="in_progress", output=None, error="worker restarted, retrying on another GPU")
+    return json.dumps(answer).encode()
+
+
+def test_an_error_text_beside_in_progress_is_journalled_not_a_failure(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """RunComfy's CLI reads `error` only on a failed status: the job finishes as done, the text is kept."""
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
+    with fault_proxy(sandbox.url) as proxy:
+        proxy.faults.append(Fault(_result_polls, 2, "edit", _in_progress_with_an_error))
+        _through(proxy, sandbox)
+        result = _run(runner, str(manifest), "--api-base", proxy.url, "-o", "out")
+    assert result.exit_code == 0, result.output
+    assert _categories(tmp_path / "out") == {"done": 1}
+    events = [json.loads(line) for line in (tmp_path / "out" / JOURNAL_NAME).read_text().splitlines()]
+    said = [e for e in events if e["e"] == "state" and e.get("error")]
+    assert said and said[0]["state"] == "in_progress"
+    assert said[0]["error"] == "worker restarted, retrying on another GPU"
+    assert not [e for e in events if e["e"] == "failed"]
+    assert len(sandbox.sandbox.submits) == 1
+
+
+def test_a_408_on_a_poll_is_asked_again_in_the_same_run(
+    runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """RunComfy's CLI counts 408 with 429 as retryable (src/exit.rs): one 408 no longer holds a paid job."""
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
+    with fault_proxy(sandbox.url) as proxy:
+        proxy.faults.append(Fault(_result_polls, 1, "408"))
+        _through(proxy, sandbox)
+        result = _run(runner, str(manifest), "--api-base", proxy.url, "-o", "out")
+        assert ("GET", next(p for m, p, k in proxy.seen if k == "408"), "408") in proxy.seen
+    assert result.exit_code == 0, result.output
+    assert _categories(tmp_path / "out") == {"done": 1}
+    assert len(sandbox.sandbox.submits) == 1
+
+
+def _result_polls(method: str, path: str, body: bytes) -> bool:
+    return method == "GET" and "/result" in path
+
+
+def _through(proxy: FaultProxy, sandbox: SandboxThread) -> None:
+    """Every other answer's URLs name the proxy, not the sandbox: downloads reach only the API base's origin."""
+    origin, own = sandbox.url.encode(), proxy.url.encode()
+    proxy.faults.append(Fault(lambda m, p, b: True, 10**9, "edit", lambda data: data.replace(origin, own)))
 
 
 # -- found by the adversarial review ------------------------------------------------------------------------------

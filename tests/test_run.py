@@ -183,7 +183,25 @@ async def test_jobs_dropped_from_the_manifest_are_reported_not_touched(
     assert (tmp_path / "out" / "job-0002").is_dir()
 
 
-@pytest.mark.parametrize("fault", ["429", "503", "500"])
+@pytest.mark.parametrize("fault", ["503", "500"])
+async def test_a_5xx_to_a_submit_is_uncertain_and_held_even_when_the_server_took_nothing(
+    tmp_path: Path, start_sandbox: StartSandbox, fault: str
+) -> None:
+    """A bare 503 and a 500 with RunComfy's 500001 were sent again (issue 23): the client cannot tell these from
+    the same answers after an accepted job (tests/test_money_paths.py), so each is held, journalled once."""
+    sandbox = start_sandbox(fault_rate=0.4, faults=(fault,), fault_paths=("submit",), seed=7)
+    jobs = 8
+    summary = await _run(many_jobs_manifest(tmp_path / "m.yaml", jobs), sandbox)
+    posts = sandbox.sandbox.calls["submit"]
+    assert posts == jobs, "each job is sent once"
+    held = sandbox.sandbox.faults_injected[fault]
+    assert held > 0 and len(summary.uncertain) == held and summary.done == jobs - held
+    events = [json.loads(line) for line in (tmp_path / "out" / JOURNAL_NAME).read_text().splitlines()]
+    assert [e["e"] for e in events].count("uncertain") == held
+    assert not [e for e in events if e["e"] == "deferred"]
+
+
+@pytest.mark.parametrize("fault", ["429"])
 async def test_every_retried_submit_has_its_own_intent_and_refusal_in_the_journal(
     tmp_path: Path, start_sandbox: StartSandbox, fault: str
 ) -> None:
@@ -204,7 +222,7 @@ async def test_every_retried_submit_has_its_own_intent_and_refusal_in_the_journa
         own = [e["e"] for e in events if e.get("job") == job and e["e"] in ("submitting", "deferred", "submitted")]
         refused = (len(own) - 2) // 2
         assert own == ["submitting", "deferred"] * refused + ["submitting", "submitted"], own
-    # Only 429s count against the account (status's per-account figures); a gateway's 503 is no cap.
+    # 429s count against the account (status's per-account figures).
     throttled = sum(
         sum((r.throttled or {}).values()) for r in read_journal(tmp_path / "out" / JOURNAL_NAME).records.values()
     )

@@ -69,7 +69,7 @@ from ..review.server import DEFAULT_PORT, ReviewServer
 from ..runcomfy.account import look_up, read_balances
 from ..runcomfy.client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy, api_base_from_env
 from ..runcomfy.tokens import TOKEN_FILE_ENV, TOKENS_ENV, fingerprint, tokens_from_env
-from ..sandbox.server import DIALECTS, FAULT_KINDS, REFUSALS, Sandbox, SandboxConfig
+from ..sandbox.server import DEFAULT_FAULTS, DIALECTS, FAULT_KINDS, REFUSALS, Sandbox, SandboxConfig
 
 __all__ = ["cli", "main"]
 
@@ -1100,7 +1100,7 @@ def _allowed(spec: dict[str, Any]) -> str:
 )
 @click.option(
     "--faults",
-    default=",".join(FAULT_KINDS),
+    default=",".join(DEFAULT_FAULTS),
     show_default=True,
     help="Comma-separated faults to draw from: " + ", ".join(FAULT_KINDS) + ".",
 )

@@ -264,17 +264,18 @@ class JobSteps:
 
         Only a submit certainly not accepted is sent again, and never before
         the journal says so (``deferred``) and holds a fresh intent: a kill
-        while the job waits leaves it pending, never uncertain. A 429 or a
-        bare 503 waits the server's Retry-After (else a growing backoff) and
-        goes again, through whichever account has room once a 429's account
-        cap came down; no connection, or RunComfy's 500001, goes again up to
-        the retry policy's attempts and then waits out the outage. Every
+        while the job waits leaves it pending, never uncertain. A 429 waits
+        the server's Retry-After (else a growing backoff) and goes again,
+        through whichever account has room once its account cap came down;
+        no connection goes again up to the retry policy's attempts and then
+        waits out the outage. Any answer of unknown fate (a 5xx, 500001 and
+        503 included: docs/submit-answers.md) is held as uncertain; every
         other answer is final for this run.
         """
         progress = self.progress
         price = price_of(job, self.price_dirs)
         retry = self.options.retry
-        refusals = 0  # 429s and bare 503s in a row: "not now", tried for as long as the run lasts
+        refusals = 0  # 429s in a row: "not now", tried for as long as the run lasts
         faults = 0  # the rest in a row: tried up to the policy's attempts, then an outage
         while True:
             lane = await self.accounts.acquire()
@@ -313,7 +314,7 @@ class JobSteps:
                 delay = retry.backoff(refusals, exc.retry_after)
                 refusals += 1
             except TransientApiError as exc:
-                # Nothing got through (no connection, or RunComfy's own 500001): again, then pause for an outage.
+                # Nothing got through (no connection): again, then pause for an outage.
                 self.deferred(job, lane, exc)
                 faults += 1
                 if faults >= retry.attempts:
@@ -416,6 +417,7 @@ class JobSteps:
         delay = options.poll_min
         last_state = record.remote_state
         last_word: str | None = None
+        last_error: str | None = None
         queued_since = running_since = time.monotonic()
         submitted_at = record.submitted_at or time.time()
         reported_unknown = False
@@ -469,14 +471,22 @@ class JobSteps:
                 progress.error(job.name, reason)
                 return
             state = result.state
-            if state != last_state or result.raw_status != last_word:
-                # The service's own word is kept too (succeeded, waiting, processing…): what it said.
+            if state != last_state or result.raw_status != last_word or result.error != last_error:
+                # The service's own word is kept too (succeeded, waiting, processing…): what it said. So is an
+                # error text beside a state that is not failed: shown to a person, never read as a failure.
+                said_error: dict[str, str] = {"error": result.error} if result.error else {}
                 self.record(
-                    job, "state", state=state if state != "unknown" else result.raw_status, word=result.raw_status
+                    job,
+                    "state",
+                    state=state if state != "unknown" else result.raw_status,
+                    word=result.raw_status,
+                    **said_error,
                 )
+                if said_error and state not in ("failed", "cancelled"):
+                    progress.error(job.name, f"RunComfy says {state} with an error text, still polling: {result.error}")
                 if state == "in_progress" and last_state != "in_progress":
                     running_since = time.monotonic()
-                last_state, last_word = state, result.raw_status
+                last_state, last_word, last_error = state, result.raw_status, result.error
             if state == "completed":
                 self.finish(job, result)
                 return

@@ -4,11 +4,13 @@ One `RunComfyClient` per run keeps one pooled `httpx2.AsyncClient`. Result
 and cancel calls are retried with exponential backoff and full jitter on
 429, 5xx and connection faults, honouring ``Retry-After`` (`batcher.net.retrying`).
 Submits cost money and the API has no idempotency key, so `submit` sends
-once and says what became of it: certainly not accepted and worth another
-try (the connection never opened, 429, 503, or a RunComfy error body
-refusing it), refused for good, or of unknown fate (`UncertainSubmitError`:
-the caller must not send it again on its own). Its caller retries, so that
-the journal says "not accepted" before each wait (`batcher.engine.steps`). A redirect from the API is an error, never followed: it
+once and says what became of it, as RunComfy's own clients read it
+(docs/submit-answers.md): accepted (a usable request_id), certainly refused
+(a RunComfy code or status that means refused, a 429, or a connection that
+never reached the server), or of unknown fate: everything else, any 5xx
+included (`UncertainSubmitError`: the caller must not send it again on its
+own). Its caller retries what is worth it, so that the journal says "not
+accepted" before each wait (`batcher.engine.steps`). A redirect from the API is an error, never followed: it
 would carry the token elsewhere.
 
 Answers are read as untrusted bytes by `batcher.runcomfy.answers` (bounded, the token
@@ -59,7 +61,7 @@ from .answers import (
     read_answer,
 )
 from .pacing import RateLimiter
-from .refusals import REQUEST_ID, TOKEN_ENV, checked_request_id, error_code, redirect_error, refusal
+from .refusals import REQUEST_ID, TOKEN_ENV, checked_request_id, error_code, redirect_error, refusal, refuses_submit
 from .results import (
     MAX_COST_USD,
     MAX_OUTPUTS,
@@ -306,11 +308,13 @@ class RunComfyClient:
     async def submit(self, model_id: str, payload: Mapping[str, Any]) -> Submission:
         """Send one job, once: never retried here.
 
-        Raises UncertainSubmitError when the job may have been accepted, a
-        subclass of ApiError when RunComfy refused it for good, and, when it
-        certainly was not accepted but may be sent again, RateLimitedError
-        (429, a bare 503), UnreachableError (no connection) or
-        TransientApiError (RunComfy's own 500001), each with the server's
+        Raises UncertainSubmitError when the job may have been accepted (any
+        answer that does not say for certain that it was refused: a 5xx with
+        or without RunComfy's body, a 3xx, an empty or unreadable answer, one
+        without a request_id, a fault after the request was sent); a subclass
+        of ApiError when RunComfy refused it for good; and, when it certainly
+        was not accepted but may be sent again, RateLimitedError (429) or
+        UnreachableError (no connection), each with the server's
         ``retry_after`` when it sent one. The caller owns the retries: it
         journals each refusal and a fresh intent before sending again (see
         `batcher.engine.steps`), so that a kill while it waits leaves nothing that
@@ -349,28 +353,21 @@ class RunComfyClient:
         if body is not None and body.get("request_id") is not None:
             return Submission(request_id=checked_request_id(body["request_id"], status), raw=body)
         code = error_code(body)
-        if status == 429 or (status == 503 and code is None):
-            # Refused before any work: 429 by definition, a bare 503 by the gateway.
+        if status == 429:
+            # "Not now", refused before any work (RunComfy's CLI: retryable, src/exit.rs).
             said = refusal(response, body, doing)
             limited = RateLimitedError(f"{said} (the job was not accepted)", status_code=status, error_code=code)
-            limited.throttled = 1 if status == 429 else 0
+            limited.throttled = 1
             limited.retry_after = _retry_after(response)
             raise limited
-        if status in (502, 504) or 300 <= status < 400:
-            # A gateway that lost the upstream's answer, or a redirect we do not follow: the
-            # job may be running behind it, whatever error body the gateway chose to add.
-            msg = f"RunComfy answered HTTP {status} to a submit without a request_id; it may have accepted the job"
-            raise UncertainSubmitError(msg, status_code=status, error_code=code)
-        if 400 <= status < 500 or (status == 200 and code is not None):
-            # A client error (or RunComfy's error body on a 200) and no request_id: refused before any work.
-            raise refusal(response, body, doing)
-        if status >= 500 and code == 500001:
-            # RunComfy's own error body says it failed before taking the job; its docs say retry.
-            said = refusal(response, body, doing)
-            failed = TransientApiError(f"{said} (the job was not accepted)", status_code=status, error_code=code)
-            failed.retry_after = _retry_after(response)
-            raise failed
-        msg = f"RunComfy answered HTTP {status} to a submit without a request_id; it may have accepted the job"
+        if refuses_submit(status, code):
+            refused = refusal(response, body, doing)
+            if not isinstance(refused, TransientApiError):  # each refusing code and status maps to a final error
+                raise refused
+        # Everything else may stand in front of an accepted job: RunComfy's nodes answer any other status,
+        # and any 2xx without a usable request_id, "Submission could not be confirmed", never retried.
+        tag = f"HTTP {status}" + (f", error {code}" if code is not None else "")
+        msg = f"RunComfy answered {tag} to a submit without a request_id; it may have accepted the job"
         raise UncertainSubmitError(msg, status_code=status, error_code=code)
 
     async def reachable(self, model_id: str) -> bool:
@@ -488,8 +485,9 @@ def _parse_result(request_id: str, body: dict[str, Any]) -> RequestResult:
     error_text = None
     if error not in (None, "", {}):
         error_text = printable(error if isinstance(error, str) else json.dumps(error), TEXT_LIMIT)
-    if error_text and state not in ("failed", "cancelled") and state != "completed":
-        state = "failed"
+    # The state word alone says whether the job failed: RunComfy's CLI reads ``error`` only on a failed
+    # status, so an error text beside in_progress (or any other word) is kept, shown and journalled, but
+    # never ends a paid job (a wrong "failed" would have --retry-failed pay for a job still running).
     return RequestResult(
         # The id asked about, not one the answer names: that one was never checked.
         request_id=request_id,

@@ -3,8 +3,9 @@
 RunComfy's error bodies (``error_code``, ``error_message``, ``detail``) and
 bare HTTP statuses become the `batcher.errors` class that says what to do:
 a refused token stops the run, a balance asks for a top-up, a transient
-fault is retried, a redirect is final. Which of them a *submit* may retry is
-`batcher.runcomfy.client`'s decision: this module only names the answer.
+fault is retried, a redirect is final. Which answers to a *submit* say for
+certain that it was refused is `refuses_submit` (docs/submit-answers.md);
+what to do then is `batcher.runcomfy.client`'s and `batcher.engine.steps`' decision.
 """
 
 from __future__ import annotations
@@ -29,18 +30,37 @@ from ..net.redirects import held_location
 from ..printable import printable
 
 __all__ = [
+    "REFUSING_CODES",
+    "REFUSING_STATUSES",
     "REQUEST_ID",
     "TOKEN_ENV",
     "checked_request_id",
     "error_code",
     "redirect_error",
     "refusal",
+    "refuses_submit",
 ]
 
 TOKEN_ENV = "RUNCOMFY_API_TOKEN"
 """Where the token comes from: named in every message about a refused one."""
 REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 """What a request id may look like: it goes into URLs, the journal and the terminal."""
+REFUSING_CODES = frozenset({422001, 400001, 400002, 400004, 401001, 403001})
+"""RunComfy's error codes that say a submit was refused before any work: validation, unknown model,
+balance, token (missing, expired, inactive account, another user's). 500001 is not one: it is the
+Serverless API's "server error", and on a paid POST a server error is an unknown outcome."""
+REFUSING_STATUSES = frozenset({401, 402, 403, 422})
+"""HTTP statuses whose meaning alone is such a refusal (RunComfy's nodes read 401/403 as a refused token
+and 402 as the balance, before anything else; 422 is a validation refusal). 429 is "not now", apart."""
+
+
+def refuses_submit(status: int, code: int | None) -> bool:
+    """Whether an answer without a request_id says for certain that a submit was refused (see
+    docs/submit-answers.md): a refusing RunComfy code on a 2xx or 4xx, or a refusing 4xx status. Never a
+    3xx or 5xx, whatever its body: a gateway or a failing backend may stand in front of an accepted job."""
+    if status >= 500 or 300 <= status < 400:
+        return False
+    return code in REFUSING_CODES or status in REFUSING_STATUSES
 
 
 def redirect_error(response: httpx2.Response, doing: str) -> ApiError:
@@ -111,10 +131,6 @@ def refusal(response: httpx2.Response, body: Mapping[str, Any] | None, doing: st
     if code == 404001:
         msg = f"RunComfy does not know this request ({tag}){said}: not found or expired."
         return RequestGoneError(msg, **kwargs)
-    if status == 404:
-        # A 404 without RunComfy's body is a proxy or a replica that has not seen the request yet.
-        msg = f"RunComfy answered HTTP 404 without its error body while {doing}{said}"
-        return TransientApiError(msg, **kwargs)
     if code == 422001 or status == 422:
         extra = f" ({json.dumps(detail)[:500]})" if detail else ""
         msg = f"RunComfy rejected the input ({tag}){said}{extra}"
@@ -122,7 +138,13 @@ def refusal(response: httpx2.Response, body: Mapping[str, Any] | None, doing: st
     if code == 400001:
         msg = f"RunComfy does not know this model ({tag}){said}"
         return ApiError(msg, **kwargs)
-    if code == 500001 or status == 429 or status >= 500:
+    if status == 404:
+        # A 404 without RunComfy's body is a proxy or a replica that has not seen the request yet.
+        msg = f"RunComfy answered HTTP 404 without its error body while {doing}{said}"
+        return TransientApiError(msg, **kwargs)
+    if code == 500001 or status in (408, 429) or status >= 500:
+        # 408 with 429: RunComfy's CLI counts both as retryable (src/exit.rs, EX_TEMPFAIL). A 409 is not
+        # (the CLI reads any other 4xx as EX_DATAERR): it stays final, below.
         msg = f"RunComfy had trouble while {doing} ({tag}){said}"
         return TransientApiError(msg, **kwargs)
     msg = f"RunComfy answered an error while {doing} ({tag}){said}"

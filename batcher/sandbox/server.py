@@ -49,6 +49,7 @@ from ..manifest.localimages import check_inline_images
 from ..manifest.schema import load_model_schema
 
 __all__ = [
+    "DEFAULT_FAULTS",
     "DIALECTS",
     "FAULT_KINDS",
     "REFUSALS",
@@ -59,7 +60,9 @@ __all__ = [
     "make_png",
 ]
 
-FAULT_KINDS = ("429", "500", "502", "503", "drop", "drop_after_accept", "slow", "truncate")
+DEFAULT_FAULTS = ("429", "500", "502", "503", "drop", "drop_after_accept", "slow", "truncate")
+"""The faults drawn from unless told otherwise (`SandboxConfig.faults`, ``batcher sandbox --faults``)."""
+FAULT_KINDS = (*DEFAULT_FAULTS, "accept_503", "accept_500001", "accept_empty", "accept_list", "accept_no_id")
 """Fault names for `SandboxConfig.faults`.
 
 429                answer 429 with Retry-After; nothing happens
@@ -70,6 +73,14 @@ drop               reset the connection before doing anything
 drop_after_accept  accept the submit (or do the call), then reset without answering
 slow               do the call, then answer after `slow_seconds` (past a client's read timeout)
 truncate           announce the full length, send half the body, close
+accept_503         accept the submit (or do the call), then answer a bare 503
+accept_500001      accept the submit (or do the call), then answer 500 with RunComfy's 500001 body
+accept_empty       accept the submit (or do the call), then answer 200 with an empty body
+accept_list        accept the submit (or do the call), then answer 200 with ``[]``
+accept_no_id       accept the submit (or do the call), then answer 200 with an object without request_id
+
+The accept_* kinds are a server that takes (and charges) the job and answers as if it had not: a client
+that reads such an answer as "not accepted" pays twice. Not among `DEFAULT_FAULTS`.
 """
 
 
@@ -209,7 +220,7 @@ class SandboxConfig:
     """When set, each job runs for a duration drawn between run_delay and this (stable per job)."""
     fail_rate: float = 0.0
     fault_rate: float = 0.0
-    faults: tuple[str, ...] = ("429", "500", "502", "503", "drop", "drop_after_accept", "slow", "truncate")
+    faults: tuple[str, ...] = DEFAULT_FAULTS
     slow_seconds: float = 5.0
     retry_after: float = 1.0
     image_size: int = 64
@@ -752,6 +763,9 @@ class Sandbox:
             return _Response(0, b"", fault="drop")
         if fault == "drop_after_accept":
             return _Response(0, b"", fault="drop")
+        if fault in _ACCEPTED_ANSWERS:
+            status, body = _ACCEPTED_ANSWERS[fault]
+            return _Response(status, body, [("content-type", "application/json")] if body else [])
         answer.fault = fault  # slow or truncate: applied while sending
         return answer
 
@@ -824,6 +838,16 @@ class Sandbox:
             raise
         finally:
             await listener.aclose()
+
+
+_ACCEPTED_ANSWERS: dict[str, tuple[int, bytes]] = {
+    "accept_503": (503, b""),
+    "accept_500001": (500, b'{"error_code": 500001, "error_message": "Internal server error, please retry"}'),
+    "accept_empty": (200, b""),
+    "accept_list": (200, b"[]"),
+    "accept_no_id": (200, b'{"status": "in_queue"}'),
+}
+"""What each accept_* fault answers once the call was done (see `FAULT_KINDS`)."""
 
 
 def _phase_word(words: tuple[str, ...], start: float, end: float, now: float) -> str:
