@@ -929,7 +929,7 @@ def review(
     """Serve a page on loopback to accept or reject every image, beside its inputs. No network but inputs.
 
     Prints the address (with this session's token) and opens nothing. Keys:
-    j/k move, a accept, r reject, x undo, u undecided only. Decisions go to
+    j/k move, a accept, r reject, x undo, u undecided only, o full size. Decisions go to
     decisions.jsonl in the output folder and survive reruns; `run
     --replace-rejected` then makes a new generation for each rejected image,
     and `export --accepted-only` hands the rest on.
