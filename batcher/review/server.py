@@ -165,7 +165,10 @@ class ReviewServer:
 
     def wait(self) -> None:
         """Serve until interrupted (Ctrl-C)."""
-        while not self._stopping.wait(3600):
+        # Short waits: the kernel may hand a SIGINT to any thread, and one the server's busy threads take only
+        # sets Python's flag; the main thread raises KeyboardInterrupt when it next wakes. Waiting an hour at a
+        # time, a review under load ignored Ctrl-C (seen in the README test).
+        while not self._stopping.wait(0.2):
             pass
 
     def _fetch_inputs(self) -> None:
