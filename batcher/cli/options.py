@@ -8,8 +8,10 @@ from typing import Any
 
 import click
 
+from ..engine.options import RunOptions
 from ..engine.scheduler import is_auto, shard_from_scheduler
 from ..errors import UsageError
+from ..flags import Flag, flag_of
 from ..output.folders import parse_shard
 from ..output.storage import RemoteOutput, parse_output
 
@@ -49,13 +51,8 @@ def schemas_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..
 
 
 def shard_option(function: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--shard",
-        metavar="K/N",
-        callback=lambda _ctx, _param, value: None if value is None else parse_shard_flag(value),
-        help="Only the K-th of N slices of the jobs (by identity), in output/<name>/shard-K-of-N/ "
-        "(shard-K-of-N/ below an s3:// or gs:// output). 'auto' (or auto/N) reads a Kubernetes Indexed Job's or a Slurm "
-        "array's variables.",
+    return field_option(
+        RunOptions, "shard", callback=lambda _ctx, _param, value: None if value is None else parse_shard_flag(value)
     )(function)
 
 
@@ -99,8 +96,41 @@ def sandbox_folder_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def api_base_option(function: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--api-base",
-        envvar="RUNCOMFY_API_BASE",
-        help="RunComfy API base URL (env RUNCOMFY_API_BASE) [default: https://model-api.runcomfy.net].",
-    )(function)
+    return field_option(RunOptions, "api_base")(function)
+
+
+def field_option(owner: type, name: str, **overrides: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of owner's field ``name``: its flags, help, default and range as the field declares them
+    (`batcher.flags`), so none is written twice. ``overrides`` are click's own settings (a callback, a param name)."""
+    flag, default = flag_of(owner, name)
+    kind = flag.kind or type(default)
+    settings: dict[str, Any] = {"help": flag.help, "metavar": flag.metavar, "envvar": flag.envvar}
+    if kind is bool:
+        settings["is_flag"] = True
+    else:
+        settings.update(
+            default=default,
+            show_default=flag.show_default and default not in (None, ()),
+            type=_click_type(kind, flag),
+            multiple=flag.multiple,
+        )
+    settings.update(overrides)
+    param = settings.pop("param", name)
+    return click.option(*flag.names, param, **settings)
+
+
+def _click_type(kind: type, flag: Flag) -> Any:
+    if flag.choices is not None:
+        return click.Choice(flag.choices)
+    if kind is int and (flag.minimum is not None or flag.maximum is not None):
+        return click.IntRange(
+            None if flag.minimum is None else int(flag.minimum), None if flag.maximum is None else int(flag.maximum)
+        )
+    if kind is float and (flag.minimum is not None or flag.maximum is not None):
+        return click.FloatRange(flag.minimum, flag.maximum)
+    return kind
+
+
+def run_option(name: str, **overrides: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The flag of `RunOptions` field ``name``."""
+    return field_option(RunOptions, name, **overrides)

@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 
 import anyio
 import click
-import httpx2
 from rich.live import Live
 
 from ..api import run_manifest
@@ -20,11 +19,10 @@ from ..engine.progress import ProgressView, RunProgress, plain_progress_line
 from ..engine.runner import RunOptions, RunPlan, RunSummary
 from ..journal.failures import RETRYABLE, parse_retry_classes
 from ..manifest.loader import Manifest, load_manifest
-from ..output.download import DEFAULT_MAX_BYTES
 from ..output.storage import RemoteOutput
 from ..reports.notify import check_notify_url, error_payload, send, summary_payload
 from ..reports.report import print_summary
-from ..runcomfy.client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy
+from ..runcomfy.client import RetryPolicy
 from ..sandbox.server import SandboxConfig
 from .common import (
     setup_logging,
@@ -32,71 +30,30 @@ from .common import (
     this_command,
 )
 from .exits import BAD_INPUT, EXIT_BAD_INPUT, EXIT_FAILED, Failed
-from .options import (
-    api_base_option,
-    manifest_argument,
-    output_option,
-    shard_option,
-)
+from .options import api_base_option, field_option, manifest_argument, output_option, run_option, shard_option
 
 
 @click.command()
 @manifest_argument
 @output_option
+@run_option("concurrency")
+@run_option("sandbox")
+@run_option("max_cost")
+@run_option("limit")
+@run_option("only")
+@shard_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress display; errors and the summary only.")
 @click.option(
-    "-c", "--concurrency", default=8, show_default=True, type=click.IntRange(1, 1024), help="Jobs in flight at once."
+    "-v",
+    "--verbose",
+    count=True,
+    help="-v: one log line per API call (call, model or request id, HTTP status, time); -vv: the HTTP library's too.",
 )
-@api_base_option
-@click.option(
-    "--sandbox", is_flag=True, help="Run against a local, in-process RunComfy sandbox: no token, no network, no cost."
-)
-@click.option(
-    "--retry-failed",
-    is_flag=False,
-    flag_value="retryable",
-    default=None,
-    metavar="[=CLASSES]",
-    help="Submit again the jobs that failed or were cancelled: alone, the retryable ones (model errors, "
-    "timeouts, cancellations, unknown); =all, or =a comma-separated list of classes "
-    "(content_policy, invalid_input, model_error, timeout, cancelled, unknown).",
-)
-@click.option(
-    "--resubmit-uncertain",
-    is_flag=True,
-    help="Submit again the jobs whose earlier submit may have been accepted (may pay twice).",
-)
-@click.option(
-    "--replace-rejected",
-    is_flag=True,
-    help="Submit one new generation for each image rejected in `batcher review` (each is paid once).",
-)
-@click.option(
-    "--notify",
-    metavar="URL",
-    help="When the run ends, POST its summary as JSON to URL (a Slack or ntfy webhook, or your own).",
-)
-@click.option(
-    "--new-output",
-    is_flag=True,
-    help="Submit even the jobs another output folder already submitted (pays for them again).",
-)
-@click.option(
-    "--lost-after",
-    default=300.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Seconds after its submit that a request RunComfy does not know (404001) counts as lost, not lagging.",
-)
-@click.option(
-    "--outage-timeout",
-    default=900.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Seconds to wait for RunComfy to answer again once no call gets through, before the run ends.",
-)
-@click.option(
-    "--over-balance", is_flag=True, help="Start even when the jobs to submit are estimated over the account's balance."
-)
+@run_option("retry_failed", is_flag=False, flag_value="retryable", default=None, type=str, metavar="[=CLASSES]")
+@run_option("resubmit_uncertain")
+@run_option("replace_rejected")
+@run_option("new_output")
+@run_option("over_balance")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask before spending more than --confirm-above.")
 @click.option(
     "--confirm-above",
@@ -105,118 +62,38 @@ from .options import (
     type=click.FloatRange(min=0),
     help="On a terminal, ask before submitting jobs estimated above this many dollars.",
 )
-@click.option("--cancel-on-interrupt", is_flag=True, help="On Ctrl-C, also cancel the jobs still queued at RunComfy.")
-@click.option("--limit", type=click.IntRange(min=1), help="Trial run: only the first N jobs, in manifest order.")
-@click.option("--only", metavar="PATTERN", help="Trial run: only jobs whose id matches this pattern (london-*).")
-@shard_option
+@run_option("cancel_on_interrupt")
 @click.option(
-    "--max-cost",
-    type=click.FloatRange(min=0),
-    help="Stop submitting before the estimated cost of this manifest's submits (all runs) passes this many dollars.",
+    "--notify",
+    metavar="URL",
+    help="When the run ends, POST its summary as JSON to URL (a Slack or ntfy webhook, or your own).",
 )
-@click.option(
-    "--rate", type=click.FloatRange(min=0.01), help="At most this many API requests a second, across all jobs."
-)
-@click.option(
-    "--queue-timeout",
-    type=click.FloatRange(min=1),
-    help="Cancel a job that stays queued longer than this many seconds.",
-)
-@click.option(
-    "--job-timeout",
-    type=click.FloatRange(min=1),
-    help="Stop waiting for a job running longer than this (it resumes next run).",
-)
-@click.option(
-    "--timeout",
-    "run_timeout",
-    type=click.FloatRange(min=1),
-    help="Stop the whole run after this many seconds (resume later).",
-)
-@click.option(
-    "--poll-interval",
-    default=1.0,
-    show_default=True,
-    type=click.FloatRange(min=0.05),
-    help="Shortest wait between polls; it grows to --poll-max, or to what finished jobs suggest.",
-)
-@click.option(
-    "--poll-max", default=10.0, show_default=True, type=click.FloatRange(min=0.05), help="Longest wait between polls."
-)
-@click.option(
-    "--retries",
-    default=6,
-    show_default=True,
-    type=click.IntRange(1, 20),
-    help="Attempts per API call on 429, 5xx and connection faults (backoff with jitter between them).",
-)
-@click.option(
-    "--read-timeout",
-    type=click.FloatRange(min=0.1),
-    help="Seconds to wait for an answer [default: 90 for submits, 20 for polls].",
-)
-@click.option(
-    "--max-download-bytes",
-    default=DEFAULT_MAX_BYTES,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Refuse output files larger than this.",
-)
-@click.option(
-    "--max-answer-bytes",
-    default=DEFAULT_MAX_ANSWER_BYTES,
-    show_default=True,
-    type=click.IntRange(min=1024),
-    help="The largest API answer read (past it, a submit is held as uncertain and a poll retried).",
-)
-@click.option(
-    "--download-timeout",
-    type=click.FloatRange(min=1),
-    help="Seconds one output file may take in all, retries included [default: 300, more for a larger "
-    "--max-download-bytes].",
-)
-@click.option("-q", "--quiet", is_flag=True, help="No progress display; errors and the summary only.")
-@click.option(
-    "-v",
-    "--verbose",
-    count=True,
-    help="-v: one log line per API call (call, model or request id, HTTP status, time); -vv: the HTTP library's too.",
-)
+@api_base_option
+@run_option("rate")
+@run_option("queue_timeout")
+@run_option("job_timeout")
+@run_option("timeout")
+@run_option("lost_after")
+@run_option("outage_timeout")
+@run_option("poll_interval")
+@run_option("poll_max")
+@field_option(RetryPolicy, "attempts", param="retries")
+@run_option("read_timeout")
+@run_option("max_download_bytes")
+@run_option("max_answer_bytes")
+@run_option("download_timeout")
 def run(
     manifest: Path,
     schema_dirs: tuple[Path, ...],
     output: Path | RemoteOutput | None,
-    concurrency: int,
-    api_base: str | None,
-    sandbox: bool,
     retry_failed: str | None,
-    resubmit_uncertain: bool,
-    replace_rejected: bool,
-    notify: str | None,
-    new_output: bool,
-    lost_after: float,
-    outage_timeout: float,
-    over_balance: bool,
+    retries: int,
     yes: bool,
     confirm_above: float,
-    cancel_on_interrupt: bool,
-    limit: int | None,
-    only: str | None,
-    shard: tuple[int, int] | None,
-    max_cost: float | None,
-    rate: float | None,
-    queue_timeout: float | None,
-    job_timeout: float | None,
-    run_timeout: float | None,
-    poll_interval: float,
-    poll_max: float,
-    retries: int,
-    read_timeout: float | None,
-    max_download_bytes: int,
-    max_answer_bytes: int,
-    download_timeout: float | None,
+    notify: str | None,
     quiet: bool,
     verbose: int,
+    **flags: Any,
 ) -> None:
     """Run MANIFEST, or resume it: nothing already submitted is sent again.
 
@@ -227,45 +104,23 @@ def run(
     if notify:
         check_notify_url(notify)
     loaded = load_manifest(manifest, schema_dirs)
+    # Every other flag is a RunOptions field of its own name (run_option): only what a flag spells
+    # differently from its field is converted here.
     options = RunOptions(
+        **flags,
         output_dir=output if isinstance(output, Path) else None,
         remote=output if isinstance(output, RemoteOutput) else None,
-        concurrency=concurrency,
-        api_base=api_base,
-        sandbox=sandbox,
-        sandbox_config=SandboxConfig(schema_dirs=loaded.schema_dirs) if sandbox else None,
+        sandbox_config=SandboxConfig(schema_dirs=loaded.schema_dirs) if flags["sandbox"] else None,
         retry_failed=retry_failed is not None,
         retry_classes=parse_retry_classes(retry_failed) if retry_failed is not None else RETRYABLE,
-        resubmit_uncertain=resubmit_uncertain,
-        replace_rejected=replace_rejected,
-        new_output=new_output,
-        over_balance=over_balance,
-        lost_after=lost_after,
-        outage_timeout=outage_timeout,
-        cancel_on_interrupt=cancel_on_interrupt,
-        rate=rate,
-        limit=limit,
-        only=only,
-        shard=shard,
-        max_cost=max_cost,
-        queue_timeout=queue_timeout,
-        job_timeout=job_timeout,
-        run_timeout=run_timeout,
-        poll_min=poll_interval,
-        poll_max=max(poll_max, poll_interval),
-        max_download_bytes=max_download_bytes,
-        download_deadline=download_timeout,
-        max_answer_bytes=max_answer_bytes,
         retry=RetryPolicy(attempts=retries),
-        submit_timeout=httpx2.Timeout(read_timeout, connect=10.0) if read_timeout else None,
-        poll_timeout=httpx2.Timeout(read_timeout, connect=10.0) if read_timeout else None,
         handle_signals=True,
     )
-    if sandbox:
+    if options.sandbox:
         stderr.print("[dim]sandbox: a local stand-in for RunComfy; images are test patterns and nothing is charged[/]")
 
     def on_plan(plan: RunPlan) -> None:
-        _announce(plan, confirm_above=None if yes or sandbox else confirm_above)
+        _announce(plan, confirm_above=None if yes or options.sandbox else confirm_above)
 
     try:
         summary = _run_with_display(loaded, options, quiet, on_plan)
@@ -274,9 +129,7 @@ def run(
             code = EXIT_BAD_INPUT if isinstance(exc, BAD_INPUT) else EXIT_FAILED
             _notify(notify, error_payload(loaded.name, exc, code))
         raise
-    resume = _resume_command(
-        manifest, summary, schema_dirs, api_base, sandbox, shard, only, limit, concurrency, replace_rejected
-    )
+    resume = _resume_command(manifest, summary, schema_dirs, options)
     if isinstance(output, RemoteOutput):  # the bucket, not this machine's working copy, is the run's place
         resume = resume.replace(shlex.quote(str(summary.output_dir)), shlex.quote(output.url), 1)
     print_summary(stderr, summary, resume)
@@ -342,36 +195,25 @@ def _announce(plan: RunPlan, confirm_above: float | None) -> None:
         raise Failed("nothing was sent (not confirmed); add --yes to skip this question")
 
 
-def _resume_command(
-    manifest: Path,
-    summary: RunSummary,
-    schema_dirs: tuple[Path, ...],
-    api_base: str | None,
-    sandbox: bool,
-    shard: tuple[int, int] | None,
-    only: str | None,
-    limit: int | None,
-    concurrency: int,
-    replace_rejected: bool = False,
-) -> str:
+def _resume_command(manifest: Path, summary: RunSummary, schema_dirs: tuple[Path, ...], options: RunOptions) -> str:
     """The command that goes on with this run: every flag that chose its folder, API and jobs."""
     # Absolute paths: the hint must work from wherever it is pasted (a cron job, another shell).
     words = [*this_command(), "run", str(manifest.resolve()), "-o", str(summary.output_dir)]
     for folder in schema_dirs:
         words += ["--schemas", str(folder)]
-    if sandbox:
+    if options.sandbox:
         words.append("--sandbox")
-    elif api_base:
-        words += ["--api-base", api_base]
-    if shard:
-        words += ["--shard", f"{shard[0]}/{shard[1]}"]
-    if only is not None:
-        words += ["--only", only]
-    if limit is not None:
-        words += ["--limit", str(limit)]
-    if concurrency != 8:
-        words += ["-c", str(concurrency)]
-    if replace_rejected:
+    elif options.api_base:
+        words += ["--api-base", options.api_base]
+    if options.shard:
+        words += ["--shard", f"{options.shard[0]}/{options.shard[1]}"]
+    if options.only is not None:
+        words += ["--only", options.only]
+    if options.limit is not None:
+        words += ["--limit", str(options.limit)]
+    if options.concurrency != RunOptions().concurrency:
+        words += ["-c", str(options.concurrency)]
+    if options.replace_rejected:
         words.append("--replace-rejected")
     return shlex.join(words)
 
