@@ -12,7 +12,6 @@ import pytest
 import batcher
 from batcher import RunOptions, SandboxConfig, UsageError
 from batcher.cli.main import cli
-from batcher.flags import FLAG, flag_of
 
 from .conftest import REF, write_manifest
 
@@ -24,6 +23,8 @@ def _params(command: str) -> dict[str, click.Parameter]:
 
 @pytest.mark.parametrize(("owner", "command"), [(RunOptions, "run"), (SandboxConfig, "sandbox")])
 def test_every_flagged_field_is_its_commands_option_with_its_default_and_help(owner: type, command: str) -> None:
+    from batcher.flags import FLAG, flag_of
+
     params = _params(command)
     flagged = [f.name for f in fields(owner) if FLAG in f.metadata]
     assert len(flagged) >= 20
