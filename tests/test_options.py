@@ -3,11 +3,13 @@ help texts, their fields are named as the flags, and the library says which name
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
 import batcher
 from batcher import RunOptions, SandboxConfig, UsageError
@@ -106,3 +108,42 @@ def test_batcher_run_takes_a_shard_and_the_flags_names(tmp_path: Path) -> None:
     assert summary.exit_code == 0
     assert 0 < summary.total < 4  # one slice of the four, by identity
     assert summary.done == summary.total
+
+
+def _commands() -> list[tuple[str, click.Command]]:
+    return [("batcher", cli), *((f"batcher {name}", command) for name, command in cli.commands.items())]
+
+
+def test_every_option_of_every_command_has_a_help_text() -> None:
+    undescribed = [
+        f"{name} {'/'.join(param.opts)}"
+        for name, command in _commands()
+        for param in command.params
+        if isinstance(param, click.Option) and not (param.help or "").strip()
+    ]
+    assert undescribed == []
+
+
+def test_review_help_names_every_key_the_page_answers() -> None:
+    from batcher.review.page import page
+
+    script = page("t", "n", "batcher run m.yaml")
+    keys = set(re.findall(r'key === "([a-z])"', script))
+    assert {"j", "k", "a", "r", "x", "u", "o"} <= keys
+    shown = " ".join(CliRunner().invoke(cli, ["review", "--help"], catch_exceptions=False).output.split())
+    keys_said = shown[shown.index("Keys:") : shown.index(".", shown.index("Keys:"))]
+    described = set(re.findall(r"(?<!\w)([a-z])(?!\w)", keys_said))  # j/k move, a accept, ...
+    assert keys <= described, f"keys the page answers but --help does not name: {sorted(keys - described)}"
+
+
+def test_run_help_shows_the_common_options_first_then_money_then_tuning() -> None:
+    shown = CliRunner().invoke(cli, ["run", "--help"], catch_exceptions=False).output
+    sections = ["Common options:", "Money and recovery:", "Limits and tuning:", "Other options:"]
+    at = [shown.index(section) for section in sections]
+    assert at == sorted(at)
+    common = shown[at[0] : at[1]]
+    for flag in ("-o, --output", "-c, --concurrency", "--sandbox", "--max-cost", "--limit", "--only", "-q", "-v"):
+        assert flag in common, flag
+    assert "--resubmit-uncertain" in shown[at[1] : at[2]]
+    assert "--poll-interval" in shown[at[2] : at[3]]
+    assert "--schemas" in shown[at[3] :]

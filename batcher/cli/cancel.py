@@ -7,6 +7,7 @@ from pathlib import Path
 
 import anyio
 import click
+import cloup
 
 from ..api import cancel_manifest
 from ..engine.runner import RunOptions
@@ -22,7 +23,7 @@ from .options import (
 )
 
 
-@click.command()
+@cloup.command()
 @manifest_argument
 @output_option
 @api_base_option

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import click
+import cloup
 
 from ..errors import (
     AuthError,
@@ -45,8 +46,9 @@ class BadInput(Failed):
     exit_code = EXIT_BAD_INPUT
 
 
-class CommandGroup(click.Group):
-    """Turns BatcherError into a message and an exit code, in one place."""
+class CommandGroup(cloup.Group):
+    """The command group (cloup's, for its sections and option groups in help): turns BatcherError into a
+    message and an exit code, in one place."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

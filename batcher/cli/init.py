@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import cloup
 from rich.table import Table
 
 from ..manifest.cost import load_price_table
@@ -55,7 +56,7 @@ jobs:
 """
 
 
-@click.command()
+@cloup.command()
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False), default="manifest.yaml")
 def init(path: Path) -> None:
     """Write a commented starter manifest to PATH [default: manifest.yaml]."""
@@ -69,7 +70,7 @@ def init(path: Path) -> None:
     click.echo(f"wrote {path}; next: batcher plan {path}")
 
 
-@click.command()
+@cloup.command()
 @click.argument("model", required=False)
 @schemas_option("Folder of model schemas, searched before the bundled ones; repeatable.")
 def schemas(model: str | None, schema_dirs: tuple[Path, ...]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anyio
 import click
+import cloup
 
 from ..journal.store import JOURNAL_NAME
 from ..manifest.loader import Manifest, load_manifest
@@ -43,7 +44,7 @@ from .options import (
 )
 
 
-@click.command()
+@cloup.command()
 @manifest_argument
 @click.option(
     "--check-urls",
@@ -74,7 +75,7 @@ def _check_input_urls(manifest: Manifest, concurrency: int) -> None:
     click.echo(f"all {len(checks)} input URL(s) serve images within RunComfy's 50 MB limit")
 
 
-@click.command()
+@cloup.command()
 @manifest_argument
 @output_option
 @shard_option
@@ -142,7 +143,7 @@ def plan(
         point_at_noted_folders(loaded, output_dir)
 
 
-@click.command()
+@cloup.command()
 @manifest_argument
 @output_option
 @sandbox_folder_option

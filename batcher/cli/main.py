@@ -8,6 +8,7 @@ and exit codes in `batcher.cli.exits`, nowhere else.
 from __future__ import annotations
 
 import click
+import cloup
 
 from .._version import __version__
 from .cancel import cancel
@@ -22,7 +23,7 @@ from .sandbox import sandbox_command
 __all__ = ["cli", "main"]
 
 
-@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@cloup.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="batcher")
 def cli() -> None:
     """Run large, resumable batches of image generations on RunComfy's Model API.
@@ -32,8 +33,14 @@ def cli() -> None:
     """
 
 
-for command in (init, validate, plan, status, run, cancel, report, review, export, schemas, sandbox_command):
-    cli.add_command(command)
+# Sections of `batcher --help`, in the order a first batch meets them.
+for section in (
+    cloup.Section("Write and check a manifest", [init, validate, plan, schemas]),
+    cloup.Section("Run it", [run, status, cancel]),
+    cloup.Section("After a run", [review, report, export]),
+    cloup.Section("Rehearse", [sandbox_command]),
+):
+    cli.add_section(section)
 
 
 def main() -> None:

@@ -81,6 +81,7 @@ def output_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "-o",
         "--output",
+        metavar="FOLDER|URL",
         callback=lambda _ctx, _param, value: parse_output_flag(value),
         help="Output folder holding the journal and images, or s3://bucket/prefix or gs://bucket/prefix "
         "(journal and images in the bucket; credentials where the AWS CLI or gcloud's application-default "

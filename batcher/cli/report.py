@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import cloup
 
 from ..journal.store import FoldedJournal
 from ..manifest.loader import Manifest, load_manifest
@@ -32,7 +33,7 @@ from .options import (
 )
 
 
-@click.command()
+@cloup.command()
 @manifest_argument
 @output_option
 @shard_option
@@ -88,7 +89,7 @@ def _remote_report(loaded: Manifest, output: RemoteOutput) -> None:
     click.echo(f"dataset: {output.url}/{METADATA_NAME} ({rows} images)")
 
 
-@click.command()
+@cloup.command()
 @manifest_argument
 @click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
 @output_option

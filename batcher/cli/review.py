@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import cloup
 
 from ..manifest.loader import load_manifest
 from ..output.folders import (
@@ -25,7 +26,7 @@ from .options import (
 )
 
 
-@click.command()
+@cloup.command()
 @manifest_argument
 @output_option
 @sandbox_folder_option
@@ -47,7 +48,8 @@ def review(
     """Serve a page on loopback to accept or reject every image, beside its inputs. No network but inputs.
 
     Prints the address (with this session's token) and opens nothing. Keys:
-    j/k move, a accept, r reject, x undo, u undecided only. Decisions go to
+    j/k (or the arrows) move, a accept, r reject, x undo, u undecided only,
+    o open the image. Decisions go to
     decisions.jsonl in the output folder and survive reruns; `run
     --replace-rejected` then makes a new generation for each rejected image,
     and `export --accepted-only` hands the rest on.

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import click
+import cloup
 from rich.live import Live
 
 from ..api import run_manifest
@@ -33,55 +34,65 @@ from .exits import BAD_INPUT, EXIT_BAD_INPUT, EXIT_FAILED, Failed
 from .options import api_base_option, field_option, manifest_argument, output_option, run_option, shard_option
 
 
-@click.command()
+@cloup.command()
 @manifest_argument
-@output_option
-@run_option("concurrency")
-@run_option("sandbox")
-@run_option("max_cost")
-@run_option("limit")
-@run_option("only")
-@shard_option
-@click.option("-q", "--quiet", is_flag=True, help="No progress display; errors and the summary only.")
-@click.option(
-    "-v",
-    "--verbose",
-    count=True,
-    help="-v: one log line per API call (call, model or request id, HTTP status, time); -vv: the HTTP library's too.",
+@cloup.option_group(
+    "Common options",
+    output_option,
+    run_option("concurrency"),
+    run_option("sandbox"),
+    run_option("max_cost"),
+    run_option("limit"),
+    run_option("only"),
+    shard_option,
+    click.option("-q", "--quiet", is_flag=True, help="No progress display; errors and the summary only."),
+    click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        help="-v: one log line per API call (call, model or request id, HTTP status, time); -vv: the HTTP "
+        "library's too.",
+    ),
 )
-@run_option("retry_failed", is_flag=False, flag_value="retryable", default=None, type=str, metavar="[=CLASSES]")
-@run_option("resubmit_uncertain")
-@run_option("replace_rejected")
-@run_option("new_output")
-@run_option("over_balance")
-@click.option("-y", "--yes", is_flag=True, help="Do not ask before spending more than --confirm-above.")
-@click.option(
-    "--confirm-above",
-    default=5.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="On a terminal, ask before submitting jobs estimated above this many dollars.",
+@cloup.option_group(
+    "Money and recovery",
+    run_option("retry_failed", is_flag=False, flag_value="retryable", default=None, type=str, metavar="[=CLASSES]"),
+    run_option("resubmit_uncertain"),
+    run_option("replace_rejected"),
+    run_option("new_output"),
+    run_option("over_balance"),
+    click.option("-y", "--yes", is_flag=True, help="Do not ask before spending more than --confirm-above."),
+    click.option(
+        "--confirm-above",
+        default=5.0,
+        show_default=True,
+        type=click.FloatRange(min=0),
+        help="On a terminal, ask before submitting jobs estimated above this many dollars.",
+    ),
+    run_option("cancel_on_interrupt"),
+    click.option(
+        "--notify",
+        metavar="URL",
+        help="When the run ends, POST its summary as JSON to URL (a Slack or ntfy webhook, or your own).",
+    ),
 )
-@run_option("cancel_on_interrupt")
-@click.option(
-    "--notify",
-    metavar="URL",
-    help="When the run ends, POST its summary as JSON to URL (a Slack or ntfy webhook, or your own).",
+@cloup.option_group(
+    "Limits and tuning",
+    api_base_option,
+    run_option("rate"),
+    run_option("queue_timeout"),
+    run_option("job_timeout"),
+    run_option("timeout"),
+    run_option("lost_after"),
+    run_option("outage_timeout"),
+    run_option("poll_interval"),
+    run_option("poll_max"),
+    field_option(RetryPolicy, "attempts", param="retries"),
+    run_option("read_timeout"),
+    run_option("max_download_bytes"),
+    run_option("max_answer_bytes"),
+    run_option("download_timeout"),
 )
-@api_base_option
-@run_option("rate")
-@run_option("queue_timeout")
-@run_option("job_timeout")
-@run_option("timeout")
-@run_option("lost_after")
-@run_option("outage_timeout")
-@run_option("poll_interval")
-@run_option("poll_max")
-@field_option(RetryPolicy, "attempts", param="retries")
-@run_option("read_timeout")
-@run_option("max_download_bytes")
-@run_option("max_answer_bytes")
-@run_option("download_timeout")
 def run(
     manifest: Path,
     schema_dirs: tuple[Path, ...],

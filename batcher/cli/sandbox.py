@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import click
+import cloup
 
 from ..sandbox.server import FAULT_KINDS, Sandbox, SandboxConfig
 from .exits import BadInput
@@ -24,7 +25,7 @@ def _split_faults(_ctx: click.Context, _param: click.Parameter, value: str | tup
     return tuple(f.strip() for f in value.split(",") if f.strip())
 
 
-@click.command("sandbox")
+@cloup.command("sandbox")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to listen on.")
 @click.option(
     "-p",
