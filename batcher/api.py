@@ -8,16 +8,16 @@ its default sandbox here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from .engine import runner
+from .engine.options import check_option_names
 from .engine.progress import RunProgress
 from .engine.runner import CancelSummary, RunOptions, RunPlan, RunSummary
-from .errors import UsageError
 from .manifest.loader import Manifest, load_manifest
 from .sandbox.server import SandboxConfig
 
@@ -56,16 +56,14 @@ def run(
 ) -> RunSummary:
     """Load, validate and run (or resume) a manifest; blocks until the run ends.
 
-    Keyword arguments are `RunOptions` fields (``output_dir``, ``concurrency``,
-    ``retry_failed``, ``shard=(1, 4)``, ...). ``sandbox=True`` runs against an
+    Keyword arguments are `RunOptions` fields, named as `batcher run`'s flags
+    (``output_dir``, ``concurrency``, ``retry_failed``, ``poll_interval``,
+    ``timeout``, ``shard="1/4"``, ...); an unknown one is a UsageError naming
+    the likely one meant. ``sandbox=True`` runs against an
     in-process sandbox with default settings; ``schemas`` are folders of
     model schemas searched before the bundled ones.
     """
-    known = {f.name for f in fields(RunOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        msg = f"unknown run option(s): {', '.join(unknown)}"
-        raise UsageError(msg)
+    check_option_names(options)  # before the manifest is read: a misspelt name is the first thing to fix
     loaded = load_manifest(manifest, [Path(folder) for folder in schemas])
     if sandbox is True:
         options.update(sandbox=True, sandbox_config=SandboxConfig(schema_dirs=loaded.schema_dirs))

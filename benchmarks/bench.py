@@ -149,7 +149,7 @@ def _overhead_at(args: argparse.Namespace, concurrency: int) -> None:
                 api_base=sandbox.url,
                 token="bench",
                 # The floor's pace: it asks for the result as soon as it has the request id, then again.
-                poll_min=0.05,
+                poll_interval=0.05,
                 poll_max=0.05,
                 new_output=True,  # the same jobs each attempt, on purpose
             )
@@ -186,7 +186,7 @@ manifest = load_manifest({manifest!r})
 planned = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if {run!r}:
     options = RunOptions(
-        output_dir=Path({out!r}), concurrency=64, api_base={url!r}, token="bench", poll_min=0.05, poll_max=0.05
+        output_dir=Path({out!r}), concurrency=64, api_base={url!r}, token="bench", poll_interval=0.05, poll_max=0.05
     )
     summary = anyio.run(run_manifest, manifest, options)
     assert summary.done == manifest.count, summary
@@ -367,7 +367,7 @@ def bench_polls(args: argparse.Namespace) -> None:
                 concurrency=args.poll_concurrency,
                 api_base=sandbox.url,
                 token="bench",
-                poll_min=poll_min,
+                poll_interval=poll_min,
                 poll_max=poll_max,
             )
             anyio.run(run_manifest, manifest, options)
@@ -410,7 +410,7 @@ def bench_ratelimit(args: argparse.Namespace) -> None:
                     concurrency=64,
                     api_base=sandbox.url,
                     token="bench",
-                    poll_min=0.2,
+                    poll_interval=0.2,
                     poll_max=1.0,
                     rate=rate,
                     new_output=True,  # the same jobs twice, on purpose (and against a fresh sandbox)
@@ -453,7 +453,7 @@ def bench_accounts(args: argparse.Namespace) -> None:
                     concurrency=args.account_concurrency,
                     api_base=sandbox.url,
                     tokens=tokens[:count],
-                    poll_min=0.1,
+                    poll_interval=0.1,
                     poll_max=0.5,
                     live_prices=False,
                     new_output=True,  # the same jobs twice, on purpose (and against a fresh sandbox)

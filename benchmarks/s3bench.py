@@ -58,7 +58,7 @@ def _manifest(folder: Path, jobs: int) -> Path:
 def _options(concurrency: int, **extra: Any) -> RunOptions:
     config = SandboxConfig(queue_delay=0.0, run_delay=0.0)
     return RunOptions(
-        sandbox=True, sandbox_config=config, concurrency=concurrency, poll_min=0.01, poll_max=0.05, **extra
+        sandbox=True, sandbox_config=config, concurrency=concurrency, poll_interval=0.01, poll_max=0.05, **extra
     )
 
 

@@ -73,7 +73,7 @@ def start_sandbox() -> Iterator[Callable[..., SandboxThread]]:
 def fast_options(**overrides: object) -> RunOptions:
     """Run options that keep tests quick: short polls and backoffs."""
     values: dict[str, object] = {
-        "poll_min": 0.02,
+        "poll_interval": 0.02,
         "poll_max": 0.1,
         "retry": RetryPolicy(attempts=6, base=0.01, cap=0.05, max_retry_after=0.05),
         "download_backoff": 0.01,

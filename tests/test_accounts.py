@@ -239,7 +239,7 @@ async def test_one_token_resumes_a_single_account_folder_as_before(tmp_path: Pat
     """A rotated key: a folder one account ran is resumed with one (new) token; no job is held for it."""
     sandbox = start_sandbox(queue_delay=0.5, run_delay=0.5)
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
-    first = await _run(manifest, sandbox, ("sk-old-key-000000",), run_timeout=0.2)
+    first = await _run(manifest, sandbox, ("sk-old-key-000000",), timeout=0.2)
     assert first.unfinished
     plans: list[RunPlan] = []
     options = fast_options(api_base=sandbox.url, output_dir=Path("out"), token="sk-new-key-111111")

@@ -167,7 +167,7 @@ async def test_the_library_takes_one_type_per_option(tmp_path: Path) -> None:
     from batcher import RunOptions, UsageError, load_manifest, run_manifest
 
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
-    summary = await run_manifest(manifest, RunOptions(sandbox=True, poll_min=0.02, poll_max=0.05))
+    summary = await run_manifest(manifest, RunOptions(sandbox=True, poll_interval=0.02, poll_max=0.05))
     assert summary.done == 1 and summary.sandbox
     with pytest.raises(UsageError, match="sandbox_config"):
         RunOptions(sandbox={"seed": 1})  # type: ignore[arg-type]

@@ -384,16 +384,16 @@ async def test_a_server_echoing_the_token_never_gets_it_into_messages() -> None:
     [(False, []), (0, []), (True, ["batcher"]), (1, ["batcher"]), (2, ["batcher", "httpx2", "httpcore2"])],
 )
 def test_verbosity_chooses_whose_lines_are_shown(verbosity: int, shown: list[str]) -> None:
-    from batcher.cli.main import _setup_logging
+    from batcher.cli.common import setup_logging
 
-    _setup_logging(verbosity, False)  # a bool: `-v` as a flag; an int: `-v` counted
+    setup_logging(verbosity, False)  # a bool: `-v` as a flag; an int: `-v` counted
     try:
         loggers = {"batcher": "batcher.runcomfy.client", "httpx2": "httpx2", "httpcore2": "httpcore2.http11"}
         assert [
             name for name, logger in loggers.items() if logging.getLogger(logger).isEnabledFor(logging.DEBUG)
         ] == shown
     finally:
-        _setup_logging(0, False)
+        setup_logging(0, False)
 
 
 async def test_the_rate_limiter_halves_on_429_and_recovers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -213,7 +213,7 @@ def test_a_damaged_decisions_file_is_said_under_quiet_and_sent_replacements_stay
     assert anyio.run(run_manifest, load_manifest(path), options).done == 3
     decide(load_manifest(path), out, {"job-0000": "rejected", "job-0001": "rejected", "job-0002": "accepted"})
     # The replacements are sent, and the run stops while they are queued: paid for, not finished.
-    sending = fast_options(output_dir=out, api_base=sandbox.url, replace_rejected=True, run_timeout=0.4)
+    sending = fast_options(output_dir=out, api_base=sandbox.url, replace_rejected=True, timeout=0.4)
     assert anyio.run(run_manifest, load_manifest(path), sending).done == 3
     assert len(sandbox.sandbox.submits) == 5
     lines = (out / DECISIONS_NAME).read_bytes().split(b"\n")

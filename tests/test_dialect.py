@@ -350,7 +350,7 @@ async def test_the_result_url_of_a_submit_is_used_only_on_the_api_base(
         return httpx2.Response(200, json={"request_id": "r-1", "status": "in_progress"})
 
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
-    options = fast_options(api_transport=httpx2.MockTransport(api), output_dir=tmp_path / "out", run_timeout=0.3)
+    options = fast_options(api_transport=httpx2.MockTransport(api), output_dir=tmp_path / "out", timeout=0.3)
     await run_manifest(manifest, options)
     polls = seen[1:]
     assert polls and all(url.host == "model-api.runcomfy.net" and url.path == polled for url in polls), polls

@@ -382,7 +382,7 @@ async def test_an_answer_that_may_mean_accepted_is_never_sent_again(
 
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
     for _ in range(2):
-        options = fast_options(api_transport=httpx2.MockTransport(api), output_dir=tmp_path / "out", run_timeout=0.5)
+        options = fast_options(api_transport=httpx2.MockTransport(api), output_dir=tmp_path / "out", timeout=0.5)
         await run_manifest(manifest, options)
     assert len(posts) == 1
     (record,) = read_journal(tmp_path / "out" / JOURNAL_NAME).records.values()
@@ -599,7 +599,7 @@ async def test_server_text_in_the_live_price_is_made_printable(tmp_path: Path) -
     seen: list[RunPlan] = []
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))
     options = fast_options(
-        api_transport=httpx2.MockTransport(api), output_dir=tmp_path / "out", live_prices=True, run_timeout=1
+        api_transport=httpx2.MockTransport(api), output_dir=tmp_path / "out", live_prices=True, timeout=1
     )
     await run_manifest(manifest, options, on_plan=seen.append)
     table = (tmp_path / "out" / ".prices" / "openai" / "gpt-image-1-5" / "image-to-image.pricing.json").read_text()

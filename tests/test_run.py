@@ -239,7 +239,7 @@ async def test_a_submit_refused_with_retry_after_0_is_tried_again_with_a_growing
         api_base=sandbox.url,
         output_dir=tmp_path / "out",
         retry=RetryPolicy(attempts=6, base=0.05, cap=0.4, max_retry_after=10.0),
-        run_timeout=1.5,
+        timeout=1.5,
     )
     with contextlib.suppress(BatcherError):
         await run_manifest(load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1)), options)
@@ -354,7 +354,7 @@ def os_strerror(code: str) -> str:
 async def test_cancel_cancels_queued_jobs(tmp_path: Path, start_sandbox: StartSandbox) -> None:
     sandbox = start_sandbox(queue_delay=30)
     manifest_path = many_jobs_manifest(tmp_path / "m.yaml", 3)
-    summary = await _run(manifest_path, sandbox, job_timeout=None, run_timeout=1.0)
+    summary = await _run(manifest_path, sandbox, job_timeout=None, timeout=1.0)
     assert len(summary.unfinished) == 3 and summary.exit_code == 1
     result = await cancel_manifest(
         load_manifest(manifest_path), fast_options(api_base=sandbox.url, output_dir=Path("out"))

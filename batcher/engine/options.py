@@ -1,7 +1,8 @@
 """What a run can be told (`RunOptions`), and which of the manifest's jobs it works on (`select_jobs`).
 
-The CLI's flags map onto `RunOptions` one to one; library callers build one
-directly. A bad value is a UsageError here, before anything is opened.
+The CLI's flags are `RunOptions`' fields, named alike, their defaults and help
+texts declared here once (`batcher.flags`); library callers build one directly.
+A bad value (or an unknown name) is a UsageError here, before anything is opened.
 """
 
 from __future__ import annotations
@@ -10,24 +11,27 @@ import fnmatch
 import itertools
 from array import array
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 
 from ..errors import ManifestChangedError, UsageError
+from ..flags import closest, flagged
 from ..journal.failures import RETRYABLE
 from ..lifecycle import FailureClass
 from ..manifest.loader import Job, Manifest, in_shard
 from ..output.download import DEFAULT_MAX_BYTES
+from ..output.folders import parse_shard
 from ..runcomfy.client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy
 from .endpoint import LocalApi
+from .scheduler import is_auto, shard_from_scheduler
 
 if TYPE_CHECKING:
     from ..output.storage.bucket import RemoteOutput
 
-__all__ = ["JobSelection", "RunOptions", "select_jobs"]
+__all__ = ["RENAMED", "JobSelection", "RunOptions", "check_option_names", "select_jobs"]
 
 
 def select_jobs(manifest: Manifest, options: RunOptions) -> JobSelection:
@@ -100,70 +104,189 @@ class JobSelection:
         return (f"{packed:016x}" for packed in self._keys)
 
 
+RENAMED = {
+    "poll_min": "poll_interval",
+    "run_timeout": "timeout",
+    "download_deadline": "download_timeout",
+}
+"""Fields renamed to match their flags (``--poll-interval``, ``--timeout``, ``--download-timeout``)."""
+
+
+def check_option_names(names: Iterable[str]) -> None:
+    """Raises UsageError naming each of ``names`` that is no `RunOptions` field, with the likely one meant."""
+    known = [f.name for f in fields(RunOptions)]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        msg = f"unknown run option(s): {', '.join(closest(name, known, RENAMED) for name in unknown)}"
+        raise UsageError(msg)
+
+
 @dataclass(slots=True)
 class RunOptions:
-    """Everything `run_manifest` can be told; the CLI's flags map onto these."""
+    """Everything `run_manifest` can be told, each field named as its flag of `batcher run` (``--poll-interval``
+    is ``poll_interval``). The flags' defaults and help texts are these fields' (`batcher.flags`)."""
 
     output_dir: Path | None = None
     remote: RemoteOutput | None = None
     """An output on object storage (``s3://bucket/prefix`` or ``gs://bucket/prefix``, see `batcher.output.remote`): the
     run works in a local working copy and the bucket holds the journal and files; output_dir is then ignored."""
-    concurrency: int = 8
-    api_base: str | None = None
+    concurrency: int = flagged(8, "-c", "--concurrency", help="Jobs in flight at once.", minimum=1, maximum=1024)
+    api_base: str | None = flagged(
+        None,
+        "--api-base",
+        kind=str,
+        envvar="RUNCOMFY_API_BASE",
+        help="RunComfy API base URL (env RUNCOMFY_API_BASE) [default: https://model-api.runcomfy.net].",
+    )
     token: str | None = None
     """Defaults to the environment's (see `batcher.runcomfy.tokens`); never needed with a sandbox."""
     tokens: tuple[str, ...] | None = None
     """Several accounts' tokens for one run (instead of token): each its own pace and in-flight cap."""
-    sandbox: bool = False
-    """Run against an in-process sandbox (no token, no network, no cost)."""
+    sandbox: bool = flagged(
+        False, "--sandbox", help="Run against a local, in-process RunComfy sandbox: no token, no network, no cost."
+    )
     sandbox_config: LocalApi | None = None
     """The in-process sandbox's settings (`batcher.SandboxConfig`; `batcher.run_manifest` gives the default one);
     used only with `sandbox`."""
-    retry_failed: bool = False
+    retry_failed: bool = flagged(
+        False,
+        "--retry-failed",
+        help="Submit again the jobs that failed or were cancelled: alone, the retryable ones (model errors, "
+        "timeouts, cancellations, unknown); =all, or =a comma-separated list of classes "
+        "(content_policy, invalid_input, model_error, timeout, cancelled, unknown).",
+    )
     retry_classes: frozenset[FailureClass] = RETRYABLE
     """Which failures --retry-failed submits again (`batcher.journal.failures`): by default those another try can fix,
     never a content-policy block or an input RunComfy cannot use."""
-    resubmit_uncertain: bool = False
-    """Submit again the jobs whose submit may have been accepted (uncertain) or that RunComfy lost."""
-    replace_rejected: bool = False
-    """Submit one new generation for each image rejected in review (`batcher.review.replacements`)."""
-    over_balance: bool = False
-    """Start even when the jobs to submit are estimated over the account's balance."""
+    resubmit_uncertain: bool = flagged(
+        False,
+        "--resubmit-uncertain",
+        help="Submit again the jobs whose earlier submit may have been accepted, or that RunComfy lost (may pay twice).",
+    )
+    replace_rejected: bool = flagged(
+        False,
+        "--replace-rejected",
+        help="Submit one new generation for each image rejected in `batcher review` (each is paid once).",
+    )
+    over_balance: bool = flagged(
+        False, "--over-balance", help="Start even when the jobs to submit are estimated over the account's balance."
+    )
     live_prices: bool = True
     """Ask RunComfy for the balance and each model's live price before the first submit."""
-    new_output: bool = False
-    """Submit even the jobs another output folder already submitted (noted in the ledger): pays again."""
-    lost_after: float = 300.0
-    """A request RunComfy does not know (404001) this long after its submit is *lost*; before, it is
-    asked again (a replica may not have seen it yet)."""
-    outage_timeout: float = 900.0
-    """How long to wait for RunComfy to answer again once no call gets through, before the run ends."""
-    cancel_on_interrupt: bool = False
-    poll_min: float = 1.0
-    poll_max: float = 10.0
+    new_output: bool = flagged(
+        False,
+        "--new-output",
+        help="Submit even the jobs another output folder already submitted (pays for them again).",
+    )
+    lost_after: float = flagged(
+        300.0,
+        "--lost-after",
+        minimum=0,
+        help="Seconds after its submit that a request RunComfy does not know (404001) counts as lost, not lagging "
+        "(before, it is asked again: a replica may not have seen it yet).",
+    )
+    outage_timeout: float = flagged(
+        900.0,
+        "--outage-timeout",
+        minimum=0,
+        help="Seconds to wait for RunComfy to answer again once no call gets through, before the run ends.",
+    )
+    cancel_on_interrupt: bool = flagged(
+        False, "--cancel-on-interrupt", help="On Ctrl-C, also cancel the jobs still queued at RunComfy."
+    )
+    poll_interval: float = flagged(
+        1.0,
+        "--poll-interval",
+        minimum=0.05,
+        help="Shortest wait between polls; it grows to --poll-max, or to what finished jobs suggest.",
+    )
+    poll_max: float = flagged(
+        10.0, "--poll-max", minimum=0.05, help="Longest wait between polls (at least --poll-interval)."
+    )
     poll_growth: float = 1.5
-    queue_timeout: float | None = None
-    """Give up waiting on a job that stays queued this long (it is cancelled)."""
-    job_timeout: float | None = None
-    """Give up waiting on a job that runs this long (it stays resumable)."""
-    run_timeout: float | None = None
-    rate: float | None = None
-    """Requests a second across every API call, or None for no limit."""
-    limit: int | None = None
-    """A trial run: only the first N jobs (after `only`), in manifest order."""
-    shard: tuple[int, int] | None = None
-    """``(K, N)``: only the K-th of N slices of the jobs, by identity; its own output folder."""
-    only: str | None = None
-    """A trial run: only jobs whose name matches this shell pattern (``london-*``)."""
-    max_cost: float | None = None
-    """Never submit a job that would take the estimated cost of every submit the journal
-    records for this manifest (earlier runs included) past this many dollars."""
-    max_download_bytes: int = DEFAULT_MAX_BYTES
-    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
-    """The largest API answer read; past it a submit is uncertain and a poll is retried."""
-    download_deadline: float | None = None
-    """Seconds one output file may take in all (tries, redirects, backoff); None: 300 s, or longer
-    for a larger --max-download-bytes (see `download.deadline_for`)."""
+    queue_timeout: float | None = flagged(
+        None,
+        "--queue-timeout",
+        kind=float,
+        minimum=1,
+        help="Cancel a job that stays queued longer than this many seconds.",
+    )
+    job_timeout: float | None = flagged(
+        None,
+        "--job-timeout",
+        kind=float,
+        minimum=1,
+        help="Stop waiting for a job running longer than this many seconds (it stays resumable).",
+    )
+    timeout: float | None = flagged(
+        None,
+        "--timeout",
+        kind=float,
+        minimum=1,
+        help="Stop the whole run after this many seconds (resume later).",
+    )
+    rate: float | None = flagged(
+        None,
+        "--rate",
+        kind=float,
+        minimum=0.01,
+        help="At most this many API requests a second, across all jobs [default: no limit].",
+    )
+    limit: int | None = flagged(
+        None, "--limit", kind=int, minimum=1, help="Trial run: only the first N jobs (after --only), in manifest order."
+    )
+    shard: tuple[int, int] | None = flagged(
+        None,
+        "--shard",
+        kind=str,
+        metavar="K/N",
+        help="Only the K-th of N slices of the jobs (by identity), in output/<name>/shard-K-of-N/ "
+        "(shard-K-of-N/ below an s3:// or gs:// output). 'auto' (or auto/N) reads a Kubernetes Indexed Job's or a "
+        "Slurm array's variables.",
+    )
+    """``(K, N)``, or ``"K/N"`` / ``"auto"`` as the flag takes them; its own output folder."""
+    only: str | None = flagged(
+        None,
+        "--only",
+        kind=str,
+        metavar="PATTERN",
+        help="Trial run: only jobs whose id matches this shell pattern (london-*).",
+    )
+    max_cost: float | None = flagged(
+        None,
+        "--max-cost",
+        kind=float,
+        minimum=0,
+        help="Stop submitting before the estimated cost of this manifest's submits (all runs, earlier ones "
+        "included) passes this many dollars.",
+    )
+    max_download_bytes: int = flagged(
+        DEFAULT_MAX_BYTES, "--max-download-bytes", minimum=1, help="Refuse output files larger than this."
+    )
+    max_answer_bytes: int = flagged(
+        DEFAULT_MAX_ANSWER_BYTES,
+        "--max-answer-bytes",
+        minimum=1024,
+        help="The largest API answer read (past it, a submit is held as uncertain and a poll retried).",
+    )
+    download_timeout: float | None = flagged(
+        None,
+        "--download-timeout",
+        kind=float,
+        minimum=1,
+        help="Seconds one output file may take in all, retries and redirects included [default: 300, more for "
+        "a larger --max-download-bytes].",
+        show_default=False,
+    )
+    read_timeout: float | None = flagged(
+        None,
+        "--read-timeout",
+        kind=float,
+        minimum=0.1,
+        help="Seconds to wait for an answer [default: 90 for submits, 20 for polls].",
+        show_default=False,
+    )
+    """Sets submit_timeout and poll_timeout (10 s to connect) where they are not given."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     download_backoff: float = 0.5
     fsync_interval: float = 0.2
@@ -174,10 +297,17 @@ class RunOptions:
     submit_timeout: httpx2.Timeout | None = None
     poll_timeout: httpx2.Timeout | None = None
 
+    def __new__(cls, *_args: Any, **names: Any) -> RunOptions:
+        # Before the generated __init__ sees them: an unknown name gets a hint, not a bare TypeError.
+        check_option_names(names)
+        return object.__new__(cls)
+
     def __post_init__(self) -> None:
         if not isinstance(self.sandbox, bool):
             msg = "RunOptions.sandbox is True or False; put a SandboxConfig in sandbox_config"
             raise UsageError(msg)
+        if isinstance(self.shard, str):
+            self.shard = _parse_shard(self.shard)
         if self.lost_after < 0 or self.outage_timeout < 0:
             msg = "--lost-after and --outage-timeout must be 0 or more"
             raise UsageError(msg)
@@ -193,3 +323,16 @@ class RunOptions:
         if self.rate is not None and self.rate <= 0:
             msg = "--rate must be above 0"
             raise UsageError(msg)
+        self.poll_max = max(self.poll_max, self.poll_interval)
+        if self.read_timeout is not None:
+            read = httpx2.Timeout(self.read_timeout, connect=10.0)
+            self.submit_timeout = self.submit_timeout or read
+            self.poll_timeout = self.poll_timeout or read
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    """``"2/4"``, ``"auto"`` or ``"auto/4"`` as `--shard` takes them."""
+    if is_auto(text):
+        found = shard_from_scheduler(text)
+        return found.part, found.shards
+    return parse_shard(text)

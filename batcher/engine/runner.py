@@ -280,7 +280,7 @@ async def run_manifest(
                 folder=output_dir,
                 # Loopback only at a loopback API base's own origin (the sandbox's): never another local port.
                 loopback_origin=loopback_origin(endpoint.base_url),
-                deadline=options.download_deadline,
+                deadline=options.download_timeout,
             )
         )
         run = JobSteps(manifest, jobs, options, output_dir, journal, pool, downloader)
@@ -459,7 +459,7 @@ async def _execute(
                     run.stop("interrupted", "interrupted")
                     run.progress.stopping = "interrupted: finishing paid-for jobs; press Ctrl-C again to stop now"
 
-    deadline = math.inf if options.run_timeout is None else options.run_timeout
+    deadline = math.inf if options.timeout is None else options.timeout
     with anyio.move_on_after(deadline) as run_scope:
         async with anyio.create_task_group() as outer:
             outer.start_soon(fsync_loop)
@@ -472,7 +472,7 @@ async def _execute(
                 receive.close()
             outer.cancel_scope.cancel()
     if run_scope.cancelled_caught and not run.interrupted:
-        run.stop("timeout", f"the run timeout of {options.run_timeout:g}s passed")
+        run.stop("timeout", f"the run timeout of {options.timeout:g}s passed")
     if run.fatal is None:
         with anyio.CancelScope(shield=True):
             await run.flush_sidecars()

@@ -221,7 +221,7 @@ class JobSteps:
             if record.phase == "submitted" and lane is not None:
                 # Just submitted: nothing can be done yet, so the first look waits one interval.
                 with self.wait_scope():
-                    await self.poll(job, lane, first_wait=self.options.poll_min if action == "submit" else 0.0)
+                    await self.poll(job, lane, first_wait=self.options.poll_interval if action == "submit" else 0.0)
         finally:
             if lane is not None:
                 self.accounts.release(lane)
@@ -414,7 +414,7 @@ class JobSteps:
         record = self.records[job.key]
         assert record.request_id is not None
         request_id = record.request_id
-        delay = options.poll_min
+        delay = options.poll_interval
         last_state = record.remote_state
         last_word: str | None = None
         last_error: str | None = None
@@ -523,7 +523,7 @@ class JobSteps:
                         else f"queued over {options.queue_timeout:g}s"
                     )
                     await self.cancel(job, lane, request_id, why)
-                    delay = options.poll_min
+                    delay = options.poll_interval
                     continue
             elif options.job_timeout is not None and now - running_since > options.job_timeout:
                 reason = f"still running after {options.job_timeout:g}s (--job-timeout); the next run keeps polling it"
@@ -537,7 +537,7 @@ class JobSteps:
     def next_wait(self, submitted_at: float, backoff: float, *, first: bool = False) -> float:
         """The wait before the next poll of a job submitted at submitted_at (see `DurationModel.wait`)."""
         age = time.time() - submitted_at
-        return self.durations.wait(age, backoff, self.options.poll_min, self.options.poll_max, first=first)
+        return self.durations.wait(age, backoff, self.options.poll_interval, self.options.poll_max, first=first)
 
     async def cancel(self, job: Job, lane: Lane, request_id: str, why: str) -> None:
         try:

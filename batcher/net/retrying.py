@@ -32,6 +32,8 @@ from typing import TypeVar
 
 import anyio
 
+from ..flags import flagged
+
 __all__ = [
     "RetryPolicy",
     "TryAgain",
@@ -64,7 +66,13 @@ def is_testing() -> bool:
 class RetryPolicy:
     """Exponential backoff with full jitter; `Retry-After` wins when the server sends one."""
 
-    attempts: int = 6
+    attempts: int = flagged(
+        6,
+        "--retries",
+        minimum=1,
+        maximum=20,
+        help="Attempts per API call on 429, 5xx and connection faults (backoff with jitter between them).",
+    )
     base: float = 0.5
     cap: float = 30.0
     max_retry_after: float = 120.0

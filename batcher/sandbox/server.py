@@ -44,6 +44,7 @@ import anyio.abc
 import h11
 
 from ..errors import UsageError
+from ..flags import flagged
 from ..manifest.cost import load_price_table
 from ..manifest.localimages import check_inline_images
 from ..manifest.schema import load_model_schema
@@ -214,48 +215,110 @@ def make_png(seed: str, size: int = 64) -> bytes:
 class SandboxConfig:
     """How the sandbox behaves. Rates are fractions from 0 to 1."""
 
-    queue_delay: float = 0.3
-    run_delay: float = 0.7
-    run_delay_max: float | None = None
-    """When set, each job runs for a duration drawn between run_delay and this (stable per job)."""
-    fail_rate: float = 0.0
-    fault_rate: float = 0.0
-    faults: tuple[str, ...] = DEFAULT_FAULTS
-    slow_seconds: float = 5.0
-    retry_after: float = 1.0
+    queue_delay: float = flagged(0.3, "--queue-delay", minimum=0, help="Seconds a job waits in the queue.")
+    run_delay: float = flagged(0.7, "--run-delay", minimum=0, help="Seconds a job runs.")
+    run_delay_max: float | None = flagged(
+        None,
+        "--run-delay-max",
+        kind=float,
+        minimum=0,
+        help="Draw each job's run time between --run-delay and this (stable per job).",
+    )
+    fail_rate: float = flagged(0.0, "--fail-rate", minimum=0, maximum=1, help="Fraction of jobs that fail.")
+    fault_rate: float = flagged(
+        0.0, "--fault-rate", minimum=0, maximum=1, help="Fraction of requests that meet a fault."
+    )
+    faults: tuple[str, ...] = flagged(
+        DEFAULT_FAULTS,
+        "--faults",
+        kind=str,
+        help="Comma-separated faults to draw from (default: "
+        + ", ".join(DEFAULT_FAULTS)
+        + "); also "
+        + ", ".join(k for k in FAULT_KINDS if k not in DEFAULT_FAULTS)
+        + ", which accept the job and answer as if they had not.",
+    )
+    slow_seconds: float = flagged(5.0, "--slow-seconds", help="Delay of a 'slow' fault.")
+    retry_after: float = flagged(1.0, "--retry-after", help="Retry-After seconds sent with 429s.")
     image_size: int = 64
-    images_per_job: int = 1
-    url_ttl: float | None = None
-    """Seconds an output URL stays valid; None for ever."""
-    require_token: str | None = None
-    auth_status: int = 401
-    """How a wrong token is refused: 401 with RunComfy's 401001 body, or 403 with a bare message."""
-    max_in_flight: int | None = None
-    """An account's cap on jobs queued or running: a submit past it gets 429 (nothing accepted)."""
-    unknown_window: float = 0.0
-    """Seconds after a submit during which the request is not known yet (404001), like a replica lagging."""
-    rate_limit: float | None = None
-    """API requests a second (a token bucket of one second's burst); more get 429 with Retry-After."""
-    seed: int | None = None
+    images_per_job: int = flagged(
+        1, "--images-per-job", minimum=1, maximum=10, help="Output images each job answers with (test patterns)."
+    )
+    url_ttl: float | None = flagged(
+        None, "--url-ttl", kind=float, help="Seconds output URLs stay valid [default: for ever]."
+    )
+    require_token: str | None = flagged(
+        None, "--require-token", kind=str, help="Accept only this bearer token [default: any]."
+    )
+    auth_status: int = flagged(
+        401,
+        "--auth-status",
+        choices=("401", "403"),
+        help="How a wrong token is refused: 401 with RunComfy's 401001 body, or a bare 403.",
+    )
+    max_in_flight: int | None = flagged(
+        None,
+        "--max-in-flight",
+        kind=int,
+        minimum=1,
+        help="An account's cap on jobs queued or running: submits past N get 429 (nothing accepted).",
+    )
+    unknown_window: float = flagged(
+        0.0,
+        "--unknown-window",
+        minimum=0,
+        help="Seconds after a submit during which the request answers 404001 (a lagging replica).",
+    )
+    rate_limit: float | None = flagged(
+        None,
+        "--rate-limit",
+        kind=float,
+        minimum=0.1,
+        help="Answer 429 (with Retry-After) past this many API requests a second (one second's burst).",
+    )
+    seed: int | None = flagged(None, "--seed", kind=int, help="Seed for faults and failures, to replay a session.")
     fault_paths: tuple[str, ...] = ("submit", "result", "status", "cancel", "file")
     schema_dirs: tuple[Path, ...] = ()
     """Folders of user model schemas, so the sandbox validates (and accepts) those models too."""
-    dialect: str = "runcomfy"
-    """How answers are worded: one of `DIALECTS`."""
-    balance_usd: float | None = None
-    """The account's starting balance: each accepted submit is debited its price (from the
-    bundled price table), and a submit it cannot pay for is refused with 400002. None: unlimited."""
-    model_price: float | None = None
-    """``base_price_usd`` to answer for every model (default: the bundled table's, at the defaults)."""
-    refuse: str | None = None
-    """Refuse with one of `REFUSALS` (balance, token, other-user), as RunComfy would."""
-    accounts: tuple[str, ...] = ()
-    """Tokens of several accounts: each its own jobs, in-flight cap (max_in_flight) and request rate
-    (rate_limit); any other token is refused (401001), and a request asked about with another account's
-    token gets 403001, as RunComfy answers. Empty: one account, any bearer token."""
-    blocked_words: tuple[str, ...] = ()
-    """A job whose prompt holds one of these (any case) is accepted, runs, and fails with a content-policy
-    error, as gpt-image's moderation answers (``moderation_blocked``)."""
+    dialect: str = flagged(
+        "runcomfy",
+        "--dialect",
+        choices=DIALECTS,
+        help="How answers are worded: RunComfy's own, or as each of its clients has seen them.",
+    )
+    balance_usd: float | None = flagged(
+        None,
+        "--balance",
+        kind=float,
+        minimum=0,
+        help="The account's balance in USD, debited each accepted submit's price; a submit it cannot pay for is "
+        "refused (400002) [default: unlimited].",
+    )
+    model_price: float | None = flagged(
+        None,
+        "--model-price",
+        kind=float,
+        minimum=0,
+        help="base_price_usd to answer for every model [default: the bundled table's].",
+    )
+    refuse: str | None = flagged(
+        None, "--refuse", kind=str, choices=tuple(REFUSALS), help="Refuse every call as RunComfy would."
+    )
+    accounts: tuple[str, ...] = flagged(
+        (),
+        "--account",
+        kind=str,
+        multiple=True,
+        help="A token of one of several accounts (repeatable): each has its own jobs, --max-in-flight and "
+        "--rate-limit, and gets 403001 for another's request; other tokens are refused.",
+    )
+    blocked_words: tuple[str, ...] = flagged(
+        (),
+        "--blocked-word",
+        kind=str,
+        multiple=True,
+        help="Prompts holding this word (any case) fail with a content-policy error (repeatable).",
+    )
 
     def serve(self) -> AbstractAsyncContextManager[str]:
         """This sandbox served on loopback for as long as the block lasts (`batcher.engine.endpoint.LocalApi`)."""

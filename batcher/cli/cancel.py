@@ -1,0 +1,57 @@
+"""`batcher cancel`: cancel the jobs still queued at RunComfy."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import anyio
+import click
+import cloup
+
+from ..api import cancel_manifest
+from ..engine.runner import RunOptions
+from ..manifest.loader import load_manifest
+from ..output.storage import RemoteOutput
+from ..sandbox.server import SandboxConfig
+from .exits import EXIT_FAILED
+from .options import (
+    api_base_option,
+    manifest_argument,
+    output_option,
+    shard_option,
+)
+
+
+@cloup.command()
+@manifest_argument
+@output_option
+@api_base_option
+@click.option("--sandbox", is_flag=True, help="Cancel against the in-process sandbox.")
+@shard_option
+def cancel(
+    manifest: Path,
+    schema_dirs: tuple[Path, ...],
+    output: Path | RemoteOutput | None,
+    api_base: str | None,
+    sandbox: bool,
+    shard: tuple[int, int] | None,
+) -> None:
+    """Cancel this manifest's jobs that are queued at RunComfy (running ones cannot be)."""
+    loaded = load_manifest(manifest, schema_dirs)
+    options = RunOptions(
+        output_dir=output if isinstance(output, Path) else None,
+        remote=output if isinstance(output, RemoteOutput) else None,
+        api_base=api_base,
+        sandbox=sandbox,
+        sandbox_config=SandboxConfig(schema_dirs=loaded.schema_dirs) if sandbox else None,
+        shard=shard,
+    )
+    summary = anyio.run(cancel_manifest, loaded, options)
+    click.echo(f"cancelled {len(summary.cancelled)} job(s)")
+    for name, state in summary.not_cancellable:
+        click.echo(f"  {name}: not cancellable ({state})")
+    for name, error in summary.errors:
+        click.echo(f"  {name}: {error}", err=True)
+    if summary.errors:
+        sys.exit(EXIT_FAILED)
