@@ -125,16 +125,20 @@ def one_run(checkout: str, home: Path, state: Path, url: str, tag: str) -> float
 
 
 def measure(checkout: str, label: str, home: Path, big: Path, url: str, repeat: int) -> None:
+    """Runs over the clean and the big ledger in turn (the machine's load drifts: pairs see the same)."""
     clean_state = home / f"state-clean-{label}"
     big_state = home / f"state-big-{label}"
     shutil.copytree(big.parent.parent, big_state)
-    clean = [one_run(checkout, home, clean_state, url, f"{label}-clean-{i}") for i in range(repeat)]
+    base = one_run(checkout, home, clean_state, url, f"{label}-clean-first")
     first = one_run(checkout, home, big_state, url, f"{label}-big-first")
-    warm = [one_run(checkout, home, big_state, url, f"{label}-big-{i}") for i in range(repeat)]
-    base = statistics.median(clean)
+    clean, warm = [], []
+    for i in range(repeat):
+        clean.append(one_run(checkout, home, clean_state, url, f"{label}-clean-{i}"))
+        warm.append(one_run(checkout, home, big_state, url, f"{label}-big-{i}"))
+    extra = statistics.median(w - c for w, c in zip(warm, clean, strict=True))
     print(
-        f"| {label} | {base:.2f} | {first:.2f} (+{first - base:.2f}) | "
-        f"{statistics.median(warm):.2f} (+{statistics.median(warm) - base:.2f}) |"
+        f"| {label} | {statistics.median(clean):.2f} | {first:.2f} (+{first - base:.2f}) | "
+        f"{statistics.median(warm):.2f} (median of pairs {extra:+.2f}) |"
     )
 
 
