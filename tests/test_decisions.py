@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from batcher import JournalCorruptError, JournalError, load_manifest, run_manifest
 from batcher.cli.main import cli
+from batcher.journal.records import JobRecord
 from batcher.reports.report import status_report
 from batcher.review.decisions import DECISIONS_NAME, DecisionLog, fold_decisions, read_decisions
 from batcher.review.replacements import REPLACEMENT_BASE, pending_replacements, with_replacements
@@ -59,6 +60,35 @@ def test_a_torn_last_line_is_dropped_and_mended_before_the_next_append(tmp_path:
     with DecisionLog(tmp_path) as log:
         log.append("k4", 0, SHA, "rejected", "g")
     assert read_decisions(tmp_path).lines == 3
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\0\0\n", b"\n\n"])
+def test_a_damaged_last_line_ending_in_a_newline_is_cut_back_before_the_next_append(
+    tmp_path: Path, ending: bytes
+) -> None:
+    """Found by the audit (issue 24, finding 7): a damaged last line that ends in a newline was "dropped", then
+    the next decision went after it and the file became a JournalCorruptError that stopped `review` and
+    `run --replace-rejected`. It is cut back to the last sound line, whatever the last byte, as the journal is."""
+    path, out = finished_run(tmp_path, 3)
+    manifest = load_manifest(path)
+    decide(manifest, out, {"job-0000": "rejected", "job-0001": "accepted"})
+    decisions = out / DECISIONS_NAME
+    lines = decisions.read_bytes().split(b"\n")
+    damaged = lines[1].replace(b"accepted", b"rejected")  # the CRC no longer matches
+    decisions.write_bytes(lines[0] + b"\n" + damaged + ending)
+    assert "torn" in read_decisions(out).warnings[0]
+    decide(manifest, out, {"job-0002": "rejected"})  # the review page's next click
+    found = read_decisions(out)
+    assert found.warnings == [] and found.lines == 2
+    assert [key for key, _ in found.first_rejections] == [r.key for r in _by_name(out, "job-0000", "job-0002")]
+    replacing = CliRunner().invoke(cli, ["run", str(path), "-o", str(out), "--sandbox", "--replace-rejected", "-q"])
+    assert replacing.exit_code == 0, replacing.output
+    assert "is damaged" not in replacing.output and "5/5 done" in replacing.output, replacing.output
+
+
+def _by_name(out: Path, *names: str) -> list[JobRecord]:
+    records = {r.name: r for r in records_of(out).values()}
+    return [records[name] for name in names]
 
 
 def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path: Path) -> None:

@@ -707,6 +707,26 @@ def test_the_cli_refuses_a_local_run_after_a_bucket_run_with_exit_2(
     assert len(sandbox.sandbox.submits) == 2
 
 
+def test_a_prefix_above_or_below_a_bucket_run_does_not_pay_again(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Found by the audit (issue 24, finding 1): after a run to <bucket>/run, runs to <bucket>/run/sub and to
+    the bucket's root sent every job again, on S3 and on GCS. One POST per job, at the server."""
+    sandbox = start_sandbox(queue_delay=0.01, run_delay=0.01)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
+    common = ["--api-base", sandbox.url, "--yes", "-q", "--poll-interval", "0.05"]
+    env = {"RUNCOMFY_API_TOKEN": TOKEN}
+    first = store.url("run")
+    assert CliRunner().invoke(cli, ["run", str(manifest), "-o", first, *common], env=env).exit_code == 0
+    for other in (store.url("run/sub"), f"{store.scheme}://{store.bucket}"):
+        result = CliRunner().invoke(cli, ["run", str(manifest), "-o", other, *common], env=env)
+        assert result.exit_code == 2, result.output
+        said = " ".join(result.output.split())
+        assert f"3 of these jobs were already submitted from {first}" in said and "--new-output" in said, said
+    assert Counter(r.body["prompt"] for r in sandbox.sandbox.submits) == {f"prompt number {i}": 1 for i in range(3)}
+    assert not store.objects("run/sub/") and set(store.objects()) == set(store.objects("run/")), "nothing written"
+
+
 @_S3_ONLY
 async def test_a_bucket_run_that_cannot_be_read_or_is_gone_is_refused_not_paid_again(
     store: Store, tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch

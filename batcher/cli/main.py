@@ -15,6 +15,7 @@ from .cancel import cancel
 from .exits import CommandGroup
 from .init import init, schemas
 from .inspect import plan, status, validate
+from .ledger import ledger
 from .report import export, report
 from .review import review
 from .run import run
@@ -36,7 +37,7 @@ def cli() -> None:
 # Sections of `batcher --help`, in the order a first batch meets them.
 for section in (
     cloup.Section("Write and check a manifest", [init, validate, plan, schemas]),
-    cloup.Section("Run it", [run, status, cancel]),
+    cloup.Section("Run it", [run, status, cancel, ledger]),
     cloup.Section("After a run", [review, report, export]),
     cloup.Section("Rehearse", [sandbox_command]),
 ):

@@ -60,7 +60,7 @@ from ..output.folders import (
     refuse_linked_default,
     shard_folder_name,
 )
-from ..output.ledger import Place, check_ledger, forget_gone_places, remember_place
+from ..output.ledger import Place, check_ledger, forget_gone_places, note_run_end, remember_place
 from ..output.remote import RemoteRun, pull_view, run_output
 from ..review.replacements import with_replacements
 from ..runcomfy.account import Account, look_up, price_dirs
@@ -261,12 +261,16 @@ async def run_manifest(
         check_no_overlap(own, jobs.keys())
         journal_here = (own / JOURNAL_NAME).is_file() and (own / JOURNAL_NAME).stat().st_size > 0
     async with AsyncExitStack() as stack:
+        noted: list[Place] = []
+        # Called last, once the journal is closed (and a bucket's flushed): the ledger's summary of this place.
+        stack.push_async_callback(_note_run_end, noted, output_dir)
         endpoint, journal, pool, remote = await stack.enter_async_context(
             _open_run(manifest, options, jobs, ledger=True, journal_here=journal_here)
         )
         # The bucket's URL for a bucket run (never its working copy in the cache, nor a credential).
         if not endpoint.sandbox:
-            remember_place(manifest, _place(manifest, options), endpoint.identity)
+            noted.append(_place(manifest, options))
+            remember_place(manifest, noted[0], endpoint.identity)
         folded = journal.folded
         for warning in folded.warnings:
             log.warning("%s", warning)
@@ -317,6 +321,12 @@ async def run_manifest(
             log.warning("could not write %s: %s", METADATA_NAME, exc.strerror or exc)
         return _summarize(run, warnings, endpoint, remote)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _note_run_end(noted: list[Place], working_copy: Path) -> None:
+    with anyio.CancelScope(shield=True):
+        for place in noted:
+            await anyio.to_thread.run_sync(note_run_end, place, working_copy)
 
 
 async def _execute(

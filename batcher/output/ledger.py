@@ -3,12 +3,38 @@
 Every run notes *(manifest, place, API)* in a small per-user file
 (``$XDG_STATE_HOME/batcher/ledger.jsonl``). A place is a local output folder
 (its absolute path) or a bucket output (its ``s3://`` or ``gs://bucket/prefix`` URL, with
-``/shard-K-of-N`` for a shard's; never an endpoint or a credential). Before
-the first submit, the journals of every other place noted for the same API
-are read — a folder's from disk, a bucket's from the bucket — and a job one
-of them already submitted is never sent again because ``-o`` or the current
-folder changed, whichever way a run moved between disk and buckets
-(``--new-output`` is the explicit way to pay again).
+``/shard-K-of-N`` for a shard's; never an endpoint or a credential).
+
+**The rule.** Before the first submit, a job that any other place noted for
+the same API already submitted refuses the run — a folder or prefix beside
+this one, above it (``-o out`` after ``-o out/m``) or below it (``-o out/m/v2``),
+whichever way a run moved between disk and buckets (``--new-output`` is the
+explicit way to pay again). Only the shard layout of one run (``X`` and
+``X/shard-K-of-N``, or two shards of ``X``) is left to `check_no_overlap`,
+which reads every layout of ``X`` itself. A job this place's own journal
+already submitted is not counted: the run resumes it, it does not send it.
+
+**A place that cannot be read** (a damaged journal, no permission, a bucket
+without credentials here) refuses: its journal may be the only record of what
+it paid for. The message says what to do: repair it, ``batcher ledger forget
+PLACE``, or ``--new-output``.
+
+**A place that is gone** (its folder or prefix holds no journal): its summary
+(below) still says which jobs it submitted. A run that would send one of them
+again refuses (moved: ``-o`` its new place; deleted on purpose: ``batcher
+ledger forget PLACE`` or ``--new-output``); a run none of whose jobs it sent
+goes on. Refusing every run forever for a deleted folder would be wrong, and
+so would forgetting a moved one's payments. Without a complete summary (noted
+by an older batcher, or its last run was killed before its end) what it paid
+is unknown: a place of this manifest refuses as before, another manifest's is
+named in a warning.
+
+**Summaries keep it cheap.** Per place, ``<ledger>.places/<hash>.keys`` holds
+the keys of the jobs it submitted (8 bytes each) and a stamp of its journals
+(size, mtime and inode of each local journal; a bucket's journal objects and
+their sizes, listed without reading them). A run's start reads the stamp and
+the summary; a journal is folded again only when its stamp changed. Every
+file read here has a size cap.
 
 What the ledger cannot see: it is one user's on one machine. A bucket run
 from another machine (a cluster's workers) is not in it; the bucket's own
@@ -19,29 +45,37 @@ check (`check_no_overlap` over every layout read from the prefix, in
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
+import sys
 import time
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import BatcherError, UsageError
-from ..journal.store import JOURNAL_NAME
+from ..journal.store import JOURNAL_NAME, read_journal
 from ..manifest.loader import Manifest
 from .folders import SANDBOX_API, FolderView, read_folder, shard_folders
-from .remote import pull_view
+from .remote import journal_listing, pull_view
 from .storage.bucket import RemoteOutput, parse_output
 
 __all__ = [
+    "NotedPlace",
     "Place",
     "check_ledger",
     "forget_gone_places",
+    "forget_place",
     "ledger_path",
+    "note_run_end",
     "noted_buckets",
     "noted_folders",
+    "noted_places",
     "remember_place",
 ]
 
@@ -52,6 +86,17 @@ Place = Path | RemoteOutput
 
 _LEDGER_ENV = "BATCHER_LEDGER"
 _SHARD_TAIL = re.compile(r"(.*)/shard-(\d+)-of-(\d+)")
+_HEX_KEY = re.compile(r"[0-9a-f]{16}")
+
+LEDGER_MAX_BYTES = 16 * 1024 * 1024
+"""The ledger is one short line per (manifest, place, API): past this it is not batcher's, or needs forgetting."""
+SUMMARY_MAX_KEYS = 32 * 1024 * 1024
+"""A summary's keys (8 bytes each, 256 MiB): a place with more submitted jobs is refused, not read."""
+_HEADER_MAX_BYTES = 16 * 1024 * 1024
+"""A summary's first line (its stamp: a bucket's journal objects are listed there)."""
+JOURNAL_MAX_BYTES = 1024**3
+"""A local journal read for a summary, as a bucket's journal object is capped: past it the place is refused."""
+_SUMMARY_VERSION = 1
 
 
 def ledger_path() -> Path:
@@ -85,13 +130,33 @@ class _Entry:
     api: str
 
 
-def _entries() -> list[_Entry]:
+def _entries(*, strict: bool = False) -> list[_Entry]:
+    """The ledger's lines. strict (the check before paying): a ledger that cannot be read whole refuses;
+    otherwise (a hint) what can be read."""
+    path = ledger_path()
     try:
-        text = ledger_path().read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        with path.open("rb") as handle:
+            data = handle.read(LEDGER_MAX_BYTES + 1)
+    except FileNotFoundError:
         return []
+    except OSError as exc:
+        if strict:
+            msg = (
+                f"cannot read the ledger of places runs went to, {path} ({exc.strerror or exc}): the jobs "
+                "other places already submitted cannot be checked. Fix its permissions, or add --new-output "
+                "to go on without the check"
+            )
+            raise UsageError(msg) from exc
+        return []
+    if len(data) > LEDGER_MAX_BYTES and strict:
+        msg = (
+            f"the ledger of places runs went to, {path}, is over {LEDGER_MAX_BYTES // 2**20} MiB: that is not "
+            "batcher's (one short line per place; `batcher ledger forget PLACE` forgets one). Move it aside "
+            "(the places it notes are then no longer checked), or add --new-output to go on without the check"
+        )
+        raise UsageError(msg)
     found: list[_Entry] = []
-    for line in text.splitlines():
+    for line in data[:LEDGER_MAX_BYTES].decode("utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
             found.append(_Entry(str(row["manifest"]), str(row["name"]), str(row["output"]), str(row["api"])))
@@ -100,20 +165,60 @@ def _entries() -> list[_Entry]:
     return found
 
 
+def _write_entries(entries: list[_Entry]) -> None:
+    """Rewrite the ledger with entries; never one read only in part (past `LEDGER_MAX_BYTES`)."""
+    path = ledger_path()
+    with contextlib.suppress(OSError):
+        if path.stat().st_size > LEDGER_MAX_BYTES:
+            msg = f"{path} is over {LEDGER_MAX_BYTES // 2**20} MiB, so it was not read whole: move it aside"
+            raise UsageError(msg)
+    lines = "".join(json.dumps({k: getattr(e, k) for k in e.__slots__}) + "\n" for e in entries)
+    temporary = path.with_name(f".{path.name}.part")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(lines)
+    os.replace(temporary, path)
+
+
 def remember_place(manifest: Manifest, place: Place, identity: str) -> None:
-    """Note that place holds a run of manifest against the API `identity` (once per triple)."""
+    """Note that place holds a run of manifest against the API `identity` (once per triple), and that a
+    run of it is under way (`note_run_end` says it ended: until then its summary may miss jobs)."""
     entry = _Entry(str(manifest.path.resolve()), manifest.name, _spelled(place), identity)
+    with contextlib.suppress(OSError):  # an unwritable home must not stop a run; the journal is the truth
+        _mark_open(entry.output)
     if entry in _entries():
         return
     path = ledger_path()
     line = json.dumps({"t": round(time.time()), **{k: getattr(entry, k) for k in entry.__slots__}}) + "\n"
-    with contextlib.suppress(OSError):  # an unwritable home must not stop a run; the journal is the truth
+    with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line.encode())
         finally:
             os.close(fd)
+
+
+def note_run_end(place: Place, working_copy: Path | None = None) -> None:
+    """A run of place ended (its journal closed, a bucket's flushed): its summary is made from its journals.
+
+    working_copy: a bucket run's local journal folder (the bucket's journal as this run left it), read
+    instead of the bucket; the summary is then stamped stale, so the next check lists the bucket again.
+    Never raises: the summary is derived data, and a run's end must not fail on it.
+    """
+    spelled = _spelled(place)
+    try:
+        if isinstance(place, RemoteOutput):
+            if working_copy is None:
+                return
+            keys = _submitted_keys(read_journal(working_copy / JOURNAL_NAME).records.items())
+            _write_summary(spelled, None, keys, running=False)
+        else:
+            stamp = _local_stamp(place, None)
+            view = _read_local(place, stamp) if stamp is not None else None
+            _write_summary(spelled, stamp, _submitted_keys(view.records.items()) if view else array("Q"), running=False)
+    except (BatcherError, OSError, ValueError) as exc:
+        log.debug("could not summarize %s for the ledger: %s", spelled, exc)
 
 
 def _of_manifest(manifest: Manifest) -> list[Place]:
@@ -132,17 +237,326 @@ def noted_buckets(manifest: Manifest) -> list[RemoteOutput]:
     return [p for p in _of_manifest(manifest) if isinstance(p, RemoteOutput)]
 
 
+# -- summaries: which jobs a place submitted, and a stamp of its journals --------------------------------
+
+
+def _summaries() -> Path:
+    path = ledger_path()
+    return path.with_name(f"{path.stem}.places")
+
+
+def _summary_path(spelled: str) -> Path:
+    return _summaries() / f"{hashlib.sha256(spelled.encode()).hexdigest()[:32]}.keys"
+
+
+def _packed(key: str) -> int:
+    """A job key as 8 bytes: batcher's keys are 16 hex digits; anything else (a foreign journal's) is hashed."""
+    if _HEX_KEY.fullmatch(key):
+        return int(key, 16)
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def _submitted_keys(records: Iterable[tuple[str, Any]]) -> array[int]:
+    return array("Q", sorted({_packed(key) for key, record in records if record.submits}))
+
+
+@dataclass(slots=True)
+class _Summary:
+    stamp: object
+    """The stamp of the journals the keys were read from (None: stale, read them again)."""
+    keys: array[int]
+    running: bool
+    """A run of the place started and has not ended (or was killed): the keys may miss its submits."""
+    t: float
+
+
+def _read_summary(spelled: str) -> _Summary | None:
+    """The place's summary; None when there is none or it is not sound (it is derived data: made again)."""
+    try:
+        with _summary_path(spelled).open("rb") as handle:
+            header = json.loads(handle.readline(_HEADER_MAX_BYTES))
+            count = int(header["count"])
+            if (
+                header.get("v") != _SUMMARY_VERSION
+                or header.get("place") != spelled
+                or not 0 <= count <= SUMMARY_MAX_KEYS
+            ):
+                return None
+            data = handle.read(count * 8 + 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if len(data) != count * 8:
+        return None
+    keys = array("Q")
+    keys.frombytes(data)
+    if sys.byteorder != "little":
+        keys.byteswap()
+    return _Summary(header.get("stamp"), keys, bool(header.get("running")), float(header.get("t") or 0))
+
+
+def _write_summary(spelled: str, stamp: object, keys: array[int], *, running: bool) -> None:
+    folder = _summaries()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    header = {"v": _SUMMARY_VERSION, "place": spelled, "count": len(keys), "running": running, "t": time.time()}
+    data = array("Q", keys)
+    if sys.byteorder != "little":
+        data.byteswap()
+    target = _summary_path(spelled)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.part")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(json.dumps({**header, "stamp": stamp}).encode() + b"\n")
+        handle.write(data.tobytes())
+    os.replace(temporary, target)
+
+
+def _mark_open(spelled: str) -> None:
+    """A run of the place starts: its summary keeps its keys, says so, and is stamped stale."""
+    known = _read_summary(spelled)
+    _write_summary(spelled, None, known.keys if known else array("Q"), running=True)
+
+
+def _local_stamp(folder: Path, known: object) -> dict[str, Any] | None:
+    """Size, mtime and inode of each journal of folder (its own and its shards'); None when it holds none.
+
+    known: the stamp a summary holds: while the folder's own mtime is the same, no shard folder came or
+    went, so its list of shards is used and the folder (thousands of job folders) is not listed.
+    Raises OSError when the folder cannot be read (no permission).
+    """
+    try:
+        mtime = os.stat(folder).st_mtime_ns
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    shards: list[str]
+    if isinstance(known, dict) and known.get("dir") == mtime and isinstance(known.get("shards"), list):
+        shards = [str(name) for name in known["shards"]]
+    else:
+        shards = [p.name for p in shard_folders(folder)]
+    journals: dict[str, list[int]] = {}
+    for name in ["", *shards]:
+        try:
+            found = os.stat(folder / name / JOURNAL_NAME)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        journals[name] = [found.st_size, found.st_mtime_ns, found.st_ino]
+    if not journals:
+        return None
+    return {"dir": mtime, "shards": shards, "journals": journals}
+
+
+def _read_local(folder: Path, stamp: dict[str, Any]) -> FolderView:
+    for name, (size, _, _) in stamp["journals"].items():
+        if size > JOURNAL_MAX_BYTES:
+            msg = f"its journal {folder / name / JOURNAL_NAME} is over {JOURNAL_MAX_BYTES // 2**30} GiB"
+            raise UsageError(msg)
+    return read_folder(folder)
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """What the ledger knows a place submitted."""
+
+    keys: array[int] | None
+    """None: unknown (gone, and no complete summary)."""
+    gone: bool
+
+
+def _submitted(place: Place, spelled: str) -> _Known:
+    """The jobs place submitted: from its summary while its journals' stamp holds, else read again.
+
+    Raises BatcherError or OSError when the place cannot be read (damage, permission, a bucket without
+    credentials here).
+    """
+    summary = _read_summary(spelled)
+    known_stamp = summary.stamp if summary is not None else None
+    running = summary is not None and summary.running
+    stamp: object
+    if isinstance(place, RemoteOutput):
+        listing = journal_listing(place)
+        stamp = {"objects": listing} if listing else None
+    else:
+        stamp = _local_stamp(place, known_stamp)
+    if stamp is None:
+        if summary is None or summary.running:
+            return _Known(None, gone=True)
+        return _Known(summary.keys, gone=True)
+    if summary is not None and _same_journals(summary.stamp, stamp):
+        if summary.stamp != stamp:  # only the folder's own mtime moved: keep the shards' list it found
+            with contextlib.suppress(OSError):
+                _write_summary(spelled, stamp, summary.keys, running=running)
+        return _Known(summary.keys, gone=False)
+    if isinstance(place, RemoteOutput):
+        folder, _ = pull_view(place, journals_only=True)
+        view = read_folder(folder)
+    else:
+        assert isinstance(stamp, dict)
+        view = _read_local(place, stamp)
+    keys = _submitted_keys(view.records.items())
+    if summary is not None and len(summary.keys) and not _appended(summary.stamp, stamp):
+        # Not only appended to since (rewritten, truncated, replaced, or unknown): what the summary
+        # knew it paid for stays known, whatever the journal says now.
+        keys = array("Q", sorted({*keys, *summary.keys}))
+    if len(keys) > SUMMARY_MAX_KEYS:
+        msg = f"it submitted over {SUMMARY_MAX_KEYS:,} jobs, more than the ledger summarizes"
+        raise UsageError(msg)
+    with contextlib.suppress(OSError):
+        _write_summary(spelled, stamp, keys, running=running)
+    return _Known(keys, gone=False)
+
+
+def _appended(stored: object, fresh: object) -> bool:
+    """True when every journal the stored stamp names was only appended to (a bucket: its segments all
+    still there): the journals read now are the whole truth, a refused submit taken back included."""
+    if not isinstance(stored, dict) or not isinstance(fresh, dict):
+        return False
+    if "objects" in fresh:
+        before, now = stored.get("objects"), fresh["objects"]
+        return isinstance(before, dict) and all(now.get(name) == size for name, size in before.items())
+    before, now = stored.get("journals"), fresh.get("journals")
+    if not isinstance(before, dict) or not isinstance(now, dict):
+        return False
+    for name, (size, mtime, inode) in before.items():
+        found = now.get(name)
+        if found is None or found[2] != inode or found[0] < size or (found[0] == size and found[1] != mtime):
+            return False
+    return True
+
+
+def _same_journals(stored: object, fresh: object) -> bool:
+    if not isinstance(stored, dict) or not isinstance(fresh, dict):
+        return False
+    if "objects" in fresh:
+        return bool(stored.get("objects") == fresh["objects"])
+    return bool(stored.get("journals") == fresh.get("journals"))
+
+
 # -- the check ------------------------------------------------------------------------------------------
 
 
-def _nested(here: Place, other: Place) -> bool:
-    """True when one is a shard of the other (or inside it): `check_no_overlap`'s business, read from the
-    folder or the bucket prefix itself, wherever the other run was made."""
+def _run_root(spelled: str) -> str:
+    match = _SHARD_TAIL.fullmatch(spelled)
+    return match[1] if match else spelled
+
+
+def _same_run(here: Place, other: Place) -> bool:
+    """True for two layouts of one sharded run (X and X/shard-K-of-N, or two shards of X):
+    `check_no_overlap` reads every layout of X itself, from the folder or the bucket prefix."""
     if isinstance(here, RemoteOutput) != isinstance(other, RemoteOutput):
         return False
     mine, theirs = _spelled(here), _spelled(other)
-    sep = "/" if isinstance(here, RemoteOutput) else os.sep
-    return mine.startswith(theirs + sep) or theirs.startswith(mine + sep)
+    return mine != theirs and _run_root(mine) == _run_root(theirs)
+
+
+def _own_submitted(here: Place) -> set[int]:
+    """The jobs here's own journal already submitted (a resume does not send them again); empty if unknown."""
+    try:
+        if isinstance(here, RemoteOutput):
+            folder, _ = pull_view(here, journals_only=True)
+        else:
+            folder = here
+        return set(_submitted_keys(read_journal(folder / JOURNAL_NAME).records.items()))
+    except (BatcherError, OSError):
+        return set()
+
+
+def check_ledger(
+    manifest: Manifest, keys: Iterable[str], here: Place, identity: str, *, journal_here: bool = False
+) -> None:
+    """Refuse when sending these jobs to here could pay for them twice (see the module docstring).
+
+    A place noted for the same API already submitted some of them (by job identity, so a renamed or
+    copied manifest is caught too); a noted place cannot be read; or a place noted for this manifest
+    is gone and what it paid is unknown, unless journal_here (here already holds this run's journal:
+    a project moved whole).
+    """
+    path = str(manifest.path.resolve())
+    mine = {_packed(key) for key in keys}
+    spelled_here = _spelled(here)
+    places: dict[str, bool] = {}
+    for entry in _entries(strict=True):
+        if entry.api == identity:
+            # A rehearsal's place may go freely (nothing was paid); the others' journals are the money.
+            # By path only: another project's manifest may well have the same name (london.yaml).
+            ours = identity != SANDBOX_API and entry.manifest == path
+            places[entry.output] = places.get(entry.output, False) or ours
+    own: set[int] | None = None
+    gone: list[str] = []
+    for spelled, ours in places.items():
+        other = _place(spelled)
+        if other is None or _same_run(here, other):
+            continue
+        if spelled == spelled_here:  # this place's own entry: the run resumes from its journal
+            there = _holds_journal(other) if isinstance(other, Path) else journal_here
+            if ours and not there:
+                gone.append(spelled)
+            continue
+        try:
+            known = _submitted(other, spelled)
+        except (BatcherError, OSError) as exc:
+            raise UsageError(_unreadable(spelled, other, exc, mine)) from exc
+        if known.keys is None:
+            if ours:
+                gone.append(spelled)
+            else:
+                log.warning(
+                    "%s (noted in %s) is gone and which jobs it submitted is unknown: not checked. If it moved, "
+                    "run it with -o <its new place>; else `batcher ledger forget %s`",
+                    spelled,
+                    ledger_path(),
+                    spelled,
+                )
+            continue
+        overlap = mine.intersection(known.keys)
+        if overlap:
+            own = _own_submitted(here) if own is None else own
+            overlap -= own
+        if not overlap:
+            continue
+        if known.gone:
+            held = (
+                f"{spelled} held a run of this manifest against this API, which submitted {len(overlap)} of these jobs,"
+                if ours
+                else f"{len(overlap)} of these jobs were already submitted from {spelled} (noted in {ledger_path()}),"
+            )
+            msg = (
+                f"{held} and its journal is gone: it was the only record of what that run paid for. If you moved it, "
+                f"run with -o <its new place>; if you deleted it on purpose, `batcher ledger forget {spelled}` "
+                "(or add --new-output): those jobs will be paid for again"
+            )
+        else:
+            msg = (
+                f"{len(overlap)} of these jobs were already submitted from {spelled} (noted in {ledger_path()}); "
+                f"sending them from {spelled_here} would pay for them again. Go on with them there: "
+                f"{_resume_hint(spelled)} (or add --new-output to pay for them again here)"
+            )
+        raise UsageError(msg)
+    if gone and not journal_here:
+        # With a journal here, this place is the run (a project moved whole); without one, the
+        # jobs the gone place paid for would be sent again from scratch.
+        msg = (
+            f"{gone[0]} held a run of this manifest against this API and its journal is gone: it was the only "
+            "record of what that run paid for. If you moved it, run with -o <its new place>; if you "
+            f"deleted it on purpose, `batcher ledger forget {gone[0]}` or add --new-output (any jobs it "
+            "submitted will be paid for again)"
+        )
+        raise UsageError(msg)
+
+
+def _unreadable(spelled: str, place: Place, exc: BaseException, mine: set[int]) -> str:
+    summary = _read_summary(spelled)
+    said = ""
+    count = len(mine.intersection(summary.keys)) if summary is not None else 0
+    if count:
+        said = f"; when last read it had submitted {count} of these jobs"
+    if isinstance(place, RemoteOutput):
+        todo = f"Run where its bucket can be read, or go on there: {_resume_hint(spelled)}"
+    else:
+        todo = f"Repair it (`batcher status -o {spelled}` says what is wrong) or give it back its permissions"
+    return (
+        f"{spelled} held a run against this API (noted in {ledger_path()}) and cannot be read now ({exc}){said}: "
+        f"its journal is the only record of what that run paid for. {todo}; if you no longer need it, "
+        f"`batcher ledger forget {spelled}`; or add --new-output to pay again for anything it submitted"
+    )
 
 
 def _holds_journal(folder: Path) -> bool:
@@ -162,76 +576,6 @@ def _read_place(place: Place) -> FolderView | None:
     return view if any(journal.stat().st_size for journal in view.journals) else None
 
 
-def check_ledger(
-    manifest: Manifest, keys: Iterable[str], here: Place, identity: str, *, journal_here: bool = False
-) -> None:
-    """Refuse when sending these jobs to here could pay for them twice.
-
-    Three ways: another place the ledger notes for the same API already
-    submitted some of them (by job identity, so a renamed or copied manifest
-    is caught too); a place noted for this manifest is gone (a folder moved
-    or archived, a prefix deleted: its journal was the only record of what it
-    paid for), unless journal_here (here already holds this run's journal: a
-    project moved whole); or a bucket noted for this manifest cannot be read
-    now (it may hold the only record).
-    """
-    path = str(manifest.path.resolve())
-    mine = set(keys)
-    checked: set[str] = set()
-    gone: list[str] = []
-    for entry in _entries():
-        if entry.api != identity or entry.output in checked:
-            continue
-        checked.add(entry.output)
-        other = _place(entry.output)
-        if other is None or _nested(here, other):
-            continue
-        # A rehearsal's place may go freely (nothing was paid); the others' journals are the money.
-        # By path only: another project's manifest may well have the same name (london.yaml).
-        ours = identity != SANDBOX_API and entry.manifest == path
-        if entry.output == _spelled(here):  # this place's own entry: the run resumes from its journal
-            there = _holds_journal(other) if isinstance(other, Path) else journal_here
-            if ours and not there:
-                gone.append(entry.output)
-            continue
-        try:
-            view = _read_place(other)
-        except (BatcherError, OSError) as exc:
-            if isinstance(other, Path):
-                continue  # a journal that cannot be read is its own run's problem, reported there
-            if ours:
-                msg = (
-                    f"{entry.output} held a run of this manifest (noted in {ledger_path()}) and cannot be read "
-                    f"now ({exc}): its journal is the only record of what that run paid for. Run where its bucket "
-                    f"can be read, or go on there: {_resume_hint(entry.output)} (or add --new-output to pay again "
-                    "for anything it submitted)"
-                )
-                raise UsageError(msg) from exc
-            log.warning("could not read %s, noted in %s: %s", entry.output, ledger_path(), exc)
-            continue
-        if view is None:
-            if ours:
-                gone.append(entry.output)
-            continue
-        overlap = sum(1 for k, r in view.records.items() if k in mine and r.submits)
-        if overlap:
-            msg = (
-                f"{overlap} of these jobs were already submitted from {entry.output} (noted in {ledger_path()}); "
-                f"sending them from {_spelled(here)} would pay for them again. Go on with them there: "
-                f"{_resume_hint(entry.output)} (or add --new-output to pay for them again here)"
-            )
-            raise UsageError(msg)
-    if gone and not journal_here:
-        # With a journal here, this place is the run (a project moved whole); without one, the
-        # jobs the gone place paid for would be sent again from scratch.
-        msg = (
-            f"{gone[0]} held a run of this manifest against this API and its journal is gone: it was the only "
-            "record of what that run paid for. If you moved it, run with -o <its new place>; if you "
-            "deleted it on purpose, add --new-output (any jobs it submitted will be paid for again)"
-        )
-        raise UsageError(msg)
-
-
 def _resume_hint(spelled: str) -> str:
     match = _SHARD_TAIL.fullmatch(spelled)
     if match:
@@ -239,12 +583,14 @@ def _resume_hint(spelled: str) -> str:
     return f"-o {spelled}"
 
 
+# -- pruning: --new-output, and `batcher ledger forget` ---------------------------------------------------
+
+
 def forget_gone_places() -> None:
     """Drop ledger entries whose place no longer holds a journal (``--new-output`` said to pay again).
 
     A bucket that cannot be read now is kept: unreadable is not gone.
     """
-    path = ledger_path()
     entries = _entries()
     views: dict[str, bool] = {}
     for entry in entries:
@@ -253,11 +599,11 @@ def forget_gone_places() -> None:
     kept = [e for e in entries if views[e.output]]
     if len(kept) == len(entries):
         return
-    lines = "".join(json.dumps({k: getattr(e, k) for k in e.__slots__}) + "\n" for e in kept)
-    with contextlib.suppress(OSError):
-        temporary = path.with_name(f".{path.name}.part")
-        temporary.write_text(lines, encoding="utf-8")
-        os.replace(temporary, path)
+    with contextlib.suppress(OSError, UsageError):
+        _write_entries(kept)
+        for spelled, there in views.items():
+            if not there:
+                _summary_path(spelled).unlink(missing_ok=True)
 
 
 def _still_there(spelled: str) -> bool:
@@ -270,3 +616,44 @@ def _still_there(spelled: str) -> bool:
         return _read_place(place) is not None
     except (BatcherError, OSError):
         return True
+
+
+def forget_place(text: str) -> list[str]:
+    """Drop a place (a folder, or a bucket URL) and its shards' from the ledger, with their summaries:
+    their jobs are no longer checked. Returns the places forgotten (none: it was not noted)."""
+    remote = parse_output(text)
+    spelled = remote.url if remote is not None else str(Path(text).expanduser().resolve())
+    entries = _entries()
+    forgotten = {e.output for e in entries if e.output in (spelled, text) or _run_root(e.output) == spelled}
+    if forgotten:
+        _write_entries([e for e in entries if e.output not in forgotten])
+        for place in forgotten:
+            _summary_path(place).unlink(missing_ok=True)
+    return sorted(forgotten)
+
+
+@dataclass(frozen=True, slots=True)
+class NotedPlace:
+    """One place in the ledger, as `batcher ledger list` shows it."""
+
+    place: str
+    apis: tuple[str, ...]
+    manifests: tuple[str, ...]
+    submitted: int | None
+    """Jobs it submitted, as its summary says (None: no summary yet)."""
+    as_of: float | None
+
+
+def noted_places() -> list[NotedPlace]:
+    """Every place the ledger notes, in the order first noted (nothing is read but the summaries)."""
+    grouped: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
+    for entry in _entries():
+        apis, manifests = grouped.setdefault(entry.output, ({}, {}))
+        apis[entry.api] = None
+        manifests[entry.manifest] = None
+    found: list[NotedPlace] = []
+    for spelled, (apis, manifests) in grouped.items():
+        summary = _read_summary(spelled)
+        count = len(summary.keys) if summary is not None else None
+        found.append(NotedPlace(spelled, tuple(apis), tuple(manifests), count, summary.t if summary else None))
+    return found

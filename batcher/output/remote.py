@@ -64,6 +64,7 @@ __all__ = [
     "MirrorFigures",
     "RemoteRun",
     "StoredFiles",
+    "journal_listing",
     "pull_view",
     "run_output",
 ]
@@ -393,6 +394,22 @@ class StoredFiles(OutputDir):
         return relative in self.stored or super().has_file(relative)
 
 
+def journal_listing(output: RemoteOutput) -> dict[str, int]:
+    """The journal objects of the output and of its shards (path relative to the output → size), listed
+    without reading one: a segment's name and size never change, so this says whether the journals did."""
+    with open_bucket(output) as bucket:
+        bucket.check()
+        return _journal_listing(bucket)
+
+
+def _journal_listing(bucket: Bucket) -> dict[str, int]:
+    found = [f"{name}/" for name in bucket.subfolders("shard-") if _SHARD.fullmatch(f"{name}/")]
+    listing: dict[str, int] = {}
+    for layout in ["", *found]:
+        listing.update(bucket.listing(f"{layout}{SEGMENTS}"))
+    return listing
+
+
 def pull_view(output: RemoteOutput, *, journals_only: bool = False) -> tuple[Path, dict[str, int]]:
     """A read-only local copy of the output's journals, its own and every shard's (``shard-K-of-N/``), laid
     out as a local output folder is, for `status`, `plan` and `report`; and the bucket's listing.
@@ -402,13 +419,7 @@ def pull_view(output: RemoteOutput, *, journals_only: bool = False) -> tuple[Pat
     """
     with open_bucket(output) as bucket:
         bucket.check()
-        if journals_only:
-            found = [f"{name}/" for name in bucket.subfolders("shard-") if _SHARD.fullmatch(f"{name}/")]
-            listing = {}
-            for layout in ["", *found]:
-                listing.update(bucket.listing(f"{layout}{SEGMENTS}"))
-        else:
-            listing = bucket.listing()
+        listing = _journal_listing(bucket) if journals_only else bucket.listing()
     view = output.cache_dir().with_name(output.cache_dir().name + "-view")
     shards = sorted({m[1] for name in listing if (m := _SHARD.match(name))})
     for shard in ["", *shards]:

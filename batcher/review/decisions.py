@@ -7,8 +7,9 @@
 The crash rules are the journal's (`batcher.journal.store`): each line carries a
 CRC and is written with one ``os.write`` on an ``O_APPEND`` descriptor, then
 fsynced before the page is told it is saved; a torn last line (a crash, a
-power loss) is dropped with a warning and cut off before the next append; a
-damaged line anywhere else is an error naming it. The file is append-only,
+power loss) is dropped with a warning and the file is cut back to its last
+sound line before the next append, whatever its last byte; a damaged line
+anywhere else is an error naming it. The file is append-only,
 so the order in which images were first rejected never changes: the
 replacements `run --replace-rejected` submits are numbered by it
 (`batcher.review.replacements`).
@@ -217,22 +218,30 @@ class DecisionLog:
             raise JournalError(msg) from exc
 
     def _mend_tail(self, fd: int) -> None:
-        """Before an append: a torn last line is cut off; a sound one that lost only its newline gets it back."""
+        """Before an append, as the journal does: the file is cut back to its last sound line, whatever its
+        last byte (a damaged line that ends in a newline too: appending after it would make it a damaged line
+        before a sound one); a sound last line that lost only its newline gets it back."""
         size = os.fstat(fd).st_size
         if not size:
             return
         start = max(0, size - _TAIL)
         tail = os.pread(fd, size - start, start)
-        if tail.endswith(b"\n"):
-            return
-        cut = tail.rfind(b"\n") + 1
-        if cut == 0 and start > 0:
-            msg = f"{self.path} ends in a line longer than {_TAIL} bytes: it is not batcher's; move it aside"
-            raise JournalCorruptError(msg)
-        if decode_event(tail[cut:].rstrip(b"\0")) is not None and b"\0" not in tail[cut:]:
-            os.write(fd, b"\n")
-        else:
-            os.ftruncate(fd, start + cut)
+        end = len(tail)
+        while end:
+            terminated = tail[end - 1 : end] == b"\n"
+            begin = tail.rfind(b"\n", 0, end - terminated) + 1
+            line = tail[begin : end - terminated]
+            event = decode_event(line) if b"\0" not in line else None
+            if event is not None and _decision(event) is not None:
+                if not terminated:
+                    os.write(fd, b"\n")
+                break
+            if begin == 0 and start > 0:
+                msg = f"{self.path} ends in a line longer than {_TAIL} bytes: it is not batcher's; move it aside"
+                raise JournalCorruptError(msg)
+            end = begin  # a damaged, torn or blank line after the last sound one: cut off
+        if end < len(tail):
+            os.ftruncate(fd, start + end)
 
 
 @dataclass(slots=True)
