@@ -33,7 +33,7 @@ from .errors import (
 from .journal.store import read_journal
 from .manifest.loader import Job, Manifest, load_manifest
 from .runcomfy.client import RetryPolicy, RunComfyClient
-from .sandbox.server import Sandbox, SandboxConfig, SandboxThread
+from .sandbox import Sandbox, SandboxConfig, SandboxThread
 
 __all__ = [
     "ApiError",

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from batcher.journal.store import CHECKPOINT_NAME, JOURNAL_NAME, Journal  # noqa: E402
-from batcher.sandbox.server import Sandbox, SandboxConfig, SandboxThread  # noqa: E402
+from batcher.sandbox import Sandbox, SandboxConfig, SandboxThread  # noqa: E402
 
 MODEL = "openai/gpt-image-1-5/image-to-image"
 verbose = False

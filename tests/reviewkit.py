@@ -14,7 +14,8 @@ from batcher.manifest.loader import Manifest
 from batcher.output.folders import read_folder
 from batcher.review.decisions import Decision, DecisionLog, input_group
 from batcher.review.replacements import with_replacements
-from batcher.sandbox.server import SandboxConfig, make_png
+from batcher.sandbox.png import make_png
+from batcher.sandbox.server import SandboxConfig
 
 from .conftest import fast_options, many_jobs_manifest
 

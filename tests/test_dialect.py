@@ -33,7 +33,8 @@ from batcher.journal.store import JOURNAL_NAME
 from batcher.manifest.cost import estimate
 from batcher.runcomfy.client import normalize_state
 from batcher.runcomfy.polling import remote_duration
-from batcher.sandbox.server import DIALECTS, SandboxConfig
+from batcher.sandbox.dialects import DIALECTS
+from batcher.sandbox.server import SandboxConfig
 
 from .conftest import TOKEN, fast_options, many_jobs_manifest, write_manifest
 

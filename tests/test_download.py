@@ -13,7 +13,7 @@ from batcher import DownloadError, SandboxThread
 from batcher.net.policy import address_refusal, scheme_refusal
 from batcher.net.retrying import set_testing
 from batcher.output.download import DEFAULT_MAX_BYTES, Downloader, safe_child
-from batcher.sandbox.server import make_png
+from batcher.sandbox.png import make_png
 
 PNG = make_png("x")
 PUBLIC = "https://93.184.216.34"  # a literal public address: resolves to itself, no DNS needed

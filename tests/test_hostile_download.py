@@ -23,7 +23,7 @@ from batcher import DownloadError, load_manifest, read_journal, run_manifest
 from batcher.journal.store import JOURNAL_NAME, encode_event, fold_bytes
 from batcher.net.policy import address_refusal
 from batcher.output.download import Downloader
-from batcher.sandbox.server import make_png
+from batcher.sandbox.png import make_png
 
 from .conftest import fast_options, many_jobs_manifest
 

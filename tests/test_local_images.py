@@ -19,7 +19,7 @@ from batcher import SandboxThread, load_manifest, read_journal, run_manifest
 from batcher.cli.main import cli
 from batcher.journal.standing import category
 from batcher.journal.store import JOURNAL_NAME
-from batcher.sandbox.server import make_png
+from batcher.sandbox.png import make_png
 
 from .conftest import MODEL, REF, TOKEN, fast_options, write_manifest
 
@@ -396,7 +396,7 @@ def test_a_big_data_uri_in_the_manifest_is_refused_so_the_journal_stays_small(tm
     from click.testing import CliRunner
 
     from batcher.cli.main import cli
-    from batcher.sandbox.server import make_png
+    from batcher.sandbox.png import make_png
 
     uri = "data:image/png;base64," + base64.b64encode(make_png("big", 64)).decode()
     path = tmp_path / "m.yaml"

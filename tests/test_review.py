@@ -18,7 +18,7 @@ from batcher import UsageError, load_manifest
 from batcher.review.decisions import DECISIONS_NAME, read_decisions
 from batcher.review.server import ReviewServer
 from batcher.review.thumbnails import INPUTS_DIR, InputImages, input_id
-from batcher.sandbox.server import make_png
+from batcher.sandbox.png import make_png
 
 from .reviewkit import finished_run
 

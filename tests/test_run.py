@@ -366,7 +366,7 @@ async def test_cancel_cancels_queued_jobs(tmp_path: Path, start_sandbox: StartSa
 
 async def test_unknown_states_empty_outputs_and_unsafe_urls_fail_one_job_each(tmp_path: Path) -> None:
     """A scripted API: each job meets a different oddity; the run goes on and reports each."""
-    from batcher.sandbox.server import make_png
+    from batcher.sandbox.png import make_png
 
     png = make_png("ok")
     results: dict[str, list[dict[str, object]]] = {

@@ -10,7 +10,8 @@ import anyio
 import click
 import cloup
 
-from ..sandbox.server import DEFAULT_FAULTS, Sandbox, SandboxConfig
+from ..sandbox.faults import DEFAULT_FAULTS
+from ..sandbox.server import Sandbox, SandboxConfig
 from .exits import BadInput
 from .options import field_option, schemas_option
 

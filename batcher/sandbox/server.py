@@ -26,161 +26,32 @@ import hashlib
 import json
 import random
 import re
-import socket
-import struct
-import threading
 import time
-import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import anyio
-import anyio.abc
-import h11
-
 from ..errors import UsageError
-from ..flags import flagged
 from ..manifest.cost import load_price_table
 from ..manifest.localimages import check_inline_images
 from ..manifest.schema import load_model_schema
+from .config import REFUSALS, SandboxSettings
+from .dialects import Dialect, dialect_named, phase_word
+from .faults import ACCEPTED_ANSWERS
+from .png import make_png
+from .wire import Response, json_response, serve
 
 __all__ = [
-    "DEFAULT_FAULTS",
-    "DIALECTS",
-    "FAULT_KINDS",
-    "REFUSALS",
     "Sandbox",
     "SandboxConfig",
-    "SandboxThread",
     "SubmitRecord",
-    "make_png",
 ]
 
-DEFAULT_FAULTS = ("429", "500", "502", "503", "drop", "drop_after_accept", "slow", "truncate")
-"""The faults drawn from unless told otherwise (`SandboxConfig.faults`, ``batcher sandbox --faults``)."""
-FAULT_KINDS = (*DEFAULT_FAULTS, "accept_503", "accept_500001", "accept_empty", "accept_list", "accept_no_id")
-"""Fault names for `SandboxConfig.faults`.
-
-429                answer 429 with Retry-After; nothing happens
-500                RunComfy's 500001 error body; nothing happens
-502                bare gateway 502; a submit *was* accepted behind it
-503                bare 503; nothing happens
-drop               reset the connection before doing anything
-drop_after_accept  accept the submit (or do the call), then reset without answering
-slow               do the call, then answer after `slow_seconds` (past a client's read timeout)
-truncate           announce the full length, send half the body, close
-accept_503         accept the submit (or do the call), then answer a bare 503
-accept_500001      accept the submit (or do the call), then answer 500 with RunComfy's 500001 body
-accept_empty       accept the submit (or do the call), then answer 200 with an empty body
-accept_list        accept the submit (or do the call), then answer 200 with ``[]``
-accept_no_id       accept the submit (or do the call), then answer 200 with an object without request_id
-
-The accept_* kinds are a server that takes (and charges) the job and answers as if it had not: a client
-that reads such an answer as "not accepted" pays twice. Not among `DEFAULT_FAULTS`.
-"""
-
-
-DIALECTS = ("runcomfy", "cli", "nodes", "errors-as-200", "epoch-ms")
-"""Names for `SandboxConfig.dialect`: how the sandbox words its answers.
-
-runcomfy       (default) what RunComfy documents and its clients read: in_queue, in_progress,
-               completed, failed, cancelled; created_at/finished_at as ISO 8601 strings in UTC
-               with "Z" and milliseconds; status_url and result_url in every answer;
-               error bodies with their HTTP status (402 for 400002, a low balance)
-cli            the words RunComfy's CLI also ends on (src/poll.rs): succeeded, canceled; timestamps
-               with a +00:00 offset and microseconds; a failure's error as a string; 400002 with
-               HTTP 400 (the CLI reads 400 and 422 alike, so only the code tells)
-nodes          the words RunComfy's ComfyUI nodes wait through (runcomfy/execution.py): pending,
-               waiting (queued), starting, processing (running); timestamps without a zone (UTC);
-               a submit answer with the request_id alone and no URLs anywhere; a low balance as a
-               bare 402 (what the nodes' client checks); cancel's outcome cancellation_requested
-errors-as-200  RunComfy's error bodies (400001/400002/400004/401001/403001/404001/422001) with
-               HTTP 200 and a top-level error_code, as RunComfy's MCP server warns some APIs do
-epoch-ms       timestamps as epoch milliseconds (numbers); otherwise as runcomfy
-
-RunComfy does not document its timestamp format (its CLI only declares them strings), so
-the dialects between them cover what a server is likely to send.
-"""
-
-REFUSALS = {
-    "balance": (400002, "Insufficient balance. Please top up your account."),
-    "token": (400004, "Invalid or expired API token, or the account is inactive."),
-    "other-user": (403001, "This request belongs to another user."),
-}
-"""Names for `SandboxConfig.refuse`: RunComfy's refusal to give, and where.
-
-balance     every submit: 400002 (a low balance; see also `SandboxConfig.balance_usd`)
-token       every API call: 400004 with HTTP 401
-other-user  every status, result and cancel: 403001 with HTTP 403
-"""
 
 _NOMINAL_BALANCE = 1_000_000.0
 """What the balance endpoint reports for an unlimited account (no `balance_usd` set)."""
-
-
-def _iso_z(moment: float) -> str:
-    """2026-11-26T10:00:00.123Z"""
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _iso_offset(moment: float) -> str:
-    """2026-11-26T10:00:00.123456+00:00"""
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="microseconds")
-
-
-def _iso_naive(moment: float) -> str:
-    """2026-11-26T10:00:00.123456 (UTC, though it does not say so)"""
-    return datetime.fromtimestamp(moment, UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
-
-
-def _epoch_ms(moment: float) -> int:
-    return round(moment * 1000)
-
-
-@dataclass(frozen=True, slots=True)
-class _Dialect:
-    """How one dialect words its answers (see `DIALECTS`)."""
-
-    queued: tuple[str, ...] = ("in_queue",)
-    """Words said while a job waits, each for an equal share of the queue delay, in order."""
-    running: tuple[str, ...] = ("in_progress",)
-    """Words said while a job runs, each for an equal share of the run delay, in order."""
-    completed: str = "completed"
-    failed: str = "failed"
-    cancelled: str = "cancelled"
-    cancel_outcome: str = "cancelled"
-    stamp: Callable[[float], str | int] = _iso_z
-    urls: bool = True
-    """status_url and result_url in every answer, cancel_url too in a submit's."""
-    error_as_text: bool = False
-    """A failed job's error as a string rather than an object."""
-    errors_as_200: bool = False
-    balance_status: int = 402
-    balance_body: bool = True
-
-
-_DIALECTS: dict[str, _Dialect] = {
-    "runcomfy": _Dialect(),
-    "cli": _Dialect(
-        completed="succeeded", cancelled="canceled", stamp=_iso_offset, error_as_text=True, balance_status=400
-    ),
-    "nodes": _Dialect(
-        queued=("pending", "waiting"),
-        running=("starting", "processing"),
-        cancel_outcome="cancellation_requested",
-        stamp=_iso_naive,
-        urls=False,
-        error_as_text=True,
-        balance_body=False,
-    ),
-    "errors-as-200": _Dialect(errors_as_200=True),
-    "epoch-ms": _Dialect(stamp=_epoch_ms),
-}
 
 
 _MODEL_FAILED = ("sandbox: the model failed on this input", "generation_failed")
@@ -193,148 +64,13 @@ _BLOCKED = (
 _SANDBOX_ID = re.compile(r"^sbx-([0-9a-f]{1,16})-[0-9a-f]{12}$")
 
 
-def make_png(seed: str, size: int = 64) -> bytes:
-    """A small, valid RGB PNG whose pixels depend on seed."""
-    digest = hashlib.sha256(seed.encode()).digest()
-    rows = []
-    for y in range(size):
-        row = bytearray(b"\x00")
-        for x in range(size):
-            row += bytes(((digest[0] + x * 3) % 256, (digest[1] + y * 3) % 256, digest[2 + (x * y) % 30]))
-        rows.append(bytes(row))
-    raw = b"".join(rows)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-
-
 @dataclass(slots=True)
-class SandboxConfig:
-    """How the sandbox behaves. Rates are fractions from 0 to 1."""
-
-    queue_delay: float = flagged(0.3, "--queue-delay", minimum=0, help="Seconds a job waits in the queue.")
-    run_delay: float = flagged(0.7, "--run-delay", minimum=0, help="Seconds a job runs.")
-    run_delay_max: float | None = flagged(
-        None,
-        "--run-delay-max",
-        kind=float,
-        minimum=0,
-        help="Draw each job's run time between --run-delay and this (stable per job).",
-    )
-    fail_rate: float = flagged(0.0, "--fail-rate", minimum=0, maximum=1, help="Fraction of jobs that fail.")
-    fault_rate: float = flagged(
-        0.0, "--fault-rate", minimum=0, maximum=1, help="Fraction of requests that meet a fault."
-    )
-    faults: tuple[str, ...] = flagged(
-        DEFAULT_FAULTS,
-        "--faults",
-        kind=str,
-        help="Comma-separated faults to draw from (default: "
-        + ", ".join(DEFAULT_FAULTS)
-        + "); also "
-        + ", ".join(k for k in FAULT_KINDS if k not in DEFAULT_FAULTS)
-        + ", which accept the job and answer as if they had not.",
-    )
-    slow_seconds: float = flagged(5.0, "--slow-seconds", help="Delay of a 'slow' fault.")
-    retry_after: float = flagged(1.0, "--retry-after", help="Retry-After seconds sent with 429s.")
-    image_size: int = 64
-    images_per_job: int = flagged(
-        1, "--images-per-job", minimum=1, maximum=10, help="Output images each job answers with (test patterns)."
-    )
-    url_ttl: float | None = flagged(
-        None, "--url-ttl", kind=float, help="Seconds output URLs stay valid [default: for ever]."
-    )
-    require_token: str | None = flagged(
-        None, "--require-token", kind=str, help="Accept only this bearer token [default: any]."
-    )
-    auth_status: int = flagged(
-        401,
-        "--auth-status",
-        choices=("401", "403"),
-        help="How a wrong token is refused: 401 with RunComfy's 401001 body, or a bare 403.",
-    )
-    max_in_flight: int | None = flagged(
-        None,
-        "--max-in-flight",
-        kind=int,
-        minimum=1,
-        help="An account's cap on jobs queued or running: submits past N get 429 (nothing accepted).",
-    )
-    unknown_window: float = flagged(
-        0.0,
-        "--unknown-window",
-        minimum=0,
-        help="Seconds after a submit during which the request answers 404001 (a lagging replica).",
-    )
-    rate_limit: float | None = flagged(
-        None,
-        "--rate-limit",
-        kind=float,
-        minimum=0.1,
-        help="Answer 429 (with Retry-After) past this many API requests a second (one second's burst).",
-    )
-    seed: int | None = flagged(None, "--seed", kind=int, help="Seed for faults and failures, to replay a session.")
-    fault_paths: tuple[str, ...] = ("submit", "result", "status", "cancel", "file")
-    schema_dirs: tuple[Path, ...] = ()
-    """Folders of user model schemas, so the sandbox validates (and accepts) those models too."""
-    dialect: str = flagged(
-        "runcomfy",
-        "--dialect",
-        choices=DIALECTS,
-        help="How answers are worded: RunComfy's own, or as each of its clients has seen them.",
-    )
-    balance_usd: float | None = flagged(
-        None,
-        "--balance",
-        kind=float,
-        minimum=0,
-        help="The account's balance in USD, debited each accepted submit's price; a submit it cannot pay for is "
-        "refused (400002) [default: unlimited].",
-    )
-    model_price: float | None = flagged(
-        None,
-        "--model-price",
-        kind=float,
-        minimum=0,
-        help="base_price_usd to answer for every model [default: the bundled table's].",
-    )
-    refuse: str | None = flagged(
-        None, "--refuse", kind=str, choices=tuple(REFUSALS), help="Refuse every call as RunComfy would."
-    )
-    accounts: tuple[str, ...] = flagged(
-        (),
-        "--account",
-        kind=str,
-        multiple=True,
-        help="A token of one of several accounts (repeatable): each has its own jobs, --max-in-flight and "
-        "--rate-limit, and gets 403001 for another's request; other tokens are refused.",
-    )
-    blocked_words: tuple[str, ...] = flagged(
-        (),
-        "--blocked-word",
-        kind=str,
-        multiple=True,
-        help="Prompts holding this word (any case) fail with a content-policy error (repeatable).",
-    )
+class SandboxConfig(SandboxSettings):
+    """The sandbox's settings, and a way to serve them: a `batcher.engine.endpoint.LocalApi`."""
 
     def serve(self) -> AbstractAsyncContextManager[str]:
         """This sandbox served on loopback for as long as the block lasts (`batcher.engine.endpoint.LocalApi`)."""
         return Sandbox(self).running()
-
-    def __post_init__(self) -> None:
-        unknown = set(self.faults) - set(FAULT_KINDS)
-        if unknown:
-            msg = f"unknown sandbox fault(s): {', '.join(sorted(unknown))}; known: {', '.join(FAULT_KINDS)}"
-            raise UsageError(msg)
-        if self.dialect not in DIALECTS:
-            msg = f"unknown sandbox dialect {self.dialect!r}; known: {', '.join(DIALECTS)}"
-            raise UsageError(msg)
-        if self.refuse is not None and self.refuse not in REFUSALS:
-            msg = f"unknown sandbox refusal {self.refuse!r}; known: {', '.join(REFUSALS)}"
-            raise UsageError(msg)
 
 
 @dataclass(slots=True)
@@ -363,23 +99,11 @@ class _Job:
     started_at: float | None = None
 
 
-@dataclass(slots=True)
-class _Response:
-    status: int
-    body: bytes
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    fault: str | None = None
-
-
-def _json(status: int, payload: dict[str, Any], headers: list[tuple[str, str]] | None = None) -> _Response:
-    return _Response(status, json.dumps(payload).encode(), [("content-type", "application/json"), *(headers or [])])
-
-
-def _error(status: int, code: int, message: str, detail: Any = None) -> _Response:
+def _error(status: int, code: int, message: str, detail: Any = None) -> Response:
     payload: dict[str, Any] = {"error_code": code, "error_message": message}
     if detail is not None:
         payload["detail"] = detail
-    return _json(status, payload)
+    return json_response(status, payload)
 
 
 class Sandbox:
@@ -439,11 +163,11 @@ class Sandbox:
             self.balance_usd += amount
 
     @property
-    def dialect(self) -> _Dialect:
+    def dialect(self) -> Dialect:
         """The dialect in force (read each time: a test may switch it between runs)."""
-        return _DIALECTS[self.config.dialect]
+        return dialect_named(self.config.dialect)
 
-    def _refusal(self, status: int, code: int, message: str, detail: Any = None) -> _Response:
+    def _refusal(self, status: int, code: int, message: str, detail: Any = None) -> Response:
         """RunComfy's error body with its HTTP status, or with 200 in the errors-as-200 dialect."""
         return _error(200 if self.dialect.errors_as_200 else status, code, message, detail)
 
@@ -461,7 +185,7 @@ class Sandbox:
 
     # -- the API ---------------------------------------------------------------
 
-    def handle(self, method: str, target: str, headers: dict[str, str], body: bytes) -> _Response:
+    def handle(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response:
         parts = urlsplit(target)
         path = unquote(parts.path)
         query = parse_qs(parts.query)
@@ -471,22 +195,22 @@ class Sandbox:
                 self.credentials_seen_by_file_host += 1
             expires = query.get("expires")
             if expires and float(expires[0]) < time.time():
-                return _Response(403, b"<Error>Request has expired</Error>", [("content-type", "application/xml")])
+                return Response(403, b"<Error>Request has expired</Error>", [("content-type", "application/xml")])
             return self._file(path)
         if segments[:1] == ["inputs"] and method in ("GET", "HEAD"):
             return self._input(segments[-1], method, headers)
         if segments[:1] == ["_sandbox"]:
-            return _json(200, self.stats())
+            return json_response(200, self.stats())
         bearer = headers.get("authorization", "")
         account = bearer.removeprefix("Bearer ") if self.config.accounts else ""
         if self.config.accounts and account not in self.config.accounts:
             return self._refusal(401, 401001, "Invalid or missing API token")
         if self.config.rate_limit is not None and not self._take_token(account):
-            return _json(429, {"error_message": "Rate limit exceeded"}, [("retry-after", "1")])
+            return json_response(429, {"error_message": "Rate limit exceeded"}, [("retry-after", "1")])
         if self.config.require_token is not None:
             if headers.get("authorization") != f"Bearer {self.config.require_token}":
                 if self.config.auth_status == 403:
-                    return _json(403, {"error_message": "Forbidden"})
+                    return json_response(403, {"error_message": "Forbidden"})
                 return self._refusal(401, 401001, "Invalid or missing API token")
         elif not headers.get("authorization", "").startswith("Bearer "):
             return self._refusal(401, 401001, "Missing API token")
@@ -518,14 +242,14 @@ class Sandbox:
                 return self._cancel(request_id)
         return _error(404, 404000, f"no route for {method} {path}")
 
-    def _balance(self) -> _Response:
+    def _balance(self) -> Response:
         """RunComfy's balance endpoint, as its CLI reads it: GET /prod/v2/balance on the core API
         (api.runcomfy.net; one wallet pays for every product), answering ``balance_usd``."""
         self._count("balance")
         left = self.balance_usd if self.balance_usd is not None else _NOMINAL_BALANCE
-        return _json(200, {"balance_usd": round(left, 6), "currency": "USD"})
+        return json_response(200, {"balance_usd": round(left, 6), "currency": "USD"})
 
-    def _model_info(self, model: str) -> _Response:
+    def _model_info(self, model: str) -> Response:
         """Model info as RunComfy's clients read it: ``base_price_usd`` (at the schema's defaults),
         ``price_unit`` and ``pricing_note``, from the bundled price table."""
         self._count("model")
@@ -540,7 +264,7 @@ class Sandbox:
             price = self.config.model_price  # a price change at RunComfy, for rehearsals and tests
         if table is not None and price is not None:
             info.update(base_price_usd=price, price_unit=table.unit, pricing_note=table.note, currency="USD")
-        return _json(200, info)
+        return json_response(200, info)
 
     def _take_token(self, account: str) -> bool:
         """One request from account's bucket (each account has its own rate)."""
@@ -563,7 +287,7 @@ class Sandbox:
     def _count(self, kind: str) -> None:
         self.calls[kind] = self.calls.get(kind, 0) + 1
 
-    def _submit(self, model: str, body: bytes, account: str | None = None) -> _Response:
+    def _submit(self, model: str, body: bytes, account: str | None = None) -> Response:
         self._count("submit")
         fault = self._pick_fault("submit")
         if fault in ("429", "500", "503", "drop"):
@@ -600,7 +324,7 @@ class Sandbox:
             self.account_refusals += 1
             number = self._account_number(account)
             self.account_refusals_by_account[number] = self.account_refusals_by_account.get(number, 0) + 1
-            return _json(
+            return json_response(
                 429,
                 {"error_message": f"Too many requests in flight for this account (limit {cap})"},
                 [("retry-after", f"{self.config.retry_after:g}")],
@@ -625,12 +349,12 @@ class Sandbox:
         # A hair of slack: the balance is a sum of float prices.
         return self.balance_usd is None or price <= self.balance_usd + 1e-9
 
-    def _balance_refusal(self) -> _Response:
+    def _balance_refusal(self) -> Response:
         """400002 the way the dialect sends it: with its HTTP status and body, or a bare 402."""
         self.balance_refusals += 1
         dialect = self.dialect
         if not dialect.balance_body:
-            return _Response(402, b"Payment Required", [("content-type", "text/plain")])
+            return Response(402, b"Payment Required", [("content-type", "text/plain")])
         return self._refusal(dialect.balance_status, *REFUSALS["balance"])
 
     def _urls(self, request_id: str) -> dict[str, str]:
@@ -638,12 +362,12 @@ class Sandbox:
         base = f"http://{self.host}:{self.port}/v1/requests/{request_id}"
         return {"status_url": f"{base}/status", "result_url": f"{base}/result"}
 
-    def _submit_answer(self, request_id: str) -> _Response:
+    def _submit_answer(self, request_id: str) -> Response:
         payload: dict[str, Any] = {"request_id": request_id}
         if self.dialect.urls:
             cancel = f"http://{self.host}:{self.port}/v1/requests/{request_id}/cancel"
             payload.update(self._urls(request_id), cancel_url=cancel)
-        return _json(200, payload)
+        return json_response(200, payload)
 
     def _job_for(self, record: SubmitRecord) -> _Job:
         run_at = record.accepted_at + self.config.queue_delay
@@ -686,13 +410,13 @@ class Sandbox:
         """The dialect's word for a job's state; a phase with several words says each in turn."""
         dialect = self.dialect
         if state == "in_queue":
-            return _phase_word(dialect.queued, job.record.accepted_at, job.run_at, now)
+            return phase_word(dialect.queued, job.record.accepted_at, job.run_at, now)
         if state == "in_progress":
-            return _phase_word(dialect.running, job.run_at, job.done_at, now)
+            return phase_word(dialect.running, job.run_at, job.done_at, now)
         words = {"completed": dialect.completed, "failed": dialect.failed, "cancelled": dialect.cancelled}
         return words[state]
 
-    def _look(self, request_id: str, *, with_output: bool, kind: str, cost: bool = False) -> _Response:
+    def _look(self, request_id: str, *, with_output: bool, kind: str, cost: bool = False) -> Response:
         self._count(kind)
         fault = self._pick_fault(kind)
         if fault in ("429", "500", "503", "drop"):
@@ -720,7 +444,7 @@ class Sandbox:
                 payload["error"] = message if dialect.error_as_text else {"message": message, "code": code}
         if dialect.urls:
             payload.update(self._urls(request_id))
-        response = _json(200, payload)
+        response = json_response(200, payload)
         if fault is not None:
             return self._fault_response(fault, answer=response)
         return response
@@ -755,43 +479,43 @@ class Sandbox:
         ]
         return {"image": urls[0]} if len(urls) == 1 else {"images": urls}
 
-    def _file(self, target: str) -> _Response:
+    def _file(self, target: str) -> Response:
         self._count("file")
         fault = self._pick_fault("file")
         if fault in ("429", "500", "503", "drop"):
             return self._fault_response(fault)
         segments = [s for s in target.split("/") if s]
         if len(segments) != 3 or self._find(segments[1]) is None:
-            return _Response(404, b"not found", [("content-type", "text/plain")])
+            return Response(404, b"not found", [("content-type", "text/plain")])
         return self._serve_png(target, fault)
 
-    def _input(self, name: str, method: str, headers: dict[str, str]) -> _Response:
+    def _input(self, name: str, method: str, headers: dict[str, str]) -> Response:
         """Reference images for pre-flight rehearsals: ``/inputs/<name>.png`` is an image;
         ``huge-*`` announces 60 MB, ``nohead-*`` refuses HEAD, ``*.html`` is a web page."""
         if name.startswith("nohead-") and method == "HEAD":
-            return _Response(405, b"", [("content-type", "text/plain")])
+            return Response(405, b"", [("content-type", "text/plain")])
         if name.endswith(".html"):
             body, kind = b"<html><body>Sign in to view this image</body></html>", "text/html"
         elif name.endswith(".png"):
             body, kind = make_png("/inputs/" + name, self.config.image_size), "image/png"
         else:
-            return _Response(404, b"not found", [("content-type", "text/plain")])
+            return Response(404, b"not found", [("content-type", "text/plain")])
         size = 60 * 1024 * 1024 if name.startswith("huge-") else len(body)
         if method == "HEAD":
-            return _Response(200, b"", [("content-type", kind), ("content-length", str(size))])
+            return Response(200, b"", [("content-type", kind), ("content-length", str(size))])
         if headers.get("range") == "bytes=0-0":
-            return _Response(206, body[:1], [("content-type", kind), ("content-range", f"bytes 0-0/{size}")])
-        return _Response(200, body, [("content-type", kind)])
+            return Response(206, body[:1], [("content-type", kind), ("content-range", f"bytes 0-0/{size}")])
+        return Response(200, body, [("content-type", kind)])
 
-    def _serve_png(self, target: str, fault: str | None) -> _Response:
+    def _serve_png(self, target: str, fault: str | None) -> Response:
         data = make_png(target, self.config.image_size)
         self.served[target] = hashlib.sha256(data).hexdigest()
-        response = _Response(200, data, [("content-type", "image/png")])
+        response = Response(200, data, [("content-type", "image/png")])
         if fault is not None:
             return self._fault_response(fault, answer=response)
         return response
 
-    def _cancel(self, request_id: str) -> _Response:
+    def _cancel(self, request_id: str) -> Response:
         self._count("cancel")
         job = self._find(request_id)
         if job is None:
@@ -801,16 +525,16 @@ class Sandbox:
         if state == "in_queue":
             job.cancelled = True
             dialect = self.dialect
-            return _json(
+            return json_response(
                 200, {"request_id": request_id, "status": dialect.cancelled, "outcome": dialect.cancel_outcome}
             )
-        return _json(
+        return json_response(
             200, {"request_id": request_id, "status": self._word(job, state, now), "outcome": "not_cancellable"}
         )
 
-    def _fault_response(self, fault: str, answer: _Response | None = None) -> _Response:
+    def _fault_response(self, fault: str, answer: Response | None = None) -> Response:
         if fault == "429":
-            return _json(
+            return json_response(
                 429,
                 {"error_message": "Too many requests"},
                 [("retry-after", f"{self.config.retry_after:g}")],
@@ -819,165 +543,23 @@ class Sandbox:
             return _error(500, 500001, "Internal server error, please retry")
         if fault in ("502", "503"):
             status = int(fault)
-            return _Response(status, b"<html><body>Bad gateway</body></html>", [("content-type", "text/html")])
+            return Response(status, b"<html><body>Bad gateway</body></html>", [("content-type", "text/html")])
         if fault == "drop":
-            return _Response(0, b"", fault="drop")
+            return Response(0, b"", fault="drop")
         if answer is None:
-            return _Response(0, b"", fault="drop")
+            return Response(0, b"", fault="drop")
         if fault == "drop_after_accept":
-            return _Response(0, b"", fault="drop")
-        if fault in _ACCEPTED_ANSWERS:
-            status, body = _ACCEPTED_ANSWERS[fault]
-            return _Response(status, body, [("content-type", "application/json")] if body else [])
+            return Response(0, b"", fault="drop")
+        if fault in ACCEPTED_ANSWERS:
+            status, body = ACCEPTED_ANSWERS[fault]
+            return Response(status, body, [("content-type", "application/json")] if body else [])
         answer.fault = fault  # slow or truncate: applied while sending
         return answer
-
-    # -- the server ------------------------------------------------------------
-
-    async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
-        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
-        try:
-            while True:
-                request = await _next_event(connection, stream)
-                if not isinstance(request, h11.Request):
-                    return
-                body = bytearray()  # appended in place: a 60 MB submit of inline images arrives in 64 KiB pieces
-                while True:
-                    event = await _next_event(connection, stream)
-                    if isinstance(event, h11.Data):
-                        body += event.data
-                    elif isinstance(event, h11.EndOfMessage):
-                        break
-                    else:
-                        return
-                headers = {k.decode().lower(): v.decode() for k, v in request.headers}
-                response = self.handle(request.method.decode(), request.target.decode(), headers, bytes(body))
-                if not await self._send(connection, stream, response):
-                    return
-                if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:
-                    return
-                connection.start_next_cycle()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, h11.ProtocolError, OSError):
-            return
-        finally:
-            with suppress(Exception):
-                await stream.aclose()
-
-    async def _send(self, connection: h11.Connection, stream: anyio.abc.SocketStream, response: _Response) -> bool:
-        if response.fault == "drop":
-            sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-            # SO_LINGER 0: close with RST, the way a crashed proxy would.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            return False
-        if response.fault == "slow":
-            await anyio.sleep(self.config.slow_seconds)
-        headers = list(response.headers)
-        if not any(name == "content-length" for name, _ in headers):  # a HEAD answer gives its own
-            headers.append(("content-length", str(len(response.body))))
-        await stream.send(connection.send(h11.Response(status_code=response.status, headers=headers)))
-        if response.fault == "truncate":
-            await stream.send(connection.send(h11.Data(data=response.body[: len(response.body) // 2])))
-            return False
-        await stream.send(connection.send(h11.Data(data=response.body)) + connection.send(h11.EndOfMessage()))
-        return True
 
     @asynccontextmanager
     async def running(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
         """Serve on host:port (0 picks a free port) inside the current event loop; yields the base URL."""
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
         self.host = host
-        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(listener.serve, self._serve_connection)
-                try:
-                    yield f"http://{host}:{self.port}"
-                finally:
-                    group.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The caller's own error, raised while we served: give it back as it was raised.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from group.exceptions[0].__cause__
-            raise
-        finally:
-            await listener.aclose()
-
-
-_ACCEPTED_ANSWERS: dict[str, tuple[int, bytes]] = {
-    "accept_503": (503, b""),
-    "accept_500001": (500, b'{"error_code": 500001, "error_message": "Internal server error, please retry"}'),
-    "accept_empty": (200, b""),
-    "accept_list": (200, b"[]"),
-    "accept_no_id": (200, b'{"status": "in_queue"}'),
-}
-"""What each accept_* fault answers once the call was done (see `FAULT_KINDS`)."""
-
-
-def _phase_word(words: tuple[str, ...], start: float, end: float, now: float) -> str:
-    """Of words said in turn from start to end, the one said at now."""
-    if len(words) == 1 or end <= start:
-        return words[0]
-    share = (now - start) / (end - start)
-    return words[min(len(words) - 1, max(0, int(share * len(words))))]
-
-
-async def _next_event(connection: h11.Connection, stream: anyio.abc.SocketStream) -> Any:
-    while True:
-        event = connection.next_event()
-        if event is h11.NEED_DATA:
-            try:
-                data = await stream.receive(65536)
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                data = b""
-            connection.receive_data(data)
-            continue
-        return event
-
-
-class SandboxThread:
-    """The sandbox on a thread of its own, for tests and for driving a run from another process."""
-
-    def __init__(self, sandbox: Sandbox | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.sandbox = sandbox or Sandbox()
-        self._host = host
-        self._port = port
-        self._ready = threading.Event()
-        self._stop: anyio.Event | None = None
-        self._portal_token: Any = None
-        self._thread = threading.Thread(target=self._main, name="batcher-sandbox", daemon=True)
-        self.url = ""
-        self._error: BaseException | None = None
-
-    def _main(self) -> None:
-        async def serve() -> None:
-            self._stop = anyio.Event()
-            self._portal_token = anyio.lowlevel.current_token()
-            async with self.sandbox.running(self._host, self._port) as url:
-                self.url = url
-                self._ready.set()
-                await self._stop.wait()
-
-        try:
-            anyio.run(serve)
-        except BaseException as exc:  # surfaced by start()
-            self._error = exc
-            self._ready.set()
-
-    def start(self) -> SandboxThread:
-        self._thread.start()
-        self._ready.wait(10)
-        if self._error is not None or not self.url:
-            msg = f"the sandbox did not start: {self._error!r}"
-            raise UsageError(msg)
-        return self
-
-    def stop(self) -> None:
-        if self._stop is not None and self._thread.is_alive():
-            anyio.from_thread.run_sync(self._stop.set, token=self._portal_token)
-        self._thread.join(10)
-
-    def __enter__(self) -> SandboxThread:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        async with serve(self.handle, self.config.slow_seconds, host, port) as (url, bound):
+            self.port = bound
+            yield url
