@@ -26,7 +26,10 @@ def _group() -> click.Group:
     if isinstance(main, click.Group):
         return main
     module = importlib.import_module(main.__module__)
+    # The top group is the one no other group holds (a command family such as `ledger` is a group too).
     groups = [value for value in vars(module).values() if isinstance(value, click.Group)]
+    held = {id(c) for g in groups for c in g.commands.values()}
+    groups = [g for g in groups if id(g) not in held]
     if len(groups) != 1:
         raise RuntimeError(f"expected one click group in {module.__name__}, found {len(groups)}")
     return groups[0]
