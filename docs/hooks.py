@@ -36,14 +36,17 @@ def _group() -> click.Group:
 
 
 def _help(command: click.Command, name: str, parent: click.Context | None) -> str:
-    context = click.Context(command, info_name=name, parent=parent, terminal_width=WIDTH, max_content_width=WIDTH)
+    # A cloup command formats help with its own context class (and so its own HelpFormatter).
+    context = command.context_class(
+        command, info_name=name, parent=parent, terminal_width=WIDTH, max_content_width=WIDTH
+    )
     return command.get_help(context)
 
 
 def cli_reference() -> str:
     """Markdown: the group's help, then each command's, in the order `batcher --help` lists them."""
     group = _group()
-    root = click.Context(group, info_name="batcher", terminal_width=WIDTH, max_content_width=WIDTH)
+    root = group.context_class(group, info_name="batcher", terminal_width=WIDTH, max_content_width=WIDTH)
     parts = ["### `batcher`", "", "```text", _help(group, "batcher", None), "```", ""]
     for name in group.list_commands(root):
         command = group.get_command(root, name)
