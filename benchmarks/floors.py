@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,9 @@ def main() -> None:
             asyncio.run(aiohttp_floor(args.url, args.jobs, args.concurrency, args.folder))
 
     else:
+        # The same jobs in a new folder each time, on purpose: never in the user's ledger of runs.
+        os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="batcher-floors-state-")
+        os.environ.pop("BATCHER_LEDGER", None)
         sys.path.insert(0, args.root)
         import anyio
 
