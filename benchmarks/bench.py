@@ -7,10 +7,13 @@ Sections (each prints a table row or two):
 
 load      seconds and peak RSS to load, validate and identify --load-jobs jobs from a CSV prompt file
           and from a YAML jobs list, each in a fresh process (and an earlier checkout's, with --before).
-overhead  wall and client CPU of `run_manifest` (journal, downloads, progress
-          counters on) against a floor: a bare httpx2 script making the same
-          calls (submit, one result poll, download) at the same concurrency.
-          The sandbox runs in its own process with zero delays.
+overhead  wall and user/system CPU per job of `run_manifest` (journal, downloads, sidecars,
+          progress counters on) against two floors: bare httpx2 and aiohttp scripts making
+          the same calls (submit, poll until done, download, write the image), at each
+          --overhead-concurrency, alternating, each client in a fresh process
+          (benchmarks/floors.py), against one sandbox process with zero delays. With
+          --before, an earlier checkout's batcher too; with --profile FILE, a pyinstrument
+          profile of batcher's run.
 memory    peak RSS of planning and of running N jobs, each in a fresh process.
 prompts   time and peak RSS of planning a CSV prompt file against the same jobs in YAML.
 resume    time to fold a journal of --events events and decide what is left: in full,
@@ -22,6 +25,9 @@ fsync     cost per journal event: write only, write+fsync each, grouped.
 ratelimit the share of 429s when the sandbox limits requests a second, once adapted.
 accounts  jobs a second through one account vs two, in one run of this section, against a
           sandbox where each account may have --account-cap jobs in flight.
+cap       the share of one account's cap on jobs in flight (sandbox --max-in-flight --cap) that
+          a run keeps busy, with jobs of 10-30 s on a clock scaled by --cap-scale; polls per job
+          and the notice delay (the time from a job's end to the run seeing it, over its duration).
 
 Machines here are shared and noisy: compare ratios from one run, not
 absolute numbers across runs.
@@ -39,9 +45,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx2
@@ -90,43 +95,26 @@ def cpu() -> float:
 
 # -- overhead ------------------------------------------------------------------------
 
-
-async def floor(url: str, jobs: int, concurrency: int, folder: Path) -> None:
-    """The least a client can do: submit, poll once, download. No journal, no checks."""
-    headers = {"Authorization": "Bearer bench"}
-    limits = httpx2.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
-    async with (
-        httpx2.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as api,
-        httpx2.AsyncClient(limits=limits, timeout=60) as files,
-    ):
-        send, receive = anyio.create_memory_object_stream[int](0)
-
-        async def worker(stream: Any) -> None:
-            async with stream:
-                async for i in stream:
-                    body = {"prompt": f"benchmark prompt {i}", "image_urls": [REF], "quality": "low"}
-                    request_id = (await api.post(f"/v1/models/{MODEL}", json=body)).json()["request_id"]
-                    while True:
-                        result = (await api.get(f"/v1/requests/{request_id}/result")).json()
-                        if result["status"] == "completed":
-                            break
-                    image = await files.get(result["output"]["image"])
-                    (folder / f"{i}.png").write_bytes(image.content)
-
-        async with anyio.create_task_group() as group:
-            for _ in range(concurrency):
-                group.start_soon(worker, receive.clone())
-            receive.close()
-            async with send:
-                for i in range(jobs):
-                    await send.send(i)
+FLOORS = ROOT / "benchmarks" / "floors.py"
 
 
-def measure(fn: Callable[[], None]) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds (user + system, every thread) and of those the system's (fsync, sockets)."""
-    wall, before, system = time.perf_counter(), cpu(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
-    fn()
-    return time.perf_counter() - wall, cpu() - before, resource.getrusage(resource.RUSAGE_SELF).ru_stime - system
+def run_client(
+    client: str,
+    url: str,
+    jobs: int,
+    concurrency: int,
+    folder: Path,
+    root: str | None = None,
+    profile: str | None = None,
+) -> dict[str, float]:
+    """One client of the overhead section in a fresh process (see benchmarks/floors.py): wall, user, sys."""
+    command = [sys.executable, str(FLOORS), client, url, str(jobs), str(concurrency), str(folder)]
+    if root:
+        command += ["--root", root]
+    if profile:
+        command += ["--profile", profile]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+    return dict(json.loads(out.stdout.splitlines()[-1]))
 
 
 def bench_overhead(args: argparse.Namespace) -> None:
@@ -135,44 +123,51 @@ def bench_overhead(args: argparse.Namespace) -> None:
 
 
 def _overhead_at(args: argparse.Namespace, concurrency: int) -> None:
-    rows = []
+    clients: list[tuple[str, str, str | None]] = [
+        ("bare httpx2 script", "httpx2", None),
+        ("bare aiohttp script", "aiohttp", None),
+        ("batcher", "batcher", None),
+    ]
+    if args.before:
+        clients.append((f"batcher before ({Path(args.before).name})", "batcher", args.before))
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in clients}
     with SandboxProcess("--queue-delay", "0", "--run-delay", "0") as sandbox, tempfile.TemporaryDirectory() as tmp:
-        manifest = load_manifest(write_manifest(Path(tmp) / "bench.yaml", args.jobs))
         for attempt in range(args.repeat):
-            folder = Path(tmp) / f"floor{attempt}"
-            folder.mkdir()
-            floor_args = (sandbox.url, args.jobs, concurrency, folder)
-            rows.append(("floor", *measure(lambda a=floor_args: anyio.run(floor, *a))))
-            options = RunOptions(
-                output_dir=Path(tmp) / f"batcher{attempt}",
-                concurrency=concurrency,
-                api_base=sandbox.url,
-                token="bench",
-                # The floor's pace: it asks for the result as soon as it has the request id, then again.
-                poll_interval=0.05,
-                poll_max=0.05,
-                new_output=True,  # the same jobs each attempt, on purpose
-            )
-            rows.append(("batcher", *measure(lambda o=options: anyio.run(run_manifest, manifest, o))))
-    floor_wall = statistics.median(r[1] for r in rows if r[0] == "floor")
-    floor_cpu = statistics.median(r[2] for r in rows if r[0] == "floor")
-    ours_wall = statistics.median(r[1] for r in rows if r[0] == "batcher")
-    ours_cpu = statistics.median(r[2] for r in rows if r[0] == "batcher")
-    floor_sys = statistics.median(r[3] for r in rows if r[0] == "floor")
-    ours_sys = statistics.median(r[3] for r in rows if r[0] == "batcher")
+            # Alternating, each attempt starting one client later: no client always runs first.
+            for k in range(len(clients)):
+                name, client, root = clients[(attempt + k) % len(clients)]
+                folder = Path(tmp) / f"{client}{k}-{attempt}"
+                runs[name].append(run_client(client, sandbox.url, args.jobs, concurrency, folder, root))
+        if args.profile:
+            path = Path(args.profile).with_suffix(f".c{concurrency}.txt")
+            run_client("batcher", sandbox.url, args.jobs, concurrency, Path(tmp) / "profiled", profile=str(path))
+            print(f"\n(pyinstrument profile of batcher's run at c={concurrency}: {path})")
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
     per_job = 1000 / args.jobs
-    print(f"\n## overhead: {args.jobs} jobs, concurrency {concurrency}, median of {args.repeat}")
-    print("| client | wall s | client CPU s | CPU ms/job | of which system ms/job |")
-    print("|---|---|---|---|---|")
+    floors = {"httpx2": "bare httpx2 script", "aiohttp": "bare aiohttp script"}
+    print(f"\n## overhead: {args.jobs} jobs, concurrency {concurrency}, median of {args.repeat} alternating runs")
     print(
-        f"| floor (bare httpx2) | {floor_wall:.2f} | {floor_cpu:.2f} | {floor_cpu * per_job:.2f} "
-        f"| {floor_sys * per_job:.2f} |"
+        "| client | wall s | user ms/job | system ms/job | CPU ms/job | wall / httpx2 | CPU vs httpx2 "
+        "| wall / aiohttp | CPU vs aiohttp |"
     )
-    print(f"| batcher | {ours_wall:.2f} | {ours_cpu:.2f} | {ours_cpu * per_job:.2f} | {ours_sys * per_job:.2f} |")
-    print(
-        f"| **ratio / extra** | **{ours_wall / floor_wall:.2f}x** | | "
-        f"**+{(ours_cpu - floor_cpu) * per_job:.2f} ms/job** | +{(ours_sys - floor_sys) * per_job:.2f} |"
-    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, _, _ in clients:
+        wall, user, system = median(name, "wall"), median(name, "user"), median(name, "sys")
+        cpu_job = statistics.median((r["user"] + r["sys"]) for r in runs[name]) * per_job
+        ratios = []
+        for floor in floors.values():
+            floor_cpu = statistics.median((r["user"] + r["sys"]) for r in runs[floor]) * per_job
+            ratios.append(f"{wall / median(floor, 'wall'):.2f}x")
+            ratios.append(f"{cpu_job - floor_cpu:+.2f} ms")
+        print(
+            f"| {name} | {wall:.2f} | {user * per_job:.2f} | {system * per_job:.2f} | {cpu_job:.2f} | "
+            f"{' | '.join(ratios)} |"
+        )
+    spread = ", ".join(f"{name}: " + "/".join(f"{r['wall']:.1f}" for r in runs[name]) for name, _, _ in clients)
+    print(f"<!-- walls of each run: {spread} -->")
 
 
 # -- memory ----------------------------------------------------------------------------
@@ -390,6 +385,77 @@ def bench_polls(args: argparse.Namespace) -> None:
     batcher.engine.runner.DurationModel = learning  # type: ignore[misc]
 
 
+# -- cap -------------------------------------------------------------------------------------
+
+
+def _stamp(text: str) -> float:
+    """The sandbox's ISO 8601 stamps (UTC, Z) as epoch seconds."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _server_times(journal: Path) -> list[tuple[float, float, float]]:
+    """(accepted, finished, noticed) of each completed job, as the sandbox stamped them and the journal saw."""
+    times = []
+    for line in journal.read_text().splitlines():
+        event = json.loads(line)
+        if event["e"] == "completed":
+            result = event["result"]
+            accepted, finished = (_stamp(result[name]) for name in ("created_at", "finished_at"))
+            times.append((accepted, finished, float(event["t"])))
+    return times
+
+
+def cap_share(times: list[tuple[float, float, float]], cap: int) -> tuple[float, float]:
+    """The share of the account's cap held at the server: while jobs were still waiting to be sent (from the
+    first acceptance to the last), and over the whole run (to the last finish)."""
+    start, last_sent, end = min(t[0] for t in times), max(t[0] for t in times), max(t[1] for t in times)
+    steady = sum(max(0.0, min(f, last_sent) - a) for a, f, _ in times) / (cap * (last_sent - start))
+    whole = sum(f - a for a, f, _ in times) / (cap * (end - start))
+    return steady, whole
+
+
+def bench_cap(args: argparse.Namespace) -> None:
+    """The account, not the client, is the limit: how much of a per-account cap a run keeps busy."""
+    scale, cap, jobs = args.cap_scale, args.cap, args.cap_jobs
+    print(
+        f"\n## cap: {jobs} jobs of 10-30 s (clock scaled 1/{scale:g}), one account capped at {cap} in flight "
+        f"(429 past it), --concurrency {args.cap_concurrency}"
+    )
+    print(
+        "| run | wall s (unscaled) | cap used while sending | cap used, whole run | 429s | result calls/job "
+        "| mean notice delay / job duration |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    flags = ["--queue-delay", "0", "--run-delay", f"{10 / scale}", "--run-delay-max", f"{30 / scale}"]
+    flags += ["--max-in-flight", str(cap), "--retry-after", f"{1 / scale:g}"]  # 1 s, scaled
+    for attempt in range(args.repeat):
+        with SandboxProcess(*flags) as sandbox, tempfile.TemporaryDirectory() as tmp:
+            manifest = load_manifest(write_manifest(Path(tmp) / "cap.yaml", jobs))
+            options = RunOptions(
+                output_dir=Path(tmp) / "out",
+                concurrency=args.cap_concurrency,
+                api_base=sandbox.url,
+                token="bench",
+                poll_interval=1.0 / scale,  # batcher's defaults (1 s growing to 10 s), on the scaled clock
+                poll_max=10.0 / scale,
+                live_prices=False,
+            )
+            started = time.perf_counter()
+            summary = anyio.run(run_manifest, manifest, options)
+            wall = time.perf_counter() - started
+            assert summary.done == jobs, summary
+            stats = httpx2.get(f"{sandbox.url}/_sandbox/stats").json()
+            times = _server_times(Path(tmp) / "out" / JOURNAL_NAME)
+        steady, whole = cap_share(times, cap)
+        calls = stats["calls"]
+        per_job = (calls.get("result", 0) + calls.get("status", 0)) / jobs
+        delay = statistics.mean((n - f) / (f - a) for a, f, n in times)
+        print(
+            f"| {attempt + 1} | {wall * scale:.0f} | {steady:.1%} | {whole:.1%} | {stats['account_refusals']} "
+            f"| {per_job:.2f} | {delay:.1%} |"
+        )
+
+
 # -- rate limit ----------------------------------------------------------------------------
 
 
@@ -542,17 +608,19 @@ SECTIONS = {
     "fsync": bench_fsync,
     "ratelimit": bench_ratelimit,
     "accounts": bench_accounts,
+    "cap": bench_cap,
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=5000, help="jobs for the overhead section")
+    parser.add_argument("--jobs", type=int, default=1500, help="jobs for the overhead section")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument(
         "--overhead-concurrency", type=int, nargs="+", default=[64, 256], help="concurrencies of the overhead section"
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each client in the overhead section")
+    parser.add_argument("--profile", help="overhead: write a pyinstrument profile of batcher's run (FILE.cNN.txt)")
     parser.add_argument("--memory-jobs", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--memory-run-max", type=int, default=10_000, help="run (not only plan) up to this size")
     parser.add_argument("--events", type=int, default=1_000_000, help="journal events for the resume section")
@@ -572,11 +640,15 @@ def main() -> None:
     parser.add_argument("--account-jobs", type=int, default=120)
     parser.add_argument("--account-run-delay", type=float, default=1.0)
     parser.add_argument("--account-concurrency", type=int, default=16)
+    parser.add_argument("--cap", type=int, default=8, help="the account's cap on jobs in flight (cap section)")
+    parser.add_argument("--cap-jobs", type=int, default=240)
+    parser.add_argument("--cap-concurrency", type=int, default=32)
+    parser.add_argument("--cap-scale", type=float, default=10.0, help="clock scale of the cap section's job times")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--load-jobs", type=int, default=100_000, help="jobs for the load section")
     parser.add_argument(
         "--before",
-        help="a checkout of an earlier batcher (git worktree add /tmp/old REV): the load and resume "
+        help="a checkout of an earlier batcher (git worktree add /tmp/old REV): the load and overhead "
         "sections measure it too, in the same run",
     )
     args = parser.parse_args()

@@ -117,3 +117,19 @@ async def test_the_gallery_renders_in_a_real_browser(finished_run: Path, tmp_pat
     shot = tmp_path / "gallery.png"
     _headless(tmp_path, f"--screenshot={shot}", "--window-size=390,844", page)  # a phone's viewport
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 10_000
+
+
+async def test_the_gallery_keeps_no_list_of_the_jobs(finished_run: Path, tmp_path: Path) -> None:
+    # 100,000 jobs held as one list (manifest.jobs), each job's files checked three times and the page built
+    # as one string and then its bytes: 261 MB and 7 s. The page is the same; no list of jobs is kept.
+    from batcher import read_journal
+    from batcher.journal.store import JOURNAL_NAME
+    from batcher.reports.gallery import write_gallery
+
+    folder = tmp_path / "output/night"
+    _report(finished_run)
+    before = (folder / "index.html").read_bytes()
+    manifest = load_manifest(finished_run)
+    path = write_gallery(manifest, folder, read_journal(folder / JOURNAL_NAME))
+    assert "jobs" not in manifest.__dict__, "the gallery built the list of every job"
+    assert path.read_bytes() == before

@@ -436,3 +436,25 @@ async def test_trial_runs_leave_the_journal_ready_for_the_full_run(tmp_path: Pat
     assert len(sandbox.sandbox.submits) == 8, "nothing the trials did is paid again"
     with pytest.raises(UsageError, match="matches no job id"):
         await _run(manifest, sandbox, only="nope-*")
+
+
+async def test_a_resume_sends_new_jobs_before_reading_back_the_files_of_done_ones(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    # A resume of 100,000 jobs half done read 50,000 images back (sha256 each) before its first new submit:
+    # 50 s. The files are still read back, and a changed one fetched again, after the new submits.
+    sandbox = start_sandbox(queue_delay=0.0, run_delay=0.0)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 4)
+    assert (await _run(manifest, sandbox, limit=2, concurrency=1)).done == 2
+    journal = tmp_path / "out" / JOURNAL_NAME
+    first = [json.loads(line) for line in journal.read_text().splitlines()]
+    changed = next(e for e in first if e["e"] == "downloaded")
+    (tmp_path / "out" / changed["path"]).write_bytes(b"not the image the journal hashed")
+    summary = await _run(manifest, sandbox, concurrency=1)
+    assert summary.done == 4
+    resumed = [json.loads(line) for line in journal.read_text().splitlines()][len(first) :]
+    order = [
+        e["e"] for e in resumed if e["e"] == "submitting" or (e["e"] == "downloaded" and e["job"] == changed["job"])
+    ]
+    assert order == ["submitting", "submitting", "downloaded"], order
+    assert _check_files_against_server(tmp_path / "out", sandbox) == 4

@@ -89,6 +89,9 @@ _ACTIONS: tuple[Action, ...] = get_args(Action)
 _CODE: dict[Action, int] = {action: code for code, action in enumerate(_ACTIONS)}
 _SUBMIT = _CODE["submit"]
 _PAID_FOR = frozenset({_CODE["poll"], _CODE["download"]})
+_RECHECK = 0x80
+"""Added to a plan's download code: the job's files were all downloaded, and are only read back (after the
+new submits: they wait for nothing but the disk)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,8 +366,11 @@ async def _execute(
             status = held_status(category(record))
         elif record is not None and record.downloaded:
             status = "done"  # re-verified by a worker; only a missing or wrong file is fetched again
+            if action == "download":
+                plan[-1] |= _RECHECK  # after the new submits: reading 50,000 files back held them for 50 s
         finishing += action in ("poll", "download") and status != "done"
         run.progress.set(job.key, status)
+    rechecks = sum(1 for code in plan if code & _RECHECK)
     superseded = _superseded_in_flight(run)
     counts.update(action for _, action in superseded)
     run.progress.total += len(superseded)
@@ -404,11 +410,12 @@ async def _execute(
     send, receive = anyio.create_memory_object_stream[tuple[Job, Action]](0)
 
     async def feed() -> None:
-        # Paid-for work first, then new submits, each in manifest order: two passes over the jobs
-        # (the first only when there is paid-for work), so no list of 100,000 jobs is ever held.
+        # Paid-for work first, then new submits, then the files of jobs done before are read back, each in
+        # manifest order: up to three passes over the jobs (each only when it has work), so no list of
+        # 100,000 jobs is ever held.
         async with send:
             try:
-                if counts["poll"] + counts["download"] > len(superseded):
+                if counts["poll"] + counts["download"] > len(superseded) + rechecks:
                     for index, job in run.jobs.checked():
                         if plan[index] in _PAID_FOR:
                             if run.halted:
@@ -421,9 +428,17 @@ async def _execute(
                 if counts["submit"]:
                     for index, job in run.jobs.checked():
                         if plan[index] == _SUBMIT:
-                            if run.halted or run.stop_submitting:
+                            if run.halted:
                                 return
+                            if run.stop_submitting:
+                                break
                             await send.send((job, "submit"))
+                if rechecks:
+                    for index, job in run.jobs.checked():
+                        if plan[index] & _RECHECK:
+                            if run.halted or run.interrupted:
+                                return  # Ctrl-C: what was done stays done; the next run reads them back
+                            await send.send((job, "download"))
             except ManifestChangedError as exc:
                 # What was sent stays sent and is finished; nothing more is decided from a stale plan.
                 run.changed = exc

@@ -121,8 +121,9 @@ def _input(job: Job, n: int, value: object, folder: OutputDir) -> str:
     return f'<span class="small" title="{_e(path_text)} · sha256 {_e(sha256)}">{_e(name)}</span>'
 
 
-def _card(job: Job, record: JobRecord | None, folder: OutputDir) -> str:
-    state = category_of(record, folder)
+def _card(job: Job, record: JobRecord | None, folder: OutputDir, state: Category | None = None) -> str:
+    """One job's card; state: its `category_of`, when the caller has it (each look checks its files)."""
+    state = category_of(record, folder) if state is None else state
     failure = failure_of(record) if state == "failed" else None
     files = sorted(record.files.items()) if record else []
     images = [
@@ -167,31 +168,55 @@ def write_gallery(
     """
     shown = str(manifest.path) if manifest_shown is None else manifest_shown
     with files or OutputDir(output_dir) as folder:
-        return folder.write_atomically(GALLERY_NAME, _page(manifest, folded, folder, shown).encode())
+        head, cards, tail = _page(manifest, folded, folder, shown)
+        # Written as it is joined, a few hundred cards a write: 100,000 jobs make a 70 MB page, which as one
+        # string, then its bytes, took three times that at once.
+        with folder.stage(GALLERY_NAME) as staged:
+            staged.write(head.encode())
+            if not cards:
+                staged.write(b"\n")  # the page as it was when written as one string
+            for start in range(0, len(cards), _CARDS_A_WRITE):
+                staged.write(b"\n".join(cards[start : start + _CARDS_A_WRITE]) + b"\n")
+            staged.write(tail.encode())
+            staged.commit()
+        return staged.path
 
 
-def _page(manifest: Manifest, folded: FoldedJournal, folder: OutputDir, manifest_shown: str) -> str:
-    states = Counter(category_of(folded.records.get(job.key), folder) for job in manifest.jobs)
-    buttons = [f'<button data-state="all" aria-pressed="true">all {len(manifest.jobs)}</button>']
+_CARDS_A_WRITE = 256
+
+
+def _page(
+    manifest: Manifest, folded: FoldedJournal, folder: OutputDir, manifest_shown: str
+) -> tuple[str, list[bytes], str]:
+    """The page: its head, each job's card (as UTF-8) and its tail."""
+    # One pass over the jobs, streamed: each job's record read and its files checked once (the list of every
+    # job and three looks at each were 261 MB and 7.0 s for 100,000 jobs).
+    states: Counter[Category] = Counter()
+    reasons: Counter[str | None] = Counter()
+    cards: list[bytes] = []
+    total = 0
+    for job in manifest.iter_jobs():
+        total += 1
+        record = folded.records.get(job.key)
+        state = category_of(record, folder)
+        states[state] += 1
+        if record is not None and state == "failed":
+            reasons[failure_of(record)] += 1
+        cards.append(_card(job, record, folder, state).encode())
+    buttons = [f'<button data-state="all" aria-pressed="true">all {total}</button>']
     buttons += [
         f'<button data-state="{s}" aria-pressed="false">{_label(s)} {states[s]}</button>'
         for s in CATEGORIES
         if states[s]
     ]
-    reasons = Counter(
-        failure_of(record)
-        for job in manifest.jobs
-        if (record := folded.records.get(job.key)) is not None and category_of(record, folder) == "failed"
-    )
     buttons += [
         f'<button data-state="failure-{kind}" aria-pressed="false">failed: {kind.replace("_", " ")} {reasons[kind]}</button>'
         for kind in FAILURE_CLASSES
         if reasons[kind]
     ]
-    cards = "\n".join(_card(job, folded.records.get(job.key), folder) for job in manifest.jobs)
     spent = money(sum(r.spent for r in folded.records.values()))  # as `status` counts it
     money_said = f"sandbox: would have cost ${spent:.2f}" if rehearsal_only(folded.headers) else f"spent ${spent:.2f}"
-    return f"""<!doctype html>
+    head = f"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -202,14 +227,15 @@ def _page(manifest: Manifest, folded: FoldedJournal, folder: OutputDir, manifest
 <body>
 <header>
 <h1>{_e(manifest.name)}</h1>
-<div class="meta">{_e(manifest.model)} · {len(manifest.jobs)} jobs · {states["done"]} done · {money_said}
+<div class="meta">{_e(manifest.model)} · {total} jobs · {states["done"]} done · {money_said}
  · manifest {_e(manifest_shown)}</div>
 </header>
 <nav>{"".join(buttons)}</nav>
 <main>
-{cards}
-</main>
+"""
+    tail = f"""</main>
 <script>{_SCRIPT}</script>
 </body>
 </html>
 """
+    return head, cards, tail
