@@ -538,9 +538,11 @@ def test_an_object_larger_than_a_read_allows_is_refused_not_read_whole(
 ) -> None:
     """A bucket may hold anything: a journal segment over the cap (1 GiB; 1,000 bytes here) is refused with a
     message, never read into memory whole, and a lease over 64 KiB likewise. Every network answer is bounded."""
-    monkeypatch.setattr("batcher.output.storage.bucket.MAX_OBJECT_BYTES", 1000)
+    # The stores' modules first: imported while bucket's cap is patched, they would copy 1,000 as their own, and
+    # monkeypatch would "restore" that for every later test in this worker (seen under pytest-xdist).
     for module in ("batcher.output.storage.s3", "batcher.output.storage.gcs"):
         monkeypatch.setattr(f"{module}.MAX_OBJECT_BYTES", 1000)
+    monkeypatch.setattr("batcher.output.storage.bucket.MAX_OBJECT_BYTES", 1000)
     store.put_raw("big/journal/00000000.jsonl", b"x" * 5000)
     output = parse_output(store.url("big"))
     assert output is not None
