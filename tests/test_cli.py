@@ -171,3 +171,28 @@ async def test_the_library_takes_one_type_per_option(tmp_path: Path) -> None:
     assert summary.done == 1 and summary.sandbox
     with pytest.raises(UsageError, match="sandbox_config"):
         RunOptions(sandbox={"seed": 1})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("command", ["review", "export"])
+def test_after_a_rehearsal_a_plain_command_gives_the_whole_command_with_sandbox(tmp_path: Path, command: str) -> None:
+    """Rehearsals are never noted in the ledger: the hint looks at the rehearsal's folder itself, and what it
+    prints is the command as typed with --sandbox added (it used to say only "run the manifest first"). Run as
+    a person runs it, in a process of its own, and the printed command followed."""
+    import shlex
+    import subprocess
+    import sys
+
+    path = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    batcher = [sys.executable, "-m", "batcher"]
+    done = subprocess.run([*batcher, "run", str(path), "--sandbox", "-y", "-q"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    extra = [str(tmp_path / "dataset")] if command == "export" else []
+    plain = subprocess.run([*batcher, command, str(path), *extra], capture_output=True, text=True)
+    assert plain.returncode == 2
+    hint = next(line for line in plain.stderr.splitlines() if "the sandbox rehearsal's is in" in line)
+    printed = shlex.split(hint.rsplit(": ", 1)[1])
+    assert printed[-1] == "--sandbox" and f"{command} {path}" in " ".join(printed)
+    if command == "export":  # following it does what it says (review would serve until stopped)
+        followed = subprocess.run(printed, capture_output=True, text=True)
+        assert followed.returncode == 0, followed.stderr
+        assert (tmp_path / "dataset").is_dir()

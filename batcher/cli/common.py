@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import click
 from rich.console import Console
 
 from ..manifest.loader import Manifest, load_manifest
-from ..output.folders import default_output_dir
+from ..output.folders import default_output_dir, read_folder
 from ..output.ledger import noted_buckets, noted_folders
 from ..output.remote import pull_view
 from ..output.storage import RemoteOutput
+from ..printable import printable
 from .exits import BadInput
 
 # soft_wrap: long lines stay whole in logs and pipes; terminals wrap them anyway.
@@ -37,9 +39,12 @@ def point_at_noted_folders(manifest: Manifest, looked_in: Path) -> None:
     """No journal where we looked: say where this manifest's runs are, if the ledger knows."""
     others = [folder for folder in noted_folders(manifest) if folder != looked_in.resolve()]
     rehearsal = default_output_dir(manifest, sandbox=True).resolve()
-    if rehearsal in others:
-        click.echo(f"no journal in {looked_in}; the sandbox rehearsal's is in {rehearsal}: add --sandbox", err=True)
-        others.remove(rehearsal)
+    # Rehearsals are never noted in the ledger (they charge nothing), so their folder is looked at itself.
+    if rehearsal != looked_in.resolve() and (rehearsal in others or read_folder(rehearsal).records):
+        command = " ".join(shlex.quote(word) for word in [*this_command(), *sys.argv[1:], "--sandbox"])
+        said = f"no journal in {looked_in}; the sandbox rehearsal's is in {rehearsal}: {command}"
+        click.echo(printable(said, 2000), err=True)  # the words typed may hold escape sequences
+        others = [folder for folder in others if folder != rehearsal]
     places = [str(folder) for folder in others] + [bucket.url for bucket in noted_buckets(manifest)]
     if places:
         shown = ", ".join(places[:5])
@@ -70,6 +75,20 @@ def local_only(output: Path | RemoteOutput | None, command: str) -> Path | None:
             f"(aws s3 sync {output.url} ./night), then: batcher {command} ... -o ./night"
         )
     return output
+
+
+def local_folder_with_jobs(
+    manifest: Path, schema_dirs: tuple[Path, ...], output: Path | RemoteOutput | None, sandbox: bool, command: str
+) -> tuple[Manifest, Path]:
+    """The loaded manifest and the local folder `review` and `export` work on; BadInput, saying where this
+    manifest's runs are, when that folder holds no journal with jobs."""
+    local = local_only(output, command)
+    loaded = load_manifest(manifest, schema_dirs)
+    output_dir = local or default_output_dir(loaded, sandbox=sandbox)
+    if not read_folder(output_dir).records:
+        point_at_noted_folders(loaded, output_dir)
+        raise BadInput(f"nothing to {command}: no journal with jobs in {output_dir} (run the manifest first)")
+    return loaded, output_dir
 
 
 def this_command() -> list[str]:

@@ -11,7 +11,6 @@ from ..journal.store import FoldedJournal
 from ..manifest.loader import Manifest, load_manifest
 from ..output.dataset import METADATA_NAME, write_metadata
 from ..output.folders import (
-    default_output_dir,
     read_folder,
 )
 from ..output.remote import StoredFiles, pull_view
@@ -21,7 +20,7 @@ from ..reports.gallery import GALLERY_NAME, write_gallery
 from ..review.replacements import with_replacements
 from .common import (
     load_slice,
-    local_only,
+    local_folder_with_jobs,
     point_at_noted_folders,
 )
 from .exits import BadInput, Failed
@@ -126,12 +125,7 @@ def export(
     Every row carries the image's review decision; --accepted-only keeps the
     accepted ones. Shard folders (shard-K-of-N/) inside the output folder are summed in.
     """
-    local = local_only(output, "export")
-    loaded = load_manifest(manifest, schema_dirs)
-    output_dir = local or default_output_dir(loaded, sandbox=sandbox)
-    if not read_folder(output_dir).records:
-        point_at_noted_folders(loaded, output_dir)
-        raise BadInput(f"nothing to export: no journal with jobs in {output_dir} (run the manifest first)")
+    loaded, output_dir = local_folder_with_jobs(manifest, schema_dirs, output, sandbox, "export")
     summary = export_dataset(loaded, output_dir, dest, fmt, accepted_only=accepted_only, shard_size=shard_size)
     for reason in summary.skipped:
         click.echo(f"warning: left out {reason}", err=True)

@@ -7,16 +7,10 @@ from pathlib import Path
 import click
 import cloup
 
-from ..manifest.loader import load_manifest
-from ..output.folders import (
-    default_output_dir,
-    read_folder,
-)
 from ..output.storage import RemoteOutput
 from ..review.server import DEFAULT_PORT, ReviewServer
 from .common import (
-    local_only,
-    point_at_noted_folders,
+    local_folder_with_jobs,
 )
 from .exits import BadInput
 from .options import (
@@ -54,12 +48,7 @@ def review(
     --replace-rejected` then makes a new generation for each rejected image,
     and `export --accepted-only` hands the rest on.
     """
-    local = local_only(output, "review")
-    loaded = load_manifest(manifest, schema_dirs)
-    output_dir = local or default_output_dir(loaded, sandbox=sandbox)
-    if not read_folder(output_dir).records:
-        point_at_noted_folders(loaded, output_dir)
-        raise BadInput(f"nothing to review: no journal with jobs in {output_dir} (run the manifest first)")
+    loaded, output_dir = local_folder_with_jobs(manifest, schema_dirs, output, sandbox, "review")
     try:
         server = ReviewServer(loaded, output_dir, host=host, port=DEFAULT_PORT if port is None else port).start()
     except OSError as exc:
