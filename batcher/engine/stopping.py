@@ -27,7 +27,18 @@ __all__ = ["RunStop"]
 class RunStop:
     """A run's reasons to stop, and the waits a halt cuts short."""
 
-    __slots__ = ("changed", "fatal", "halt_error", "halted", "interrupted", "kind", "progress", "reason", "waits")
+    __slots__ = (
+        "changed",
+        "fatal",
+        "halt_error",
+        "halted",
+        "interrupted",
+        "kind",
+        "preparing",
+        "progress",
+        "reason",
+        "waits",
+    )
 
     def __init__(self, progress: RunProgress) -> None:
         self.progress = progress
@@ -46,11 +57,16 @@ class RunStop:
         """An error that ended the workers (the journal or the output folder failed): raised by the loop."""
         self.waits: set[anyio.CancelScope] = set()
         """Polls and downloads in progress: a halt cancels them (submits in flight get their answers)."""
+        self.preparing: set[anyio.CancelScope] = set()
+        """Submits still being made ready (local images read), nothing journalled or sent yet: any stop
+        cancels them, and the job stays pending."""
 
     def stop(self, kind: StopKind, reason: str) -> None:
         """Send no more submits this run (the first reason given is the one reported)."""
         if self.reason is None:
             self.reason, self.kind = reason, kind
+        for scope in list(self.preparing):
+            scope.cancel()
 
     def halt(self, kind: StopKind, reason: str, error: AuthError | None = None) -> None:
         """Stop submitting and end every poll and download now; submits in flight still get their
@@ -61,6 +77,18 @@ class RunStop:
             self.progress.stopping = reason
         for scope in list(self.waits):
             scope.cancel()
+
+    @contextmanager
+    def preparing_scope(self) -> Iterator[anyio.CancelScope]:
+        """A submit being made ready, before its intent: any stop (Ctrl-C included) cuts it short."""
+        with anyio.CancelScope() as scope:
+            if self.reason:
+                scope.cancel()
+            self.preparing.add(scope)
+            try:
+                yield scope
+            finally:
+                self.preparing.discard(scope)
 
     @contextmanager
     def wait_scope(self) -> Iterator[anyio.CancelScope]:

@@ -13,10 +13,15 @@ as uncertain; every other answer is final for this run.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from ..errors import (
     ApiError,
@@ -53,6 +58,9 @@ async def submit(run: RunShared, job: Job) -> Lane | None:
     """Send job until RunComfy takes it, refuses it for good, or the run stops; the lane of the account
     that took it (its room counted there), or None."""
     price = run.price(job)
+    payload = await _payload(run, job, price)
+    if payload is None:
+        return None
     tries = _Tries()
     while True:
         lane = await run.accounts.acquire()
@@ -64,8 +72,7 @@ async def submit(run: RunShared, job: Job) -> Lane | None:
             return None
         await _intent(run, job, lane, price)
         try:
-            # Local images inline, only here.
-            submission = await lane.client.submit(job.model, payload_for(job))
+            submission = await lane.client.submit(job.model, payload)
         except (ApiError, LocalImageError) as exc:
             delay = await _not_taken(run, job, lane, exc, tries, price)
         else:
@@ -76,6 +83,53 @@ async def submit(run: RunShared, job: Job) -> Lane | None:
         await run.durable()
         with run.stopping.wait_scope():  # a halt ends the wait; the job is pending for the next run
             await anyio.sleep(delay)
+
+
+async def _payload(run: RunShared, job: Job, price: float) -> dict[str, Any] | None:
+    """What to send for job, its local images read and inlined (only here) before anything is journalled:
+    a file that cannot be sent is a certain refusal (nothing left), never an uncertain submit. None when
+    the job is not sent this run (refused, journalled so; or the run stopped meanwhile: still pending)."""
+    if job.local is None:
+        return job.input
+    payload: dict[str, Any] | None = None
+    try:
+        # Off the event loop: a file may be slow, huge, or a FIFO that never opens; the run's signals and
+        # other jobs go on, and any stop abandons the read (its thread dies with the process).
+        with run.stopping.preparing_scope():
+            payload = await _off_loop(partial(payload_for, job))
+    except LocalImageError as exc:
+        run.record(job, "refused", reason=str(exc))
+        run.committed -= price
+        run.progress.set(job.key, "refused")
+        run.progress.error(job.name, str(exc))
+        return None
+    if payload is None:
+        run.committed -= price
+        run.progress.set(job.key, "pending")
+    return payload
+
+
+async def _off_loop(read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """read() in a daemon thread of its own; a cancel abandons it. Not anyio's worker threads: those are
+    joined when the interpreter exits, and a read stuck in open() would keep the process alive."""
+    token = anyio.lowlevel.current_token()
+    done = anyio.Event()
+    outcome: list[dict[str, Any]] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            outcome.append(read())
+        except BaseException as exc:  # handed to the waiting task, which re-raises it
+            failure.append(exc)
+        with suppress(Exception):  # the run ended meanwhile: nobody is waiting
+            anyio.from_thread.run_sync(done.set, token=token)
+
+    threading.Thread(target=target, name=f"batcher payload {threading.active_count()}", daemon=True).start()
+    await done.wait()
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 async def _intent(run: RunShared, job: Job, lane: Lane, price: float) -> None:
