@@ -92,7 +92,9 @@ async def open_run(
         journal.open()
         stack.callback(journal.close)
         check_journal_api(journal.folded.headers, endpoint.identity, output_dir)
-        pool = await stack.enter_async_context(open_pool(endpoint.tokens, endpoint.base_url, options))
+        pool = await stack.enter_async_context(
+            open_pool(endpoint.tokens, endpoint.base_url, options, token_env=endpoint.token_env)
+        )
         yield endpoint, journal, pool, remote
 
 

@@ -99,7 +99,7 @@ class _Poll:
             progress.error(job.name, "RunComfy lost the request (held; see --resubmit-uncertain)")
             return None
         except AuthError as exc:
-            run.stopping.halt("auth", str(exc), exc)
+            run.token_refused(self.lane, exc)
             return None
         except UnreachableError as exc:
             return _AGAIN if await run.sit_out_outage(job, exc) else None

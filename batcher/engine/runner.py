@@ -123,6 +123,9 @@ class RunSummary(Tally):
     warnings: list[str] = field(default_factory=list)
     output_url: str | None = None
     """A bucket run's ``s3://`` or ``gs://`` URL (a shard's own)."""
+    refused_accounts: list[str] = field(default_factory=list)
+    """One message per account whose token RunComfy refused while the others went on (fingerprint, the
+    variable the tokens came from, its jobs held)."""
 
     @property
     def output(self) -> str:
@@ -133,7 +136,7 @@ class RunSummary(Tally):
     def exit_code(self) -> ExitCode:
         if self.interrupted:
             return ExitCode.INTERRUPTED
-        if self.failed or self.refused or self.uncertain or self.unfinished or self.lost:
+        if self.failed or self.refused or self.uncertain or self.unfinished or self.lost or self.refused_accounts:
             return ExitCode.FAILED
         return ExitCode.DONE
 
@@ -486,4 +489,25 @@ def _summarize(run: JobSteps, warnings: list[str], endpoint: Endpoint, remote: R
         sandbox=endpoint.sandbox or is_rehearsal(endpoint.identity),
         warnings=warnings,
         output_url=remote.bucket.output.url if remote is not None else None,
+        refused_accounts=_refused_accounts(run, endpoint),
     )
+
+
+def _refused_accounts(run: JobSteps, endpoint: Endpoint) -> list[str]:
+    """What to say of each account whose token RunComfy refused while the run went on through others."""
+    said: list[str] = []
+    for lane in run.accounts.revoked:
+        held = [
+            r.name or key[:12] for key, r in run.records.items() if r.phase == "submitted" and r.account == lane.account
+        ]
+        shown = ", ".join(held[:10]) + (f" and {len(held) - 10} more" if len(held) > 10 else "")
+        jobs = (
+            f"its {len(held)} job(s) in flight are held for the next run ({shown})"
+            if held
+            else "no job of it is in flight"
+        )
+        said.append(
+            f"account {lane.account}: {lane.refused}; {jobs}. Replace that account's token in "
+            f"{endpoint.token_env} and run the same command (nothing already submitted is sent again)"
+        )
+    return said

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ApiError
+from ..errors import ApiError, AuthError
 from ..journal.store import FileRecord, JobRecord, Journal
 from ..journal.table import RecordTable
 from ..lifecycle import EventKind
@@ -24,7 +24,7 @@ from ..manifest.loader import Job, Manifest
 from ..output.download import Downloader
 from ..runcomfy.backpressure import Outage
 from ..runcomfy.polling import DurationModel
-from .lanes import AccountPool
+from .lanes import AccountPool, Lane
 from .progress import RunProgress
 from .stopping import RunStop
 
@@ -89,6 +89,24 @@ class RunShared:
     def price(self, job: Job) -> float:
         """The job's estimated price (see `price_of`)."""
         return price_of(job, self.price_dirs)
+
+    def token_refused(self, lane: Lane, error: AuthError) -> None:
+        """RunComfy refused lane's token: that account stops alone (no submit goes there again, its polls
+        end, its jobs in flight are held for the next run); the run halts only when no account is left."""
+        first = lane.refused is None
+        if self.accounts.refuse(lane, error):
+            refused = self.accounts.revoked
+            if len(refused) > 1:
+                error = AuthError(
+                    "RunComfy refused the token of every account of this run: "
+                    + "; ".join(f"account {each.account}: {each.refused}" for each in refused)
+                )
+            self.stopping.halt("auth", str(error), error)
+            return
+        self.stopping.cut(lane.account)
+        if first:
+            log.warning("account %s: %s; the other accounts go on", lane.account, error)
+            self.progress.error(f"account {lane.account}", "token refused: its jobs are held; the others go on")
 
     async def sit_out_outage(self, job: Job, exc: ApiError) -> bool:
         """After a call that could not get through: wait for RunComfy to answer again.

@@ -112,13 +112,18 @@ class JobSteps(RunShared):
         elif action == "poll":
             lane = self.accounts.lane_for(self.records[job.key].account)
             assert lane is not None  # action_for holds a job whose account has no token
+            if lane.refused is not None:
+                self.progress.set(job.key, "held")  # its account's token was refused: the next run polls it
+                return
             self.accounts.adopt(lane)
         try:
             record = self.records[job.key]
             if record.phase == "submitted" and lane is not None:
                 # Just submitted: nothing can be done yet, so the first look waits one interval.
-                with stopping.wait_scope():
+                with stopping.wait_scope(lane.account):
                     await poll(self, job, lane, first_wait=self.options.poll_min if action == "submit" else 0.0)
+                if lane.refused is not None and self.records[job.key].phase == "submitted":
+                    self.progress.set(job.key, "held")
         finally:
             if lane is not None:
                 self.accounts.release(lane)

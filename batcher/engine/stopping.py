@@ -55,8 +55,9 @@ class RunStop:
         """A signal came (Ctrl-C or SIGTERM)."""
         self.fatal: BaseException | None = None
         """An error that ended the workers (the journal or the output folder failed): raised by the loop."""
-        self.waits: set[anyio.CancelScope] = set()
-        """Polls and downloads in progress: a halt cancels them (submits in flight get their answers)."""
+        self.waits: dict[anyio.CancelScope, str | None] = {}
+        """Polls and downloads in progress, with the account each polls through (None: no account's): a halt
+        cancels them all (submits in flight get their answers), a refused account its own (`cut`)."""
         self.preparing: set[anyio.CancelScope] = set()
         """Submits still being made ready (local images read), nothing journalled or sent yet: any stop
         cancels them, and the job stays pending."""
@@ -78,6 +79,12 @@ class RunStop:
         for scope in list(self.waits):
             scope.cancel()
 
+    def cut(self, account: str) -> None:
+        """End every wait on account now (its token was refused: its jobs are held for the next run)."""
+        for scope, on in list(self.waits.items()):
+            if on == account:
+                scope.cancel()
+
     @contextmanager
     def preparing_scope(self) -> Iterator[anyio.CancelScope]:
         """A submit being made ready, before its intent: any stop (Ctrl-C included) cuts it short."""
@@ -91,13 +98,14 @@ class RunStop:
                 self.preparing.discard(scope)
 
     @contextmanager
-    def wait_scope(self) -> Iterator[anyio.CancelScope]:
-        """A poll or download that a halt may cut short (its job resumes next run)."""
+    def wait_scope(self, account: str | None = None) -> Iterator[anyio.CancelScope]:
+        """A poll or download that a halt may cut short (its job resumes next run); account: the one it
+        polls through, whose refusal (`cut`) cuts it short too."""
         with anyio.CancelScope() as scope:
             if self.halted:
                 scope.cancel()
-            self.waits.add(scope)
+            self.waits[scope] = account
             try:
                 yield scope
             finally:
-                self.waits.discard(scope)
+                self.waits.pop(scope, None)

@@ -183,10 +183,14 @@ async def _not_taken(
         tries.faults = 0
         return 0.0
     if isinstance(exc, AuthError):
-        # Certain: nothing was accepted. The job stays pending; the whole run stops.
+        # Certain: nothing was accepted. The job stays pending; that account stops, and the job goes
+        # through another (the run halts when none is left).
         _refused(run, job, lane, "deferred", exc, "pending")
-        run.stopping.halt("auth", str(exc), exc)
-        return None
+        run.token_refused(lane, exc)
+        if run.stopping.halted:
+            return None
+        run.committed += price  # still to be sent, through another account
+        return 0.0
     # Refused for certain (validation, bad model, balance, a local image that cannot be sent as it
     # was checked): nothing was charged.
     _refused(run, job, lane, "refused", exc, "refused")

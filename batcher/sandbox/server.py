@@ -348,6 +348,8 @@ class Sandbox:
         """Submits refused with 400002 (the balance could not pay, or refuse="balance")."""
         self.credentials_seen_by_file_host = 0
         """File requests that carried an Authorization header: must stay 0."""
+        self.revoked: set[str] = set()
+        """Tokens refused from now on with 400004 (HTTP 401), as RunComfy answers a revoked key: `revoke`."""
         self.port: int | None = None
         self.host = "127.0.0.1"
 
@@ -369,6 +371,10 @@ class Sandbox:
             "account_refusals_by_account": dict(self.account_refusals_by_account),
             "other_user_refusals": self.other_user_refusals,
         }
+
+    def revoke(self, token: str) -> None:
+        """Refuse token from now on (a key revoked on RunComfy's site mid-run); the other accounts go on."""
+        self.revoked.add(token)
 
     def top_up(self, amount: float) -> None:
         """Add to a limited balance, as a user would on RunComfy's site."""
@@ -427,7 +433,7 @@ class Sandbox:
                 return self._refusal(401, 401001, "Invalid or missing API token")
         elif not headers.get("authorization", "").startswith("Bearer "):
             return self._refusal(401, 401001, "Missing API token")
-        if self.config.refuse == "token":
+        if self.config.refuse == "token" or (self.revoked and bearer.removeprefix("Bearer ") in self.revoked):
             return self._refusal(401, *REFUSALS["token"])
         if segments == ["prod", "v2", "balance"] and method == "GET":
             return self._balance()
