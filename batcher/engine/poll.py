@@ -1,7 +1,9 @@
 """How is a paid job waited on until RunComfy ends it, and what stops the wait?
 
 A job RunComfy accepted is polled, through the account that submitted it,
-until it completes, fails or is cancelled. Every answer that does not end it
+until it completes, fails or is cancelled: its ``/status`` (a small answer)
+is waited on, and its ``/result`` (outputs, cost, the error text) fetched once
+it has ended, as RunComfy's docs and every RunComfy client do. Every answer that does not end it
 keeps the wait going: a request RunComfy does not know yet (within
 ``--lost-after`` of its submit), retries that ran out, an unknown state word.
 The wait ends without an end of the job only for a refused token (the run
@@ -33,6 +35,8 @@ __all__ = ["poll"]
 
 log = logging.getLogger(__name__)
 
+_ENDED: Final = frozenset({"completed", "failed", "cancelled"})
+"""States after which a job's ``/result`` is fetched (once)."""
 _AGAIN: Final = "again"
 """`_Poll.ask`'s word for "no answer this time; ask again"."""
 
@@ -83,7 +87,10 @@ class _Poll:
         """One poll: its answer, `_AGAIN`, or None when the wait ends here (journalled)."""
         run, job, options, progress = self.run, self.job, self.run.options, self.run.progress
         try:
-            result = await self.lane.client.result(self.request_id, url=self.record.result_url)
+            result = await self.lane.client.status(self.request_id, result_url=self.record.result_url)
+            if result.state in _ENDED:
+                # Once, as RunComfy's docs and clients do: the outputs and cost, or the error text.
+                result = await self.lane.client.result(self.request_id, url=self.record.result_url)
         except RequestGoneError as exc:
             if time.time() - self.submitted_at < options.lost_after:
                 # Just submitted: a replica that has not seen the request yet answers so.

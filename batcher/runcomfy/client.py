@@ -449,6 +449,18 @@ class RunComfyClient:
             return None
         return url
 
+    async def status(self, request_id: str, *, result_url: str | None = None) -> RequestResult:
+        """The request's current state (``GET /v1/requests/{id}/status``, what RunComfy's docs and every
+        RunComfy client wait on): a small answer, without outputs; `result` once it has ended.
+
+        result_url: the submit answer's ``result_url``; while it is on the API base's own origin and ends
+        in ``/result``, its ``/status`` sibling is asked (the request's own URLs, as RunComfy gave them)."""
+        own = self.own_url(result_url)
+        path = own[: -len("result")] + "status" if own and own.endswith("/result") else None
+        path = path or self._request_path(request_id, "status")
+        body = await self._call(f"status {request_id}", "GET", path, "polling a status")
+        return _parse_result(request_id, body)
+
     async def result(self, request_id: str, *, url: str | None = None) -> RequestResult:
         """The request's current state, and its outputs once completed (with cost where offered).
 

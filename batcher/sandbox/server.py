@@ -331,6 +331,8 @@ class Sandbox:
         """Output path -> sha256 of the bytes it serves."""
         self.faults_injected: dict[str, int] = {}
         self.calls: dict[str, int] = {}
+        self.answered_bytes: dict[str, int] = {}
+        """Bytes of the answer bodies sent to status and result calls, by call: what polling costs the wire."""
         self.api_calls_at: list[float] = []
         self.rate_limited_at: list[float] = []
         self._buckets: dict[str, tuple[float, float]] = {}
@@ -360,6 +362,7 @@ class Sandbox:
             "submits": len(self.submits),
             "jobs": len(self.jobs),
             "calls": dict(self.calls),
+            "answered_bytes": dict(self.answered_bytes),
             "faults": dict(self.faults_injected),
             "unanswered_submits": sum(1 for s in self.submits if not s.answered),
             "account_refusals": self.account_refusals,
@@ -664,6 +667,7 @@ class Sandbox:
         if dialect.urls:
             payload.update(self._urls(request_id))
         response = _json(200, payload)
+        self.answered_bytes[kind] = self.answered_bytes.get(kind, 0) + len(response.body)
         if fault is not None:
             return self._fault_response(fault, answer=response)
         return response
