@@ -189,6 +189,61 @@ def _kill_once_both_accounts_have_jobs_in_flight(process: subprocess.Popen[str],
     raise AssertionError(process.communicate()[0])
 
 
+def _wait_for_both_accounts_in_flight(process: subprocess.Popen[str], out: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        journal = out / JOURNAL_NAME
+        if journal.exists():
+            events = [json.loads(line) for line in journal.read_text().splitlines() if line.endswith("}")]
+            submitted = {e["job"] for e in events if e["e"] == "submitted"}
+            by = {e.get("account") for e in events if e["e"] == "submitting" and e["job"] in submitted}
+            if len(submitted) >= 4 and len(by) == 2:
+                return
+        time.sleep(0.01)
+    process.kill()
+    raise AssertionError(process.communicate()[0])
+
+
+@pytest.mark.slow
+def test_one_account_refused_mid_run_stops_alone_and_the_others_finish(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Issue 24.4: Bob's key revoked mid-run. Bob's lane stops alone, its jobs held and named with its
+    fingerprint and the variable in use; Alice finishes hers and goes on submitting; exit 1."""
+    sandbox = start_sandbox(accounts=(ALICE, BOB), max_in_flight=3, queue_delay=0.5, run_delay=1.0)
+    process = _in_flight_run(tmp_path, sandbox, 16)
+    _wait_for_both_accounts_in_flight(process, tmp_path / "out")
+    sandbox.sandbox.revoke(BOB)
+    try:
+        output, _ = process.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(process.communicate()[0]) from None
+    assert process.returncode == 1, output
+    bob, alice = fingerprint(BOB), fingerprint(ALICE)
+    assert f"account {bob}" in output and "RUNCOMFY_API_TOKENS" in output, output
+    assert "Check RUNCOMFY_API_TOKEN:" not in output, "the variable named is the one in use"
+    assert BOB not in output and ALICE not in output
+    folded = read_journal(tmp_path / "out" / JOURNAL_NAME)
+    held = {key for key, r in folded.records.items() if r.phase == "submitted"}
+    assert held and all(folded.records[key].account == bob for key in held), "only Bob's jobs wait"
+    done = {key for key, r in folded.records.items() if r.downloaded}
+    assert len(done) + len(held) == 16, "Alice finished her jobs in flight and sent every other job"
+    assert all(folded.records[key].account == alice for key in done - held)
+    assert not any(r.phase in ("uncertain", "submitting") for r in folded.records.values())
+    assert all(n == 1 for n in _submits_per_prompt(sandbox).values())
+    assert sandbox.sandbox.stats()["other_user_refusals"] == 0
+
+    # Bob's key works again: the same command polls his jobs through him; nothing is sent twice.
+    sandbox.sandbox.revoked.clear()
+    process = _in_flight_run(tmp_path, sandbox, 16)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert sum(_submits_per_prompt(sandbox).values()) == 16 and all(
+        n == 1 for n in _submits_per_prompt(sandbox).values()
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_killed_over_two_accounts_and_resumed_nothing_is_paid_twice(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import heapq
 import random
 import statistics
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from batcher import SandboxThread, read_journal
 from batcher.runcomfy.polling import DurationModel, remote_duration
 
 
@@ -180,3 +183,37 @@ def test_learned_timing_meets_the_poll_goals_once_jobs_have_finished() -> None:
     assert calls <= 8.0 and delay <= 0.10  # the goals of issue 4, past the first wave
     backoff_calls, backoff_delay = simulate(2000, 40, learn=False)
     assert calls < backoff_calls * 0.85 and delay < backoff_delay
+
+
+def test_a_run_waits_on_status_and_fetches_each_result_once(
+    tmp_path: Path, start_sandbox: Callable[..., SandboxThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 23.5: as RunComfy's docs and clients, `/status` is polled and `/result` (with include_cost)
+    fetched once a job has ended: on completion for the outputs and cost, on failure for the error text."""
+    from click.testing import CliRunner
+
+    from batcher.cli.main import cli
+    from batcher.journal.store import JOURNAL_NAME
+
+    from .conftest import TOKEN, many_jobs_manifest
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    sandbox = start_sandbox(queue_delay=0.2, run_delay=0.4, fail_rate=0.5, seed=3)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 8)
+    result = CliRunner().invoke(
+        cli,
+        ["run", str(manifest), "--api-base", sandbox.url, "-o", "out", "--poll-interval", "0.05", "--poll-max", "0.1"],
+    )
+    assert result.exit_code in (0, 1), result.output
+    calls = sandbox.sandbox.calls
+    folded = read_journal(tmp_path / "out" / JOURNAL_NAME)
+    phases = [r.phase for r in folded.records.values()]
+    assert phases.count("completed") + phases.count("failed") == 8 and "failed" in phases and "completed" in phases
+    assert calls.get("result") == 8, calls  # one a job, once it ended
+    assert calls.get("status", 0) >= 8, calls
+    for record in folded.records.values():
+        if record.phase == "failed":
+            assert record.error and "without a reason" not in record.error  # the result's error text
+        else:
+            assert record.downloaded and record.cost is not None  # include_cost on the one result call

@@ -204,3 +204,62 @@ def test_a_kill_while_a_submit_waits_out_a_429_leaves_it_pending_not_uncertain(
     assert len(server.submits) == 1
     (record,) = read_journal(tmp_path / "out" / JOURNAL_NAME).records.values()
     assert record.downloaded
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_fifo_in_place_of_a_local_image_never_freezes_the_run_nor_leaves_it_uncertain(
+    tmp_path: Path, start_sandbox: StartSandbox, signum: int
+) -> None:
+    from batcher.sandbox.server import make_png
+
+    from .conftest import MODEL, write_manifest
+
+    (tmp_path / "refs").mkdir()
+    png = make_png("a", 32)
+    (tmp_path / "refs" / "a.png").write_bytes(png)
+    manifest = write_manifest(
+        tmp_path / "m.yaml",
+        f"""
+model: {MODEL}
+defaults: {{quality: low}}
+jobs:
+  - id: first
+    prompt: "first"
+    image_urls: ["https://example.org/ref.jpg"]
+  - id: second
+    prompt: "second"
+    image_urls: ["refs/a.png"]
+""",
+    )
+    sandbox = start_sandbox(queue_delay=0.3, run_delay=0.3)
+    # One worker: the second job's images are read once the first is done, after the swap.
+    process = _start(manifest, sandbox, "--concurrency", "1")
+    _wait_for_event(tmp_path / "out", "submitted", 1)
+    (tmp_path / "refs" / "a.png").unlink()
+    os.mkfifo(tmp_path / "refs" / "a.png")  # opened for reading, it blocks until a writer comes: none will
+    _wait_for_event(tmp_path / "out", "downloaded", 1)
+    time.sleep(1.0)  # the second job is being made ready now, stuck on the FIFO
+    assert process.poll() is None
+    started = time.monotonic()
+    process.send_signal(signum)
+    try:
+        output, _ = process.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError(f"the run ignored the signal while reading a FIFO: {output}") from None
+    assert time.monotonic() - started < 10, output
+    assert process.returncode == 130, output
+    prompts = Counter(record.body["prompt"] for record in sandbox.sandbox.submits)
+    assert prompts == {"first": 1}, "no POST left for the job whose image could not be read"
+    folded = read_journal(tmp_path / "out" / JOURNAL_NAME)
+    assert not any(r.phase in ("uncertain", "submitting") for r in folded.records.values())
+
+    # Resumed with the image back: the job is pending, not uncertain, and is sent once.
+    (tmp_path / "refs" / "a.png").unlink()
+    (tmp_path / "refs" / "a.png").write_bytes(png)
+    process = _start(manifest, sandbox)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "uncertain" not in (tmp_path / "out" / JOURNAL_NAME).read_text()
+    assert Counter(record.body["prompt"] for record in sandbox.sandbox.submits) == {"first": 1, "second": 1}

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from ..output.folders import SANDBOX_API, api_identity
 from ..runcomfy.client import api_base_from_env
-from ..runcomfy.tokens import tokens_from_env
+from ..runcomfy.tokens import token_source, tokens_from_env
 
 __all__ = ["SANDBOX_TOKEN", "Endpoint", "LocalApi", "open_endpoint"]
 
@@ -35,12 +35,16 @@ class Endpoint:
     """An API to talk to: its base URL, the tokens for it (one per account; the first is the one single
     calls use), and its identity for journals and the ledger."""
 
-    __slots__ = ("base_url", "identity", "sandbox", "token", "tokens")
+    __slots__ = ("base_url", "identity", "sandbox", "token", "token_env", "tokens")
 
-    def __init__(self, base_url: str, token: str, *, sandbox: bool, tokens: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, base_url: str, token: str, *, sandbox: bool, tokens: tuple[str, ...] = (), token_env: str = ""
+    ) -> None:
         self.base_url = base_url
         self.token = token
         self.tokens = tokens or (token,)
+        self.token_env = token_env or ("RunOptions.tokens" if tokens else "RunOptions.token")
+        """Where the tokens came from: the environment variable's name, or the option given to the run."""
         self.sandbox = sandbox
         """An in-process sandbox: nothing is charged."""
         self.identity = SANDBOX_API if sandbox else api_identity(base_url)
@@ -68,5 +72,7 @@ async def open_endpoint(
             yield Endpoint(url, SANDBOX_TOKEN, sandbox=True)
         return
     # The first thing a new user meets: said before anything else.
-    held = tuple(tokens) if tokens else (token,) if token else tokens_from_env()
-    yield Endpoint(api_base_from_env(api_base), held[0], sandbox=False, tokens=held)
+    given = tuple(tokens) if tokens else (token,) if token else ()
+    held = given or tokens_from_env()
+    source = ("RunOptions.tokens" if tokens else "RunOptions.token") if given else token_source()
+    yield Endpoint(api_base_from_env(api_base), held[0], sandbox=False, tokens=held, token_env=source)

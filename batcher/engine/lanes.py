@@ -12,6 +12,11 @@ never sent again. One exception keeps a rotated key working: a folder whose
 journal names one account at most, run with one token, takes that token to
 be the same account's (`AccountPool.recorded`); if it is not, RunComfy's
 403001 stops the run with a message, as it always did.
+
+An account whose token RunComfy refuses stops alone (`AccountPool.refuse`):
+no more submits go to it and its jobs in flight are held for the next run,
+while the other accounts go on; only when every account is refused does the
+run halt.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from ..errors import AuthError
 from ..runcomfy.account import Account, read_balances
 from ..runcomfy.backpressure import AccountCap
 from ..runcomfy.client import RateLimiter, RunComfyClient
+from ..runcomfy.refusals import TOKEN_ENV
 from ..runcomfy.tokens import fingerprint
 
 if TYPE_CHECKING:
@@ -45,6 +52,8 @@ class Lane:
     cap: AccountCap
     submitted: int = 0
     """Submits this run sent through this account and RunComfy took."""
+    refused: AuthError | None = None
+    """RunComfy refused this account's token this run: nothing more is sent or asked through it."""
 
     @property
     def throttled(self) -> int:
@@ -92,13 +101,31 @@ class AccountPool:
         or `unsent`.
         """
         while True:
-            free = [lane for lane in self.lanes if lane.cap.room > 0]
+            usable = [lane for lane in self.lanes if lane.refused is None]
+            if not usable:
+                # Every token refused: the run halts (see `refuse`); the caller finds it stopped.
+                self.primary.cap.take()
+                return self.primary
+            free = [lane for lane in usable if lane.cap.room > 0]
             if free:
                 lane = max(free, key=lambda ln: (not ln.cap.cooling, ln.cap.room / ln.cap.limit))
                 lane.cap.take()
                 return lane
             changed = self._changed
             await changed.wait()
+
+    @property
+    def revoked(self) -> list[Lane]:
+        """The lanes whose token RunComfy refused this run, first token first."""
+        return [lane for lane in self.lanes if lane.refused is not None]
+
+    def refuse(self, lane: Lane, error: AuthError) -> bool:
+        """RunComfy refused lane's token: no submit goes there again this run. True when no account is
+        left to send through (the caller halts the run); submits waiting for room look again."""
+        if lane.refused is None:
+            lane.refused = error
+        self._notify()
+        return all(other.refused is not None for other in self.lanes)
 
     def adopt(self, lane: Lane) -> None:
         """Count a job an earlier run submitted through lane (in flight whatever its limit says)."""
@@ -130,8 +157,11 @@ class AccountPool:
 
 
 @asynccontextmanager
-async def open_pool(tokens: Sequence[str], base_url: str, options: RunOptions) -> AsyncIterator[AccountPool]:
-    """A lane per token, each with its own client (so its own connection pool and pacer), closed on exit."""
+async def open_pool(
+    tokens: Sequence[str], base_url: str, options: RunOptions, *, token_env: str = TOKEN_ENV
+) -> AsyncIterator[AccountPool]:
+    """A lane per token, each with its own client (so its own connection pool and pacer), closed on exit;
+    token_env: where the tokens came from, for the message when RunComfy refuses one."""
     async with AsyncExitStack() as stack:
         lanes = []
         for token in tokens:
@@ -146,6 +176,7 @@ async def open_pool(tokens: Sequence[str], base_url: str, options: RunOptions) -
                     poll_timeout=options.poll_timeout,
                     max_connections=options.concurrency,
                     max_answer_bytes=options.max_answer_bytes,
+                    token_env=token_env,
                 )
             )
             lanes.append(Lane(fingerprint(token), client, AccountCap(options.concurrency)))

@@ -16,14 +16,12 @@ a writer task. The one slow part, ``fsync``, runs in groups on a thread.
 from __future__ import annotations
 
 import heapq
-import itertools
 import logging
 import math
-import re
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -33,39 +31,25 @@ import anyio
 import anyio.abc
 
 from .._version import __version__
-from ..errors import (
-    ApiError,
-    AuthError,
-    BalanceError,
-    JournalError,
-    ManifestChangedError,
-    OutputFolderError,
-    StorageError,
-    UsageError,
-)
+from ..errors import BalanceError, JournalError, ManifestChangedError, OutputFolderError, StorageError
 from ..journal.standing import Tally, category, opened, tally
-from ..journal.store import JOURNAL_NAME, Journal
+from ..journal.store import JOURNAL_NAME
 from ..lifecycle import Action, ExitCode, FailureClass, StopKind, held_status, starting_status
 from ..manifest.cost import estimate
 from ..manifest.loader import Job, Manifest
 from ..net.policy import loopback_origin
 from ..output.dataset import METADATA_NAME, write_metadata
 from ..output.download import Downloader
-from ..output.folders import (
-    api_identity,
-    check_journal_api,
-    check_no_overlap,
-    default_output_dir,
-    is_rehearsal,
-    refuse_linked_default,
-    shard_folder_name,
-)
-from ..output.ledger import Place, check_ledger, forget_gone_places, note_run_end, remember_place
-from ..output.remote import RemoteRun, pull_view, run_output
+from ..output.folders import api_identity, check_no_overlap, is_rehearsal, shard_folder_name
+from ..output.ledger import Place, note_run_end, remember_place
+from ..output.remote import RemoteRun, pull_view
 from ..review.replacements import with_replacements
 from ..runcomfy.account import Account, look_up, price_dirs
-from .endpoint import Endpoint, LocalApi, open_endpoint
-from .lanes import AccountPool, balances_of, open_pool
+from .cancel import CancelSummary, cancel_manifest
+from .endpoint import Endpoint
+from .finish import flush_sidecars
+from .lanes import balances_of
+from .opening import open_run, output_dir_of, place_of, safe_name
 from .options import JobSelection, RunOptions, select_jobs
 from .progress import RunProgress
 from .steps import JobSteps
@@ -81,9 +65,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
-"""A journalled job name fit for a folder (a tampered journal's is replaced by the key)."""
 
 _ACTIONS: tuple[Action, ...] = get_args(Action)
 _CODE: dict[Action, int] = {action: code for code, action in enumerate(_ACTIONS)}
@@ -145,6 +126,9 @@ class RunSummary(Tally):
     warnings: list[str] = field(default_factory=list)
     output_url: str | None = None
     """A bucket run's ``s3://`` or ``gs://`` URL (a shard's own)."""
+    refused_accounts: list[str] = field(default_factory=list)
+    """One message per account whose token RunComfy refused while the others went on (fingerprint, the
+    variable the tokens came from, its jobs held)."""
 
     @property
     def output(self) -> str:
@@ -155,74 +139,9 @@ class RunSummary(Tally):
     def exit_code(self) -> ExitCode:
         if self.interrupted:
             return ExitCode.INTERRUPTED
-        if self.failed or self.refused or self.uncertain or self.unfinished or self.lost:
+        if self.failed or self.refused or self.uncertain or self.unfinished or self.lost or self.refused_accounts:
             return ExitCode.FAILED
         return ExitCode.DONE
-
-
-def _output_dir(manifest: Manifest, options: RunOptions) -> Path:
-    if options.remote is not None:
-        return run_output(options.remote, options.shard).cache_dir()
-    if options.output_dir is not None:
-        return options.output_dir.resolve()
-    folder = default_output_dir(manifest, options.shard, sandbox=options.sandbox)
-    refuse_linked_default(folder, manifest)
-    return folder.resolve()
-
-
-def _place(manifest: Manifest, options: RunOptions) -> Place:
-    """Where the run lives, as the ledger notes it: the bucket output (a shard's), else the local folder."""
-    if options.remote is not None:
-        return run_output(options.remote, options.shard)
-    return _output_dir(manifest, options)
-
-
-@asynccontextmanager
-async def _open_run(
-    manifest: Manifest, options: RunOptions, jobs: JobSelection, *, ledger: bool, journal_here: bool = False
-) -> AsyncIterator[tuple[Endpoint, Journal, AccountPool, RemoteRun | None]]:
-    """What `run_manifest` and `cancel_manifest` share: the endpoint, the folder's journal (locked,
-    checked to belong to this API) and a client per account; with ledger, the check that no other place
-    already submitted these jobs, made before the folder (or anything in the bucket) is even created
-    (journal_here: the run's own place already holds its journal)."""
-    output_dir = _output_dir(manifest, options)
-    remote: RemoteRun | None = None
-    async with AsyncExitStack() as stack:
-        endpoint = await stack.enter_async_context(
-            open_endpoint(
-                sandbox=(options.sandbox_config or _default_sandbox()) if options.sandbox else None,
-                api_base=options.api_base,
-                token=options.token,
-                tokens=options.tokens,
-            )
-        )
-        # An in-process sandbox charges nothing: a rehearsal in a second checkout must not be refused for the
-        # first one's (found by a newcomer: the README's first command, exit 2), nor note itself.
-        ledger = ledger and not endpoint.sandbox
-        if ledger and not options.new_output:
-            here = _place(manifest, options)
-            await anyio.to_thread.run_sync(
-                lambda: check_ledger(manifest, jobs.keys(), here, endpoint.identity, journal_here=journal_here)
-            )
-        elif ledger:
-            await anyio.to_thread.run_sync(forget_gone_places)
-        if options.remote is not None:
-            # Before the journal opens: the bucket's journal is the truth, rebuilt here; flushed until the end.
-            remote = await stack.enter_async_context(
-                RemoteRun.open(run_output(options.remote, options.shard), output_dir)
-            )
-        journal = Journal(output_dir)
-        journal.open()
-        stack.callback(journal.close)
-        check_journal_api(journal.folded.headers, endpoint.identity, output_dir)
-        pool = await stack.enter_async_context(open_pool(endpoint.tokens, endpoint.base_url, options))
-        yield endpoint, journal, pool, remote
-
-
-def _default_sandbox() -> LocalApi:
-    # The engine cannot make a sandbox (it never imports one): `batcher.run_manifest` and the CLI give it.
-    msg = "RunOptions(sandbox=True) needs a sandbox_config here: call batcher.run_manifest, which gives the default"
-    raise UsageError(msg)
 
 
 async def run_manifest(
@@ -247,32 +166,22 @@ async def run_manifest(
     # Rejected images' replacements are the manifest's jobs once sent; new ones only with --replace-rejected.
     notices: list[str] = []
     manifest = with_replacements(
-        manifest, _output_dir(manifest, options), submit_new=options.replace_rejected, said=notices
+        manifest, output_dir_of(manifest, options), submit_new=options.replace_rejected, said=notices
     )
     # A bad --only, or jobs another sharding already submitted, fail here, before anything is opened.
     jobs = select_jobs(manifest, options)
-    output_dir = _output_dir(manifest, options)
-    if options.remote is None:
-        check_no_overlap(output_dir, jobs.keys())
-        journal_here = (output_dir / JOURNAL_NAME).is_file()
-    else:
-        # The bucket's layouts (unsharded, shard-K-of-N/), read into a local view laid out as a folder is:
-        # the same check, so that another layout of one prefix never pays again for what it sent, from
-        # whichever machine (the per-user ledger knows only this one's runs).
-        view, _ = await anyio.to_thread.run_sync(partial(pull_view, options.remote, journals_only=True))
-        own = view / shard_folder_name(*options.shard) if options.shard else view
-        check_no_overlap(own, jobs.keys())
-        journal_here = (own / JOURNAL_NAME).is_file() and (own / JOURNAL_NAME).stat().st_size > 0
+    output_dir = output_dir_of(manifest, options)
+    journal_here = await _journal_here(options, jobs, output_dir)
     async with AsyncExitStack() as stack:
         noted: list[Place] = []
         # Called last, once the journal is closed (and a bucket's flushed): the ledger's summary of this place.
         stack.push_async_callback(_note_run_end, noted, output_dir)
         endpoint, journal, pool, remote = await stack.enter_async_context(
-            _open_run(manifest, options, jobs, ledger=True, journal_here=journal_here)
+            open_run(manifest, options, jobs, ledger=True, journal_here=journal_here)
         )
         # The bucket's URL for a bucket run (never its working copy in the cache, nor a credential).
         if not endpoint.sandbox:
-            noted.append(_place(manifest, options))
+            noted.append(place_of(manifest, options))
             remember_place(manifest, noted[0], endpoint.identity)
         folded = journal.folded
         for warning in folded.warnings:
@@ -293,21 +202,7 @@ async def run_manifest(
         run = JobSteps(manifest, jobs, options, output_dir, journal, pool, downloader)
         if remote is not None:
             run.durable, run.stored = remote.durable, remote.present
-        account = Account()
-        if options.live_prices:
-            account = await look_up(
-                endpoint.base_url,
-                endpoint.token,
-                manifest.models,
-                output_dir,
-                schema_dirs=manifest.schema_dirs,
-                transport=options.api_transport,
-            )
-        balances = await balances_of(endpoint, options, account)
-        run.price_dirs = price_dirs(output_dir, manifest.schema_dirs)
-        finished = (r for r in folded.records.values() if r.duration is not None)
-        for record in heapq.nsmallest(256, finished, key=lambda r: -(r.finished_at or 0.0))[::-1]:
-            run.durations.add(record.duration or 0.0)  # the last run's jobs say how long this run's take
+        account, balances = await _accounts(run, endpoint)
         journal.append(
             "run",
             manifest=str(manifest.path),
@@ -316,7 +211,11 @@ async def run_manifest(
             api_base=endpoint.identity if endpoint.sandbox else endpoint.base_url,
             jobs=manifest.count,
         )
-        await _execute(run, account, on_start, on_plan, balances, notices)
+        plan = _plan(run)
+        _announce(run, plan, account, balances, notices, on_plan)
+        if on_start is not None:
+            on_start(run.progress)
+        await _Loop(run, plan).run()
         try:
             files = remote.files() if remote is not None else None
             await anyio.to_thread.run_sync(write_metadata, manifest, output_dir, run.records, files)
@@ -332,21 +231,62 @@ async def _note_run_end(noted: list[Place], working_copy: Path) -> None:
             await anyio.to_thread.run_sync(note_run_end, place, working_copy)
 
 
-async def _execute(
-    run: JobSteps,
-    account: Account,
-    on_start: Callable[[RunProgress], None] | None,
-    on_plan: Callable[[RunPlan], None] | None,
-    balances: list[tuple[str, float | None]],
-    notices: list[str],
-) -> None:
-    options = run.options
-    # One byte a job, in manifest order: the jobs themselves are expanded again as they are fed (see feed).
-    plan = bytearray()
-    counts: Counter[Action] = Counter()
-    estimate_left = 0.0
-    unpriced = 0
-    finishing = 0
+async def _journal_here(options: RunOptions, jobs: JobSelection, output_dir: Path) -> bool:
+    """Whether the run's own place already holds its journal, after checking that no other layout of
+    it (shard folders, or none) submitted these jobs."""
+    if options.remote is None:
+        check_no_overlap(output_dir, jobs.keys())
+        return (output_dir / JOURNAL_NAME).is_file()
+    # The bucket's layouts (unsharded, shard-K-of-N/), read into a local view laid out as a folder is:
+    # the same check, so that another layout of one prefix never pays again for what it sent, from
+    # whichever machine (the per-user ledger knows only this one's runs).
+    view, _ = await anyio.to_thread.run_sync(partial(pull_view, options.remote, journals_only=True))
+    own = view / shard_folder_name(*options.shard) if options.shard else view
+    check_no_overlap(own, jobs.keys())
+    return (own / JOURNAL_NAME).is_file() and (own / JOURNAL_NAME).stat().st_size > 0
+
+
+async def _accounts(run: JobSteps, endpoint: Endpoint) -> tuple[Account, list[tuple[str, float | None]]]:
+    """The first account's live prices and balance (when asked for), every account's balance, and the
+    price tables and job durations the run starts from."""
+    options, manifest = run.options, run.manifest
+    account = Account()
+    if options.live_prices:
+        account = await look_up(
+            endpoint.base_url,
+            endpoint.token,
+            manifest.models,
+            run.output_dir,
+            schema_dirs=manifest.schema_dirs,
+            transport=options.api_transport,
+        )
+    balances = await balances_of(endpoint, options, account)
+    run.price_dirs = price_dirs(run.output_dir, manifest.schema_dirs)
+    finished = (r for r in run.journal.folded.records.values() if r.duration is not None)
+    for record in heapq.nsmallest(256, finished, key=lambda r: -(r.finished_at or 0.0))[::-1]:
+        run.durations.add(record.duration or 0.0)  # the last run's jobs say how long this run's take
+    return account, balances
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What the run does with each job, decided once before the first request."""
+
+    actions: bytearray = field(default_factory=bytearray)
+    """One byte a job, in manifest order: the jobs themselves are expanded again as they are fed."""
+    counts: Counter[Action] = field(default_factory=Counter)
+    estimate: float = 0.0
+    """Of the jobs to submit, in dollars."""
+    unpriced: int = 0
+    finishing: int = 0
+    rechecks: int = 0
+    """Jobs whose downloaded files are only read back, after the new submits."""
+    superseded: list[tuple[Job, Action]] = field(default_factory=list)
+
+
+def _plan(run: JobSteps) -> _Plan:
+    """Each job's action and live status, from its record."""
+    plan = _Plan()
     for _, job in run.jobs.checked():
         record = run.records.get(job.key)
         price = estimate(job, run.price_dirs)
@@ -355,11 +295,11 @@ async def _execute(
         action = run.action_for(job, record)
         if record is not None and record.phase == "submitting":
             record = run.records.get(job.key)  # action_for journalled it as uncertain
-        plan.append(_CODE[action])
-        counts[action] += 1
+        plan.actions.append(_CODE[action])
+        plan.counts[action] += 1
         if action == "submit":
-            estimate_left += price or 0.0
-            unpriced += price is None
+            plan.estimate += price or 0.0
+            plan.unpriced += price is None
         status = starting_status(action)
         if action == "hold":
             # Live counters start from the journal's: a resumed run shows the failures it holds.
@@ -367,23 +307,36 @@ async def _execute(
         elif record is not None and record.downloaded:
             status = "done"  # re-verified by a worker; only a missing or wrong file is fetched again
             if action == "download":
-                plan[-1] |= _RECHECK  # after the new submits: reading 50,000 files back held them for 50 s
-        finishing += action in ("poll", "download") and status != "done"
+                plan.actions[-1] |= _RECHECK  # after the new submits: reading 50,000 files back held them for 50 s
+                plan.rechecks += 1
+        plan.finishing += action in ("poll", "download") and status != "done"
         run.progress.set(job.key, status)
-    rechecks = sum(1 for code in plan if code & _RECHECK)
-    superseded = _superseded_in_flight(run)
-    counts.update(action for _, action in superseded)
-    run.progress.total += len(superseded)
+    plan.superseded = _superseded_in_flight(run)
+    plan.counts.update(action for _, action in plan.superseded)
+    run.progress.total += len(plan.superseded)
+    return plan
+
+
+def _announce(
+    run: JobSteps,
+    plan: _Plan,
+    account: Account,
+    balances: list[tuple[str, float | None]],
+    notices: list[str],
+    on_plan: Callable[[RunPlan], None] | None,
+) -> None:
+    """Give the plan to on_plan (or log its notices), then refuse a plan over the accounts' balance."""
+    options, counts = run.options, plan.counts
     for notice in notices if on_plan is None else ():
         log.warning("%s", notice)  # a library caller's log; the CLI says them with the plan, -q or not
     if on_plan is not None:
         on_plan(
             RunPlan(
                 to_submit=counts["submit"],
-                estimate=estimate_left,
-                unpriced=unpriced,
-                to_finish=finishing,
-                superseded=len(superseded),
+                estimate=plan.estimate,
+                unpriced=plan.unpriced,
+                to_finish=plan.finishing,
+                superseded=len(plan.superseded),
                 held=counts["hold"],
                 done=counts["done"],
                 sandbox=options.sandbox or is_rehearsal(api_identity(run.client.base_url)),
@@ -396,117 +349,138 @@ async def _execute(
                 notices=notices,
             )
         )
-    over = account.balance is not None and counts["submit"] and estimate_left > account.balance + 1e-9
+    over = account.balance is not None and counts["submit"] and plan.estimate > account.balance + 1e-9
     if over and not options.over_balance:
         msg = (
-            f"the {counts['submit']} job(s) to submit are estimated at ${estimate_left:,.2f}, over the account's "
+            f"the {counts['submit']} job(s) to submit are estimated at ${plan.estimate:,.2f}, over the account's "
             f"balance of ${account.balance:,.2f}. Top up, send fewer (--limit, --max-cost), or add --over-balance "
             "to go anyway (RunComfy refuses submits once the balance runs out; nothing is lost)"
         )
         raise BalanceError(msg)
-    if on_start is not None:
-        on_start(run.progress)
 
-    send, receive = anyio.create_memory_object_stream[tuple[Job, Action]](0)
 
-    async def feed() -> None:
+class _Loop:
+    """The run's tasks: a feeder, a fixed pool of workers, the fsync loop and the signal watcher."""
+
+    def __init__(self, run: JobSteps, plan: _Plan) -> None:
+        self.steps, self.plan = run, plan
+        self.send, self.receive = anyio.create_memory_object_stream[tuple[Job, Action]](0)
+        self.workers = anyio.CancelScope()
+        """Cancelled when a worker meets a fatal error."""
+        self.tasks = anyio.CancelScope()
+        """Cancelled when the fsync loop meets one."""
+
+    async def run(self) -> None:
+        """Feed every planned job through the workers; raise what ended the run early."""
+        run, options, plan = self.steps, self.steps.options, self.plan
+        stopping = run.stopping
+        deadline = math.inf if options.timeout is None else options.timeout
+        with anyio.move_on_after(deadline) as run_scope:
+            async with anyio.create_task_group() as outer:
+                self.tasks = outer.cancel_scope
+                outer.start_soon(self.fsync_loop)
+                if options.handle_signals:
+                    outer.start_soon(self.watch_signals, run_scope)
+                async with anyio.create_task_group() as group:
+                    self.workers = group.cancel_scope
+                    group.start_soon(self.feed)
+                    for _ in range(min(options.concurrency, max(1, len(plan.actions) + len(plan.superseded)))):
+                        group.start_soon(self.worker, self.receive.clone())
+                    self.receive.close()
+                outer.cancel_scope.cancel()
+        if run_scope.cancelled_caught and not stopping.interrupted:
+            stopping.stop("timeout", f"the run timeout of {options.timeout:g}s passed")
+        if stopping.fatal is None:
+            with anyio.CancelScope(shield=True):
+                await flush_sidecars(run)
+        if stopping.fatal is not None:
+            raise stopping.fatal
+        if stopping.halt_error is not None:
+            raise stopping.halt_error
+        if stopping.changed is not None:
+            raise stopping.changed
+
+    async def feed(self) -> None:
         # Paid-for work first, then new submits, then the files of jobs done before are read back, each in
         # manifest order: up to three passes over the jobs (each only when it has work), so no list of
         # 100,000 jobs is ever held.
+        run, plan, send = self.steps, self.plan, self.send
+        stopping, actions = run.stopping, plan.actions
         async with send:
             try:
-                if counts["poll"] + counts["download"] > len(superseded) + rechecks:
+                if plan.counts["poll"] + plan.counts["download"] > len(plan.superseded) + plan.rechecks:
                     for index, job in run.jobs.checked():
-                        if plan[index] in _PAID_FOR:
-                            if run.halted:
+                        if actions[index] in _PAID_FOR:
+                            if stopping.halted:
                                 return
-                            await send.send((job, _ACTIONS[plan[index]]))
-                for item in superseded:
-                    if run.halted:
+                            await send.send((job, _ACTIONS[actions[index]]))
+                for item in plan.superseded:
+                    if stopping.halted:
                         return
                     await send.send(item)
-                if counts["submit"]:
+                if plan.counts["submit"]:
                     for index, job in run.jobs.checked():
-                        if plan[index] == _SUBMIT:
-                            if run.halted:
+                        if actions[index] == _SUBMIT:
+                            if stopping.halted:
                                 return
-                            if run.stop_submitting:
+                            if stopping.reason:
                                 break
                             await send.send((job, "submit"))
-                if rechecks:
+                if plan.rechecks:
                     for index, job in run.jobs.checked():
-                        if plan[index] & _RECHECK:
-                            if run.halted or run.interrupted:
+                        if actions[index] & _RECHECK:
+                            if stopping.halted or stopping.interrupted:
                                 return  # Ctrl-C: what was done stays done; the next run reads them back
                             await send.send((job, "download"))
             except ManifestChangedError as exc:
                 # What was sent stays sent and is finished; nothing more is decided from a stale plan.
-                run.changed = exc
-                run.halt("changed", str(exc))
+                stopping.changed = exc
+                stopping.halt("changed", str(exc))
 
-    async def worker(jobs: anyio.abc.ObjectReceiveStream[tuple[Job, Action]]) -> None:
+    async def worker(self, jobs: anyio.abc.ObjectReceiveStream[tuple[Job, Action]]) -> None:
+        run = self.steps
         async with jobs:
             async for job, action in jobs:
                 try:
                     await run.process(job, action)
                 except (JournalError, OutputFolderError, StorageError) as exc:
-                    run.fatal = exc
-                    group.cancel_scope.cancel()
+                    run.stopping.fatal = exc
+                    self.workers.cancel()
                 # Done with it this run: keep its record small (a later change decodes it again).
                 run.records.settle(job.key)
                 run.progress.settle(job.key)
 
-    async def fsync_loop() -> None:
+    async def fsync_loop(self) -> None:
+        run = self.steps
         while True:
-            await anyio.sleep(options.fsync_interval)
+            await anyio.sleep(run.options.fsync_interval)
             await anyio.to_thread.run_sync(run.journal.sync)
             checkpoint = run.journal.due_checkpoint()
             if checkpoint is not None:
                 await anyio.to_thread.run_sync(checkpoint)
             try:
-                await run.flush_sidecars()
+                await flush_sidecars(run)
             except OutputFolderError as exc:
-                run.fatal = exc
-                outer.cancel_scope.cancel()
+                run.stopping.fatal = exc
+                self.tasks.cancel()
 
-    async def watch_signals(scope: anyio.CancelScope) -> None:
+    async def watch_signals(self, scope: anyio.CancelScope) -> None:
+        stopping = self.steps.stopping
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                if run.interrupted:
+                if stopping.interrupted:
                     scope.cancel()
                     continue
-                run.interrupted = True
+                stopping.interrupted = True
                 if signum == signal.SIGTERM:
                     # A service manager's "stop": end every wait now, but let submits in flight get
                     # their answers recorded (cutting one short would leave it uncertain).
-                    run.halt("terminated", "terminated (SIGTERM): stopping now; the same command resumes")
+                    stopping.halt("terminated", "terminated (SIGTERM): stopping now; the same command resumes")
                 else:
-                    run.stop("interrupted", "interrupted")
-                    run.progress.stopping = "interrupted: finishing paid-for jobs; press Ctrl-C again to stop now"
-
-    deadline = math.inf if options.timeout is None else options.timeout
-    with anyio.move_on_after(deadline) as run_scope:
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(fsync_loop)
-            if options.handle_signals:
-                outer.start_soon(watch_signals, run_scope)
-            async with anyio.create_task_group() as group:
-                group.start_soon(feed)
-                for _ in range(min(options.concurrency, max(1, len(plan) + len(superseded)))):
-                    group.start_soon(worker, receive.clone())
-                receive.close()
-            outer.cancel_scope.cancel()
-    if run_scope.cancelled_caught and not run.interrupted:
-        run.stop("timeout", f"the run timeout of {options.timeout:g}s passed")
-    if run.fatal is None:
-        with anyio.CancelScope(shield=True):
-            await run.flush_sidecars()
-    if run.fatal is not None:
-        raise run.fatal
-    if run.halt_error is not None:
-        raise run.halt_error
-    if run.changed is not None:
-        raise run.changed
+                    stopping.stop("interrupted", "interrupted")
+                    self.steps.progress.stopping = (
+                        "interrupted: finishing paid-for jobs; press Ctrl-C again to stop now"
+                    )
 
 
 def _superseded_in_flight(run: JobSteps) -> list[tuple[Job, Action]]:
@@ -521,14 +495,10 @@ def _superseded_in_flight(run: JobSteps) -> list[tuple[Job, Action]]:
         record = run.records[key]
         if not (record.phase == "submitted" or (record.phase == "completed" and not record.downloaded)):
             continue
-        job = Job(key=key, name=_safe_name(record.name, key), model=record.model, input={})
+        job = Job(key=key, name=safe_name(record.name, key), model=record.model, input={})
         found.append((job, "poll" if record.phase == "submitted" else "download"))
         run.progress.set(key, "queued" if record.phase == "submitted" else "downloading")
     return found
-
-
-def _safe_name(name: str, key: str) -> str:
-    return name if _SAFE_NAME.fullmatch(name or "") else key[:12]
 
 
 def _summarize(run: JobSteps, warnings: list[str], endpoint: Endpoint, remote: RemoteRun | None) -> RunSummary:
@@ -540,68 +510,31 @@ def _summarize(run: JobSteps, warnings: list[str], endpoint: Endpoint, remote: R
         output_dir=run.output_dir,
         journal=run.output_dir / JOURNAL_NAME,
         total=len(run.jobs),
-        interrupted=run.interrupted,
-        stop_reason=run.stop_submitting,
-        stop_kind=run.stop_kind,
+        interrupted=run.stopping.interrupted,
+        stop_reason=run.stopping.reason,
+        stop_kind=run.stopping.kind,
         sandbox=endpoint.sandbox or is_rehearsal(endpoint.identity),
         warnings=warnings,
         output_url=remote.bucket.output.url if remote is not None else None,
+        refused_accounts=_refused_accounts(run, endpoint),
     )
 
 
-@dataclass(slots=True)
-class CancelSummary:
-    """What `cancel_manifest` did, job by job."""
-
-    cancelled: list[str] = field(default_factory=list)
-    not_cancellable: list[tuple[str, str]] = field(default_factory=list)
-    errors: list[tuple[str, str]] = field(default_factory=list)
-    not_submitted: int = 0
-
-
-async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None) -> CancelSummary:
-    """Ask RunComfy to cancel every job of manifest that is submitted and not finished.
-
-    Takes the output folder's lock: stop a running `batcher run` first (its
-    first Ctrl-C with --cancel-on-interrupt does the same from inside).
-    RunComfy cancels only queued jobs; running ones are listed as not cancellable.
-    """
-    options = options or RunOptions()
-    summary = CancelSummary()
-    jobs = select_jobs(manifest, options)
-    async with _open_run(manifest, options, jobs, ledger=False) as (_, journal, pool, _remote):
-        folded = journal.folded
-        pool.recorded({r.account for r in folded.records.values() if r.account})
-        # Jobs edited out of the manifest while queued are paid for all the same: cancel them too.
-        superseded = [
-            Job(key=key, name=_safe_name(record.name, key), model=record.model, input={})
-            for key, record in folded.records.items()
-            if not manifest.holds(key)
-            and record.phase == "submitted"
-            and options.only is None
-            and options.limit is None
+def _refused_accounts(run: JobSteps, endpoint: Endpoint) -> list[str]:
+    """What to say of each account whose token RunComfy refused while the run went on through others."""
+    said: list[str] = []
+    for lane in run.accounts.revoked:
+        held = [
+            r.name or key[:12] for key, r in run.records.items() if r.phase == "submitted" and r.account == lane.account
         ]
-        for job in itertools.chain(jobs, superseded):
-            record = folded.records.get(job.key)
-            if record is None or record.phase in ("pending", "uncertain", "submitting"):
-                summary.not_submitted += 1
-                continue
-            if record.phase != "submitted" or record.request_id is None:
-                continue
-            lane = pool.lane_for(record.account)
-            if lane is None:
-                summary.errors.append((job.name, f"no token for account {record.account}, which submitted it"))
-                continue
-            try:
-                outcome = await lane.client.cancel(record.request_id)
-            except AuthError:
-                raise  # the token is refused: every other cancel would be refused alike
-            except ApiError as exc:
-                summary.errors.append((job.name, str(exc)))
-                continue
-            if outcome.outcome == "cancelled" or outcome.state == "cancelled":
-                journal.append("cancelled", job.key, name=job.name)
-                summary.cancelled.append(job.name)
-            else:
-                summary.not_cancellable.append((job.name, outcome.state))
-    return summary
+        shown = ", ".join(held[:10]) + (f" and {len(held) - 10} more" if len(held) > 10 else "")
+        jobs = (
+            f"its {len(held)} job(s) in flight are held for the next run ({shown})"
+            if held
+            else "no job of it is in flight"
+        )
+        said.append(
+            f"account {lane.account}: {lane.refused}; {jobs}. Replace that account's token in "
+            f"{endpoint.token_env} and run the same command (nothing already submitted is sent again)"
+        )
+    return said

@@ -282,6 +282,8 @@ def print_summary(console: Console, summary: RunSummary, resume: str | None = No
         return
     if summary.stop_reason and not summary.interrupted and summary.stop_kind != "auth":
         console.print(f"\nstopped submitting: {printable(summary.stop_reason, 1000)}", markup=False)
+    for refused in summary.refused_accounts:
+        console.print(f"\n{printable(refused, 2000)}", markup=False)
     if summary.interrupted or summary.unfinished:
         console.print(f"\nTo resume, run: {again}\n(nothing already submitted is sent again)")
 

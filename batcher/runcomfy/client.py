@@ -195,6 +195,7 @@ class RunComfyClient:
         poll_timeout: httpx2.Timeout | None = None,
         max_connections: int = 100,
         max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+        token_env: str = TOKEN_ENV,
     ) -> None:
         if not token:
             msg = f"no API token: set {TOKEN_ENV}"
@@ -216,6 +217,8 @@ class RunComfyClient:
         # Masked in anything the server says back; too short a token would mask innocent text.
         self._secret = token if len(token) >= 8 else ""
         self.max_answer_bytes = max_answer_bytes
+        self.token_env = token_env
+        """Where the token came from (an environment variable's name): what a refusal tells the user to check."""
         self.retry = retry or RetryPolicy()
         self.rate_limiter = rate_limiter or RateLimiter()
         # RunComfy's own clients: connect 10 s, read 90 s for submits, 20 s for polls.
@@ -355,13 +358,13 @@ class RunComfyClient:
         code = error_code(body)
         if status == 429:
             # "Not now", refused before any work (RunComfy's CLI: retryable, src/exit.rs).
-            said = refusal(response, body, doing)
+            said = refusal(response, body, doing, token_env=self.token_env)
             limited = RateLimitedError(f"{said} (the job was not accepted)", status_code=status, error_code=code)
             limited.throttled = 1
             limited.retry_after = _retry_after(response)
             raise limited
         if refuses_submit(status, code):
-            refused = refusal(response, body, doing)
+            refused = refusal(response, body, doing, token_env=self.token_env)
             if not isinstance(refused, TransientApiError):  # each refusing code and status maps to a final error
                 raise refused
         # Everything else may stand in front of an accepted job: RunComfy's nodes answer any other status,
@@ -421,7 +424,7 @@ class RunComfyClient:
             return body
         if body is None and response.is_success:
             raise _Retry(TransientApiError(f"RunComfy answered something that is not a JSON object while {doing}"))
-        error = refusal(response, body, doing)
+        error = refusal(response, body, doing, token_env=self.token_env)
         if not isinstance(error, TransientApiError):
             raise error
         raise _Retry(error, _retry_after(response))
@@ -445,6 +448,18 @@ class RunComfyClient:
         if parts.userinfo or self._origin is None or (parts.scheme, parts.host, parts.port) != self._origin:
             return None
         return url
+
+    async def status(self, request_id: str, *, result_url: str | None = None) -> RequestResult:
+        """The request's current state (``GET /v1/requests/{id}/status``, what RunComfy's docs and every
+        RunComfy client wait on): a small answer, without outputs; `result` once it has ended.
+
+        result_url: the submit answer's ``result_url``; while it is on the API base's own origin and ends
+        in ``/result``, its ``/status`` sibling is asked (the request's own URLs, as RunComfy gave them)."""
+        own = self.own_url(result_url)
+        path = own[: -len("result")] + "status" if own and own.endswith("/result") else None
+        path = path or self._request_path(request_id, "status")
+        body = await self._call(f"status {request_id}", "GET", path, "polling a status")
+        return _parse_result(request_id, body)
 
     async def result(self, request_id: str, *, url: str | None = None) -> RequestResult:
         """The request's current state, and its outputs once completed (with cost where offered).

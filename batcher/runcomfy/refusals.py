@@ -107,8 +107,10 @@ def error_code(body: Mapping[str, Any] | None) -> int | None:
         return -1
 
 
-def refusal(response: httpx2.Response, body: Mapping[str, Any] | None, doing: str) -> ApiError:
-    """Turn an error answer into the error a user can act on."""
+def refusal(
+    response: httpx2.Response, body: Mapping[str, Any] | None, doing: str, *, token_env: str = TOKEN_ENV
+) -> ApiError:
+    """Turn an error answer into the error a user can act on; token_env: where the token came from."""
     status = response.status_code
     code = error_code(body)
     text = str(body.get("error_message") or body.get("message") or "") if body else ""
@@ -121,7 +123,7 @@ def refusal(response: httpx2.Response, body: Mapping[str, Any] | None, doing: st
         # 403001 is "another user's request": with the token that submitted it that cannot
         # happen, so every one of these means the token is wrong for this work. Certain, and final.
         msg = (
-            f"RunComfy refused the API token while {doing} ({tag}){said}. Check {TOKEN_ENV}: it may be "
+            f"RunComfy refused the API token while {doing} ({tag}){said}. Check {token_env}: it may be "
             "missing, expired, the account inactive, or not the account that submitted this run's jobs"
         )
         return AuthError(msg, **kwargs)

@@ -31,6 +31,7 @@ __all__ = [
     "TOKEN_FILE_ENV",
     "fingerprint",
     "read_token_file",
+    "token_source",
     "tokens_from_env",
 ]
 
@@ -46,6 +47,15 @@ _MAX_FILE_BYTES = 64 * 1024
 def fingerprint(token: str) -> str:
     """The account's name in the journal, status and messages: 12 hex digits of a keyed hash of its token."""
     return hmac.new(FINGERPRINT_KEY, token.encode(), hashlib.sha256).hexdigest()[:_FINGERPRINT_DIGITS]
+
+
+def token_source() -> str:
+    """The name of the environment variable the run's tokens come from (see `tokens_from_env`), as a
+    message about a refused token names it; RUNCOMFY_API_TOKEN when none is set."""
+    for name in (TOKEN_FILE_ENV, TOKENS_ENV, TOKEN_ENV):
+        if os.environ.get(name, "").strip():
+            return name
+    return TOKEN_ENV
 
 
 def tokens_from_env() -> tuple[str, ...]:

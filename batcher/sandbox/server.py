@@ -118,6 +118,8 @@ class Sandbox:
         """Output path -> sha256 of the bytes it serves."""
         self.faults_injected: dict[str, int] = {}
         self.calls: dict[str, int] = {}
+        self.answered_bytes: dict[str, int] = {}
+        """Bytes of the answer bodies sent to status and result calls, by call: what polling costs the wire."""
         self.api_calls_at: list[float] = []
         self.rate_limited_at: list[float] = []
         self._buckets: dict[str, tuple[float, float]] = {}
@@ -135,6 +137,8 @@ class Sandbox:
         """Submits refused with 400002 (the balance could not pay, or refuse="balance")."""
         self.credentials_seen_by_file_host = 0
         """File requests that carried an Authorization header: must stay 0."""
+        self.revoked: set[str] = set()
+        """Tokens refused from now on with 400004 (HTTP 401), as RunComfy answers a revoked key: `revoke`."""
         self.port: int | None = None
         self.host = "127.0.0.1"
 
@@ -145,6 +149,7 @@ class Sandbox:
             "submits": len(self.submits),
             "jobs": len(self.jobs),
             "calls": dict(self.calls),
+            "answered_bytes": dict(self.answered_bytes),
             "faults": dict(self.faults_injected),
             "unanswered_submits": sum(1 for s in self.submits if not s.answered),
             "account_refusals": self.account_refusals,
@@ -156,6 +161,10 @@ class Sandbox:
             "account_refusals_by_account": dict(self.account_refusals_by_account),
             "other_user_refusals": self.other_user_refusals,
         }
+
+    def revoke(self, token: str) -> None:
+        """Refuse token from now on (a key revoked on RunComfy's site mid-run); the other accounts go on."""
+        self.revoked.add(token)
 
     def top_up(self, amount: float) -> None:
         """Add to a limited balance, as a user would on RunComfy's site."""
@@ -214,7 +223,7 @@ class Sandbox:
                 return self._refusal(401, 401001, "Invalid or missing API token")
         elif not headers.get("authorization", "").startswith("Bearer "):
             return self._refusal(401, 401001, "Missing API token")
-        if self.config.refuse == "token":
+        if self.config.refuse == "token" or (self.revoked and bearer.removeprefix("Bearer ") in self.revoked):
             return self._refusal(401, *REFUSALS["token"])
         if segments == ["prod", "v2", "balance"] and method == "GET":
             return self._balance()
@@ -445,6 +454,7 @@ class Sandbox:
         if dialect.urls:
             payload.update(self._urls(request_id))
         response = json_response(200, payload)
+        self.answered_bytes[kind] = self.answered_bytes.get(kind, 0) + len(response.body)
         if fault is not None:
             return self._fault_response(fault, answer=response)
         return response
