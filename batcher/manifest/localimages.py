@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from ..confined import open_regular
 from .folder import Confinement
 from .imagefit import (
     FIT_HINT,
@@ -372,7 +373,7 @@ def _read_checked(path: Path, key: tuple[str, int, int, int], *, fit: bool) -> _
         return f"{path} is empty"
     digest = hashlib.sha256()
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:  # a FIFO swapped in since the stat is refused, never waited on
             head = handle.read(64)
             mime = sniff(head)
             if mime is None:

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..confined import open_regular
 from ..errors import LocalImageError, UsageError
 from .imagefit import MAX_FIT_SOURCE_BYTES, MAX_IMAGE_BYTES, cached_fit, fit_image
 from .job import Job
@@ -69,7 +70,7 @@ def _data_uri(folder: Path, where: str, path_text: str, sha256: str, fitted: boo
     """The data URI of the file path_text names (relative to folder), if what is sent still hashes to sha256."""
     path = folder / path_text
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             key = _key(path, os.fstat(handle.fileno()))
             cached = _encoded.get(key)
             if cached is not None and cached[0] == sha256:
@@ -100,7 +101,7 @@ def sent_bytes(path: Path, value: str) -> bytes:
     if found is None:
         msg = f"{value!r} is not a local image reference"
         raise LocalImageError(msg)
-    with path.open("rb") as handle:
+    with open_regular(path) as handle:
         return _sent(handle, path, _key(path, os.fstat(handle.fileno())), found[1], fitted=is_fitted(value))
 
 
