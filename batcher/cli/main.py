@@ -570,6 +570,14 @@ def status(
     help="Refuse output files larger than this.",
 )
 @click.option(
+    "--allow-output-host",
+    "allow_output_hosts",
+    multiple=True,
+    metavar="HOST",
+    help="Also download output files from HOST (cdn.example.com, *.example.com, host:port); repeatable "
+    "[default: RunComfy's *.runcomfy.net and *.runcomfy.com, and the API base's origin].",
+)
+@click.option(
     "--max-answer-bytes",
     default=DEFAULT_MAX_ANSWER_BYTES,
     show_default=True,
@@ -620,6 +628,7 @@ def run(
     retries: int,
     read_timeout: float | None,
     max_download_bytes: int,
+    allow_output_hosts: tuple[str, ...],
     max_answer_bytes: int,
     download_timeout: float | None,
     quiet: bool,
@@ -661,6 +670,7 @@ def run(
         poll_min=poll_interval,
         poll_max=max(poll_max, poll_interval),
         max_download_bytes=max_download_bytes,
+        allow_output_hosts=allow_output_hosts,
         download_deadline=download_timeout,
         max_answer_bytes=max_answer_bytes,
         retry=RetryPolicy(attempts=retries),

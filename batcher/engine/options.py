@@ -20,6 +20,7 @@ from ..errors import ManifestChangedError, UsageError
 from ..journal.failures import RETRYABLE
 from ..lifecycle import FailureClass
 from ..manifest.loader import Job, Manifest, in_shard
+from ..net.policy import OutputHosts
 from ..output.download import DEFAULT_MAX_BYTES
 from ..runcomfy.client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy
 from .endpoint import LocalApi
@@ -159,6 +160,9 @@ class RunOptions:
     """Never submit a job that would take the estimated cost of every submit the journal
     records for this manifest (earlier runs included) past this many dollars."""
     max_download_bytes: int = DEFAULT_MAX_BYTES
+    allow_output_hosts: tuple[str, ...] = ()
+    """Hosts output files may come from besides RunComfy's (``*.runcomfy.net``, ``*.runcomfy.com``) and the
+    API base's origin: ``cdn.example.com``, ``*.example.com`` or ``host:port`` (--allow-output-host)."""
     max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
     """The largest API answer read; past it a submit is uncertain and a poll is retried."""
     download_deadline: float | None = None
@@ -175,6 +179,10 @@ class RunOptions:
     poll_timeout: httpx2.Timeout | None = None
 
     def __post_init__(self) -> None:
+        try:
+            OutputHosts.of("https://x.invalid", self.allow_output_hosts)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
         if not isinstance(self.sandbox, bool):
             msg = "RunOptions.sandbox is True or False; put a SandboxConfig in sandbox_config"
             raise UsageError(msg)

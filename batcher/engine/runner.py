@@ -48,7 +48,7 @@ from ..journal.store import JOURNAL_NAME, Journal
 from ..lifecycle import Action, ExitCode, FailureClass, StopKind, held_status, starting_status
 from ..manifest.cost import estimate
 from ..manifest.loader import Job, Manifest
-from ..net.policy import loopback_origin
+from ..net.policy import OutputHosts, loopback_origin
 from ..output.dataset import METADATA_NAME, write_metadata
 from ..output.download import Downloader
 from ..output.folders import (
@@ -281,6 +281,7 @@ async def run_manifest(
                 # Loopback only at a loopback API base's own origin (the sandbox's): never another local port.
                 loopback_origin=loopback_origin(endpoint.base_url),
                 deadline=options.download_deadline,
+                output_hosts=OutputHosts.of(endpoint.base_url, options.allow_output_hosts),
             )
         )
         run = JobSteps(manifest, jobs, options, output_dir, journal, pool, downloader)

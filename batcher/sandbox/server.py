@@ -226,6 +226,8 @@ class SandboxConfig:
     image_size: int = 64
     images_per_job: int = 1
     url_ttl: float | None = None
+    files_origin: str | None = None
+    """The ``scheme://host:port`` output URLs name, to rehearse outputs on another host; default: the sandbox's own."""
     """Seconds an output URL stays valid; None for ever."""
     require_token: str | None = None
     auth_status: int = 401
@@ -687,7 +689,7 @@ class Sandbox:
     def _outputs(self, request_id: str, now: float) -> dict[str, Any]:
         expiry = f"?expires={now + self.config.url_ttl:.3f}" if self.config.url_ttl is not None else ""
         urls = [
-            f"http://{self.host}:{self.port}/files/{request_id}/{index}.png{expiry}"
+            f"{self.config.files_origin or f'http://{self.host}:{self.port}'}/files/{request_id}/{index}.png{expiry}"
             for index in range(self.config.images_per_job)
         ]
         return {"image": urls[0]} if len(urls) == 1 else {"images": urls}
