@@ -19,12 +19,19 @@ Paths the journal records are checked again whenever they are used
 (`relative_parts`, `OutputDir.has_file`, `open_journalled`): a tampered
 journal must not make the gallery link to, or the runner read, a file
 outside the folder.
+
+Files the user names (local images, prompt files) lie outside the output
+folder and may be reached through links, but they too are read only as
+regular files (`open_regular`): a FIFO put in an image's place must not
+block the process in ``open`` for good.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
+import io
 import os
 import stat
 from collections.abc import Sequence
@@ -32,7 +39,15 @@ from pathlib import Path
 
 from .errors import BatcherError, OutputFolderError
 
-__all__ = ["OutputDir", "StagedFile", "open_journalled", "relative_parts", "write_atomically"]
+__all__ = [
+    "NotRegularFileError",
+    "OutputDir",
+    "StagedFile",
+    "open_journalled",
+    "open_regular",
+    "relative_parts",
+    "write_atomically",
+]
 
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 ErrorKind = type[BatcherError]
@@ -305,3 +320,39 @@ def open_journalled(root: Path, relative: str) -> int | None:
             return folder.open_file(parts, os.O_RDONLY)
     except (OSError, BatcherError):
         return None
+
+
+class NotRegularFileError(OSError):
+    """A file the user named is not a regular file (a FIFO, a device, a socket, a folder): it is not read."""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a file"
+
+
+def open_regular(path: str | os.PathLike[str]) -> io.BufferedReader:
+    """path opened for reading (links followed: the user named it), only if it is a regular file.
+
+    Opened with ``O_NONBLOCK``, so that a FIFO (or a device) cannot block the
+    open, then checked with ``fstat`` on the descriptor, so nothing can be
+    swapped in between; reads then block as usual. Raises NotRegularFileError
+    (an OSError whose strerror says what the path is) or the open's OSError.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(errno.EINVAL, f"not a regular file but {_kind(mode)}", os.fspath(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

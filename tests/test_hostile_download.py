@@ -206,7 +206,12 @@ async def test_a_nan_cost_or_odd_text_from_the_server_leaves_a_readable_journal(
     # Python's json reads NaN, Infinity, huge numbers and lone surrogates; orjson, the journal's reader, does not.
     odd = b', "cost": NaN, "usage": {"ratio": Infinity, "big": 1' + b"0" * 400 + b', "note": "\\ud800"}'
     api = scripted_api("https://93.184.216.34/0.png", odd)
-    options = fast_options(output_dir=Path("out"), api_transport=api, download_transport=httpx2.MockTransport(answer))
+    options = fast_options(
+        output_dir=Path("out"),
+        api_transport=api,
+        download_transport=httpx2.MockTransport(answer),
+        allow_output_hosts=("93.184.216.34",),  # not RunComfy's host: allowed, as a user would
+    )
     summary = await run_manifest(manifest, options)
     assert summary.done == 1
     folded = read_journal(tmp_path / "out" / JOURNAL_NAME)  # raised JournalCorruptError before

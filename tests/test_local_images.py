@@ -190,9 +190,9 @@ def test_validate_reports_each_bad_local_image_at_its_line(runner: CliRunner, tm
     (project / "refs").mkdir(parents=True)
     (project / "refs" / "ok.png").write_bytes(make_png("ok", 16))
     (project / "refs" / "page.png").write_bytes(b"<!doctype html><html><body>Sign in</body></html>")
-    with (project / "refs" / "huge.png").open("wb") as sparse:  # sparse: 50 MB + 1 without writing them
+    with (project / "refs" / "huge.png").open("wb") as sparse:  # sparse: 6 MiB + 1 without writing them
         sparse.write(b"\x89PNG\r\n\x1a\n")
-        sparse.truncate(50 * 1024 * 1024 + 1)
+        sparse.truncate(6 * 1024 * 1024 + 1)
     (tmp_path / "secret.png").write_bytes(make_png("secret", 16))
     (project / "refs" / "link.png").symlink_to(tmp_path / "secret.png")
     manifest = write_manifest(
@@ -225,7 +225,7 @@ def test_validate_reports_each_bad_local_image_at_its_line(runner: CliRunner, tm
     assert "no file" in lines[f"{manifest}:6"] and "gone.png" in lines[f"{manifest}:6"]
     assert "is not a PNG, JPEG, WEBP or GIF image by its content" in lines[f"{manifest}:8"]
     assert "<!doctype" in lines[f"{manifest}:8"]
-    assert "RunComfy takes at most 50 MB" in lines[f"{manifest}:10"]
+    assert "is 6.0 MiB; RunComfy's own ComfyUI nodes send an image inline only up to 6 MiB" in lines[f"{manifest}:10"]
     assert "leads outside the manifest's folder" in lines[f"{manifest}:12"]
     assert "leads outside the manifest's folder" in lines[f"{manifest}:14"]
     assert "is a folder" in lines[f"{manifest}:16"]

@@ -397,6 +397,8 @@ async def test_unknown_states_empty_outputs_and_unsafe_urls_fail_one_job_each(tm
         concurrency=1,
         api_transport=httpx2.MockTransport(api),
         download_transport=httpx2.MockTransport(files),
+        # Not RunComfy's hosts: allowed, so the address rules are what is tested (an allowed host is still checked).
+        allow_output_hosts=("93.184.216.34", "169.254.169.254"),
     )
     summary = await run_manifest(manifest, options)
     assert summary.done == 1

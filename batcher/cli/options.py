@@ -17,6 +17,7 @@ from ..output.storage import RemoteOutput, parse_output
 
 
 def manifest_argument(function: Callable[..., Any]) -> Callable[..., Any]:
+    from ..manifest.imagefit import set_fit_images
     from ..manifest.loader import MAX_JOBS, set_max_jobs
 
     def cap_jobs(ctx: click.Context, _param: click.Parameter, value: int | None) -> None:
@@ -35,6 +36,15 @@ def manifest_argument(function: Callable[..., Any]) -> Callable[..., Any]:
         expose_value=False,
         callback=cap_jobs,
         help=f"Refuse a manifest that expands to more than N jobs (default {MAX_JOBS:,}). Env BATCHER_MAX_JOBS.",
+    )(function)
+    function = click.option(
+        "--fit-images",
+        is_flag=True,
+        envvar="BATCHER_FIT_IMAGES",
+        expose_value=False,
+        callback=lambda ctx, _param, value: ctx.call_on_close(set_fit_images(True)) if value else None,
+        help="Re-encode a local image over RunComfy's inline limits (6 MiB, 32 MP) to fit, as a PNG, rather than "
+        "refuse it (needs Pillow; the manifest's fit_images: true does the same). Env BATCHER_FIT_IMAGES.",
     )(function)
     return click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))(function)
 

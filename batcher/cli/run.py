@@ -90,6 +90,7 @@ from .options import api_base_option, field_option, manifest_argument, output_op
     field_option(RetryPolicy, "attempts", param="retries"),
     run_option("read_timeout"),
     run_option("max_download_bytes"),
+    run_option("allow_output_hosts"),
     run_option("max_answer_bytes"),
     run_option("download_timeout"),
 )

@@ -22,6 +22,7 @@ from ..flags import closest, flagged
 from ..journal.failures import RETRYABLE
 from ..lifecycle import FailureClass
 from ..manifest.loader import Job, Manifest, in_shard
+from ..net.policy import OutputHosts
 from ..output.download import DEFAULT_MAX_BYTES
 from ..output.folders import parse_shard
 from ..runcomfy.client import DEFAULT_MAX_ANSWER_BYTES, RetryPolicy
@@ -263,6 +264,15 @@ class RunOptions:
     max_download_bytes: int = flagged(
         DEFAULT_MAX_BYTES, "--max-download-bytes", minimum=1, help="Refuse output files larger than this."
     )
+    allow_output_hosts: tuple[str, ...] = flagged(
+        (),
+        "--allow-output-host",
+        kind=str,
+        multiple=True,
+        metavar="HOST",
+        help="Also download output files from HOST (cdn.example.com, *.example.com, host:port); repeatable "
+        "[default: RunComfy's *.runcomfy.net and *.runcomfy.com, and the API base's origin].",
+    )
     max_answer_bytes: int = flagged(
         DEFAULT_MAX_ANSWER_BYTES,
         "--max-answer-bytes",
@@ -303,6 +313,10 @@ class RunOptions:
         return object.__new__(cls)
 
     def __post_init__(self) -> None:
+        try:
+            OutputHosts.of("https://x.invalid", self.allow_output_hosts)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
         if not isinstance(self.sandbox, bool):
             msg = "RunOptions.sandbox is True or False; put a SandboxConfig in sandbox_config"
             raise UsageError(msg)

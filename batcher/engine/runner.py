@@ -37,7 +37,7 @@ from ..journal.store import JOURNAL_NAME
 from ..lifecycle import Action, ExitCode, FailureClass, StopKind, held_status, starting_status
 from ..manifest.cost import estimate
 from ..manifest.loader import Job, Manifest
-from ..net.policy import loopback_origin
+from ..net.policy import OutputHosts, loopback_origin
 from ..output.dataset import METADATA_NAME, write_metadata
 from ..output.download import Downloader
 from ..output.folders import api_identity, check_no_overlap, is_rehearsal, shard_folder_name
@@ -197,6 +197,7 @@ async def run_manifest(
                 # Loopback only at a loopback API base's own origin (the sandbox's): never another local port.
                 loopback_origin=loopback_origin(endpoint.base_url),
                 deadline=options.download_timeout,
+                output_hosts=OutputHosts.of(endpoint.base_url, options.allow_output_hosts),
             )
         )
         run = JobSteps(manifest, jobs, options, output_dir, journal, pool, downloader)

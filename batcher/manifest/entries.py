@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..confined import open_regular
 from ..errors import Problem
 from .folder import Confinement
 from .problems import Problems, YamlPath, did_you_mean
@@ -198,11 +199,11 @@ def _prompt_file(
     if confined is not None and confined.escapes(path):  # checked first: whether it exists is none of its business
         problems.at(where, confined.refusal(repr(value)))
         return None
-    if not path.is_file():
+    if not path.exists():
         problems.at(where, f"no prompt file {path} (prompt files are relative to the manifest)")
         return None
     try:
-        path.open("rb").close()
+        open_regular(path).close()  # a FIFO or a folder is refused, never waited on
     except OSError as exc:
         problems.at(where, f"cannot read {path}: {exc.strerror}")
         return None

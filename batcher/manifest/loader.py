@@ -60,6 +60,7 @@ from ..errors import ManifestError, Problem, UsageError
 from .entries import ENTRY_CONTROL_KEYS, Entry, read_entry
 from .expand import MAX_JOBS, Expander, job_cap, set_max_jobs
 from .folder import Confinement, confinement
+from .imagefit import fit_images_default
 from .job import Job, in_shard, job_key, shard_of
 from .problems import Problems, YamlPath, did_you_mean
 from .yamlread import LocatedYaml, Skimmed
@@ -75,7 +76,7 @@ __all__ = [
     "shard_of",
 ]
 
-TOP_LEVEL_KEYS = ("model", "schemas", "defaults", "jobs")
+TOP_LEVEL_KEYS = ("model", "schemas", "fit_images", "defaults", "jobs")
 _MODEL_HINT = "expected the RunComfy model id, e.g. openai/gpt-image-1-5/image-to-image"
 
 
@@ -168,6 +169,7 @@ def load_manifest(
     *,
     max_jobs: int | None = None,
     allow_outside: bool = False,
+    fit_images: bool = False,
 ) -> Manifest:
     """Read, expand and validate a manifest.
 
@@ -177,7 +179,9 @@ def load_manifest(
     `set_max_jobs` cap, else env BATCHER_MAX_JOBS, else `MAX_JOBS`). Prompt
     files and schema folders must lie inside the manifest's folder, symlinks
     followed, unless allow_outside or env BATCHER_ALLOW_OUTSIDE_FILES=1.
-    Raises ManifestError listing every problem found, or UsageError when the
+    A local image over RunComfy's inline limits is refused, or re-encoded to
+    fit when fit_images, `imagefit.set_fit_images` (the CLI's --fit-images) or
+    the manifest's ``fit_images: true`` says so. Raises ManifestError listing every problem found, or UsageError when the
     file cannot be read or the cap is not a number.
     """
     path = Path(path)
@@ -202,6 +206,7 @@ def load_manifest(
     directories = [*schema_dirs, *own]
     model = _model(problems, data.get("model"))
     defaults = _defaults(problems, data.get("defaults", {}))
+    fit = _fit_images(problems, data.get("fit_images")) or fit_images or fit_images_default()
     items = data.get("jobs")
     if not (isinstance(items, list) and items) and not (isinstance(items, Skimmed) and items.count):
         problems.at(("jobs",), "expected a non-empty list of jobs")
@@ -216,6 +221,7 @@ def load_manifest(
     expander = Expander(
         problems, directories, model, defaults, entries, max_jobs=cap, confined=confined, own_schema_dirs=own
     )
+    expander.local_images.fit = fit
     digest = hashlib.sha256(raw)
     for _job in expander.jobs(check=True):
         pass
@@ -265,6 +271,14 @@ def _model(problems: Problems, value: object) -> str | None:
         problems.at(("model",), _MODEL_HINT)
         return None
     return value
+
+
+def _fit_images(problems: Problems, value: object) -> bool:
+    """The manifest's ``fit_images``: whether local images over RunComfy's limits are re-encoded to fit."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    problems.at(("fit_images",), "expected true or false (re-encode local images over RunComfy's limits to fit)")
+    return False
 
 
 def _defaults(problems: Problems, value: object) -> dict[str, Any]:

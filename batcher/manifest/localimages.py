@@ -21,9 +21,13 @@ A local image goes through three forms:
 
 Loading checks each file once per load (`LocalImages`, cached by path,
 mtime and size): inside the manifest's folder tree (`manifestfolder`'s
-rules, links followed), a regular file, at most `MAX_IMAGE_BYTES`, and a
-PNG, JPEG, WEBP or GIF **by its bytes** (a ``.png`` that is an HTML page is
-refused), with the whole request under `MAX_REQUEST_BYTES`.
+rules, links followed), a regular file, a PNG, JPEG, WEBP or GIF **by its
+bytes** (a ``.png`` that is an HTML page is refused), within RunComfy's
+limits for an inline image (`batcher.manifest.imagefit`: 6 MiB, 32 MP), with
+the whole request under `MAX_REQUEST_BYTES`. With ``fit_images`` a file over
+those limits is re-encoded to fit (`imagefit.fit_image`) and its reference
+says so, ``file:refs/a.png#fit&sha256=<hex>``: the hash, and so the job's
+identity, is of the re-encoded bytes, the bytes sent.
 """
 
 from __future__ import annotations
@@ -42,7 +46,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from ..confined import open_regular
 from .folder import Confinement
+from .imagefit import (
+    FIT_HINT,
+    LIMIT_SOURCE,
+    MAX_FIT_SOURCE_BYTES,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    dimensions,
+    fit_image,
+    remember_fit,
+)
 from .problems import shorten
 from .schema import FieldError, ModelSchema
 
@@ -56,13 +71,12 @@ __all__ = [
     "check_inline_images",
     "decode_data_uri",
     "identity_form",
+    "is_fitted",
     "is_local",
     "parse_reference",
     "sniff",
 ]
 
-MAX_IMAGE_BYTES = 50 * 1024 * 1024
-"""RunComfy's limit for one input file (as `validate --check-urls` applies it to URLs)."""
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 """The largest request body, data URIs included: RunComfy's nodes refuse to send more (``client.py``)."""
 STAND_IN = "data:image/png;base64,"
@@ -80,7 +94,7 @@ _MAGIC: tuple[tuple[bytes, int, str], ...] = (
 )
 _MIMES = frozenset(mime for _, _, mime in _MAGIC)
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_REFERENCE = re.compile(r"^file:(?P<path>[^#]+)#sha256=(?P<sha>[0-9a-f]{64})$")
+_REFERENCE = re.compile(r"^file:(?P<path>[^#]+)#(?P<fit>fit&)?sha256=(?P<sha>[0-9a-f]{64})$")
 _DATA_URI = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),")
 _SAFE = "/!$&'()*+,;=:@-._~"  # kept as written in a file: URL's path; '#', '%' and the rest are escaped
 
@@ -132,9 +146,15 @@ def parse_reference(value: object) -> tuple[str, str] | None:
     return (unquote(found["path"]), found["sha"]) if found else None
 
 
-def _reference(path_text: str, sha256: str) -> str:
+def is_fitted(value: str) -> bool:
+    """Whether a reference names a file sent re-encoded to fit (``#fit&sha256=``): its hash is of those bytes."""
+    found = _REFERENCE.match(value)
+    return bool(found and found["fit"])
+
+
+def _reference(path_text: str, sha256: str, fitted: bool = False) -> str:
     # Percent-encoded so that a '#' or '%' in a file name cannot be read as the hash.
-    return f"file:{quote(path_text, safe=_SAFE)}#sha256={sha256}"
+    return f"file:{quote(path_text, safe=_SAFE)}#{'fit&' if fitted else ''}sha256={sha256}"
 
 
 def image_values(payload: dict[str, Any], fields: dict[str, bool]) -> Iterator[tuple[str, int | None, Any]]:
@@ -190,22 +210,25 @@ def identity_form(payload: dict[str, Any], source: LocalSource | None) -> dict[s
 
 @dataclass(frozen=True, slots=True)
 class _Checked:
-    """A file that passed: its reference's hash, its type and size."""
+    """A file that passed: its reference's hash, its type and size (of the re-encoded bytes when fitted)."""
 
     sha256: str
     mime: str
     size: int
+    fitted: bool = False
 
 
 class LocalImages:
     """Checks and hashes the local images of one load, each distinct file once (by path, mtime and size)."""
 
-    def __init__(self, confined: Confinement | None) -> None:
+    def __init__(self, confined: Confinement | None, *, fit: bool = False) -> None:
         self.confined = confined
         """Where the files must lie; None when the user allows files outside the manifest's folder."""
+        self.fit = fit
+        """Re-encode a file over RunComfy's inline limits to fit (`imagefit.fit_image`), rather than refuse it."""
         self._found: dict[tuple[str, int, int, int], _Checked] = {}
         self._where: dict[tuple[Path, str], tuple[Path, str] | str] = {}
-        self._refs: dict[tuple[str, str], str] = {}
+        self._refs: dict[tuple[str, str, bool], str] = {}
         self._loaded: dict[str, _Checked] = {}
         self._url_lists: dict[int, tuple[list[Any], bool]] = {}
         self._frozen = False
@@ -242,9 +265,10 @@ class LocalImages:
                 continue
             path_text, found = checked
             sizes.append(found)
-            ref = self._refs.get((path_text, found.sha256))
+            ref = self._refs.get((path_text, found.sha256, found.fitted))
             if ref is None:  # one string for every job naming the file: 50,000 rows share it
-                ref = self._refs[(path_text, found.sha256)] = _reference(path_text, found.sha256)
+                ref = _reference(path_text, found.sha256, found.fitted)
+                self._refs[(path_text, found.sha256, found.fitted)] = ref
             changes[(name, index)] = ref
         if not local_fields:
             return Normalised(payload, payload, problems)
@@ -298,7 +322,7 @@ class LocalImages:
         key = (str(path), status.st_mtime_ns, status.st_size, status.st_ino)
         found = self._found.get(key)
         if found is None:
-            checked = _read_checked(path, status.st_size)
+            checked = _read_checked(path, key, fit=self.fit)
             if isinstance(checked, str):
                 return checked
             found = self._found[key] = checked
@@ -338,26 +362,46 @@ def _path_text(value: str) -> str | None:
     return text or None
 
 
-def _read_checked(path: Path, size: int) -> _Checked | str:
-    """Hash and type of the image file at path (size bytes by its stat), or why it cannot be sent."""
+def _read_checked(path: Path, key: tuple[str, int, int, int], *, fit: bool) -> _Checked | str:
+    """Hash and type of the image file at path (key: its path, mtime, size and inode), or why it cannot be sent.
+
+    A file over RunComfy's inline limits is refused, or with fit re-encoded: then the hash, type and size
+    are the re-encoded bytes'.
+    """
+    size = key[2]
     if size == 0:
         return f"{path} is empty"
-    if size > MAX_IMAGE_BYTES:
-        return f"{path} is {size / 1e6:.1f} MB; RunComfy takes at most {MAX_IMAGE_BYTES // 2**20} MB an image"
     digest = hashlib.sha256()
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:  # a FIFO swapped in since the stat is refused, never waited on
             head = handle.read(64)
-            digest.update(head)
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+            mime = sniff(head)
+            if mime is None:
+                shown = head[:16].decode("ascii", "replace")
+                return f"{path} is not a PNG, JPEG, WEBP or GIF image by its content (it starts {shown!r})"
+            found = dimensions(handle)
+            pixels = found[0] * found[1] if found else 0
+            if size <= MAX_IMAGE_BYTES and pixels <= MAX_IMAGE_PIXELS:
+                handle.seek(0)
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+                return _Checked(digest.hexdigest(), mime, size)
+            over = f"{size / 2**20:.1f} MiB" if size > MAX_IMAGE_BYTES else f"{pixels / 1e6:.1f} megapixels"
+            if not fit:
+                return f"{path} is {over}; {LIMIT_SOURCE}: {FIT_HINT}"
+            if size > MAX_FIT_SOURCE_BYTES:
+                return f"{path} is {size / 2**20:.1f} MiB, too large to re-encode to fit (at most {MAX_FIT_SOURCE_BYTES // 2**20} MiB)"
+            handle.seek(0)
+            data = handle.read(MAX_FIT_SOURCE_BYTES + 1)
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror}"
-    mime = sniff(head)
-    if mime is None:
-        shown = head[:16].decode("ascii", "replace")
-        return f"{path} is not a PNG, JPEG, WEBP or GIF image by its content (it starts {shown!r})"
-    return _Checked(digest.hexdigest(), mime, size)
+    try:
+        fitted = fit_image(data)
+    except ValueError as exc:
+        return f"{path} is {over} and {exc}"
+    sha256 = hashlib.sha256(fitted).hexdigest()
+    remember_fit(key, sha256, fitted)
+    return _Checked(sha256, "image/png", len(fitted), fitted=True)
 
 
 def _data_uri_length(mime: str, size: int) -> int:
@@ -392,7 +436,7 @@ def decode_data_uri(value: str) -> tuple[str, bytes]:
         raise ValueError(msg)
     encoded = value[head.end() :]
     if len(encoded) > _data_uri_length(mime, MAX_IMAGE_BYTES):
-        msg = f"holds more than {MAX_IMAGE_BYTES // 2**20} MB"
+        msg = f"holds more than {MAX_IMAGE_BYTES // 2**20} MiB ({LIMIT_SOURCE})"
         raise ValueError(msg)
     try:
         data = base64.b64decode(encoded, validate=True)

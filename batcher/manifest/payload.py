@@ -13,22 +13,24 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from ..errors import LocalImageError
+from ..confined import open_regular
+from ..errors import LocalImageError, UsageError
+from .imagefit import MAX_FIT_SOURCE_BYTES, MAX_IMAGE_BYTES, cached_fit, fit_image
 from .job import Job
 from .localimages import (
-    MAX_IMAGE_BYTES,
     MAX_REQUEST_BYTES,
     dotted,
     image_values,
+    is_fitted,
     is_local,
     parse_reference,
     replaced,
     sniff,
 )
 
-__all__ = ["payload_for"]
+__all__ = ["payload_for", "sent_bytes"]
 
 _CACHE_CHARS = 256 * 1024 * 1024  # encoded images kept for the next submit of the same file
 
@@ -55,7 +57,7 @@ def payload_for(job: Job) -> dict[str, Any]:
                 msg = f"{dotted(name, index)}: {value!r} was not a readable image when the manifest was loaded"
                 raise LocalImageError(msg)
             continue
-        changes[(name, index)] = _data_uri(source.folder, dotted(name, index), *found)
+        changes[(name, index)] = _data_uri(source.folder, dotted(name, index), *found, is_fitted(value))
     payload = replaced(job.input, changes)
     size = len(json.dumps(payload).encode())  # escaped ASCII, as HTTP clients send JSON by default: the larger
     if size > MAX_REQUEST_BYTES:
@@ -64,28 +66,22 @@ def payload_for(job: Job) -> dict[str, Any]:
     return payload
 
 
-def _data_uri(folder: Path, where: str, path_text: str, sha256: str) -> str:
-    """The data URI of the file path_text names (relative to folder), if it still hashes to sha256."""
+def _data_uri(folder: Path, where: str, path_text: str, sha256: str, fitted: bool) -> str:
+    """The data URI of the file path_text names (relative to folder), if what is sent still hashes to sha256."""
     path = folder / path_text
     try:
-        with path.open("rb") as handle:
-            status = os.fstat(handle.fileno())
-            key = (str(path), status.st_mtime_ns, status.st_size, status.st_ino)
+        with open_regular(path) as handle:
+            key = _key(path, os.fstat(handle.fileno()))
             cached = _encoded.get(key)
             if cached is not None and cached[0] == sha256:
                 _encoded.move_to_end(key)
                 return cached[1]
-            if status.st_size > MAX_IMAGE_BYTES:
-                msg = f"{where}: {path} has grown past {MAX_IMAGE_BYTES // 2**20} MB since the manifest was loaded"
-                raise LocalImageError(msg)
-            data = handle.read(MAX_IMAGE_BYTES + 1)
+            data = _sent(handle, path, key, sha256, fitted=fitted)
+    except LocalImageError as exc:
+        raise LocalImageError(f"{where}: {exc}") from exc
     except OSError as exc:
         msg = f"{where}: cannot read the local image {path}: {exc.strerror}"
         raise LocalImageError(msg) from exc
-    if hashlib.sha256(data).hexdigest() != sha256:
-        # Sending other bytes than the job's identity names would pay for a job the journal misdescribes.
-        msg = f"{where}: {path} changed since the manifest was loaded; run again to pick up the new image"
-        raise LocalImageError(msg)
     mime = sniff(data[:64])
     if mime is None:  # unreachable for a file whose hash was checked at load, unless the hash collides
         msg = f"{where}: {path} is not an image"
@@ -95,3 +91,47 @@ def _data_uri(folder: Path, where: str, path_text: str, sha256: str) -> str:
     while sum(len(u) for _, u in _encoded.values()) > _CACHE_CHARS and len(_encoded) > 1:
         _encoded.popitem(last=False)
     return uri
+
+
+def sent_bytes(path: Path, value: str) -> bytes:
+    """The bytes a job sends for the local image reference value (path: the file it names): the file's, or
+    with ``#fit`` its re-encoding. Raises LocalImageError when they no longer hash to the reference's sha256,
+    OSError when the file cannot be read."""
+    found = parse_reference(value)
+    if found is None:
+        msg = f"{value!r} is not a local image reference"
+        raise LocalImageError(msg)
+    with open_regular(path) as handle:
+        return _sent(handle, path, _key(path, os.fstat(handle.fileno())), found[1], fitted=is_fitted(value))
+
+
+def _key(path: Path, status: os.stat_result) -> tuple[str, int, int, int]:
+    return (str(path), status.st_mtime_ns, status.st_size, status.st_ino)
+
+
+def _sent(handle: BinaryIO, path: Path, key: tuple[str, int, int, int], sha256: str, *, fitted: bool) -> bytes:
+    """What is sent for the open file: its bytes, or re-encoded to fit; LocalImageError unless they hash to sha256."""
+    size = key[2]
+    if fitted:
+        data = cached_fit(key, sha256)
+        if data is not None:
+            return data
+        if size > MAX_FIT_SOURCE_BYTES:
+            msg = f"{path} has grown past {MAX_FIT_SOURCE_BYTES // 2**20} MiB since the manifest was loaded"
+            raise LocalImageError(msg)
+        try:
+            data = fit_image(handle.read(MAX_FIT_SOURCE_BYTES + 1))
+        except (ValueError, UsageError) as exc:
+            msg = f"{path} cannot be re-encoded to fit: {exc}"
+            raise LocalImageError(msg) from exc
+    else:
+        if size > MAX_IMAGE_BYTES:
+            msg = f"{path} has grown past {MAX_IMAGE_BYTES // 2**20} MiB since the manifest was loaded"
+            raise LocalImageError(msg)
+        data = handle.read(MAX_IMAGE_BYTES + 1)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        # Sending other bytes than the job's identity names would pay for a job the journal misdescribes.
+        again = " (or re-encodes to other bytes: another Pillow?)" if fitted else ""
+        msg = f"{path} changed since the manifest was loaded{again}; run again to pick up the new image"
+        raise LocalImageError(msg)
+    return data

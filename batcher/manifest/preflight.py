@@ -24,13 +24,13 @@ from .._version import __version__
 from ..net.policy import ANY_LOOPBACK
 from ..net.redirects import MAX_REDIRECTS, RefusedHopError, TooManyRedirectsError, anonymous_client, follow
 from .loader import Job
-from .localimages import MAX_IMAGE_BYTES
 from .schema import ModelSchema
 
 __all__ = ["MAX_INPUT_BYTES", "UrlCheck", "check_urls", "input_urls"]
 
-MAX_INPUT_BYTES = MAX_IMAGE_BYTES
-"""RunComfy's limit for one input file (a local image is held to the same)."""
+MAX_INPUT_BYTES = 50 * 1024 * 1024
+"""The largest image URL input: RunComfy's playground page says images of at most 50 MB (URLs RunComfy
+fetches itself; a local image sent inline has the nodes' smaller limit, `imagefit.MAX_IMAGE_BYTES`)."""
 _ORIGINS_KEPT = 5
 _RANGE_TOTAL = re.compile(r"/(\d+)\s*$")
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..confined import open_regular
+
 __all__ = ["KINDS", "NO_ROW", "PromptFile", "Row", "from_text"]
 
 KINDS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -57,12 +59,12 @@ class PromptFile:
         return self.csv_rows() if self.kind == "csv" else self._jsonl_rows()
 
     def sha256(self) -> str:
-        with self.path.open("rb") as handle:
+        with open_regular(self.path) as handle:
             return hashlib.file_digest(handle, "sha256").hexdigest()
 
     def _lines(self, state: list[int]) -> Iterator[str]:
         # Decoded line by line so a bad byte is reported with its line number; state[0] is that number.
-        with self.path.open("rb") as handle:
+        with open_regular(self.path) as handle:
             for state[0], raw in enumerate(handle, 1):
                 text = raw.decode("utf-8")
                 yield text.removeprefix("\ufeff") if state[0] == 1 else text

@@ -8,11 +8,22 @@ in any of its IPv6 disguises (IPv4-mapped, IPv4-compatible, 6to4, Teredo,
 NAT64). Downloads reach loopback only at the API base's own origin, and only
 when that base is itself loopback (the sandbox): an answer naming another
 local port must not turn batcher into a client of whatever listens there.
+
+Output files come only from RunComfy's hosts (`OutputHosts`): RunComfy's CLI
+downloads only from ``*.runcomfy.net`` and ``*.runcomfy.com``
+(``TRUSTED_DOWNLOAD_HOST_SUFFIXES`` in runcomfy-com/runcomfy-cli
+``src/download.rs``, "so a compromised / adversarial upstream model can't
+trick the CLI into pulling arbitrary internet content"), its ComfyUI nodes
+only from https ``*.runcomfy.net``. batcher takes those, the API base's own
+origin (a proxy's, the sandbox's), and the hosts the user allows
+(``--allow-output-host``).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -20,6 +31,8 @@ import anyio
 
 __all__ = [
     "ANY_LOOPBACK",
+    "RUNCOMFY_OUTPUT_HOSTS",
+    "OutputHosts",
     "address_refusal",
     "is_loopback_host",
     "loopback_origin",
@@ -30,6 +43,9 @@ __all__ = [
 
 ANY_LOOPBACK: Final = "any"
 """For `resolve_refusal`: every loopback URL may be used (the user's own input URLs, in pre-flight)."""
+
+RUNCOMFY_OUTPUT_HOSTS: Final = ("runcomfy.net", "runcomfy.com")
+"""The domains RunComfy's CLI downloads outputs from (``src/download.rs``), and any host below them."""
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
@@ -139,11 +155,15 @@ def _same_origin(found: str, allowed: str) -> bool:
     return found == allowed
 
 
-def _loopback_refusal(url: str, allowed: str | None) -> str | None:
+def _loopback_refusal(url: str, allowed: str | tuple[str, ...] | None) -> str | None:
     """Why a URL on a loopback host may not be used under allowed (see `resolve_refusal`), or None."""
     if allowed == ANY_LOOPBACK:
         return None
     found = origin(url) or url
+    if isinstance(allowed, tuple):
+        if any(_same_origin(found, one) for one in allowed):
+            return None
+        allowed = allowed[0] if allowed else None
     if allowed is None:
         return f"{found} is a loopback address, and downloads reach loopback only when the API base is loopback"
     if not _same_origin(found, allowed):
@@ -151,13 +171,13 @@ def _loopback_refusal(url: str, allowed: str | None) -> str | None:
     return None
 
 
-async def resolve_refusal(url: str, *, loopback: str | None = ANY_LOOPBACK) -> str | None:
+async def resolve_refusal(url: str, *, loopback: str | tuple[str, ...] | None = ANY_LOOPBACK) -> str | None:
     """Check the URL's scheme, then every address its host resolves to.
 
     loopback says which loopback URLs may be used: `ANY_LOOPBACK` (the
     default: the user's own URLs), None (none: downloads from a remote API),
     or one origin as `loopback_origin` gives it (downloads from a sandbox:
-    its own origin only). A name that resolves to loopback counts as
+    its own origin only), or several (those `OutputHosts.loopback_origins` gives). A name that resolves to loopback counts as
     loopback but matches no origin, which are spelled as literals.
     """
     reason = scheme_refusal(url)
@@ -178,3 +198,79 @@ async def resolve_refusal(url: str, *, loopback: str | None = ANY_LOOPBACK) -> s
         if refusal:
             return f"{host} resolves to {refusal}"
     return None
+
+
+def _allowed_entry(entry: str) -> tuple[str, int | None]:
+    """(host, port or None) of an --allow-output-host value: ``host``, ``*.domain``, ``host:port`` or ``[::1]:port``."""
+    text = entry.strip().lower().rstrip(".")
+    if not text or "/" in text or "@" in text or "?" in text or "#" in text:
+        msg = (
+            f"--allow-output-host {entry!r}: give a host name (cdn.example.com, *.example.com or host:port), not a URL"
+        )
+        raise ValueError(msg)
+    parts = urlsplit(f"//{text}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        msg = f"--allow-output-host {entry!r}: {exc}"
+        raise ValueError(msg) from exc
+    host = parts.hostname or ""
+    if text.startswith("*."):
+        host = "*." + host.removeprefix("*.")
+    if not host or host == "*.":
+        msg = f"--allow-output-host {entry!r}: no host"
+        raise ValueError(msg)
+    if port is None and is_loopback_host(host):
+        msg = f"--allow-output-host {entry!r}: a loopback host is allowed only with its port (127.0.0.1:9000)"
+        raise ValueError(msg)
+    return host, port
+
+
+@dataclass(frozen=True, slots=True)
+class OutputHosts:
+    """Where output files may be downloaded from: RunComfy's hosts, the API base's origin, the hosts allowed."""
+
+    api_base: str
+    allowed: tuple[tuple[str, int | None], ...] = ()
+
+    @classmethod
+    def of(cls, api_base: str, allowed: Sequence[str] = ()) -> OutputHosts:
+        """Raises ValueError for an allowed host that is not one (a URL, a loopback host without its port)."""
+        return cls(api_base, tuple(_allowed_entry(entry) for entry in allowed))
+
+    def loopback_origins(self) -> tuple[str, ...]:
+        """The loopback origins downloads may reach: the API base's when it is loopback, and those allowed."""
+        found = [loopback_origin(self.api_base)]
+        for host, port in self.allowed:
+            if port is not None and is_loopback_host(host):
+                found.append(origin(f"http://{f'[{host}]' if ':' in host else host}:{port}"))
+        return tuple(dict.fromkeys(o for o in found if o))
+
+    def refusal(self, url: str) -> str | None:
+        """Why url's host may not serve output files, or None when it may."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            return None  # not a usable URL: said by the checks that follow
+        host = (parts.hostname or "").lower().rstrip(".")
+        if not host:
+            return None
+        if any(host == domain or host.endswith("." + domain) for domain in RUNCOMFY_OUTPUT_HOSTS):
+            return None
+        own = origin(self.api_base)
+        found = origin(url)
+        if own and found and _same_origin(found, own):
+            return None
+        for allowed, allowed_port in self.allowed:
+            matches = host.endswith(allowed[1:]) if allowed.startswith("*.") else host == allowed
+            if matches and (
+                allowed_port is None or allowed_port == (port or {"http": 80, "https": 443}.get(parts.scheme))
+            ):
+                return None
+        shown = f"{host}:{port}" if port else host
+        where = " (a loopback address)" if is_loopback_host(host) else ""
+        return (
+            f"{shown}{where} is not a RunComfy output host (*.runcomfy.net, *.runcomfy.com) or the API base: "
+            f"pass --allow-output-host {shown} to allow it"
+        )

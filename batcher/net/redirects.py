@@ -115,12 +115,18 @@ def _get(client: httpx2.AsyncClient, url: str) -> AbstractAsyncContextManager[ht
 
 @asynccontextmanager
 async def follow(
-    client: httpx2.AsyncClient, url: str, *, loopback: str | None, open_hop: HopOpener = _get
+    client: httpx2.AsyncClient,
+    url: str,
+    *,
+    loopback: str | tuple[str, ...] | None,
+    open_hop: HopOpener = _get,
+    check: Callable[[str], str | None] | None = None,
 ) -> AsyncIterator[httpx2.Response]:
     """The answer url finally leads to, open, its body unread; every hop checked before it is sent.
 
     loopback is `resolve_refusal`'s: which loopback URLs a hop may use.
-    open_hop sends one hop (default: a streamed GET). Raises RefusedHopError
+    open_hop sends one hop (default: a streamed GET). check, when given, is
+    asked first of every hop: why it may not be fetched, or None. Raises RefusedHopError
     for a hop that may not be fetched, TooManyRedirectsError past
     `MAX_REDIRECTS`, and whatever httpx2 raises.
     """
@@ -133,7 +139,11 @@ async def follow(
         raise ValueError(msg)
     current = url
     for _ in range(MAX_REDIRECTS + 1):
-        refusal = _malformed(current) or await resolve_refusal(current, loopback=loopback)
+        refusal = (
+            _malformed(current)
+            or (check(current) if check is not None else None)
+            or await resolve_refusal(current, loopback=loopback)
+        )
         if refusal:
             raise RefusedHopError(current, refusal)
         started = time.monotonic()

@@ -32,7 +32,7 @@ import httpx2
 from .._version import __version__
 from ..confined import OutputDir, StagedFile
 from ..errors import DownloadError, ExpiredUrlError, OutputFolderError
-from ..net.policy import origin
+from ..net.policy import OutputHosts, origin
 from ..net.redirects import RefusedHopError, TooManyRedirectsError, anonymous_client, display_url, follow
 from ..net.retrying import RetryPolicy, TryAgain, retrying
 from ..net.transport import pooled_transport
@@ -143,6 +143,7 @@ class Downloader:
         folder: Path | None = None,
         loopback_origin: str | None = None,
         deadline: float | None = None,
+        output_hosts: OutputHosts | None = None,
     ) -> None:
         """folder: the output folder; targets must lie inside it, and no component below it may be a link
         (without one, only the target's own name is checked). loopback_origin: the one loopback
@@ -150,12 +151,19 @@ class Downloader:
         API base), or None for no loopback at all. deadline: seconds one `fetch` may take in all
         (default `deadline_for` max_bytes); the per-read timeout alone lets a trickle last for ever.
         attempts, backoff: tries per file, and the first backoff bound (`RetryPolicy`: doubling, full jitter).
+        output_hosts: the hosts output files may come from, every hop checked (`OutputHosts`: RunComfy's,
+        the API base's origin, those allowed; its loopback origins join loopback_origin's); None: any host.
         """
         self.max_bytes = max_bytes
         self.retry = RetryPolicy(attempts=attempts, base=backoff)
         self._synced = GroupSync()
         self.folder = folder
-        self.loopback_origin = origin(loopback_origin) if loopback_origin else None
+        self.loopback_origin: str | tuple[str, ...] | None = origin(loopback_origin) if loopback_origin else None
+        self.output_hosts = output_hosts
+        if output_hosts is not None:
+            extra = output_hosts.loopback_origins()
+            own = (self.loopback_origin,) if isinstance(self.loopback_origin, str) else ()
+            self.loopback_origin = tuple(dict.fromkeys((*own, *extra))) or None
         self.deadline = deadline if deadline is not None else deadline_for(max_bytes)
         self._http = anonymous_client(
             user_agent=f"batcher/{__version__}",
@@ -193,7 +201,8 @@ class Downloader:
 
     async def _fetch_once(self, url: str, target: Path) -> Downloaded:
         try:
-            async with follow(self._http, url, loopback=self.loopback_origin) as response:
+            check = self.output_hosts.refusal if self.output_hosts is not None else None
+            async with follow(self._http, url, loopback=self.loopback_origin, check=check) as response:
                 return await self._save(response, str(response.url), target)
         except RefusedHopError as exc:
             raise _PermanentDownloadError(f"refusing to download {display_url(exc.url)}: {exc.reason}") from exc

@@ -37,6 +37,7 @@ from ..confined import OutputDir, open_journalled
 from ..errors import BatcherError
 from ..manifest.job import Job
 from ..manifest.localimages import parse_reference, sniff
+from ..manifest.payload import sent_bytes
 from ..net.policy import loopback_origin
 from ..output.download import Downloader
 
@@ -163,15 +164,9 @@ class InputImages:
         if reference is None or folder is None:
             msg = f"{value!r} is not a local image reference"
             raise BatcherError(msg)
-        path_text, sha256 = reference
-        path = folder / path_text
-        with path.open("rb") as handle:
-            data = handle.read(self.max_bytes + 1)
-        if len(data) > self.max_bytes:
-            msg = f"{path} is over {self.max_bytes:,} bytes"
-            raise BatcherError(msg)
-        if hashlib.sha256(data).hexdigest() != sha256:
-            msg = f"{path} changed since the job was made from it"
-            raise BatcherError(msg)
+        path = folder / reference[0]
+        # What the job sent: the file while it still has the content the job was identified by (re-encoded
+        # when the job fitted it); LocalImageError otherwise.
+        data = sent_bytes(path, value)
         with OutputDir(self.output_dir) as out:
             out.write_atomically(f"{INPUTS_DIR}/{ident}", data, create_dirs=True)

@@ -61,6 +61,8 @@ class SandboxSettings:
     url_ttl: float | None = flagged(
         None, "--url-ttl", kind=float, help="Seconds output URLs stay valid [default: for ever]."
     )
+    files_origin: str | None = None
+    """The ``scheme://host:port`` output URLs name, to rehearse outputs on another host; default: the sandbox's own."""
     require_token: str | None = flagged(
         None, "--require-token", kind=str, help="Accept only this bearer token [default: any]."
     )

@@ -484,7 +484,7 @@ class Sandbox:
     def _outputs(self, request_id: str, now: float) -> dict[str, Any]:
         expiry = f"?expires={now + self.config.url_ttl:.3f}" if self.config.url_ttl is not None else ""
         urls = [
-            f"http://{self.host}:{self.port}/files/{request_id}/{index}.png{expiry}"
+            f"{self.config.files_origin or f'http://{self.host}:{self.port}'}/files/{request_id}/{index}.png{expiry}"
             for index in range(self.config.images_per_job)
         ]
         return {"image": urls[0]} if len(urls) == 1 else {"images": urls}
