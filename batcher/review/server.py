@@ -424,7 +424,7 @@ def _handler(app: ReviewServer) -> type[BaseHTTPRequestHandler]:
                 size = os.fstat(handle.fileno()).st_size
                 kind = _content_type(handle.read(64))
                 wanted = _byte_range(self.headers.get("Range"), size)
-                if wanted == "unsatisfiable":
+                if isinstance(wanted, str):  # "unsatisfiable"
                     self.close_connection = True
                     headers = (("Content-Range", f"bytes */{size}"), ("Connection", "close"))
                     return self._send(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, b"", "text/plain", headers)
