@@ -61,7 +61,7 @@ from ..output.storage import RemoteOutput, open_bucket, parse_output, upload
 from ..printable import printable
 from ..reports.export import DEFAULT_SHARD_SIZE, FORMATS, ExportFormat, export_dataset
 from ..reports.gallery import GALLERY_NAME, write_gallery
-from ..reports.notify import check_notify_url, error_payload, send, summary_payload
+from ..reports.notify import error_payload, notify_url, send, summary_payload
 from ..reports.report import print_plan, print_status, print_summary, status_report
 from ..review.replacements import with_replacements
 from ..review.server import DEFAULT_PORT, ReviewServer
@@ -469,7 +469,13 @@ def status(
 @click.option(
     "--notify",
     metavar="URL",
-    help="When the run ends, POST its summary as JSON to URL (a Slack or ntfy webhook, or your own).",
+    help="When the run ends, POST its summary as JSON to URL (a Slack or ntfy webhook, or your own). "
+    "Default: $BATCHER_NOTIFY_URL.",
+)
+@click.option(
+    "--notify-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Read the --notify URL from this file (its first line), out of sight of ps and shell history.",
 )
 @click.option(
     "--new-output",
@@ -589,6 +595,7 @@ def run(
     resubmit_uncertain: bool,
     replace_rejected: bool,
     notify: str | None,
+    notify_file: Path | None,
     new_output: bool,
     lost_after: float,
     outage_timeout: float,
@@ -620,8 +627,7 @@ def run(
     twice (or SIGTERM once) stops at once. The command printed at the end resumes.
     """
     _setup_logging(verbose, quiet)
-    if notify:
-        check_notify_url(notify)
+    notify = notify_url(notify, notify_file)
     loaded = load_manifest(manifest, schema_dirs)
     options = RunOptions(
         output_dir=output if isinstance(output, Path) else None,
