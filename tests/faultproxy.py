@@ -9,6 +9,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,8 +28,10 @@ class Fault:
 
     matches: Callable[[str, str, bytes], bool]
     times: int
-    kind: Literal["503", "403", "reset", "lost"]
-    """lost: the request reaches the server, its answer never comes back (the connection is reset)."""
+    kind: Literal["503", "403", "reset", "lost", "slow"]
+    """lost: the request reaches the server, its answer never comes back (the connection is reset).
+    slow: the request is held `seconds` before it goes on to the server (a store far away)."""
+    seconds: float = 0.0
 
 
 @dataclass
@@ -79,6 +82,10 @@ def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
                 )
                 if fault is not None:
                     fault.times -= 1
+            held = fault is not None and fault.kind == "slow"
+            if fault is not None and fault.kind == "slow":
+                time.sleep(fault.seconds)
+                fault = None
             if fault is not None and fault.kind == "lost":
                 upstream_connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
                 try:
@@ -115,7 +122,7 @@ def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
                 data = answer.read()
             finally:
                 upstream_connection.close()
-            proxy.seen.append((self.command, _named(self.path, body), str(answer.status)))
+            proxy.seen.append((self.command, _named(self.path, body), "slow" if held else str(answer.status)))
             self.send_response(answer.status)
             for key, value in answer.getheaders():
                 if key.lower() not in _HOP:
