@@ -10,6 +10,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,10 +29,12 @@ class Fault:
 
     matches: Callable[[str, str, bytes], bool]
     times: int
-    kind: Literal["503", "403", "408", "reset", "lost", "edit"]
+    kind: Literal["503", "403", "408", "reset", "lost", "edit", "slow"]
     """lost: the request reaches the server, its answer never comes back (the connection is reset).
-    edit: the request reaches the server, and its answer's body comes back through ``edit``."""
+    edit: the request reaches the server, and its answer's body comes back through ``edit``.
+    slow: the request is held `seconds` before it goes on to the server (a store far away)."""
     edit: Callable[[bytes], bytes] | None = None
+    seconds: float = 0.0
 
 
 @dataclass
@@ -82,6 +85,10 @@ def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
                 )
                 if fault is not None:
                     fault.times -= 1
+            held = fault is not None and fault.kind == "slow"
+            if fault is not None and fault.kind == "slow":
+                time.sleep(fault.seconds)
+                fault = None
             if fault is not None and fault.kind == "lost":
                 upstream_connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
                 try:
@@ -120,7 +127,7 @@ def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
                 upstream_connection.close()
             if fault is not None and fault.edit is not None:
                 data = fault.edit(data)
-            proxy.seen.append((self.command, _named(self.path, body), str(answer.status)))
+            proxy.seen.append((self.command, _named(self.path, body), "slow" if held else str(answer.status)))
             self.send_response(answer.status)
             for key, value in answer.getheaders():
                 if key.lower() not in _HOP:

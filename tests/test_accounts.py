@@ -113,6 +113,25 @@ def test_bad_token_input_exits_2_and_leaves_the_journal_alone(tmp_path: Path, st
     assert (tmp_path / "out" / JOURNAL_NAME).read_bytes() == before
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_a_token_file_another_user_owns_is_refused_with_exit_2(tmp_path: Path, start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(accounts=(ALICE, BOB))
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    theirs = tmp_path / "tokens"
+    theirs.write_text(f"{ALICE}\n{BOB}\n")
+    theirs.chmod(0o600)
+    os.chown(theirs, 65534, 65534)  # nobody's: mode 600, and still not this user's file
+    result = CliRunner().invoke(
+        cli,
+        ["run", str(manifest), "--api-base", sandbox.url, "-o", "out"],
+        env={"RUNCOMFY_API_TOKEN_FILE": str(theirs)},
+    )
+    assert result.exit_code == 2, result.output
+    assert "belongs to another user (uid 65534" in result.output
+    assert ALICE not in result.output and not sandbox.sandbox.submits
+    assert not (tmp_path / "out" / JOURNAL_NAME).exists()
+
+
 # -- routing -----------------------------------------------------------------------------------
 
 

@@ -173,3 +173,39 @@ def test_a_receiver_that_drips_its_answer_cannot_hold_the_run_s_end(monkeypatch:
     server.close()
     assert failure is not None and "no answer within" in failure
     assert time.monotonic() - started < 5
+
+
+def test_the_url_also_comes_from_a_variable_or_a_file_out_of_sight(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = many_jobs_manifest(tmp_path / "night.yaml", 1)
+    monkeypatch.setenv("BATCHER_NOTIFY_URL", receiver.url)
+    result = _run(str(manifest), "--sandbox", "-o", "by-variable")
+    assert result.exit_code == 0, result.output
+    assert len(receiver.posts) == 1 and receiver.posts[0][1]["outcome"] == "done"
+    monkeypatch.delenv("BATCHER_NOTIFY_URL")
+    kept = tmp_path / "hook.url"
+    kept.write_text(f"# the team's ntfy topic\n{receiver.url}\n")
+    result = _run(str(manifest), "--sandbox", "-o", "by-file", "--notify-file", str(kept))
+    assert result.exit_code == 0, result.output
+    assert len(receiver.posts) == 2
+    assert "secret-path" not in result.output
+    # Refused before the run, and the path of a URL kept out of sight is not printed either.
+    for args, env, said in (
+        (["--notify", receiver.url, "--notify-file", str(kept)], {}, "give one of them"),
+        ([], {"BATCHER_NOTIFY_URL": "http://hooks.example/secret-path-T0K3N"}, "the URL in BATCHER_NOTIFY_URL"),
+        (["--notify-file", str(tmp_path / "missing")], {}, "cannot read --notify-file"),
+    ):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        refused = CliRunner().invoke(cli, ["run", str(manifest), "--sandbox", "-o", "refused", *args])
+        for name in env:
+            monkeypatch.delenv(name)
+        assert refused.exit_code == 2, refused.output
+        assert said in refused.output
+        assert "secret-path" not in refused.output.replace(receiver.url, "")
+    assert not (tmp_path / "refused").exists() and len(receiver.posts) == 2
+    fifo = tmp_path / "hook.fifo"
+    os.mkfifo(fifo)  # opened without blocking and refused unread
+    refused = CliRunner().invoke(cli, ["run", str(manifest), "--sandbox", "--notify-file", str(fifo)])
+    assert refused.exit_code == 2 and "not a regular file" in refused.output

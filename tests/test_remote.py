@@ -863,3 +863,86 @@ async def test_the_gallery_works_opened_from_the_bucket_and_from_a_synced_copy(
         shot = (shot if shot.is_absolute() else Path(__file__).parent.parent / shot) / "gallery-s3.png"
         driver.save_screenshot(str(shot))
         assert shot.read_bytes().startswith(b"\x89PNG")
+
+
+def _sharded_prefix(store: Store, tmp_path: Path, start_sandbox: StartSandbox, prefix: str, shards: int) -> Path:
+    """A prefix as `shards` machines leave it, one shard each (``shard-K-of-N/``), every job done: one local
+    run's journal cut by shard, each shard's lines put as two segments. Returns the manifest."""
+    from batcher.manifest.job import shard_of
+
+    sandbox = start_sandbox()
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", shards)
+    summary = anyio.run(
+        run_manifest, load_manifest(manifest), fast_options(api_base=sandbox.url, output_dir=tmp_path / "local")
+    )
+    assert summary.done == shards
+    lines = (tmp_path / "local" / JOURNAL_NAME).read_bytes().splitlines(keepends=True)
+    headers = [line for line in lines if b'"job"' not in line]
+    for part in range(1, shards + 1):
+        own = [line for line in lines if (key := json.loads(line).get("job")) and shard_of(key, shards) == part]
+        folder = f"{prefix}/shard-{part}-of-{shards}"
+        half = len(own) // 2
+        store.put_raw(f"{folder}/journal/00000000.jsonl", b"".join(headers + own[:half]))
+        store.put_raw(f"{folder}/journal/00000001.jsonl", b"".join(own[half:]))
+        for line in own:
+            event = json.loads(line)
+            if event["e"] == "downloaded":
+                store.put_raw(f"{folder}/{event['path']}", b"image")
+    return manifest
+
+
+def test_status_reads_many_shard_folders_at_once_on_one_client(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Each journal GET held 0.25 s (a store far away): 40 shards of two segments (some empty, not read)
+    read one after another take over 15 s; 16 at a time, under 2 s."""
+    manifest = _sharded_prefix(store, tmp_path, start_sandbox, "wide", 40)
+    with fault_proxy(store.endpoint) as proxy:
+        store.through(proxy)
+        is_read = lambda method, path, body: method == "GET" and "journal" in path and "00000" in path  # noqa: E731
+        proxy.faults.append(Fault(is_read, 1000, "slow", seconds=0.25))
+        started = time.monotonic()
+        result = CliRunner().invoke(cli, ["status", str(manifest), "-o", store.url("wide"), "--json"])
+        wall = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["counts"]["done"] == 40
+    reads = [path for method, path, got in proxy.seen if got == "slow"]
+    segments = [data for name, data in store.objects("wide/").items() if "/journal/" in name]
+    sound = sum(1 for data in segments if data)
+    assert len(segments) == 80 and len(reads) == sound  # each once, and none of those listed empty
+    assert wall < sound * 0.25 / 2, wall  # half of what one read after another takes at the least
+    assert "Connection pool is full" not in result.output
+
+
+def test_a_prefix_past_the_segment_or_byte_caps_is_refused_before_it_is_read(
+    store: Store, tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = _sharded_prefix(store, tmp_path, start_sandbox, "capped", 4)
+    store.put_raw("capped/shard-2-of-4/journal/00000002.jsonl", b"\n")
+    sizes = {name: len(data) for name, data in store.objects("capped/").items() if "/journal/" in name}
+    layouts = {k: sum(s for n, s in sizes.items() if n.startswith(f"capped/shard-{k}-of-4/")) for k in range(1, 5)}
+    status = ["status", str(manifest), "-o", store.url("capped")]
+    monkeypatch.setattr("batcher.output.remote.MAX_SEGMENTS", 2)
+    with fault_proxy(store.endpoint) as proxy:
+        store.through(proxy)
+        for args in (status, ["plan", str(manifest), "-o", store.url("capped")]):
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+            assert "shard-2-of-4: the journal is in 3 segments, over the 2 batcher reads" in result.output
+            assert "BATCHER_MAX_SEGMENTS" in result.output
+        reads = [path for method, path, _ in proxy.seen if method == "GET" and "00000" in path and "prefix" not in path]
+        assert not reads  # refused from the listing: not one journal object read
+        monkeypatch.setattr("batcher.output.remote.MAX_SEGMENTS", 100)
+        largest = max(layouts.values())
+        monkeypatch.setattr("batcher.output.remote.MAX_JOURNAL_BYTES", largest - 1)
+        result = CliRunner().invoke(cli, status)
+        assert result.exit_code != 0 and f"over the {largest - 1:,} batcher reads of one journal" in result.output
+        monkeypatch.setattr("batcher.output.remote.MAX_JOURNAL_BYTES", largest)
+        monkeypatch.setattr("batcher.output.remote.MAX_VIEW_BYTES", sum(sizes.values()) - 1)
+        result = CliRunner().invoke(cli, status)
+        assert result.exit_code != 0 and "its 5 layouts' journals hold" in result.output
+        assert "read one shard at a time" in result.output
+        monkeypatch.setattr("batcher.output.remote.MAX_VIEW_BYTES", sum(sizes.values()))
+        result = CliRunner().invoke(cli, [*status, "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["counts"]["done"] == 4

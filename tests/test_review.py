@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -256,3 +257,41 @@ def test_the_command_prints_the_address_and_stops_on_ctrl_c(tmp_path: Path) -> N
         process.send_signal(signal.SIGINT)
         _, rest = process.communicate(timeout=20)
     assert process.returncode == 0 and "stopped" in rest
+
+
+def test_an_output_is_served_in_ranges_and_chunks_not_read_whole(served) -> None:
+    server, client, out = served
+    item = _items(server, client)["items"][0]
+    whole = (out / item["src"]).read_bytes()
+    size = len(whole)
+    url, token = f"/files/{item['src']}", {"t": server.token}
+    full = client.get(url, params=token)
+    assert full.status_code == 200 and full.headers["Accept-Ranges"] == "bytes" and full.content == whole
+    for asked, (start, end) in {
+        "bytes=10-19": (10, 19),
+        "bytes=-16": (size - 16, size - 1),
+        "bytes=5-": (5, size - 1),
+    }.items():
+        part = client.get(url, params=token, headers={"Range": asked})
+        assert part.status_code == 206, asked
+        assert part.headers["Content-Range"] == f"bytes {start}-{end}/{size}"
+        assert part.content == whole[start : end + 1]
+        assert part.headers["Content-Type"] == "image/png"
+    past = client.get(url, params=token, headers={"Range": f"bytes={size}-"})
+    assert past.status_code == 416 and past.headers["Content-Range"] == f"bytes */{size}"
+    assert client.get(url, params=token, headers={"Range": "bytes=0-1,5-6"}).content == whole  # several: all of it
+    # A large output (a video) goes out a chunk at a time: the server never holds it whole.
+    big = 48 * 1024 * 1024
+    (out / item["src"]).write_bytes(whole + bytes(big))
+    tracemalloc.start()
+    try:
+        received = 0
+        with client.stream("GET", url, params=token) as answer:
+            assert answer.status_code == 200
+            for chunk in answer.iter_bytes():
+                received += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert received == size + big
+    assert peak < 8 * 1024 * 1024, peak

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -298,3 +299,39 @@ def test_a_row_too_long_for_the_arena_stays_a_live_record() -> None:
     table.put_row("c" * 16, orjson.dumps(record_row(huge)))
     assert table["b" * 16].name == "small" and table["c" * 16].outputs == huge.outputs
     assert isinstance(table._rows["c" * 16], JobRecord), "a 16 MB checkpoint row is kept live, not wrapped"
+
+
+def test_a_line_past_the_cap_is_refused_naming_it_when_read_and_never_written(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batcher.cli.main import cli
+    from batcher.journal.store import MAX_LINE_BYTES
+
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "model: openai/gpt-image-1-5/image-to-image\njobs:\n"
+        "  - prompt: a lighthouse\n    image_urls: ['https://example.org/r.jpg']\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    # A sound line (its CRC matches) far longer than any batcher writes: folding it would cost ~5x its size.
+    huge = {"t": 1.15, "e": "submitting", "job": "c", "name": "c", "input": {"prompt": "x" * (MAX_LINE_BYTES + 1)}}
+    events = _events()
+    (out / JOURNAL_NAME).write_bytes(_journal_bytes([events[0], huge, *events[1:]]))
+    result = CliRunner().invoke(cli, ["status", str(manifest), "-o", str(out)])
+    assert result.exit_code == 2, result.output[:500]
+    assert re.search(rf"{JOURNAL_NAME} line 2 is 16,777,\d{{3}} bytes long, over the 16,777,216", result.output)
+    assert "remove that line" in result.output
+    # The writer refuses such an event before a byte of it is written, and the journal stays readable.
+    sound = tmp_path / "sound"
+    journal = Journal(sound)
+    journal.open()
+    try:
+        journal.append("submitting", "a", name="a", input={"prompt": "a lighthouse"})
+        before = (sound / JOURNAL_NAME).read_bytes()
+        with pytest.raises(JournalCorruptError, match=r"'submitting' event of job b would be a journal line"):
+            journal.append("submitting", "b", name="b", input={"prompt": "x" * MAX_LINE_BYTES})
+        assert (sound / JOURNAL_NAME).read_bytes() == before
+    finally:
+        journal.close()
+    assert list(read_journal(sound / JOURNAL_NAME).records) == ["a"]

@@ -21,7 +21,7 @@ from ..engine.runner import RunOptions, RunPlan, RunSummary
 from ..journal.failures import RETRYABLE, parse_retry_classes
 from ..manifest.loader import Manifest, load_manifest
 from ..output.storage import RemoteOutput
-from ..reports.notify import check_notify_url, error_payload, send, summary_payload
+from ..reports.notify import error_payload, notify_url, send, summary_payload
 from ..reports.report import print_summary
 from ..runcomfy.client import RetryPolicy
 from ..sandbox.server import SandboxConfig
@@ -73,7 +73,13 @@ from .options import api_base_option, field_option, manifest_argument, output_op
     click.option(
         "--notify",
         metavar="URL",
-        help="When the run ends, POST its summary as JSON to URL (a Slack or ntfy webhook, or your own).",
+        help="When the run ends, POST its summary as JSON to URL (a Slack or ntfy webhook, or your own). "
+        "Default: $BATCHER_NOTIFY_URL.",
+    ),
+    click.option(
+        "--notify-file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="Read the --notify URL from this file (its first line), out of sight of ps and shell history.",
     ),
 )
 @cloup.option_group(
@@ -103,6 +109,7 @@ def run(
     yes: bool,
     confirm_above: float,
     notify: str | None,
+    notify_file: Path | None,
     quiet: bool,
     verbose: int,
     **flags: Any,
@@ -113,8 +120,7 @@ def run(
     twice (or SIGTERM once) stops at once. The command printed at the end resumes.
     """
     setup_logging(verbose, quiet)
-    if notify:
-        check_notify_url(notify)
+    notify = notify_url(notify, notify_file)
     loaded = load_manifest(manifest, schema_dirs)
     # Every other flag is a RunOptions field of its own name (run_option): only what a flag spells
     # differently from its field is converted here.

@@ -47,6 +47,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "EVENT_KINDS",
     "JOURNAL_NAME",
+    "MAX_LINE_BYTES",
     "EventKind",
     "FileRecord",
     "FoldedJournal",
@@ -68,6 +69,10 @@ much to fold again on resume (~100,000 events), not the whole night's."""
 LOCK_NAME = ".batcher.lock"
 
 _CRC_TAIL = len(',"crc":"00000000"}')
+MAX_LINE_BYTES = 16 * 1024 * 1024
+"""The longest journal line batcher writes or reads. Its largest events are a ``completed`` of 1,000 output
+URLs (4 MiB at most, `batcher.runcomfy.results`) and a failure's text (from answers of 1 MiB at most); folding
+one line costs about five times its length in memory, so a planted 100 MB line would take half a GB."""
 
 
 def encode_event(event: dict[str, Any]) -> bytes:
@@ -166,6 +171,13 @@ def fold_bytes(
     end = folded.good_length
     for index, line in enumerate(lines, line_offset):
         terminated = index - line_offset < last
+        if len(line) > MAX_LINE_BYTES and len(line.rstrip(b"\0")) > MAX_LINE_BYTES:  # NULs: power loss's padding
+            msg = (
+                f"{source} line {index + 1} is {len(line):,} bytes long, over the {MAX_LINE_BYTES:,} of any line "
+                "batcher writes: it is not a journal line (the file was changed or damaged). Keep a copy, then "
+                "remove that line by hand to go on (its job may then be treated as not yet submitted)."
+            )
+            raise JournalCorruptError(msg)
         end += len(line) + terminated
         event = decode_event(line)
         good_end = end
@@ -449,6 +461,15 @@ class Journal:
             event["job"] = job
         event.update(fields)
         line = encode_event(event)
+        if len(line) > MAX_LINE_BYTES:
+            # Refused before a byte is written: no reader would take it, and a run must never write what its
+            # resume cannot read. For a ``submitting`` intent this is a certain refusal (nothing was sent).
+            msg = (
+                f"the {kind!r} event of job {job} would be a journal line of {len(line):,} bytes, over the "
+                f"{MAX_LINE_BYTES:,} batcher writes or reads; it is not written to {self.path}, and the run "
+                "stops so that nothing goes unrecorded"
+            )
+            raise JournalCorruptError(msg)
         try:
             written = os.write(self._fd, line)
             if written != len(line):

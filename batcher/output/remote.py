@@ -41,7 +41,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -54,9 +54,10 @@ from ..confined import OutputDir, write_atomically
 from ..errors import BatcherError, JournalCorruptError, JournalLockedError, ObjectTooLargeError, StorageError
 from ..journal.records import FileRecord
 from ..journal.store import CHECKPOINT_NAME, JOURNAL_NAME, LOCK_NAME
+from . import storage
 from .folders import shard_folder_name
 from .storage import open_bucket
-from .storage.bucket import Bucket, RemoteOutput, upload
+from .storage.bucket import MAX_OBJECT_BYTES, Bucket, RemoteOutput, upload
 
 __all__ = [
     "FLUSH_SECONDS",
@@ -85,6 +86,16 @@ _SEGMENT = re.compile(r"journal/(\d{8})\.jsonl")
 _BASE = re.compile(r"journal/base-(\d{8})\.jsonl")
 _LOCAL_ONLY = frozenset({JOURNAL_NAME, CHECKPOINT_NAME, LOCK_NAME})
 _SHARD = re.compile(r"(shard-\d+-of-\d+)/")
+READ_CONCURRENCY = 16
+"""Reads of one output (listings and journal GETs) at a time, on one client: 16 hide the round trips of
+a region far away without queueing behind S3's 32 pooled connections."""
+MAX_SEGMENTS = int(os.environ.get("BATCHER_MAX_SEGMENTS", 100_000))
+"""The most journal segments batcher reads for one layout (a run's end folds more than `_COMPACT_AFTER` into
+one base; a run killed again and again for a day flushes about 86,000)."""
+MAX_JOURNAL_BYTES = MAX_OBJECT_BYTES
+"""The most bytes of one layout's journal batcher reads: what a single base object may hold."""
+MAX_VIEW_BYTES = 4 * MAX_OBJECT_BYTES
+"""The most journal bytes of all an output's layouts read into one view (`pull_view`)."""
 
 
 def run_output(output: RemoteOutput, shard: tuple[int, int] | None) -> RemoteOutput:
@@ -106,33 +117,78 @@ class MirrorFigures:
     """Every call to object storage (journal, lease, uploads, listings)."""
 
 
-def _read_segments(bucket: Bucket, listing: dict[str, int]) -> tuple[bytes, int]:
-    """The journal the bucket holds, and the next segment number; JournalCorruptError for a gap."""
+def _journal_objects(url: str, listing: dict[str, int]) -> tuple[list[tuple[str, int]], int]:
+    """The objects that make up a layout's journal, in order (the latest base, then the segments after it),
+    each with its listed size; and the next segment number. Checked before anything is read: a gap is a
+    JournalCorruptError, more than `MAX_SEGMENTS` segments or `MAX_JOURNAL_BYTES` bytes a StorageError
+    saying so (a bucket may hold anything; what a read takes into memory is bounded)."""
     numbers = sorted(int(m[1]) for name in listing if (m := _SEGMENT.fullmatch(name)))
     bases = sorted(int(m[1]) for name in listing if (m := _BASE.fullmatch(name)))
-    chunks: list[bytes] = []
+    objects: list[tuple[str, int]] = []
     start = 0
     if bases:
         start = bases[-1]
-        data = bucket.get(f"{SEGMENTS}base-{start:08d}.jsonl")
-        if data is None:
-            msg = "a journal base vanished while it was read (another machine compacting it?); try again"
-            raise StorageError(msg)
-        chunks.append(data)
+        name = f"{SEGMENTS}base-{start:08d}.jsonl"
+        objects.append((name, listing[name]))
     following = [n for n in numbers if n >= start]
     for expected, number in enumerate(following, start):
         if number != expected:
             msg = (
-                f"{bucket.output.url}: journal segment {expected:08d} is missing but {number:08d} is there: "
+                f"{url}: journal segment {expected:08d} is missing but {number:08d} is there: "
                 "segments are written in order, so the bucket's journal was changed by hand"
             )
             raise JournalCorruptError(msg)
-        data = bucket.get(f"{SEGMENTS}{number:08d}.jsonl")
+    if len(following) > MAX_SEGMENTS:
+        msg = (
+            f"{url}: the journal is in {len(following):,} segments, over the {MAX_SEGMENTS:,} batcher reads "
+            "(a run's end folds them into one; a run killed again and again for days leaves this many). "
+            "Set BATCHER_MAX_SEGMENTS higher to read them all once: the next run's end folds them"
+        )
+        raise StorageError(msg)
+    objects += [(f"{SEGMENTS}{number:08d}.jsonl", listing[f"{SEGMENTS}{number:08d}.jsonl"]) for number in following]
+    total = sum(size for _, size in objects)
+    if total > MAX_JOURNAL_BYTES:
+        msg = (
+            f"{url}: the journal's objects hold {total:,} bytes, over the {MAX_JOURNAL_BYTES:,} batcher reads "
+            "of one journal: they are not what batcher wrote there"
+        )
+        raise StorageError(msg)
+    return objects, start + len(following)
+
+
+def _fetch(bucket: Bucket, keys: list[tuple[str, int]]) -> Generator[bytes]:
+    """The objects' bytes, in order, `READ_CONCURRENCY` GETs at a time on one client (boto3's and
+    google-cloud-storage's clients are documented as safe to share between threads). Each GET is bounded by
+    the object's listed size (the journal's objects are written once, if absent, and never change) and by
+    what one read allows."""
+
+    def one(item: tuple[str, int]) -> bytes:
+        name, size = item
+        if size == 0:
+            return b""  # listed empty: nothing to read (and a ranged GET of nothing is a 416 on GCS)
+        data = bucket.get(name, max_bytes=min(size, storage.bucket.MAX_OBJECT_BYTES))
         if data is None:
-            msg = f"journal segment {number:08d} vanished while it was read; try again"
+            msg = f"{bucket.output.url}: {name} vanished while it was read (another machine compacting it?); try again"
             raise StorageError(msg)
-        chunks.append(data)
-    return b"".join(chunks), start + len(following)
+        return data
+
+    if len(keys) <= 1:
+        yield from map(one, keys)
+        return
+    with ThreadPoolExecutor(min(READ_CONCURRENCY, len(keys)), thread_name_prefix="batcher-read") as pool:
+        futures = [pool.submit(one, item) for item in keys]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()  # the first failure stops what has not started
+
+
+def _read_segments(bucket: Bucket, listing: dict[str, int]) -> tuple[bytes, int]:
+    """The journal the bucket holds, and the next segment number; JournalCorruptError for a gap."""
+    objects, following = _journal_objects(bucket.output.url, listing)
+    return b"".join(_fetch(bucket, objects)), following
 
 
 class RemoteRun:
@@ -403,34 +459,64 @@ def journal_listing(output: RemoteOutput) -> dict[str, int]:
 
 
 def _journal_listing(bucket: Bucket) -> dict[str, int]:
-    found = [f"{name}/" for name in bucket.subfolders("shard-") if _SHARD.fullmatch(f"{name}/")]
-    listing: dict[str, int] = {}
-    for layout in ["", *found]:
-        listing.update(bucket.listing(f"{layout}{SEGMENTS}"))
-    return listing
+    # One delimited listing finds the shard folders; their segments are then listed a few at a time (1,000
+    # shards listed one after another took minutes against a store far away).
+    found = [name for name in bucket.subfolders("shard-") if _SHARD.fullmatch(f"{name}/")]
+    layouts = ["", *found]
+    with ThreadPoolExecutor(min(READ_CONCURRENCY, len(layouts)), thread_name_prefix="batcher-list") as pool:
+        listed = list(pool.map(lambda layout: bucket.listing(_within(layout, SEGMENTS)), layouts))
+    return {name: size for part in listed for name, size in part.items()}
 
 
 def pull_view(output: RemoteOutput, *, journals_only: bool = False) -> tuple[Path, dict[str, int]]:
     """A read-only local copy of the output's journals, its own and every shard's (``shard-K-of-N/``), laid
     out as a local output folder is, for `status`, `plan` and `report`; and the bucket's listing.
 
-    journals_only: list the journals alone (the listing returned holds nothing else), a few requests
-    however many images the output holds, for a caller that reads what was paid for and no file.
+    One client, and the reads overlap (`READ_CONCURRENCY` at a time): a prefix of 1,000 shard folders is
+    a few thousand small requests, not a few thousand round trips in a row. Before any journal is read,
+    each layout's segments are counted and sized from the listing (`MAX_SEGMENTS`, `MAX_JOURNAL_BYTES`,
+    and `MAX_VIEW_BYTES` for them all): past a cap, a StorageError says which and nothing is read.
+
+    journals_only: list the journals alone (the listing returned holds nothing else): the shard folders in
+    one delimited listing, then each one's ``journal/``, however many images the output holds, for a
+    caller that reads what was paid for and no file.
     """
     with open_bucket(output) as bucket:
         bucket.check()
         listing = _journal_listing(bucket) if journals_only else bucket.listing()
-    view = output.cache_dir().with_name(output.cache_dir().name + "-view")
-    shards = sorted({m[1] for name in listing if (m := _SHARD.match(name))})
-    for shard in ["", *shards]:
-        part = output.child(shard) if shard else output
-        own = {n[len(shard) + 1 :]: s for n, s in listing.items() if n.startswith(shard + "/")} if shard else listing
-        with open_bucket(part) as reader:
-            data, _ = _read_segments(reader, own)
-        folder = view / shard if shard else view
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileNotFoundError):
-            (folder / CHECKPOINT_NAME).unlink()
-        if data or (folder / JOURNAL_NAME).exists():
-            write_atomically(folder, JOURNAL_NAME, data, mode=0o600)
+        own: dict[str, dict[str, int]] = {"": {}}
+        for name, size in listing.items():
+            match = _SHARD.match(name)
+            if match is None:
+                own[""][name] = size
+            else:
+                own.setdefault(match[1], {})[name[match.end() :]] = size
+        shards = sorted(shard for shard in own if shard)
+        plans = {
+            shard: _journal_objects(output.child(shard).url if shard else output.url, own[shard])[0]
+            for shard in ["", *shards]
+        }
+        total = sum(size for objects in plans.values() for _, size in objects)
+        if total > MAX_VIEW_BYTES:
+            msg = (
+                f"{output.url}: its {len(plans):,} layouts' journals hold {total:,} bytes, over the "
+                f"{MAX_VIEW_BYTES:,} batcher reads at once; read one shard at a time (-o {output.url}/shard-K-of-N)"
+            )
+            raise StorageError(msg)
+        keys = [(_within(shard, name), size) for shard, objects in plans.items() for name, size in objects]
+        view = output.cache_dir().with_name(output.cache_dir().name + "-view")
+        with contextlib.closing(_fetch(bucket, keys)) as data:
+            for shard, objects in plans.items():
+                journal = b"".join(next(data) for _ in objects)
+                folder = view / shard if shard else view
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / CHECKPOINT_NAME).unlink()
+                if journal or (folder / JOURNAL_NAME).exists():
+                    write_atomically(folder, JOURNAL_NAME, journal, mode=0o600)
     return view, listing
+
+
+def _within(layout: str, name: str) -> str:
+    """name (``journal/00000000.jsonl``) in a layout's folder (``shard-2-of-4``), relative to the output."""
+    return f"{layout}/{name}" if layout else name

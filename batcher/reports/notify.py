@@ -11,7 +11,9 @@ headers sent with it, and its priority and tags from ``X-Priority`` and
      "summary": {"done": 98, "total": 100, "counts": {...}, "failed": ["london-7", ...], ...}}
 
 ``outcome`` is ``done`` (exit 0), ``failed`` (exit 1, or an error that ended
-the run) or ``interrupted`` (exit 130). The URL must be https (plain http on
+the run) or ``interrupted`` (exit 130). The URL comes from ``--notify``, or
+kept out of ``ps`` and shell history, from ``--notify-file PATH`` or the
+``BATCHER_NOTIFY_URL`` variable. It must be https (plain http on
 loopback only, as for every URL batcher talks to); it is checked before the
 run starts. The request carries no token and follows no redirect, and its
 failure (no answer in `TIMEOUT` seconds, an error status) is a warning: it
@@ -21,6 +23,9 @@ never changes the run's exit code.
 from __future__ import annotations
 
 import logging
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -33,21 +38,70 @@ from ..lifecycle import outcome_word
 from ..net.policy import scheme_refusal
 from ..printable import printable
 
-__all__ = ["TIMEOUT", "check_notify_url", "error_payload", "send", "summary_payload"]
+__all__ = ["NOTIFY_ENV", "TIMEOUT", "check_notify_url", "error_payload", "notify_url", "send", "summary_payload"]
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = 10.0
+NOTIFY_ENV = "BATCHER_NOTIFY_URL"
+"""The receiver when neither --notify nor --notify-file is given: a webhook's path is its secret, and a
+variable (or a file) keeps it out of ``ps`` and the shell's history."""
+_MAX_URL_FILE = 4096
 _NAMES_SENT = 50
 """Job names listed per problem in the summary (all of them are in `batcher status --json`)."""
 
 
-def check_notify_url(url: str) -> None:
-    """Raise UsageError for a --notify URL batcher would not send to."""
+def check_notify_url(url: str, source: str | None = None) -> None:
+    """Raise UsageError for a --notify URL batcher would not send to. With source (the variable or file it
+    came from, where it was kept out of sight), the message names that and the URL's host, not its path."""
     refusal = scheme_refusal(url)
     if refusal:
-        msg = f"--notify {printable(url, 200)}: {refusal}"
+        shown = f"--notify {printable(url, 200)}" if source is None else f"the URL in {source}"
+        msg = f"{shown}: {refusal}"
         raise UsageError(msg)
+
+
+def notify_url(given: str | None, file: Path | None) -> str | None:
+    """Where to POST the run's end: ``--notify``, else the first line of ``--notify-file``, else
+    `NOTIFY_ENV`; None for none. UsageError when both options are given, the file cannot be read or holds
+    no URL, or the URL is one batcher would not send to (all before the run starts)."""
+    if given and file is not None:
+        msg = "--notify and --notify-file both name a receiver: give one of them"
+        raise UsageError(msg)
+    if file is not None:
+        url = _read_url_file(file)
+        check_notify_url(url, f"--notify-file {file}")
+        return url
+    if given:
+        check_notify_url(given)
+        return given
+    url = os.environ.get(NOTIFY_ENV, "").strip()
+    if not url:
+        return None
+    check_notify_url(url, NOTIFY_ENV)
+    return url
+
+
+def _read_url_file(path: Path) -> str:
+    """The first line of path that is neither blank nor a ``#`` comment; a FIFO or device is refused unread."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        msg = f"cannot read --notify-file {path}: {exc.strerror or exc}"
+        raise UsageError(msg) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            msg = f"--notify-file {path} is not a regular file"
+            raise UsageError(msg)
+        data = os.read(fd, _MAX_URL_FILE + 1)
+    finally:
+        os.close(fd)
+    lines = [line.strip() for line in data[:_MAX_URL_FILE].decode(errors="replace").splitlines()]
+    found = next((line for line in lines if line and not line.startswith("#")), None)
+    if len(data) > _MAX_URL_FILE or found is None:
+        msg = f"--notify-file {path} should hold one webhook URL on a line of its own"
+        raise UsageError(msg)
+    return found
 
 
 def summary_payload(name: str, summary: RunSummary) -> dict[str, Any]:

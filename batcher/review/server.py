@@ -26,6 +26,8 @@ import contextlib
 import hmac
 import json
 import logging
+import os
+import re
 import secrets
 import shlex
 import socket
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..confined import open_journalled
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8766
 _MAX_BODY = 4096
+_CHUNK = 256 * 1024
+"""An output is sent this much at a time: a 100 MB video costs a request 256 KiB of memory, not 100 MB."""
+_RANGE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})")
 _PLACEHOLDER = (
     b'<svg xmlns="http://www.w3.org/2000/svg" width="76" height="76" viewBox="0 0 76 76">'
     b'<rect width="76" height="76" fill="#8884"/><path d="M20 52l12-14 9 10 6-7 9 11z" fill="#8888"/>'
@@ -249,8 +254,9 @@ class ReviewServer:
         self._log.append(key, index, sha256, decision, input_group(image.job))
         return {"ok": True}
 
-    def output_file(self, relative: str) -> bytes | None:
-        """The bytes of an output image the journal records (re-read on a miss: a run may have added it)."""
+    def output_file(self, relative: str) -> BinaryIO | None:
+        """An output image the journal records, open for reading (re-read on a miss: a run may have added
+        it); the caller closes it. Served in chunks (`_CHUNK`), never read whole."""
         with self._lock:
             known = relative in self._snapshot.paths
         if not known and relative not in self.refresh().paths:
@@ -258,8 +264,7 @@ class ReviewServer:
         fd = open_journalled(self.output_dir, relative)
         if fd is None:
             return None
-        with open(fd, "rb") as handle:
-            return handle.read()
+        return open(fd, "rb")
 
 
 class _Server(ThreadingHTTPServer):
@@ -287,6 +292,29 @@ def _job_entry(job: Job, outputs: int, inputs: InputImages) -> dict[str, Any]:
         "outputs": outputs,
         "inputs": [{"id": i.id, "label": i.label} for i in inputs.add(job)],
     }
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """The one range of a ``Range: bytes=…`` header as (first, last) byte, both within size; None to send
+    the whole file (no header, another unit, several ranges or a malformed one: RFC 9110 lets a server
+    ignore those); ``"unsatisfiable"`` for a range that starts past the end (416)."""
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None:
+        return None
+    first, last = match[1], match[2]
+    if not first:  # bytes=-N: the last N bytes
+        if not last or int(last) == 0:
+            return "unsatisfiable" if last else None
+        return (max(0, size - int(last)), size - 1) if size else "unsatisfiable"
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    return start, end
 
 
 def _content_type(data: bytes) -> str:
@@ -392,13 +420,43 @@ def _handler(app: ReviewServer) -> type[BaseHTTPRequestHandler]:
             self._send(200, body, "text/html; charset=utf-8", headers, head=head)
 
         def _file(self, relative: str, head: bool) -> None:
-            data = app.output_file(relative)
-            if data is None:
+            handle = app.output_file(relative)
+            if handle is None:
                 return self._refuse(HTTPStatus.NOT_FOUND, "not an image of this run")
-            sandboxed = ("Content-Security-Policy", "default-src 'none'; sandbox")
-            self._send(
-                200, data, _content_type(data), (sandboxed, ("Cache-Control", "private, max-age=3600")), head=head
-            )
+            with handle:
+                size = os.fstat(handle.fileno()).st_size
+                kind = _content_type(handle.read(64))
+                wanted = _byte_range(self.headers.get("Range"), size)
+                if isinstance(wanted, str):  # "unsatisfiable"
+                    self.close_connection = True
+                    headers = (("Content-Range", f"bytes */{size}"), ("Connection", "close"))
+                    return self._send(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, b"", "text/plain", headers)
+                start, end = wanted or (0, size - 1)
+                status = HTTPStatus.OK if wanted is None else HTTPStatus.PARTIAL_CONTENT
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(end - start + 1))
+                self.send_header("Accept-Ranges", "bytes")
+                if wanted is not None:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                sandboxed = ("Content-Security-Policy", "default-src 'none'; sandbox")
+                for name, value in (*_SECURITY_HEADERS, sandboxed, ("Cache-Control", "private, max-age=3600")):
+                    self.send_header(name, value)
+                self.end_headers()
+                if not head:
+                    self._stream(handle, start, end + 1 - start)
+
+        def _stream(self, handle: BinaryIO, start: int, length: int) -> None:
+            """Send length bytes of handle from start, `_CHUNK` at a time; a file cut short meanwhile (a run
+            rewriting it) ends the connection, so the browser sees a short answer, never a wrong one."""
+            handle.seek(start)
+            while length > 0:
+                chunk = handle.read(min(_CHUNK, length))
+                if not chunk:
+                    self.close_connection = True
+                    return
+                self.wfile.write(chunk)
+                length -= len(chunk)
 
         def _input(self, ident: str, head: bool) -> None:
             found = app.inputs.get(ident)

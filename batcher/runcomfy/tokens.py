@@ -4,8 +4,8 @@ One token comes from ``RUNCOMFY_API_TOKEN``. Several, for several RunComfy
 accounts in one run (each with its own limits), come from
 ``RUNCOMFY_API_TOKENS`` (comma-separated) or from a file named by
 ``RUNCOMFY_API_TOKEN_FILE`` (one token a line, ``#`` comments; readable by
-its owner alone, as ssh insists of its keys: a token file others can read
-is refused). Tokens never enter the journal, logs or messages: an account
+its owner alone, as ssh insists of its keys: a token file others can read,
+or one another user owns, is refused). Tokens never enter the journal, logs or messages: an account
 is named by its *fingerprint*, ``HMAC-SHA256(key=FINGERPRINT_KEY,
 token)`` cut to 12 hex digits. The key is fixed and public, so the same
 token has the same fingerprint on every machine and every run (that is
@@ -87,7 +87,8 @@ def tokens_from_env() -> tuple[str, ...]:
 def read_token_file(path: Path) -> tuple[str, ...]:
     """The tokens in a token file: one a line, blank lines and ``#`` comments skipped.
 
-    UsageError when it is missing, not a regular file, or readable or writable by anyone but its owner.
+    UsageError when it is missing, not a regular file, owned by another user, or readable or writable by
+    anyone but its owner.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -103,6 +104,14 @@ def read_token_file(path: Path) -> tuple[str, ...]:
             msg = (
                 f"the token file {path} ({TOKEN_FILE_ENV}) is open to others (mode {stat.S_IMODE(info.st_mode):04o}): "
                 f"tokens spend money. Run: chmod 600 {path}"
+            )
+            raise UsageError(msg)
+        if info.st_uid != os.geteuid():
+            # Another user's file (root reads it all the same; mode 600 does not make it this user's): whoever
+            # owns it can change the tokens this run spends, or read them.
+            msg = (
+                f"the token file {path} ({TOKEN_FILE_ENV}) belongs to another user (uid {info.st_uid}, this "
+                f"process runs as uid {os.geteuid()}): keep tokens in a file of your own (chmod 600)"
             )
             raise UsageError(msg)
         data = os.read(fd, _MAX_FILE_BYTES + 1)
