@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
 from rich.console import Console
 
+from ..journal.store import JOURNAL_NAME
 from ..manifest.loader import Manifest, load_manifest
-from ..output.folders import default_output_dir
+from ..output.folders import default_output_dir, shard_folders
 from ..output.ledger import noted_buckets, noted_folders
 from ..output.remote import pull_view
 from ..output.storage import RemoteOutput
@@ -33,17 +36,30 @@ def setup_logging(verbosity: int, quiet: bool) -> None:
         logging.getLogger(library).setLevel(logging.DEBUG if verbosity >= 2 else logging.NOTSET)
 
 
-def point_at_noted_folders(manifest: Manifest, looked_in: Path) -> None:
-    """No journal where we looked: say where this manifest's runs are, if the ledger knows."""
-    others = [folder for folder in noted_folders(manifest) if folder != looked_in.resolve()]
+def point_at_noted_folders(
+    manifest: Manifest, looked_in: Path, command: str = "status", extra: Sequence[str] = ()
+) -> None:
+    """No journal where we looked: say where this manifest's runs are (its sandbox rehearsal's folder, and the
+    folders the ledger notes), each with the whole command that reads it: ``batcher <command> MANIFEST
+    <extra> --sandbox``. A rehearsal is never noted in the ledger, so its folder is looked at itself."""
+    here = looked_in.resolve()
+    others = [folder for folder in noted_folders(manifest) if folder != here]
     rehearsal = default_output_dir(manifest, sandbox=True).resolve()
-    if rehearsal in others:
-        click.echo(f"no journal in {looked_in}; the sandbox rehearsal's is in {rehearsal}: add --sandbox", err=True)
-        others.remove(rehearsal)
+    if rehearsal != here and (rehearsal in others or holds_journal(rehearsal)):
+        words = [*this_command(), command, str(manifest.path), *extra, "--sandbox"]
+        click.echo(
+            f"no journal in {looked_in}; the sandbox rehearsal's is in {rehearsal}: {shlex.join(words)}", err=True
+        )
+    others = [folder for folder in others if folder != rehearsal]
     places = [str(folder) for folder in others] + [bucket.url for bucket in noted_buckets(manifest)]
     if places:
         shown = ", ".join(places[:5])
         click.echo(f"no journal in {looked_in}; this manifest has runs in: {shown} (use -o)", err=True)
+
+
+def holds_journal(folder: Path) -> bool:
+    """A journal in folder itself or in one of its shard folders (shard-K-of-N/)."""
+    return any((place / JOURNAL_NAME).is_file() for place in [folder, *shard_folders(folder)])
 
 
 def load_slice(
@@ -70,6 +86,27 @@ def local_only(output: Path | RemoteOutput | None, command: str) -> Path | None:
             f"(aws s3 sync {output.url} ./night), then: batcher {command} ... -o ./night"
         )
     return output
+
+
+def run_command(
+    manifest: Path,
+    output: Path | RemoteOutput | None,
+    *,
+    sandbox: bool = False,
+    schema_dirs: Sequence[Path] = (),
+    shard: tuple[int, int] | None = None,
+) -> str:
+    """The whole `batcher run` command for this manifest and folder, as a hint prints it (a flag is added to it)."""
+    words = [*this_command(), "run", str(manifest)]
+    if output is not None:
+        words += ["-o", output.url if isinstance(output, RemoteOutput) else str(output)]
+    for folder in schema_dirs:
+        words += ["--schemas", str(folder)]
+    if sandbox:
+        words.append("--sandbox")
+    if shard:
+        words += ["--shard", f"{shard[0]}/{shard[1]}"]
+    return shlex.join(words)
 
 
 def this_command() -> list[str]:

@@ -16,6 +16,7 @@ from ..manifest.preflight import check_urls, input_urls
 from ..manifest.schema import load_model_schema
 from ..net.policy import loopback_origin
 from ..output.folders import (
+    SANDBOX_API,
     default_output_dir,
     read_folder,
     refuse_linked_default,
@@ -32,6 +33,7 @@ from ..runcomfy.tokens import TOKEN_FILE_ENV, TOKENS_ENV, fingerprint, tokens_fr
 from .common import (
     load_slice,
     point_at_noted_folders,
+    run_command,
     stdout,
 )
 from .exits import BadInput
@@ -109,7 +111,8 @@ def plan(
     given = any(os.environ.get(name, "").strip() for name in ("RUNCOMFY_API_TOKEN", TOKENS_ENV, TOKEN_FILE_ENV))
     headers = read_folder(output_dir).headers
     journalled = headers[-1].get("api_base") if headers else None
-    if api_base is None and isinstance(journalled, str):
+    # The in-process sandbox ("sandbox" in the journal) has no address to ask: a rehearsal is priced offline.
+    if api_base is None and isinstance(journalled, str) and journalled != SANDBOX_API:
         if journalled.rstrip("/") == api_base_from_env(None).rstrip("/") or loopback_origin(journalled):
             api_base = journalled  # the API this folder's runs talked to, not the default
         else:
@@ -134,13 +137,14 @@ def plan(
         balances = [
             (fingerprint(token), balance) for token, balance in zip(tokens, [account.balance, *others], strict=True)
         ]
-    print_plan(stdout, loaded, output_dir, replace_rejected=replace_rejected)
+    again = run_command(manifest, output, sandbox=sandbox, schema_dirs=schema_dirs, shard=shard)
+    print_plan(stdout, loaded, output_dir, replace_rejected=replace_rejected, again=again)
     for account_name, balance in balances:
         if balance is not None:
             named = f" {account_name}" if len(balances) > 1 else ""
             stdout.print(f"account{named} balance: ${balance:,.2f}")
     if not (output_dir / JOURNAL_NAME).is_file() and not shard_folders(output_dir):
-        point_at_noted_folders(loaded, output_dir)
+        point_at_noted_folders(loaded, output_dir, "plan")
 
 
 @cloup.command()
@@ -164,8 +168,8 @@ def status(
         output_dir = output or default_output_dir(loaded, sandbox=sandbox)
         report = status_report(loaded, output_dir)
     if not report.journals:
-        point_at_noted_folders(loaded, output_dir)
+        point_at_noted_folders(loaded, output_dir, "status")
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        print_status(stdout, report)
+        print_status(stdout, report, run_command(manifest, output, sandbox=sandbox, schema_dirs=schema_dirs))

@@ -56,7 +56,7 @@ def report(
     view = read_folder(output_dir)
     folded = FoldedJournal(records=view.records, headers=view.headers, warnings=view.warnings)
     if not folded.records:
-        point_at_noted_folders(loaded, output_dir)
+        point_at_noted_folders(loaded, output_dir, "report")
         raise BadInput(f"nothing to report: no journal with jobs in {output_dir} (run the manifest first)")
     loaded = with_replacements(loaded, output_dir, view=view)
     try:
@@ -130,7 +130,7 @@ def export(
     loaded = load_manifest(manifest, schema_dirs)
     output_dir = local or default_output_dir(loaded, sandbox=sandbox)
     if not read_folder(output_dir).records:
-        point_at_noted_folders(loaded, output_dir)
+        point_at_noted_folders(loaded, output_dir, "export", [str(dest)])
         raise BadInput(f"nothing to export: no journal with jobs in {output_dir} (run the manifest first)")
     summary = export_dataset(loaded, output_dir, dest, fmt, accepted_only=accepted_only, shard_size=shard_size)
     for reason in summary.skipped:

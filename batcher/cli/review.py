@@ -58,7 +58,7 @@ def review(
     loaded = load_manifest(manifest, schema_dirs)
     output_dir = local or default_output_dir(loaded, sandbox=sandbox)
     if not read_folder(output_dir).records:
-        point_at_noted_folders(loaded, output_dir)
+        point_at_noted_folders(loaded, output_dir, "review")
         raise BadInput(f"nothing to review: no journal with jobs in {output_dir} (run the manifest first)")
     try:
         server = ReviewServer(loaded, output_dir, host=host, port=DEFAULT_PORT if port is None else port).start()

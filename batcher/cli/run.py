@@ -21,6 +21,7 @@ from ..engine.runner import RunOptions, RunPlan, RunSummary
 from ..journal.failures import RETRYABLE, parse_retry_classes
 from ..manifest.loader import Manifest, load_manifest
 from ..output.storage import RemoteOutput
+from ..printable import counted
 from ..reports.notify import check_notify_url, error_payload, send, summary_payload
 from ..reports.report import print_summary
 from ..runcomfy.client import RetryPolicy
@@ -131,7 +132,7 @@ def run(
         stderr.print("[dim]sandbox: a local stand-in for RunComfy; images are test patterns and nothing is charged[/]")
 
     def on_plan(plan: RunPlan) -> None:
-        _announce(plan, confirm_above=None if yes or options.sandbox else confirm_above)
+        _announce(plan, confirm_above=None if yes or plan.sandbox else confirm_above)  # a rehearsal is free
 
     try:
         summary = _run_with_display(loaded, options, quiet, on_plan)
@@ -160,7 +161,7 @@ def _notify(url: str, payload: dict[str, Any]) -> None:
 def _announce(plan: RunPlan, confirm_above: float | None) -> None:
     """The line before the first request: what will be sent and its estimate; on a terminal, above
     confirm_above dollars, ask first (never without a terminal: a cron job must not hang)."""
-    unpriced = f", +{plan.unpriced} job(s) with no price table" if plan.unpriced else ""
+    unpriced = f", +{counted(plan.unpriced, 'job')} with no price table" if plan.unpriced else ""
     if plan.sandbox:
         cost = f"sandbox: nothing is charged; a real run would cost about ${plan.estimate:,.2f}{unpriced}"
     else:
@@ -185,7 +186,7 @@ def _announce(plan: RunPlan, confirm_above: float | None) -> None:
     for account, names in plan.without_token.items():
         more = f" and {len(names) - 5} more" if len(names) > 5 else ""
         stderr.print(
-            f"held: {len(names)} job(s) submitted by account {account or '(unnamed)'} cannot be polled: no token of "
+            f"held: {counted(len(names), 'job')} submitted by account {account or '(unnamed)'} cannot be polled: no token of "
             f"this run is that account's (RunComfy answers only the account that submitted a request). Add its "
             f"token to resume them; they are never submitted again. Jobs: {', '.join(names[:5])}{more}",
             markup=False,
@@ -193,11 +194,11 @@ def _announce(plan: RunPlan, confirm_above: float | None) -> None:
     if plan.retry_skipped:
         counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(plan.retry_skipped.items()))
         stderr.print(
-            f"--retry-failed skips {sum(plan.retry_skipped.values())} failed job(s) another try would not fix "
+            f"--retry-failed skips {counted(sum(plan.retry_skipped.values()), 'failed job')} another try would not fix "
             f"({counts}): ${plan.retry_skipped_cost:,.2f} not spent. --retry-failed=all sends them too.",
             markup=False,
         )
-    stderr.print(f"will submit {plan.to_submit} job(s) ({cost}){balance}{tail}", markup=False)
+    stderr.print(f"will submit {counted(plan.to_submit, 'job')} ({cost}){balance}{tail}", markup=False)
     if confirm_above is None or plan.estimate <= confirm_above:
         return
     if not (sys.stdin.isatty() and stderr.is_terminal):

@@ -21,6 +21,7 @@ import logging
 import math
 import re
 import signal
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -388,6 +389,7 @@ async def _execute(
             "to go anyway (RunComfy refuses submits once the balance runs out; nothing is lost)"
         )
         raise BalanceError(msg)
+    run.progress.started = time.monotonic()  # the clock of elapsed and jobs/min: not the wait at a prompt
     if on_start is not None:
         on_start(run.progress)
 

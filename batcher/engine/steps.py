@@ -43,7 +43,7 @@ from ..errors import (
     UncertainSubmitError,
     UnreachableError,
 )
-from ..journal.failures import classify, failure_of
+from ..journal.failures import classify, failure_of, failure_sentence
 from ..journal.store import FileRecord, JobRecord, Journal
 from ..journal.table import RecordTable
 from ..lifecycle import Action, EventKind, FailureClass, JobStatus, StopKind, running_status
@@ -492,9 +492,10 @@ class JobSteps:
                 return
             if state == "failed":
                 reason = result.error or "RunComfy reported the job failed without a reason"
-                self.record(job, "failed", reason=reason, failure=classify(result.error))
+                kind = classify(result.error)
+                self.record(job, "failed", reason=reason, failure=kind)
                 progress.set(job.key, "failed")
-                progress.error(job.name, reason)
+                progress.error(job.name, failure_sentence(result.error, kind))
                 return
             if state == "cancelled":
                 self.record(job, "cancelled")

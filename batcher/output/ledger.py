@@ -216,7 +216,7 @@ def check_ledger(
         overlap = sum(1 for k, r in view.records.items() if k in mine and r.submits)
         if overlap:
             msg = (
-                f"{overlap} of these jobs were already submitted from {entry.output} (noted in {ledger_path()}); "
+                f"{overlap} of these jobs {'was' if overlap == 1 else 'were'} already submitted from {entry.output} (noted in {ledger_path()}); "
                 f"sending them from {_spelled(here)} would pay for them again. Go on with them there: "
                 f"{_resume_hint(entry.output)} (or add --new-output to pay for them again here)"
             )
