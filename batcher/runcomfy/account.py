@@ -202,7 +202,9 @@ async def read_balances(
 def _whose(api_base: str) -> str:
     """Whose price a table fetched from api_base holds, as every view labels it: a loopback API is a sandbox's
     (its price is the bundled table's, and nothing is charged), never RunComfy's."""
-    return "the sandbox's live price" if is_loopback_host(urlsplit(api_base).hostname or "") else "RunComfy's live price"
+    return (
+        "the sandbox's live price" if is_loopback_host(urlsplit(api_base).hostname or "") else "RunComfy's live price"
+    )
 
 
 async def _live_price(
