@@ -13,9 +13,11 @@ from urllib.parse import urlsplit
 import anyio
 import click
 import cloup
+from click.core import ParameterSource
 from rich.live import Live
 
 from ..api import run_manifest
+from ..engine.options import CONFIRM_ABOVE, CONFIRM_ABOVE_DEFAULT, NOTIFY, RunSettings, run_settings
 from ..engine.progress import ProgressView, RunProgress, plain_progress_line
 from ..engine.runner import RunOptions, RunPlan, RunSummary
 from ..journal.failures import RETRYABLE, parse_retry_classes
@@ -32,7 +34,15 @@ from .common import (
     this_command,
 )
 from .exits import BAD_INPUT, EXIT_BAD_INPUT, EXIT_FAILED, Failed
-from .options import api_base_option, field_option, manifest_argument, output_option, run_option, shard_option
+from .options import (
+    api_base_option,
+    field_option,
+    flag_option,
+    manifest_argument,
+    output_option,
+    run_option,
+    shard_option,
+)
 
 
 @cloup.command()
@@ -63,19 +73,9 @@ from .options import api_base_option, field_option, manifest_argument, output_op
     run_option("new_output"),
     run_option("over_balance"),
     click.option("-y", "--yes", is_flag=True, help="Do not ask before spending more than --confirm-above."),
-    click.option(
-        "--confirm-above",
-        default=5.0,
-        show_default=True,
-        type=click.FloatRange(min=0),
-        help="On a terminal, ask before submitting jobs estimated above this many dollars.",
-    ),
+    flag_option(CONFIRM_ABOVE, CONFIRM_ABOVE_DEFAULT, "confirm_above"),
     run_option("cancel_on_interrupt"),
-    click.option(
-        "--notify",
-        metavar="URL",
-        help="When the run ends, POST its summary as JSON to URL (a Slack or ntfy webhook, or your own).",
-    ),
+    flag_option(NOTIFY, None, "notify"),
 )
 @cloup.option_group(
     "Limits and tuning",
@@ -113,9 +113,19 @@ def run(
     twice (or SIGTERM once) stops at once. The command printed at the end resumes.
     """
     setup_logging(verbose, quiet)
+    loaded = load_manifest(manifest, schema_dirs)
+    # The manifest's run: block, under every flag given on the command line (a flag always wins).
+    settings = run_settings(loaded)
+    context = click.get_current_context()
+    given = {name for name in settings.values if _given(context, name)}
+    taken = {name: value for name, value in settings.values.items() if name not in given}
+    flags.update({name: value for name, value in taken.items() if name in flags})
+    retries = taken.get("retries", retries)
+    confirm_above = taken.get("confirm_above", confirm_above)
+    notify = taken.get("notify", notify)
     if notify:
         check_notify_url(notify)
-    loaded = load_manifest(manifest, schema_dirs)
+    _say_settings(settings, taken, given)
     # Every other flag is a RunOptions field of its own name (run_option): only what a flag spells
     # differently from its field is converted here.
     options = RunOptions(
@@ -127,6 +137,7 @@ def run(
         retry_classes=parse_retry_classes(retry_failed) if retry_failed is not None else RETRYABLE,
         retry=RetryPolicy(attempts=retries),
         handle_signals=True,
+        from_manifest=tuple(name for name in taken if name in flags or name == "retries"),
     )
     if options.sandbox:
         stderr.print("[dim]sandbox: a local stand-in for RunComfy; images are test patterns and nothing is charged[/]")
@@ -148,6 +159,34 @@ def run(
     if notify:
         _notify(notify, summary_payload(loaded.name, summary))
     sys.exit(summary.exit_code)
+
+
+def _given(context: click.Context, name: str) -> bool:
+    """Whether the flag of param name was given (on the command line or by its environment variable)."""
+    source = context.get_parameter_source(name)
+    return source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def _say_settings(settings: RunSettings, taken: dict[str, Any], given: set[str]) -> None:
+    """One line naming the settings taken from the manifest, and those a flag overrode; a manifest that raises
+    the question's threshold says so (a manifest may come from someone else's repository)."""
+    if taken:
+        shown = ", ".join(f"{name} {_shown(value)}" for name, value in taken.items())
+        overridden = f" (flags win over {', '.join(sorted(given))})" if given else ""
+        stderr.print(f"settings from the manifest's run: block: {shown}{overridden}", markup=False)
+    elif given:
+        stderr.print(f"flags win over the manifest's run: {', '.join(sorted(given))}", markup=False)
+    raised = taken.get("confirm_above")
+    if raised is not None and raised > CONFIRM_ABOVE_DEFAULT:
+        stderr.print(
+            f"note: the manifest ({settings.where['confirm_above']}) raises confirm_above to ${raised:,.2f} "
+            f"(default ${CONFIRM_ABOVE_DEFAULT:,.2f}): give --confirm-above to ask sooner",
+            markup=False,
+        )
+
+
+def _shown(value: object) -> str:
+    return "none" if value is None else str(value)
 
 
 def _notify(url: str, payload: dict[str, Any]) -> None:
@@ -223,7 +262,7 @@ def _resume_command(manifest: Path, summary: RunSummary, schema_dirs: tuple[Path
         words += ["--only", options.only]
     if options.limit is not None:
         words += ["--limit", str(options.limit)]
-    if options.concurrency != RunOptions().concurrency:
+    if options.concurrency != RunOptions().concurrency and "concurrency" not in options.from_manifest:
         words += ["-c", str(options.concurrency)]
     if options.replace_rejected:
         words.append("--replace-rejected")

@@ -67,7 +67,7 @@ from ..review.replacements import with_replacements
 from ..runcomfy.account import Account, look_up, price_dirs
 from .endpoint import Endpoint, LocalApi, open_endpoint
 from .lanes import AccountPool, balances_of, open_pool
-from .options import JobSelection, RunOptions, select_jobs
+from .options import JobSelection, RunOptions, select_jobs, settings_used
 from .progress import RunProgress
 from .steps import JobSteps
 
@@ -309,6 +309,7 @@ async def run_manifest(
             version=__version__,
             api_base=endpoint.identity if endpoint.sandbox else endpoint.base_url,
             jobs=manifest.count,
+            settings=settings_used(options),
         )
         await _execute(run, account, on_start, on_plan, balances, notices)
         try:
