@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -165,3 +166,68 @@ def test_one_job_is_counted_in_the_singular(runner: CliRunner, tmp_path: Path, s
     second = runner.invoke(cli, ["run", *FAST, str(manifest), "--api-base", server.url, "-o", "b"], env=env)
     assert second.exit_code == 2
     assert "1 of these jobs was already submitted" in _flat(second.output), second.output
+
+
+# -- the live display and -v -----------------------------------------------------------------------------
+
+
+def _on_a_terminal(words: list[str], cwd: Path, columns: int = 80) -> tuple[int, str]:
+    """Run words on a pseudo-terminal `columns` wide; its exit code and everything it showed, escapes removed."""
+    import fcntl
+    import re
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": str(columns), "TERM": "xterm"}
+    env.pop("NO_COLOR", None)
+    process = subprocess.Popen(words, stdin=follower, stdout=follower, stderr=follower, env=env, cwd=cwd)
+    os.close(follower)
+    seen = b""
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            elif process.poll() is not None:
+                break
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", seen.decode(errors="replace"))  # colours: gone, the text stays whole
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "\n", text)  # cursor moves: line ends
+    return process.returncode, text
+
+
+def test_the_live_line_fits_80_columns_and_shows_jobs_running(tmp_path: Path) -> None:
+    """At 80 columns the live line was cut (`…176 pending  8 que`); an in-process sandbox run showed every job
+    "queued, 0 running" until done: its jobs wait 0.3 s and run 0.7 s, and a 1 s poll never saw one running."""
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 40)
+    code, shown = _on_a_terminal([sys.executable, "-m", "batcher", "run", str(manifest), "--sandbox"], tmp_path)
+    assert code == 0, shown
+    counts = [line.strip() for line in shown.replace("\r", "\n").split("\n") if re.search(r"\d+/40  ", line)]
+    assert counts, shown
+    for line in counts:
+        assert len(line) <= 80 and re.search(r"(downloading|dl\.)$", line), line  # whole, its last count too
+    journal = (tmp_path / "output" / "sandbox" / "m" / "state.jsonl").read_text()
+    assert journal.count('"state":"in_progress"') >= 20  # RunComfy's (the sandbox's) running state, seen
+
+
+def test_verbose_submit_lines_name_the_job_and_the_request(runner: CliRunner, tmp_path: Path) -> None:
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 2)
+    result = runner.invoke(cli, ["run", str(manifest), "--sandbox", "-v"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "submit openai/" in line]
+    assert len(lines) == 2, result.output
+    for name, line in zip(("job-0000", "job-0001"), sorted(lines), strict=True):
+        assert re.search(rf"submit openai/gpt-image-1-5/image-to-image job {name}: HTTP 200, request sbx-\S+ in ", line)

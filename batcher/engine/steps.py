@@ -301,7 +301,7 @@ class JobSteps:
                 raise
             try:
                 # Local images inline, only here.
-                submission = await lane.client.submit(job.model, payload_for(job))
+                submission = await lane.client.submit(job.model, payload_for(job), job=job.name)
             except UncertainSubmitError as exc:
                 self.record(job, "uncertain", reason=str(exc))
                 self.accounts.unsent(lane)
