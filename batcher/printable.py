@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["printable", "without_controls"]
+__all__ = ["counted", "printable", "without_controls"]
 
 _ESCAPES = re.compile(
     r"""
@@ -54,3 +54,8 @@ def printable(text: object, limit: int = 500) -> str:
     if len(shown) > limit:
         shown = shown[: max(limit - 1, 0)] + "…"
     return shown
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """``1 job``, ``4 jobs``: a count and its noun, in the number it takes (plural: when not noun + "s")."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"

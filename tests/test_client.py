@@ -246,7 +246,7 @@ async def test_each_call_logs_one_line_without_the_token(caplog: pytest.LogCaptu
         await client.cancel("r-1")
     calls = [r.getMessage() for r in caplog.records if r.name == "batcher.runcomfy.client"]
     assert [line.split(":")[0] for line in calls] == [f"submit {MODEL}"] * 2 + ["result r-1"] * 2 + ["cancel r-1"]
-    assert "HTTP 429 in" in calls[0] and "HTTP 200 in" in calls[1] and "ReadTimeout in" in calls[2]
+    assert "HTTP 429 in" in calls[0] and "HTTP 200, request r-1 in" in calls[1] and "ReadTimeout in" in calls[2]
     assert all(line.endswith(" s") for line in calls)
     assert any("try 2 of 4" in r.getMessage() for r in caplog.records if r.name == "batcher.net.retrying")
     assert TOKEN not in caplog.text

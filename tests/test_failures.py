@@ -125,7 +125,7 @@ def test_a_plain_retry_failed_does_not_pay_again_for_a_content_policy_block(
 
     again = runner.invoke(cli, [*base, "--retry-failed"], env=env)
     assert again.exit_code == 1, again.output
-    assert "--retry-failed skips 1 failed job(s) another try would not fix (1 content policy): $0.13 not spent" in (
+    assert "--retry-failed skips 1 failed job another try would not fix (1 content policy): $0.13 not spent" in (
         again.output
     )
     assert Counter(r.body["prompt"] for r in sandbox.sandbox.submits)["a FORBIDDEN scene"] == 1

@@ -107,7 +107,7 @@ def test_the_alias_budget_grows_with_what_the_file_writes_out(tmp_path: Path, mo
     long = tmp_path / "long.yaml"
     long.write_text("\n".join(lines) + "\n")
     assert [message for _, _, message in _problems(long)] == [
-        "unknown key; expected one of: model, schemas, fit_images, defaults, jobs"
+        "unknown key; expected one of: model, schemas, fit_images, defaults, run, jobs"
     ]
 
     bomb = tmp_path / "bomb.yaml"

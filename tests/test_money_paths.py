@@ -351,7 +351,7 @@ def test_the_run_says_what_it_will_send_and_never_waits_without_a_terminal(
     sandbox = start_sandbox()
     result = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "--confirm-above", "0")
     assert result.exit_code == 0, result.output
-    assert "will submit 4 job(s)" in result.output and "$" in result.output
+    assert "will submit 4 jobs" in result.output and "$" in result.output
     assert len(sandbox.sandbox.submits) == 4
 
 
@@ -553,7 +553,7 @@ def test_jobs_edited_away_while_queued_are_cancelled_too(
     assert _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "--timeout", "1").exit_code == 1
     manifest.write_text(manifest.read_text().replace("prompt number", "an edited prompt"))
     result = runner.invoke(cli, ["cancel", str(manifest), "--api-base", sandbox.url, "-o", "out"])
-    assert result.exit_code == 0 and "cancelled 2 job(s)" in result.output, result.output
+    assert result.exit_code == 0 and "cancelled 2 jobs" in result.output, result.output
 
 
 def test_another_project_with_a_manifest_of_the_same_name_is_not_blocked(

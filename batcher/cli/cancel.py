@@ -12,9 +12,12 @@ import cloup
 from ..api import cancel_manifest
 from ..engine.runner import RunOptions
 from ..manifest.loader import load_manifest
+from ..output.folders import default_output_dir
 from ..output.storage import RemoteOutput
+from ..printable import counted
 from ..sandbox.server import SandboxConfig
-from .exits import EXIT_FAILED
+from .common import holds_journal, point_at_noted_folders
+from .exits import EXIT_FAILED, BadInput
 from .options import (
     api_base_option,
     manifest_argument,
@@ -39,6 +42,12 @@ def cancel(
 ) -> None:
     """Cancel this manifest's jobs that are queued at RunComfy (running ones cannot be)."""
     loaded = load_manifest(manifest, schema_dirs)
+    if output is None and not sandbox:
+        # Before any token is asked for: after a rehearsal, this folder is empty and the rehearsal's is not.
+        looked_in = default_output_dir(loaded, shard)
+        if not holds_journal(looked_in) and holds_journal(default_output_dir(loaded, sandbox=True)):
+            point_at_noted_folders(loaded, looked_in, "cancel")
+            raise BadInput(f"nothing to cancel: no journal in {looked_in}")
     options = RunOptions(
         output_dir=output if isinstance(output, Path) else None,
         remote=output if isinstance(output, RemoteOutput) else None,
@@ -48,7 +57,7 @@ def cancel(
         shard=shard,
     )
     summary = anyio.run(cancel_manifest, loaded, options)
-    click.echo(f"cancelled {len(summary.cancelled)} job(s)")
+    click.echo(f"cancelled {counted(len(summary.cancelled), 'job')}")
     for name, state in summary.not_cancellable:
         click.echo(f"  {name}: not cancellable ({state})")
     for name, error in summary.errors:

@@ -10,12 +10,14 @@ import anyio
 import click
 import cloup
 
+from ..engine.options import RUN_SETTINGS, RunSettings, run_settings
 from ..journal.store import JOURNAL_NAME
 from ..manifest.loader import Manifest, load_manifest
 from ..manifest.preflight import check_urls, input_urls
 from ..manifest.schema import load_model_schema
 from ..net.policy import loopback_origin
 from ..output.folders import (
+    SANDBOX_API,
     default_output_dir,
     read_folder,
     refuse_linked_default,
@@ -32,6 +34,7 @@ from ..runcomfy.tokens import TOKEN_FILE_ENV, TOKENS_ENV, fingerprint, tokens_fr
 from .common import (
     load_slice,
     point_at_noted_folders,
+    run_command,
     stdout,
 )
 from .exits import BadInput
@@ -55,6 +58,7 @@ from .options import (
 def validate(manifest: Path, schema_dirs: tuple[Path, ...], check_urls: bool, concurrency: int) -> None:
     """Check MANIFEST against the model's schema; list every problem. No network unless --check-urls."""
     loaded = load_manifest(manifest, schema_dirs)
+    run_settings(loaded)  # the run: block, checked against the flags it stands for
     click.echo(f"{manifest}: {loaded.count} jobs for {', '.join(loaded.models)}, all valid")
     if check_urls:
         _check_input_urls(loaded, concurrency)
@@ -105,11 +109,13 @@ def plan(
     folder are summed in.
     """
     loaded, output_dir = load_slice(manifest, schema_dirs, output, shard, sandbox)
+    settings = run_settings(loaded)
     balances: list[tuple[str, float | None]] = []
     given = any(os.environ.get(name, "").strip() for name in ("RUNCOMFY_API_TOKEN", TOKENS_ENV, TOKEN_FILE_ENV))
     headers = read_folder(output_dir).headers
     journalled = headers[-1].get("api_base") if headers else None
-    if api_base is None and isinstance(journalled, str):
+    # The in-process sandbox ("sandbox" in the journal) has no address to ask: a rehearsal is priced offline.
+    if api_base is None and isinstance(journalled, str) and journalled != SANDBOX_API:
         if journalled.rstrip("/") == api_base_from_env(None).rstrip("/") or loopback_origin(journalled):
             api_base = journalled  # the API this folder's runs talked to, not the default
         else:
@@ -134,13 +140,25 @@ def plan(
         balances = [
             (fingerprint(token), balance) for token, balance in zip(tokens, [account.balance, *others], strict=True)
         ]
-    print_plan(stdout, loaded, output_dir, replace_rejected=replace_rejected)
+    again = run_command(manifest, output, sandbox=sandbox, schema_dirs=schema_dirs, shard=shard)
+    print_plan(stdout, loaded, output_dir, replace_rejected=replace_rejected, again=again)
+    _print_settings(settings)
     for account_name, balance in balances:
         if balance is not None:
             named = f" {account_name}" if len(balances) > 1 else ""
             stdout.print(f"account{named} balance: ${balance:,.2f}")
     if not (output_dir / JOURNAL_NAME).is_file() and not shard_folders(output_dir):
-        point_at_noted_folders(loaded, output_dir)
+        point_at_noted_folders(loaded, output_dir, "plan")
+
+
+def _print_settings(settings: RunSettings) -> None:
+    """The run settings `batcher run` would use, and where each comes from."""
+    for name, value in settings.values.items():
+        shown = "none" if value is None else value
+        click.echo(f"run setting {name}: {shown} (from {settings.where[name]}; a flag given to run wins)")
+    rest = [name for name in RUN_SETTINGS if name not in settings.values]
+    if settings.values:
+        click.echo(f"other run settings: batcher run's defaults or flags ({', '.join(rest)})")
 
 
 @cloup.command()
@@ -164,8 +182,8 @@ def status(
         output_dir = output or default_output_dir(loaded, sandbox=sandbox)
         report = status_report(loaded, output_dir)
     if not report.journals:
-        point_at_noted_folders(loaded, output_dir)
+        point_at_noted_folders(loaded, output_dir, "status")
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        print_status(stdout, report)
+        print_status(stdout, report, run_command(manifest, output, sandbox=sandbox, schema_dirs=schema_dirs))

@@ -114,6 +114,13 @@ def field_option(owner: type, name: str, **overrides: Any) -> Callable[[Callable
     """The click option of owner's field ``name``: its flags, help, default and range as the field declares them
     (`batcher.flags`), so none is written twice. ``overrides`` are click's own settings (a callback, a param name)."""
     flag, default = flag_of(owner, name)
+    return flag_option(flag, default, name, **overrides)
+
+
+def flag_option(
+    flag: Flag, default: Any, name: str, /, **overrides: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of a `Flag` whose parameter is ``name`` (see `field_option`)."""
     kind = flag.kind or type(default)
     settings: dict[str, Any] = {"help": flag.help, "metavar": flag.metavar, "envvar": flag.envvar}
     if kind is bool:

@@ -55,7 +55,7 @@ def report(
     view = read_folder(output_dir)
     folded = FoldedJournal(records=view.records, headers=view.headers, warnings=view.warnings)
     if not folded.records:
-        point_at_noted_folders(loaded, output_dir)
+        point_at_noted_folders(loaded, output_dir, "report")
         raise BadInput(f"nothing to report: no journal with jobs in {output_dir} (run the manifest first)")
     loaded = with_replacements(loaded, output_dir, view=view)
     try:
@@ -125,7 +125,7 @@ def export(
     Every row carries the image's review decision; --accepted-only keeps the
     accepted ones. Shard folders (shard-K-of-N/) inside the output folder are summed in.
     """
-    loaded, output_dir = local_folder_with_jobs(manifest, schema_dirs, output, sandbox, "export")
+    loaded, output_dir = local_folder_with_jobs(manifest, schema_dirs, output, sandbox, "export", [str(dest)])
     summary = export_dataset(loaded, output_dir, dest, fmt, accepted_only=accepted_only, shard_size=shard_size)
     for reason in summary.skipped:
         click.echo(f"warning: left out {reason}", err=True)

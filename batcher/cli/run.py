@@ -13,15 +13,18 @@ from urllib.parse import urlsplit
 import anyio
 import click
 import cloup
+from click.core import ParameterSource
 from rich.live import Live
 
 from ..api import run_manifest
+from ..engine.options import CONFIRM_ABOVE, CONFIRM_ABOVE_DEFAULT, NOTIFY, RunSettings, run_settings
 from ..engine.progress import ProgressView, RunProgress, plain_progress_line
 from ..engine.runner import RunOptions, RunPlan, RunSummary
 from ..journal.failures import RETRYABLE, parse_retry_classes
 from ..manifest.loader import Manifest, load_manifest
 from ..output.storage import RemoteOutput
-from ..reports.notify import error_payload, notify_url, send, summary_payload
+from ..printable import counted
+from ..reports.notify import NOTIFY_ENV, error_payload, notify_url, send, summary_payload
 from ..reports.report import print_summary
 from ..runcomfy.client import RetryPolicy
 from ..sandbox.server import SandboxConfig
@@ -31,7 +34,15 @@ from .common import (
     this_command,
 )
 from .exits import BAD_INPUT, EXIT_BAD_INPUT, EXIT_FAILED, Failed
-from .options import api_base_option, field_option, manifest_argument, output_option, run_option, shard_option
+from .options import (
+    api_base_option,
+    field_option,
+    flag_option,
+    manifest_argument,
+    output_option,
+    run_option,
+    shard_option,
+)
 
 
 @cloup.command()
@@ -62,20 +73,9 @@ from .options import api_base_option, field_option, manifest_argument, output_op
     run_option("new_output"),
     run_option("over_balance"),
     click.option("-y", "--yes", is_flag=True, help="Do not ask before spending more than --confirm-above."),
-    click.option(
-        "--confirm-above",
-        default=5.0,
-        show_default=True,
-        type=click.FloatRange(min=0),
-        help="On a terminal, ask before submitting jobs estimated above this many dollars.",
-    ),
+    flag_option(CONFIRM_ABOVE, CONFIRM_ABOVE_DEFAULT, "confirm_above"),
     run_option("cancel_on_interrupt"),
-    click.option(
-        "--notify",
-        metavar="URL",
-        help="When the run ends, POST its summary as JSON to URL (a Slack or ntfy webhook, or your own). "
-        "Default: $BATCHER_NOTIFY_URL.",
-    ),
+    flag_option(NOTIFY, None, "notify", help=f"{NOTIFY.help} Default: ${NOTIFY_ENV}."),
     click.option(
         "--notify-file",
         type=click.Path(path_type=Path, dir_okay=False),
@@ -120,8 +120,22 @@ def run(
     twice (or SIGTERM once) stops at once. The command printed at the end resumes.
     """
     setup_logging(verbose, quiet)
-    notify = notify_url(notify, notify_file)
     loaded = load_manifest(manifest, schema_dirs)
+    # The manifest's run: block, under every flag given on the command line (a flag always wins).
+    settings = run_settings(loaded)
+    context = click.get_current_context()
+    given = {name for name in settings.values if _given(context, name)}
+    taken = {name: value for name, value in settings.values.items() if name not in given}
+    flags.update({name: value for name, value in taken.items() if name in flags})
+    retries = taken.get("retries", retries)
+    confirm_above = taken.get("confirm_above", confirm_above)
+    # --notify, else --notify-file, else the manifest's notify, else $BATCHER_NOTIFY_URL; checked before the run.
+    notify = notify_url(taken.get("notify", notify) if notify_file is None else notify, notify_file)
+    _say_settings(settings, taken, given)
+    if flags["sandbox"] and "poll_interval" not in taken and not _given(context, "poll_interval"):
+        # The in-process sandbox's jobs wait 0.3 s and run 0.7 s: a 1 s poll saw each queued, then done, never
+        # running. It charges nothing and limits no rate, so a rehearsal polls it often enough to see each state.
+        flags["poll_interval"] = SANDBOX_POLL_INTERVAL
     # Every other flag is a RunOptions field of its own name (run_option): only what a flag spells
     # differently from its field is converted here.
     options = RunOptions(
@@ -133,12 +147,13 @@ def run(
         retry_classes=parse_retry_classes(retry_failed) if retry_failed is not None else RETRYABLE,
         retry=RetryPolicy(attempts=retries),
         handle_signals=True,
+        from_manifest=tuple(name for name in taken if name in flags or name == "retries"),
     )
     if options.sandbox:
         stderr.print("[dim]sandbox: a local stand-in for RunComfy; images are test patterns and nothing is charged[/]")
 
     def on_plan(plan: RunPlan) -> None:
-        _announce(plan, confirm_above=None if yes or options.sandbox else confirm_above)
+        _announce(plan, confirm_above=None if yes or plan.sandbox else confirm_above)  # a rehearsal is free
 
     try:
         summary = _run_with_display(loaded, options, quiet, on_plan)
@@ -156,6 +171,38 @@ def run(
     sys.exit(summary.exit_code)
 
 
+SANDBOX_POLL_INTERVAL = 0.1
+"""--poll-interval of a `run --sandbox` that gives none: the in-process sandbox's states last under a second."""
+
+
+def _given(context: click.Context, name: str) -> bool:
+    """Whether the flag of param name was given (on the command line or by its environment variable)."""
+    source = context.get_parameter_source(name)
+    return source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def _say_settings(settings: RunSettings, taken: dict[str, Any], given: set[str]) -> None:
+    """One line naming the settings taken from the manifest, and those a flag overrode; a manifest that raises
+    the question's threshold says so (a manifest may come from someone else's repository)."""
+    if taken:
+        shown = ", ".join(f"{name} {_shown(value)}" for name, value in taken.items())
+        overridden = f" (flags win over {', '.join(sorted(given))})" if given else ""
+        stderr.print(f"settings from the manifest's run: block: {shown}{overridden}", markup=False)
+    elif given:
+        stderr.print(f"flags win over the manifest's run: {', '.join(sorted(given))}", markup=False)
+    raised = taken.get("confirm_above")
+    if raised is not None and raised > CONFIRM_ABOVE_DEFAULT:
+        stderr.print(
+            f"note: the manifest ({settings.where['confirm_above']}) raises confirm_above to ${raised:,.2f} "
+            f"(default ${CONFIRM_ABOVE_DEFAULT:,.2f}): give --confirm-above to ask sooner",
+            markup=False,
+        )
+
+
+def _shown(value: object) -> str:
+    return "none" if value is None else str(value)
+
+
 def _notify(url: str, payload: dict[str, Any]) -> None:
     """Send the end-of-run notification; a failure is a warning, never the run's exit code."""
     failure = send(url, payload)
@@ -167,7 +214,7 @@ def _notify(url: str, payload: dict[str, Any]) -> None:
 def _announce(plan: RunPlan, confirm_above: float | None) -> None:
     """The line before the first request: what will be sent and its estimate; on a terminal, above
     confirm_above dollars, ask first (never without a terminal: a cron job must not hang)."""
-    unpriced = f", +{plan.unpriced} job(s) with no price table" if plan.unpriced else ""
+    unpriced = f", +{counted(plan.unpriced, 'job')} with no price table" if plan.unpriced else ""
     if plan.sandbox:
         cost = f"sandbox: nothing is charged; a real run would cost about ${plan.estimate:,.2f}{unpriced}"
     else:
@@ -192,7 +239,7 @@ def _announce(plan: RunPlan, confirm_above: float | None) -> None:
     for account, names in plan.without_token.items():
         more = f" and {len(names) - 5} more" if len(names) > 5 else ""
         stderr.print(
-            f"held: {len(names)} job(s) submitted by account {account or '(unnamed)'} cannot be polled: no token of "
+            f"held: {counted(len(names), 'job')} submitted by account {account or '(unnamed)'} cannot be polled: no token of "
             f"this run is that account's (RunComfy answers only the account that submitted a request). Add its "
             f"token to resume them; they are never submitted again. Jobs: {', '.join(names[:5])}{more}",
             markup=False,
@@ -200,11 +247,11 @@ def _announce(plan: RunPlan, confirm_above: float | None) -> None:
     if plan.retry_skipped:
         counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(plan.retry_skipped.items()))
         stderr.print(
-            f"--retry-failed skips {sum(plan.retry_skipped.values())} failed job(s) another try would not fix "
+            f"--retry-failed skips {counted(sum(plan.retry_skipped.values()), 'failed job')} another try would not fix "
             f"({counts}): ${plan.retry_skipped_cost:,.2f} not spent. --retry-failed=all sends them too.",
             markup=False,
         )
-    stderr.print(f"will submit {plan.to_submit} job(s) ({cost}){balance}{tail}", markup=False)
+    stderr.print(f"will submit {counted(plan.to_submit, 'job')} ({cost}){balance}{tail}", markup=False)
     if confirm_above is None or plan.estimate <= confirm_above:
         return
     if not (sys.stdin.isatty() and stderr.is_terminal):
@@ -229,7 +276,7 @@ def _resume_command(manifest: Path, summary: RunSummary, schema_dirs: tuple[Path
         words += ["--only", options.only]
     if options.limit is not None:
         words += ["--limit", str(options.limit)]
-    if options.concurrency != RunOptions().concurrency:
+    if options.concurrency != RunOptions().concurrency and "concurrency" not in options.from_manifest:
         words += ["-c", str(options.concurrency)]
     if options.replace_rejected:
         words.append("--replace-rejected")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import math
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
@@ -17,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx2
 
-from ..errors import ManifestChangedError, UsageError
-from ..flags import closest, flagged
+from ..errors import ManifestChangedError, ManifestError, Problem, UsageError
+from ..flags import Flag, closest, flag_of, flagged
 from ..journal.failures import RETRYABLE
 from ..lifecycle import FailureClass
-from ..manifest.loader import Job, Manifest, in_shard
+from ..manifest.loader import Job, Manifest, RunBlock, in_shard
+from ..manifest.problems import did_you_mean
 from ..net.policy import OutputHosts
 from ..output.download import DEFAULT_MAX_BYTES
 from ..output.folders import parse_shard
@@ -32,7 +34,20 @@ from .scheduler import is_auto, shard_from_scheduler
 if TYPE_CHECKING:
     from ..output.storage.bucket import RemoteOutput
 
-__all__ = ["RENAMED", "JobSelection", "RunOptions", "check_option_names", "select_jobs"]
+__all__ = [
+    "CONFIRM_ABOVE",
+    "FLAGS_ONLY",
+    "NOTIFY",
+    "RENAMED",
+    "RUN_SETTINGS",
+    "JobSelection",
+    "RunOptions",
+    "RunSettings",
+    "check_option_names",
+    "run_settings",
+    "select_jobs",
+    "settings_used",
+]
 
 
 def select_jobs(manifest: Manifest, options: RunOptions) -> JobSelection:
@@ -300,6 +315,8 @@ class RunOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     download_backoff: float = 0.5
     fsync_interval: float = 0.2
+    from_manifest: tuple[str, ...] = ()
+    """The settings this run took from the manifest's ``run:`` block (`run_settings`): the journal says so."""
     handle_signals: bool = False
     """Install SIGINT/SIGTERM handlers (the CLI does; library callers usually should not)."""
     api_transport: httpx2.AsyncBaseTransport | None = None
@@ -350,3 +367,152 @@ def _parse_shard(text: str) -> tuple[int, int]:
         found = shard_from_scheduler(text)
         return found.part, found.shards
     return parse_shard(text)
+
+
+CONFIRM_ABOVE = Flag(
+    ("--confirm-above",),
+    "On a terminal, ask before submitting jobs estimated above this many dollars.",
+    kind=float,
+    minimum=0,
+)
+"""`batcher run --confirm-above`: the CLI's own (a library caller decides in its on_plan)."""
+CONFIRM_ABOVE_DEFAULT = 5.0
+NOTIFY = Flag(
+    ("--notify",),
+    "When the run ends, POST its summary as JSON to URL (a Slack or ntfy webhook, or your own).",
+    kind=str,
+    metavar="URL",
+)
+"""`batcher run --notify`: the CLI's own."""
+
+_FROM_RUN_OPTIONS = (
+    "concurrency",
+    "max_cost",
+    "rate",
+    "poll_interval",
+    "poll_max",
+    "queue_timeout",
+    "job_timeout",
+    "timeout",
+    "lost_after",
+    "outage_timeout",
+    "read_timeout",
+    "download_timeout",
+    "max_download_bytes",
+    "max_answer_bytes",
+    "cancel_on_interrupt",
+)
+RUN_SETTINGS: dict[str, tuple[Flag, Any]] = {
+    **{name: flag_of(RunOptions, name) for name in _FROM_RUN_OPTIONS},
+    "retries": flag_of(RetryPolicy, "attempts"),
+    "confirm_above": (CONFIRM_ABOVE, CONFIRM_ABOVE_DEFAULT),
+    "notify": (NOTIFY, None),
+}
+"""What a manifest's ``run:`` block may set, each as its flag of `batcher run` (named as the flag, ``max_cost`` for
+``--max-cost``), with that flag's type, range and default. A flag given on the command line wins."""
+
+FLAGS_ONLY: dict[str, str] = {
+    "resubmit_uncertain": "it may pay twice for a job",
+    "new_output": "it pays again for jobs another output folder submitted",
+    "over_balance": "it spends past the account's balance",
+    "retry_failed": "it pays again for failed jobs",
+    "replace_rejected": "it pays for new generations",
+    "api_base": "it sends your token to the host it names",
+    "yes": "it skips the question before spending",
+}
+"""Flags a manifest may not set, and why: a manifest can come from someone else's repository, and these spend
+money (or send the token) that the person running it has not agreed to."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    """A manifest's ``run:`` settings, checked: the values (by `RUN_SETTINGS` name) and where each is written."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    where: dict[str, str] = field(default_factory=dict)
+    """``m.yaml:4`` for each name."""
+
+
+def run_settings(manifest: Manifest) -> RunSettings:
+    """The manifest's ``run:`` block, checked against the flags it stands for.
+
+    Raises ManifestError listing every problem (file:line, with a did-you-mean): an unknown name, a value of the
+    wrong type or out of the flag's range, or a flag that stays on the command line (`FLAGS_ONLY`)."""
+    block: RunBlock = manifest.run
+    problems: list[Problem] = []
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for name, value in block.values.items():
+        line = block.lines.get(name)
+        field_name = f"run.{name}"
+        key = name.replace("-", "_")
+        if key in FLAGS_ONLY:
+            spelled = "--" + key.replace("_", "-")
+            problems.append(
+                Problem(
+                    block.file,
+                    line,
+                    field_name,
+                    f"{spelled} is a command-line flag only: {FLAGS_ONLY[key]}, and a manifest may come from "
+                    f"someone else's repository. Give {spelled} to batcher run when you mean it",
+                )
+            )
+            continue
+        if key not in RUN_SETTINGS:
+            hint = did_you_mean(key, [*RUN_SETTINGS, *FLAGS_ONLY])
+            if not hint and key in RENAMED:
+                hint = f" (did you mean {RENAMED[key]!r}?)"
+            problems.append(
+                Problem(
+                    block.file,
+                    line,
+                    field_name,
+                    f"unknown run setting{hint}; a run: block takes: {', '.join(RUN_SETTINGS)}",
+                )
+            )
+            continue
+        flag, default = RUN_SETTINGS[key]
+        wrong = _wrong_value(flag, default, value)
+        if wrong:
+            problems.append(Problem(block.file, line, field_name, wrong))
+            continue
+        values[key] = float(value) if (flag.kind or type(default)) is float and value is not None else value
+        where[key] = f"{block.file}:{line}" if line is not None else block.file
+    if problems:
+        raise ManifestError(problems)
+    return RunSettings(values, where)
+
+
+def settings_used(options: RunOptions) -> dict[str, Any]:
+    """The run settings a run used, for its journal's ``run`` header: each `RUN_SETTINGS` value a `RunOptions`
+    holds (``notify`` is left out: a webhook's URL is its secret), and which came from the manifest."""
+    used: dict[str, Any] = {name: getattr(options, name) for name in _FROM_RUN_OPTIONS}
+    used["retries"] = options.retry.attempts
+    return {**used, "from_manifest": list(options.from_manifest)}
+
+
+def _wrong_value(flag: Flag, default: Any, value: object) -> str | None:
+    """Why value cannot stand for flag (its type and range as the command line takes them), or None."""
+    kind = flag.kind or type(default)
+    if value is None:
+        return None if default is None else f"expected a value ({flag.names[-1]} has no 'none')"
+    if kind is bool:
+        ok = isinstance(value, bool)
+        wanted = "true or false"
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        wanted = "a whole number"
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        wanted = "a number"
+    else:
+        ok = isinstance(value, str) and bool(value)
+        wanted = "a text"
+    if not ok:
+        return f"expected {wanted}, got {value!r}"[:200]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if flag.minimum is not None and value < flag.minimum:
+            return f"expected at least {flag.minimum:g}, got {value!r}"
+        if flag.maximum is not None and value > flag.maximum:
+            return f"expected at most {flag.maximum:g}, got {value!r}"
+    return None

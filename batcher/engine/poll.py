@@ -21,7 +21,7 @@ from typing import Final
 import anyio
 
 from ..errors import ApiError, AuthError, RequestGoneError, TransientApiError, UnreachableError
-from ..journal.failures import classify
+from ..journal.failures import classify, failure_sentence
 from ..lifecycle import JobState, running_status
 from ..manifest.loader import Job
 from ..printable import printable
@@ -160,9 +160,10 @@ class _Poll:
             return True
         if state == "failed":
             reason = result.error or "RunComfy reported the job failed without a reason"
-            run.record(job, "failed", reason=reason, failure=classify(result.error))
+            kind = classify(result.error)
+            run.record(job, "failed", reason=reason, failure=kind)
             progress.set(job.key, "failed")
-            progress.error(job.name, reason)
+            progress.error(job.name, failure_sentence(result.error, kind))
             return True
         if state == "cancelled":
             run.record(job, "cancelled")

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.text import Text
 
 from ..lifecycle import JobStatus
@@ -98,29 +98,70 @@ def plain_progress_line(progress: RunProgress) -> str:
     )
 
 
+_SHORT = {"uncertain": "unc.", "cancelled": "canc.", "pending": "pend.", "running": "run.", "downloading": "dl."}
+"""The words of the live line, abbreviated when the whole line does not fit the terminal."""
+_BAR = 30
+
+
 class ProgressView:
-    """A rich renderable over a live `RunProgress`: counts, throughput, ETA, recent errors."""
+    """A rich renderable over a live `RunProgress`: counts, throughput, ETA, recent errors. The counts line fits
+    the terminal's width (80 columns and up): the bar shrinks, zero counts of trouble go, then words are
+    abbreviated; a count is never cut in the middle."""
 
     def __init__(self, progress: RunProgress) -> None:
         self.progress = progress
 
-    def __rich__(self) -> RenderableType:
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.render(options.max_width)
+
+    def _counts_line(self, width: int) -> Text:
         p = self.progress
         s = p.statuses
         done = s["done"]
-        width = 30
-        filled = int(width * done / p.total) if p.total else width
-        bar = Text("█" * filled + "░" * (width - filled), style="green")
-        line = Text.assemble(
-            bar,
-            f" {done}/{p.total}  ",
-            (f"{s['failed']} failed  ", "red" if s["failed"] else "dim"),
-            (f"{s['uncertain']} uncertain  ", "yellow" if s["uncertain"] else "dim"),
-            *([(f"{s['lost']} lost  ", "yellow")] if s["lost"] else []),
-            *([(f"{s['cancelled']} cancelled  ", "yellow")] if s["cancelled"] else []),
-            f"{s['pending'] + s['submitting']} pending  {s['queued']} queued  {s['running']} running  "
-            f"{s['downloading']} downloading",
-        )
+        counts: list[tuple[str, int, str, bool]] = [  # word, count, style, shown when 0
+            ("failed", s["failed"], "red" if s["failed"] else "dim", True),
+            ("uncertain", s["uncertain"], "yellow" if s["uncertain"] else "dim", True),
+            ("lost", s["lost"], "yellow", False),
+            ("cancelled", s["cancelled"], "yellow", False),
+            ("pending", s["pending"] + s["submitting"], "", True),
+            ("queued", s["queued"], "", True),
+            ("running", s["running"], "", True),
+            ("downloading", s["downloading"], "", True),
+        ]
+        # (bar width, zero counts of trouble shown, words abbreviated): the first that fits is shown.
+        tries = [(_BAR, True, False), (20, True, False), (20, False, False), (10, False, False), (10, False, True)]
+        tries.append((0, False, True))
+        line = Text()
+        for bar, zeros, short in tries:
+            parts = [
+                (f"{count} {_SHORT.get(word, word) if short else word}", style)
+                for word, count, style, always in counts
+                if count or (always and (zeros or style == ""))
+            ]
+            line = self._assemble(done, p.total, bar, parts)
+            if line.cell_len <= width:
+                return line
+        while line.cell_len > width and parts:  # narrower than any abbreviation: whole counts go, from the end
+            parts = parts[:-1]
+            line = self._assemble(done, p.total, 0, parts)
+        return line
+
+    @staticmethod
+    def _assemble(done: int, total: int, bar: int, parts: list[tuple[str, str]]) -> Text:
+        filled = int(bar * done / total) if total else bar
+        pieces: list[str | tuple[str, str]] = []
+        if bar:
+            pieces.append(("█" * filled + "░" * (bar - filled), "green"))
+            pieces.append(" ")
+        pieces.append(f"{done}/{total}")
+        for text, style in parts:
+            pieces.append("  ")
+            pieces.append((text, style) if style else text)
+        return Text.assemble(*pieces)
+
+    def render(self, width: int = 80) -> RenderableType:
+        p = self.progress
+        line = self._counts_line(width)
         timing = Text(f"elapsed {_clock(p.elapsed)}  ETA {_clock(p.eta())}  {_rate(p):.1f} jobs/min", style="dim")
         parts: list[RenderableType] = [line, timing]
         if p.stopping:

@@ -19,6 +19,7 @@ import heapq
 import logging
 import math
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -50,7 +51,7 @@ from .endpoint import Endpoint
 from .finish import flush_sidecars
 from .lanes import balances_of
 from .opening import open_run, output_dir_of, place_of, safe_name
-from .options import JobSelection, RunOptions, select_jobs
+from .options import JobSelection, RunOptions, select_jobs, settings_used
 from .progress import RunProgress
 from .steps import JobSteps
 
@@ -211,9 +212,11 @@ async def run_manifest(
             version=__version__,
             api_base=endpoint.identity if endpoint.sandbox else endpoint.base_url,
             jobs=manifest.count,
+            settings=settings_used(options),
         )
         plan = _plan(run)
         _announce(run, plan, account, balances, notices, on_plan)
+        run.progress.started = time.monotonic()  # the clock of elapsed and jobs/min: not the wait at a prompt
         if on_start is not None:
             on_start(run.progress)
         await _Loop(run, plan).run()

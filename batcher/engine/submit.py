@@ -72,7 +72,7 @@ async def submit(run: RunShared, job: Job) -> Lane | None:
             return None
         await _intent(run, job, lane, price)
         try:
-            submission = await lane.client.submit(job.model, payload)
+            submission = await lane.client.submit(job.model, payload, job=job.name)
         except (ApiError, LocalImageError) as exc:
             delay = await _not_taken(run, job, lane, exc, tries, price)
         else:

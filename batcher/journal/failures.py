@@ -27,6 +27,7 @@ from the record and `--retry-failed` cannot name it.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import assert_never
 
@@ -38,6 +39,7 @@ __all__ = [
     "RETRYABLE",
     "classify",
     "failure_of",
+    "failure_sentence",
     "parse_retry_classes",
     "retryable",
 ]
@@ -75,6 +77,26 @@ def classify(error: str | None) -> FailureClass:
     if _MODEL_ERROR.search(error):
         return "model_error"
     return "unknown"
+
+
+_MESSAGE_FIELDS = ("message", "error_message", "detail", "error", "reason")
+
+
+def failure_sentence(error: str | None, kind: str | None = None) -> str:
+    """What a person reads about a failure: ``[model_error] the model failed on this input``. An error object
+    (kept as JSON, see `classify`) is said by its message, the class in front; the raw text stays in the journal."""
+    text = (error or "").strip()
+    if text.startswith("{"):
+        try:
+            found = json.loads(text)
+        except ValueError:
+            found = None
+        if isinstance(found, dict):
+            words = [found[name] for name in _MESSAGE_FIELDS if isinstance(found.get(name), str) and found[name]]
+            if words:
+                text = words[0]
+    text = text or "RunComfy reported the job failed without a reason"
+    return f"[{kind or classify(error)}] {text}"
 
 
 def retryable(kind: FailureClass) -> bool:

@@ -69,6 +69,7 @@ __all__ = [
     "MAX_JOBS",
     "Job",
     "Manifest",
+    "RunBlock",
     "in_shard",
     "job_key",
     "load_manifest",
@@ -76,8 +77,21 @@ __all__ = [
     "shard_of",
 ]
 
-TOP_LEVEL_KEYS = ("model", "schemas", "fit_images", "defaults", "jobs")
+TOP_LEVEL_KEYS = ("model", "schemas", "fit_images", "defaults", "run", "jobs")
 _MODEL_HINT = "expected the RunComfy model id, e.g. openai/gpt-image-1-5/image-to-image"
+
+
+@dataclass(frozen=True, slots=True)
+class RunBlock:
+    """The manifest's ``run:`` settings as written (``concurrency: 4``), each with its line. Their names and
+    values are checked against the run's options where those are known (`batcher.engine.options.run_settings`):
+    this layer only knows the block is a mapping of names."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    lines: dict[str, int | None] = field(default_factory=dict)
+    file: str = ""
+    line: int | None = None
+    """The line of ``run:`` itself."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +125,8 @@ class Manifest:
     """``(K, N)`` when this is one slice of the manifest (see `only_shard`)."""
     extra: tuple[Job, ...] = field(default=(), repr=False, compare=False)
     """Jobs after the manifest's own, from outside its file: rejected images' replacements (`with_jobs`)."""
+    run: RunBlock = field(default_factory=RunBlock, compare=False)
+    """The manifest's ``run:`` settings (concurrency, max_cost, …); flags on the command line win over them."""
 
     def iter_jobs(self) -> Iterator[Job]:
         """Every job in manifest order, expanding matrices and reading prompt files as it goes; then `extra`."""
@@ -207,6 +223,7 @@ def load_manifest(
     model = _model(problems, data.get("model"))
     defaults = _defaults(problems, data.get("defaults", {}))
     fit = _fit_images(problems, data.get("fit_images")) or fit_images or fit_images_default()
+    run = _run_block(problems, doc, data.get("run"))
     items = data.get("jobs")
     if not (isinstance(items, list) and items) and not (isinstance(items, Skimmed) and items.count):
         problems.at(("jobs",), "expected a non-empty list of jobs")
@@ -243,6 +260,7 @@ def load_manifest(
         schema_dirs=tuple(directories),
         _expander=expander,
         _keys=keys,
+        run=run,
     )
 
 
@@ -293,6 +311,17 @@ def _defaults(problems: Problems, value: object) -> dict[str, Any]:
             problems.at(("defaults", control), f"'{control}' belongs on a job, not in defaults")
             del value[control]
     return value
+
+
+def _run_block(problems: Problems, doc: LocatedYaml, value: object) -> RunBlock:
+    """The manifest's ``run:`` block: a mapping of setting names (their values are the run options' to check)."""
+    if value is None:
+        return RunBlock(file=doc.file)
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        problems.at(("run",), "expected a mapping of run settings, e.g. {concurrency: 4, max_cost: 20}")
+        return RunBlock(file=doc.file)
+    lines = {key: doc.line(("run", key)) for key in value}
+    return RunBlock(dict(value), lines, doc.file, doc.line(("run",)))
 
 
 def _schema_folders(problems: Problems, value: object, folder: Path, confined: Confinement | None) -> list[Path]:

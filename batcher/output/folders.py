@@ -184,7 +184,7 @@ def check_no_overlap(output_dir: Path, keys: Iterable[str]) -> None:
         overlap = [k for k, r in read_journal(other / JOURNAL_NAME).records.items() if k in mine and r.submits]
         if overlap:
             msg = (
-                f"{len(overlap)} of these jobs were already submitted by the run journalled in {other}; "
+                f"{len(overlap)} of these jobs {'was' if len(overlap) == 1 else 'were'} already submitted by the run journalled in {other}; "
                 "running them here would pay twice. Run with that run's --shard (or without --shard, "
                 "if it had none), or give --output a folder of its own"
             )

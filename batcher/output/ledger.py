@@ -516,7 +516,7 @@ def check_ledger(
             held = (
                 f"{spelled} held a run of this manifest against this API, which submitted {len(overlap)} of these jobs,"
                 if ours
-                else f"{len(overlap)} of these jobs were already submitted from {spelled} (noted in {ledger_path()}),"
+                else f"{len(overlap)} of these jobs {_were(len(overlap))} already submitted from {spelled} (noted in {ledger_path()}),"
             )
             msg = (
                 f"{held} and its journal is gone: it was the only record of what that run paid for. If you moved it, "
@@ -525,7 +525,7 @@ def check_ledger(
             )
         else:
             msg = (
-                f"{len(overlap)} of these jobs were already submitted from {spelled} (noted in {ledger_path()}); "
+                f"{len(overlap)} of these jobs {_were(len(overlap))} already submitted from {spelled} (noted in {ledger_path()}); "
                 f"sending them from {spelled_here} would pay for them again. Go on with them there: "
                 f"{_resume_hint(spelled)} (or add --new-output to pay for them again here)"
             )
@@ -657,3 +657,7 @@ def noted_places() -> list[NotedPlace]:
         count = len(summary.keys) if summary is not None else None
         found.append(NotedPlace(spelled, tuple(apis), tuple(manifests), count, summary.t if summary else None))
     return found
+
+
+def _were(count: int) -> str:
+    return "was" if count == 1 else "were"

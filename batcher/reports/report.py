@@ -7,6 +7,7 @@ works while a run is going and after it. Every figure comes from
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from ..confined import OutputDir
 from ..engine.runner import RunSummary
-from ..journal.failures import RETRYABLE
+from ..journal.failures import RETRYABLE, failure_sentence
 from ..journal.standing import AccountFigures, JobStanding, Tally, category_of, opened, tally
 from ..journal.store import JOURNAL_NAME
 from ..lifecycle import CATEGORIES
@@ -26,10 +27,10 @@ from ..manifest.cost import estimate, load_price_table
 from ..manifest.loader import Job, Manifest
 from ..output.dataset import dataset_images
 from ..output.folders import FolderView, read_folder, rehearsal_only
-from ..printable import printable
+from ..printable import counted, printable
 from ..review.decisions import read_decisions, review_counts
 from ..review.replacements import decisions_folder, pending_replacements, with_replacements
-from ..runcomfy.account import price_dirs
+from ..runcomfy.account import LIVE_PRICES, price_dirs
 
 __all__ = [
     "StatusReport",
@@ -80,7 +81,7 @@ def status_report(
     view = view or read_folder(output_dir)
     damage: list[str] = []
     manifest = with_replacements(manifest, output_dir, view=view, said=damage)
-    prices = price_dirs(output_dir, manifest.schema_dirs)
+    prices = _prices_of(output_dir, view, manifest.schema_dirs)
     # Read past a damaged line (said in the warnings): the counts are then of the sound lines.
     decisions = read_decisions(decisions_folder(output_dir), skip_damaged=bool(damage))
     with nullcontext(files) if files is not None else opened(output_dir) as folder:
@@ -105,6 +106,15 @@ def status_report(
     )
 
 
+def _prices_of(output_dir: Path, view: FolderView, schema_dirs: Sequence[Path]) -> tuple[Path, ...]:
+    """Where a view's prices are looked up: the live tables in output_dir, else in the first of its shards' folders
+    that has them (a sharded run keeps them there), so a folder and its shards label one price alike."""
+    for folder in [output_dir, *(journal.parent for journal in view.journals)]:
+        if (folder / LIVE_PRICES).is_dir():
+            return price_dirs(folder, schema_dirs)
+    return price_dirs(output_dir, schema_dirs)
+
+
 def _estimate_all(jobs: list[Job], prices: Sequence[Path]) -> float:
     return round(sum(estimate(job, prices) or 0.0 for job in jobs), 6)
 
@@ -125,15 +135,16 @@ def _spent_line(spent: float, superseded: float, sandbox: bool) -> str:
     return f"spent {_money(spent)} (as RunComfy reported){apart}"
 
 
-def _replacements_line(count: int, cost: float, sandbox: bool) -> str:
+def _replacements_line(count: int, cost: float, sandbox: bool, again: str | None = None) -> str:
     price = f"a real run would cost about {_money(cost)}" if sandbox else f"estimated {_money(cost)}"
     return (
-        f"{count} rejected image(s) to replace: run with --replace-rejected to submit {count} new generation(s) "
-        f"({price})"
+        f"{count} rejected image(s) to replace: to submit {count} new generation(s) ({price}), run: "
+        f"{again or 'batcher run MANIFEST'} --replace-rejected"
     )
 
 
-def print_status(console: Console, report: StatusReport) -> None:
+def print_status(console: Console, report: StatusReport, again: str | None = None) -> None:
+    """`batcher status`; again is the `run` command of this folder, which its hints complete."""
     console.print(f"{report.manifest}: {report.total} jobs")
     if len(report.journals) > 1:
         console.print(f"summed over {len(report.journals)} journals: " + ", ".join(report.journals))
@@ -149,14 +160,16 @@ def print_status(console: Console, report: StatusReport) -> None:
             f"(of {report.accepted + report.rejected + report.undecided} images)"
         )
     if report.replacements_to_submit:
-        console.print(_replacements_line(report.replacements_to_submit, report.replacements_cost, report.sandbox))
+        console.print(
+            _replacements_line(report.replacements_to_submit, report.replacements_cost, report.sandbox, again)
+        )
     console.print(
         _spent_line(report.spent, report.spent_superseded, report.sandbox)
         + (f"; in flight about {_money(report.in_flight_cost)}" if report.in_flight_cost else "")
         + f"; still to spend about {_money(report.to_spend)}"
     )
     _print_accounts(console, report.accounts, report.sandbox)
-    _print_problems(console, report, report.possible_extra_cost)
+    _print_problems(console, report, report.possible_extra_cost, again)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
 
@@ -173,7 +186,10 @@ class _Problems(Protocol):
     failures_cost: dict[str, float]
 
 
-def _print_problems(console: Console, problems: _Problems, extra: float) -> None:
+def _print_problems(console: Console, problems: _Problems, extra: float, again: str | None = None) -> None:
+    """The jobs that need a person, each kind with the whole command that sends them again (again: the `run`
+    command of this folder, to which the flag is added)."""
+    run = again or "batcher run MANIFEST"
     refused, failed, uncertain, lost = problems.refused, problems.failed, problems.uncertain, problems.lost
     orphans = problems.orphans
     if refused:
@@ -189,27 +205,27 @@ def _print_problems(console: Console, problems: _Problems, extra: float) -> None
                 "paying nothing more"
             )
         else:
-            why = "run again with --retry-failed to submit the retryable ones again"
+            why = f"to submit the retryable ones again, run: {run} --retry-failed"
         console.print(f"\n[red]{len(failed)} failed[/] ({why}):")
         _print_failures(console, problems.failures, problems.failures_cost)
         _print_jobs(console, failed)
     if lost:
         console.print(
             f"\n[yellow]{len(lost)} lost[/]: RunComfy accepted them (they may have been charged), then stopped "
-            "knowing them, so there is no result. Check your RunComfy dashboard, then run again with "
-            "--resubmit-uncertain if you want them generated again:"
+            "knowing them, so there is no result. Check your RunComfy dashboard, then, to have them generated "
+            f"again, run: {run} --resubmit-uncertain"
         )
         _print_jobs(console, lost)
     if uncertain:
         console.print(
             f"\n[yellow]{len(uncertain)} uncertain[/]: their submits may have been accepted and charged, "
             f"but no answer was recorded. Resubmitting could cost up to {_money(extra)} more. "
-            "Check your RunComfy dashboard, then run again with --resubmit-uncertain if you want them."
+            f"Check your RunComfy dashboard, then, if you want them, run: {run} --resubmit-uncertain"
         )
         _print_jobs(console, uncertain)
     if orphans:
         console.print(
-            f"\n{len(orphans)} job(s) in the journal are no longer in the manifest (those paid for and not "
+            f"\n{counted(len(orphans), 'job')} in the journal {'is' if len(orphans) == 1 else 'are'} no longer in the manifest (those paid for and not "
             "finished are still polled and downloaded by `run`; the rest are left alone): " + ", ".join(orphans[:10])
         )
 
@@ -250,8 +266,8 @@ def _print_accounts(console: Console, accounts: dict[str, AccountFigures], sandb
 def _print_jobs(console: Console, jobs: list[JobStanding]) -> None:
     for job in jobs[:50]:
         # Errors are the server's words (or a journal's, written before they were cleaned at the client).
-        kind = f"[{job.failure}] " if job.failure else ""
-        console.print(f"  {job.name}: {kind}{printable(job.error or job.phase, 300)}", markup=False)
+        said = failure_sentence(job.error, job.failure) if job.failure else job.error or job.phase
+        console.print(f"  {job.name}: {printable(said, 300)}", markup=False)
     if len(jobs) > 50:
         console.print(f"  … and {len(jobs) - 50} more (batcher status --json lists all)")
 
@@ -271,13 +287,14 @@ def print_summary(console: Console, summary: RunSummary, resume: str | None = No
     spent = _spent_line(summary.spent, summary.spent_superseded, summary.sandbox)
     console.print(", ".join(parts) + f"; {spent}. Output: {summary.output}")
     _print_accounts(console, summary.accounts, summary.sandbox)
-    _print_problems(console, summary, summary.possible_extra_cost)
+    _print_problems(console, summary, summary.possible_extra_cost, resume)
     again = resume or "the same command"
     if summary.stop_kind == "budget":
         console.print(
-            f"\nstopped submitting: {summary.stop_reason}. {len(summary.unfinished)} job(s) not sent, estimated at "
-            f"{_money(summary.to_spend)}. To go on, raise --max-cost (to at least "
-            f"${summary.committed + summary.to_spend:,.2f} for all of them) and run again."
+            f"\nstopped submitting: {summary.stop_reason}. {counted(len(summary.unfinished), 'job')} not sent, estimated at "
+            f"{_money(summary.to_spend)}. To go on with all of them, raise --max-cost: "
+            f"{resume or 'batcher run MANIFEST'} --max-cost "
+            f"{math.ceil((summary.committed + summary.to_spend) * 100) / 100:.2f}"
         )
         return
     if summary.stop_reason and not summary.interrupted and summary.stop_kind != "auth":
@@ -291,11 +308,13 @@ def print_summary(console: Console, summary: RunSummary, resume: str | None = No
 PLAN_ROWS_SHOWN = 200
 
 
-def print_plan(console: Console, manifest: Manifest, output_dir: Path, *, replace_rejected: bool = False) -> None:
+def print_plan(
+    console: Console, manifest: Manifest, output_dir: Path, *, replace_rejected: bool = False, again: str | None = None
+) -> None:
     """The jobs, their state in output_dir's journals (shards summed) and what is left to pay; with
     replace_rejected, the replacements of rejected images among them (as ``run --replace-rejected``)."""
     view = read_folder(output_dir)
-    prices = price_dirs(output_dir, manifest.schema_dirs)
+    prices = _prices_of(output_dir, view, manifest.schema_dirs)
     pending = [] if replace_rejected else pending_replacements(manifest, output_dir, view=view)
     manifest = with_replacements(manifest, output_dir, submit_new=replace_rejected, view=view)
     several = len(manifest.models) > 1
@@ -339,4 +358,4 @@ def print_plan(console: Console, manifest: Manifest, output_dir: Path, *, replac
     label = "sandbox: would cost about" if is_sandbox(view) else "estimated cost of what is left to submit:"
     console.print(f"{label} {_money(left)}{source}{missing}")
     if pending:
-        console.print(_replacements_line(len(pending), _estimate_all(pending, prices), is_sandbox(view)))
+        console.print(_replacements_line(len(pending), _estimate_all(pending, prices), is_sandbox(view), again))

@@ -148,7 +148,7 @@ async def look_up(
     quick = RetryPolicy(attempts=1)
     async with RunComfyClient(token, api_base, retry=quick, transport=transport, poll_timeout=_TIMEOUT) as client:
         for model in models:
-            account.said.append(await _live_price(client, model, output_dir, schema_dirs))
+            account.said.append(await _live_price(client, model, output_dir, schema_dirs, _whose(api_base)))
     forget_price_tables()
     if any((output_dir / LIVE_PRICES).glob("**/*.pricing.json")):
         account.prices = output_dir / LIVE_PRICES
@@ -199,7 +199,21 @@ async def read_balances(
     return found
 
 
-async def _live_price(client: RunComfyClient, model: str, output_dir: Path, schema_dirs: Sequence[Path]) -> str:
+def _whose(api_base: str) -> str:
+    """Whose price a table fetched from api_base holds, as every view labels it: a loopback API is a sandbox's
+    (its price is the bundled table's, and nothing is charged), never RunComfy's."""
+    return (
+        "the sandbox's live price" if is_loopback_host(urlsplit(api_base).hostname or "") else "RunComfy's live price"
+    )
+
+
+async def _live_price(
+    client: RunComfyClient,
+    model: str,
+    output_dir: Path,
+    schema_dirs: Sequence[Path],
+    whose: str = "RunComfy's live price",
+) -> str:
     """Fetch model's live price and save it as a price table in the output folder; a line saying what is used."""
     table = load_price_table(model, schema_dirs)
     try:
@@ -236,7 +250,7 @@ async def _live_price(client: RunComfyClient, model: str, output_dir: Path, sche
         "prices": _scaled(table.prices, factor),
         "unit": unit,
         "note": note or table.note,
-        "source": f"RunComfy's live price (GET /v1/models/{model}: ${live:g} per {unit} at the default settings), "
+        "source": f"{whose} (GET /v1/models/{model}: ${live:g} per {unit} at the default settings), "
         f"with the bundled table's ratios between settings",
         "as_of": today,
     }

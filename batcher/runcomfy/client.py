@@ -265,6 +265,7 @@ class RunComfyClient:
         *,
         read_redirects: bool = True,
         paces: bool = True,
+        logs_answer: bool = True,
         **options: Any,
     ) -> tuple[httpx2.Response, bytes]:
         """Send one request and read its answer: at most max_answer_bytes, within the call's deadline.
@@ -274,7 +275,8 @@ class RunComfyClient:
         read whole: too large, oddly encoded, or trickled past the deadline.
         Without ``read_redirects`` a 3xx answer comes back with an empty body,
         unread. call names the call in the log line each exchange writes.
-        Without ``paces`` a 429 is not told to the rate limiter (see `submit`).
+        Without ``paces`` a 429 is not told to the rate limiter (see `submit`). Without ``logs_answer`` the
+        line for an answer read is the caller's to write (`submit` names the request id in it).
         """
         started = time.monotonic()
         try:
@@ -288,7 +290,8 @@ class RunComfyClient:
         except httpx2.HTTPError as exc:
             _log_call(call, started, type(exc).__name__)
             raise
-        _log_call(call, started, f"HTTP {response.status_code}")
+        if logs_answer:
+            _log_call(call, started, f"HTTP {response.status_code}")
         return response, content
 
     async def _read(
@@ -308,7 +311,7 @@ class RunComfyClient:
 
     # -- submit -------------------------------------------------------------
 
-    async def submit(self, model_id: str, payload: Mapping[str, Any]) -> Submission:
+    async def submit(self, model_id: str, payload: Mapping[str, Any], *, job: str | None = None) -> Submission:
         """Send one job, once: never retried here.
 
         Raises UncertainSubmitError when the job may have been accepted (any
@@ -325,13 +328,16 @@ class RunComfyClient:
         """
         path = f"/v1/models/{quote(model_id, safe='/')}"
         doing = f"submitting to {model_id}"
-        call = f"submit {model_id}"
+        call = f"submit {model_id}" + (f" job {printable(job, 200)}" if job else "")
         await self._pace()
+        started = time.monotonic()
         try:
             # A 429 to a submit is the account's cap on jobs in flight (`batcher.runcomfy.backpressure.AccountCap`
             # learns it), not its request rate: halving the pace of every call for it starved the polls
             # that free the cap, and each probe of a recovered cap halved it again.
-            response, content = await self._exchange(call, "POST", path, self.submit_timeout, paces=False, json=payload)
+            response, content = await self._exchange(
+                call, "POST", path, self.submit_timeout, paces=False, logs_answer=False, json=payload
+            )
         except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
             # The request never left this machine: safe to send again.
             msg = f"cannot reach RunComfy while {doing}: {type(exc).__name__} (the job was not accepted)"
@@ -354,7 +360,14 @@ class RunComfyClient:
         # A request_id in any answer means RunComfy has the job, whatever else the answer says:
         # it is journalled and polled, never thrown away (throwing it away pays twice).
         if body is not None and body.get("request_id") is not None:
-            return Submission(request_id=checked_request_id(body["request_id"], status), raw=body)
+            try:
+                request_id = checked_request_id(body["request_id"], status)
+            except ApiError:
+                _log_call(call, started, f"HTTP {status}, an unusable request id")
+                raise
+            _log_call(call, started, f"HTTP {status}, request {request_id}")
+            return Submission(request_id=request_id, raw=body)
+        _log_call(call, started, f"HTTP {status}")
         code = error_code(body)
         if status == 429:
             # "Not now", refused before any work (RunComfy's CLI: retryable, src/exit.rs).
