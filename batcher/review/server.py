@@ -50,7 +50,7 @@ from ..output.folders import LOOPBACK_API, SANDBOX_API, api_identity, default_ou
 from .decisions import DECISIONS, DecisionLog, input_group, read_decisions
 from .page import page
 from .replacements import decisions_folder, replacements
-from .thumbnails import InputImages
+from .thumbnails import PLACEHOLDER, InputImages
 
 __all__ = ["DEFAULT_PORT", "ReviewServer"]
 
@@ -58,11 +58,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8766
 _MAX_BODY = 4096
-_PLACEHOLDER = (
-    b'<svg xmlns="http://www.w3.org/2000/svg" width="76" height="76" viewBox="0 0 76 76">'
-    b'<rect width="76" height="76" fill="#8884"/><path d="M20 52l12-14 9 10 6-7 9 11z" fill="#8888"/>'
-    b'<circle cx="47" cy="27" r="5" fill="#8888"/><path d="M14 14l48 48" stroke="#8888" stroke-width="3"/></svg>'
-)
 _VIDEO = ((b"ftyp", 4, "video/mp4"), (b"\x1aE\xdf\xa3", 0, "video/webm"))
 
 
@@ -405,7 +400,7 @@ def _handler(app: ReviewServer) -> type[BaseHTTPRequestHandler]:
             if found is None:
                 reason = app.inputs.failure(ident) or "not an input of this run"
                 headers = (("Cache-Control", "no-store"), ("X-Batcher-Reason", _header_text(reason)))
-                return self._send(200, _PLACEHOLDER, "image/svg+xml", headers, head=head)
+                return self._send(200, PLACEHOLDER, "image/svg+xml", headers, head=head)
             data, kind = found
             self._send(200, data, kind, (("Cache-Control", "private, max-age=3600"),), head=head)
 
