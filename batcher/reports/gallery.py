@@ -30,7 +30,7 @@ from ..confined import OutputDir, open_journalled
 from ..journal.failures import failure_of
 from ..journal.standing import category_of, money
 from ..journal.store import FoldedJournal, JobRecord
-from ..lifecycle import CATEGORIES, FAILURE_CLASSES, Category
+from ..lifecycle import CATEGORIES, FAILURE_CLASSES, Category, FailureClass
 from ..manifest.loader import Job, Manifest
 from ..manifest.localimages import parse_reference, sniff
 from ..output.folders import rehearsal_only
@@ -234,26 +234,30 @@ def write_gallery(
 def _page(
     manifest: Manifest, folded: FoldedJournal, folder: OutputDir, manifest_shown: str, *, link_outside: bool
 ) -> str:
-    states = Counter(category_of(folded.records.get(job.key), folder) for job in manifest.jobs)
-    buttons = [f'<button data-state="all" aria-pressed="true">all {len(manifest.jobs)}</button>']
+    # One pass over the jobs, streamed (a run's end writes this page too: it must not hold 100,000 jobs at once).
+    states: Counter[Category] = Counter()
+    reasons: Counter[FailureClass | None] = Counter()
+    shown: list[str] = []
+    for job in manifest.iter_jobs():
+        record = folded.records.get(job.key)
+        state = category_of(record, folder)
+        states[state] += 1
+        if state == "failed":
+            reasons[failure_of(record)] += 1
+        shown.append(_card(job, record, folder, link_outside=link_outside))
+    total = sum(states.values())
+    buttons = [f'<button data-state="all" aria-pressed="true">all {total}</button>']
     buttons += [
         f'<button data-state="{s}" aria-pressed="false">{_label(s)} {states[s]}</button>'
         for s in CATEGORIES
         if states[s]
     ]
-    reasons = Counter(
-        failure_of(record)
-        for job in manifest.jobs
-        if (record := folded.records.get(job.key)) is not None and category_of(record, folder) == "failed"
-    )
     buttons += [
         f'<button data-state="failure-{kind}" aria-pressed="false">failed: {kind.replace("_", " ")} {reasons[kind]}</button>'
         for kind in FAILURE_CLASSES
         if reasons[kind]
     ]
-    cards = "\n".join(
-        _card(job, folded.records.get(job.key), folder, link_outside=link_outside) for job in manifest.jobs
-    )
+    cards = "\n".join(shown)
     spent = money(sum(r.spent for r in folded.records.values()))  # as `status` counts it
     money_said = f"sandbox: would have cost ${spent:.2f}" if rehearsal_only(folded.headers) else f"spent ${spent:.2f}"
     return f"""<!doctype html>
@@ -268,7 +272,7 @@ def _page(
 <body>
 <header>
 <h1>{_e(manifest.name)}</h1>
-<div class="meta">{_e(manifest.model)} · {len(manifest.jobs)} jobs · {states["done"]} done · {money_said}
+<div class="meta">{_e(manifest.model)} · {total} jobs · {states["done"]} done · {money_said}
  · manifest {_e(manifest_shown)}</div>
 </header>
 <nav>{"".join(buttons)}</nav>
