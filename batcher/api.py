@@ -18,7 +18,10 @@ from .engine import runner
 from .engine.options import check_option_names
 from .engine.progress import RunProgress
 from .engine.runner import CancelSummary, RunOptions, RunPlan, RunSummary
+from .journal.store import FoldedJournal
 from .manifest.loader import Manifest, load_manifest
+from .output.remote import StoredFiles
+from .reports.gallery import write_gallery
 from .sandbox.server import SandboxConfig
 
 __all__ = ["cancel_manifest", "run", "run_manifest"]
@@ -38,8 +41,18 @@ async def run_manifest(
     on_start: Callable[[RunProgress], None] | None = None,
     on_plan: Callable[[RunPlan], None] | None = None,
 ) -> RunSummary:
-    """Run (or resume) every job of manifest: `batcher.engine.runner.run_manifest`, sandbox included."""
-    return await runner.run_manifest(manifest, _with_sandbox(options), on_start=on_start, on_plan=on_plan)
+    """Run (or resume) every job of manifest: `batcher.engine.runner.run_manifest`, sandbox included, ending
+    with the gallery (``index.html``) written in its folder (`RunSummary.gallery`)."""
+    return await runner.run_manifest(
+        manifest, _with_sandbox(options), on_start=on_start, on_plan=on_plan, gallery=_write_gallery
+    )
+
+
+def _write_gallery(manifest: Manifest, output_dir: Path, folded: FoldedJournal, files: StoredFiles | None) -> Path:
+    """A run's gallery (`batcher.reports.gallery`); a bucket's names the manifest by its file name only,
+    as `batcher report` writes it: a page in a bucket may be served to others."""
+    shown = manifest.path.name if files is not None else None
+    return write_gallery(manifest, output_dir, folded, files, manifest_shown=shown)
 
 
 async def cancel_manifest(manifest: Manifest, options: RunOptions | None = None) -> CancelSummary:

@@ -89,9 +89,13 @@ class Problem:
     line: int | None
     field: str
     message: str
+    column: int | None = None
+    """Where on the line (from 1), when it matters: a YAML syntax error's."""
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        if self.line is not None and self.column is not None:
+            where += f":{self.column}"
         field = f" {self.field}:" if self.field else ""
         return f"{where}:{field} {self.message}"
 

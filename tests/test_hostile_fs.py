@@ -122,11 +122,17 @@ async def test_report_never_writes_through_a_link(
     tmp_path: Path, start_sandbox: StartSandbox, victim: Path, name: str
 ) -> None:
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 1)
-    assert (await _run(manifest, start_sandbox())).done == 1
+    sandbox = start_sandbox()
+    assert (await _run(manifest, sandbox)).done == 1
+    (tmp_path / "out" / name).unlink(missing_ok=True)  # the run wrote its gallery and metadata at its end
     (tmp_path / "out" / name).symlink_to(victim)
     result = CliRunner().invoke(cli, ["report", str(manifest), "-o", "out"])
     assert result.exit_code != 0
     assert f"{name} is a symbolic link" in " ".join(result.output.split())
+    assert victim.read_bytes() == PRECIOUS
+    # Nor does a run, which writes both at its end: it refuses the folder before it starts.
+    with pytest.raises(JournalError, match="is a symbolic link"):
+        await _run(manifest, sandbox)
     assert victim.read_bytes() == PRECIOUS
 
 

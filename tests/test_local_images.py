@@ -354,7 +354,7 @@ def test_the_sandbox_refuses_a_bad_data_uri_naming_the_field(start_sandbox: Star
 # -- the gallery -------------------------------------------------------------------------------------
 
 
-def test_the_gallery_shows_a_local_image_by_name_or_inside_the_output_folder_as_a_thumbnail(
+def test_the_gallery_shows_a_local_image_as_a_thumbnail_inside_the_output_folder_or_outside(
     runner: CliRunner, tmp_path: Path
 ) -> None:
     manifest = _project(tmp_path / "proj")
@@ -362,8 +362,9 @@ def test_the_gallery_shows_a_local_image_by_name_or_inside_the_output_folder_as_
     assert result.exit_code == 0, result.output
     assert runner.invoke(cli, ["report", str(manifest), "--sandbox", "-o", "out"]).exit_code == 0
     page = (tmp_path / "out" / "index.html").read_text()
-    assert ">a.png</span>" in page and ">b.jpg</span>" in page
-    assert 'src="refs/' not in page and "data:image" not in page and "../" not in page
+    # Outside the output folder: a thumbnail all the same, by a relative link to the file beside the manifest.
+    assert 'src="../proj/refs/a.png" alt="input 1: a.png"' in page and 'src="../proj/refs/b.jpg"' in page
+    assert 'src="refs/' not in page and "data:image/png" not in page and "data:image/jpeg" not in page
 
     # An output folder that holds the images (the project folder itself): relative thumbnails.
     inside = ["--sandbox", "-o", str(tmp_path / "proj")]
@@ -372,7 +373,7 @@ def test_the_gallery_shows_a_local_image_by_name_or_inside_the_output_folder_as_
     assert result.exit_code == 0, result.output
     assert runner.invoke(cli, ["report", str(manifest), *inside]).exit_code == 0
     page = (tmp_path / "proj" / "index.html").read_text()
-    assert 'src="refs/a.png"' in page and 'src="refs/b.jpg"' in page and "data:image" not in page
+    assert 'src="refs/a.png"' in page and 'src="refs/b.jpg"' in page and "data:image/png" not in page
 
 
 def test_the_editor_schema_takes_local_images_and_still_refuses_other_schemes() -> None:

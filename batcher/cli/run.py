@@ -25,7 +25,7 @@ from ..manifest.loader import Manifest, load_manifest
 from ..output.storage import RemoteOutput
 from ..printable import counted
 from ..reports.notify import NOTIFY_ENV, error_payload, notify_url, send, summary_payload
-from ..reports.report import print_summary
+from ..reports.report import print_summary, report_command
 from ..runcomfy.client import RetryPolicy
 from ..sandbox.server import SandboxConfig
 from .common import (
@@ -165,7 +165,9 @@ def run(
     resume = _resume_command(manifest, summary, schema_dirs, options)
     if isinstance(output, RemoteOutput):  # the bucket, not this machine's working copy, is the run's place
         resume = resume.replace(shlex.quote(str(summary.output_dir)), shlex.quote(output.url), 1)
-    print_summary(stderr, summary, resume)
+    print_summary(
+        stderr, summary, resume, report_command(this_command(), manifest, summary, schema_dirs, options.shard)
+    )
     if notify:
         _notify(notify, summary_payload(loaded.name, summary))
     sys.exit(summary.exit_code)

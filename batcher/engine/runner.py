@@ -34,7 +34,7 @@ import anyio.abc
 from .._version import __version__
 from ..errors import BalanceError, JournalError, ManifestChangedError, OutputFolderError, StorageError
 from ..journal.standing import Tally, category, opened, tally
-from ..journal.store import JOURNAL_NAME
+from ..journal.store import JOURNAL_NAME, FoldedJournal
 from ..lifecycle import Action, ExitCode, FailureClass, StopKind, held_status, starting_status
 from ..manifest.cost import estimate
 from ..manifest.loader import Job, Manifest
@@ -43,7 +43,7 @@ from ..output.dataset import METADATA_NAME, write_metadata
 from ..output.download import Downloader
 from ..output.folders import api_identity, check_no_overlap, is_rehearsal, shard_folder_name
 from ..output.ledger import Place, note_run_end, remember_place
-from ..output.remote import RemoteRun, pull_view
+from ..output.remote import RemoteRun, StoredFiles, pull_view
 from ..review.replacements import with_replacements
 from ..runcomfy.account import Account, look_up, price_dirs
 from .cancel import CancelSummary, cancel_manifest
@@ -127,6 +127,8 @@ class RunSummary(Tally):
     warnings: list[str] = field(default_factory=list)
     output_url: str | None = None
     """A bucket run's ``s3://`` or ``gs://`` URL (a shard's own)."""
+    gallery: str | None = None
+    """The gallery the run wrote at its end (a path, or a bucket run's URL); None when it wrote none."""
     refused_accounts: list[str] = field(default_factory=list)
     """One message per account whose token RunComfy refused while the others went on (fingerprint, the
     variable the tokens came from, its jobs held)."""
@@ -145,18 +147,26 @@ class RunSummary(Tally):
         return ExitCode.DONE
 
 
+GalleryWriter = Callable[[Manifest, Path, FoldedJournal, StoredFiles | None], Path]
+"""Writes a run's gallery into its folder (a bucket run's working copy, with its stored files) and returns its
+path: `batcher.reports.gallery.write_gallery`, given by `batcher.run_manifest` (the engine is below reports)."""
+
+
 async def run_manifest(
     manifest: Manifest,
     options: RunOptions | None = None,
     *,
     on_start: Callable[[RunProgress], None] | None = None,
     on_plan: Callable[[RunPlan], None] | None = None,
+    gallery: GalleryWriter | None = None,
 ) -> RunSummary:
     """Run (or resume) every job of manifest; the journal makes calling it again safe.
 
     on_plan receives what the run is about to do before its first request
     (raise from it to stop there: nothing is sent); on_start the live
-    `RunProgress` once the plan is made, for a display.
+    `RunProgress` once the plan is made, for a display; gallery, when given,
+    writes the gallery at the end (with ``metadata.jsonl``; a bucket run's are
+    uploaded with its files), where `RunSummary.gallery` says.
     Raises UsageError before anything is sent when the token or API base is
     wrong, the folder's journal belongs to another API, or another folder
     already submitted these jobs; JournalLockedError when another run holds
@@ -225,8 +235,26 @@ async def run_manifest(
             await anyio.to_thread.run_sync(write_metadata, manifest, output_dir, run.records, files)
         except OSError as exc:
             log.warning("could not write %s: %s", METADATA_NAME, exc.strerror or exc)
-        return _summarize(run, warnings, endpoint, remote)
+        summary = _summarize(run, warnings, endpoint, remote)
+        if gallery is not None:
+            summary.gallery = await _write_gallery(gallery, run, journal.folded, remote)
+        return summary
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _write_gallery(
+    write: GalleryWriter, run: JobSteps, folded: FoldedJournal, remote: RemoteRun | None
+) -> str | None:
+    """The run's gallery, written (with the replacements it sent, and every job of the manifest, as `report`
+    writes it); where it is, or None when it could not be written (said as a warning: the run's work is done)."""
+    now = FoldedJournal(records=run.records, headers=folded.headers)
+    try:
+        files = remote.files() if remote is not None else None
+        page = await anyio.to_thread.run_sync(write, run.manifest, run.output_dir, now, files)
+    except (OSError, OutputFolderError) as exc:
+        log.warning("could not write the gallery: %s", getattr(exc, "strerror", None) or exc)
+        return None
+    return f"{remote.bucket.output.url}/{page.name}" if remote is not None else str(page)
 
 
 async def _note_run_end(noted: list[Place], working_copy: Path) -> None:

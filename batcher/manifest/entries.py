@@ -19,7 +19,7 @@ from typing import Any
 from ..confined import open_regular
 from ..errors import Problem
 from .folder import Confinement
-from .problems import Problems, YamlPath, did_you_mean
+from .problems import Problems, YamlPath, did_you_mean, did_you_mean_file
 from .promptfile import KINDS, PromptFile
 from .template import placeholders
 
@@ -200,7 +200,8 @@ def _prompt_file(
         problems.at(where, confined.refusal(repr(value)))
         return None
     if not path.exists():
-        problems.at(where, f"no prompt file {path} (prompt files are relative to the manifest)")
+        hint = did_you_mean_file(value, folder, _is_prompt_file)
+        problems.at(where, f"no prompt file {path}{hint} (prompt files are relative to the manifest)")
         return None
     try:
         open_regular(path).close()  # a FIFO or a folder is refused, never waited on
@@ -214,3 +215,7 @@ def _prompt_file(
             problems.add(Problem(display, row.line, "", row.problem))
             return None
     return prompt_file
+
+
+def _is_prompt_file(path: Path) -> bool:
+    return path.suffix.lower() in KINDS and path.is_file()

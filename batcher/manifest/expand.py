@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from .entries import ROW_CONTROL_KEYS, Combination, Entry
 from .folder import Confinement
 from .job import Job, job_key, slug_name
 from .localimages import LocalImages, Normalised, identity_form
-from .problems import Problems, shorten
+from .problems import Problems, YamlPath, shorten
 from .promptfile import NO_ROW, PromptFile, Row, from_text
 from .schema import ModelSchema, load_model_schema
 from .template import placeholders, render
@@ -356,28 +356,39 @@ class _Blame:
     def _suffix(self) -> str:
         return f" (matrix: {self.combination.label})" if self.combination.label else ""
 
-    def _at_row(self, field_name: str, message: str) -> None:
+    def _at_row(self, field_name: str, message: str, *, alike: Hashable = None) -> None:
         assert self.entry.prompt_file is not None
         where = f"row {self.row.number}" + (f": {field_name}" if field_name else "")
-        self.problems.add(Problem(self.entry.prompt_file.display, self.row.line, where, message + self._suffix()))
+        # One row's problem repeats over the matrix's combinations: listed once, counted.
+        kind = alike if alike is not None else ("row", self.row.line, field_name, message)
+        self.problems.add(
+            Problem(self.entry.prompt_file.display, self.row.line, where, message + self._suffix()),
+            alike=(self.entry.path, kind),
+        )
+
+    def _at_entry(self, path: YamlPath, message: str) -> None:
+        """A problem with the entry's value at path, which each combination of its matrix repeats."""
+        self.problems.at(path, message + self._suffix(), alike=(self.entry.path, (path, message)))
 
     def whole(self, message: str) -> None:
+        # Nothing the row or entry sets is at fault (a required field no one gives): one problem
+        # over all the entry's rows and combinations, listed at the first.
         if self.row.line is not None:
-            self._at_row("", message)
+            self._at_row("", message, alike=("whole", message))
         else:
-            self.problems.at(self.entry.path, message + self._suffix())
+            self._at_entry(self.entry.path, message)
 
     def variable(self, name: str, message: str) -> None:
         if name in self.row.values:
             self._at_row(name, message)
         else:
-            self.problems.at((*self.entry.path, "matrix", name), message + self._suffix())
+            self._at_entry((*self.entry.path, "matrix", name), message)
 
     def control(self, name: str, message: str) -> None:
         if name in self.row.values or name in self.combination.values:
             self.variable(name, message)
         else:
-            self.problems.at((*self.entry.path, name), message + self._suffix())
+            self._at_entry((*self.entry.path, name), message)
 
     def field(
         self,
@@ -395,7 +406,7 @@ class _Blame:
             if from_row & placeholders(self.entry.fields[top]):
                 self._at_row(top, message)  # the row's value, put in through a placeholder
             else:
-                self.problems.at((*self.entry.path, top), message + self._suffix())
+                self._at_entry((*self.entry.path, top), message)
         elif top in defaults:
             self.problems.at(("defaults", top), message)
         else:

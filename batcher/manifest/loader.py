@@ -62,7 +62,7 @@ from .expand import MAX_JOBS, Expander, job_cap, set_max_jobs
 from .folder import Confinement, confinement
 from .imagefit import fit_images_default
 from .job import Job, in_shard, job_key, shard_of
-from .problems import Problems, YamlPath, did_you_mean
+from .problems import Problems, YamlPath, did_you_mean, did_you_mean_file
 from .yamlread import LocatedYaml, Skimmed
 
 __all__ = [
@@ -341,5 +341,6 @@ def _schema_folders(problems: Problems, value: object, folder: Path, confined: C
         elif directory.is_dir():
             found.append(directory)
         else:
-            problems.at(where, f"no folder {directory} (schema folders are relative to the manifest)")
+            hint = did_you_mean_file(name, folder, Path.is_dir)
+            problems.at(where, f"no folder {directory}{hint} (schema folders are relative to the manifest)")
     return found

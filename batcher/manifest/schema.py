@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import jsonschema
 
 from ..errors import UsageError
-from .problems import shorten
+from .problems import did_you_mean, shorten
 
 __all__ = ["IMAGE_FORMAT", "FieldError", "ModelSchema", "bundled_schema_dir", "load_model_schema"]
 
@@ -335,6 +335,7 @@ def load_model_schema(model_id: str, directories: Sequence[Path] = ()) -> ModelS
         path = _schema_path(model_id, directory)
         if path.is_file():
             return ModelSchema(model_id=model_id, schema=_read_schema(path), source=path)
-    known = ", ".join(available_models(directories)) or "none"
-    msg = f"no input schema for model {model_id!r}; known models: {known}"
+    models = available_models(directories)
+    known = ", ".join(models) or "none"
+    msg = f"no input schema for model {model_id!r}{did_you_mean(model_id, models)}; known models: {known}"
     raise UsageError(msg)

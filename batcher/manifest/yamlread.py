@@ -74,7 +74,7 @@ class LocatedYaml:
                 self._anchors.clear()
                 self.data = self._read()
         except yaml.YAMLError as exc:
-            raise _invalid_yaml(file, exc) from exc
+            raise _invalid_yaml(file, text, exc) from exc
 
     def _read(self) -> Any:
         # What bounds alias expansion: values built (aliases at their expanded size), values
@@ -131,7 +131,7 @@ class LocatedYaml:
                     del lines[added]
                 index += 1
         except yaml.YAMLError as exc:  # the first read skimmed this list: its errors surface here
-            raise _invalid_yaml(self.file, exc) from exc
+            raise _invalid_yaml(self.file, self.text, exc) from exc
         finally:
             loader.dispose()
 
@@ -356,11 +356,76 @@ class Skimmed:
     key_line: int
 
 
-def _invalid_yaml(file: str, exc: yaml.YAMLError) -> ManifestError:
-    """The parser's complaint as a problem on its line."""
-    if isinstance(exc, yaml.MarkedYAMLError):
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        what = exc.problem or exc.context or "invalid YAML"
-        return ManifestError([Problem(file, line, "", f"invalid YAML: {what}")])
-    return ManifestError([Problem(file, None, "", f"invalid YAML: {exc}")])
+def _invalid_yaml(file: str, text: str, exc: yaml.YAMLError) -> ManifestError:
+    """The parser's complaint as a problem at its cause: the bracket or quote left open, else where it stopped.
+
+    PyYAML notices an unclosed ``[`` only at the next line's ``-`` (its problem
+    mark); its context mark is the bracket itself, where the fix is.
+    """
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return ManifestError([Problem(file, None, "", f"invalid YAML: {exc}")])
+    problem, context = exc.problem_mark, exc.context_mark
+    what = exc.problem or exc.context or "invalid YAML"
+    if exc.context and context is None and exc.problem:
+        what = f"{exc.context}, {exc.problem}"  # ours: "expected a single document, but found another document"
+    if problem is None:
+        problem, context = context, None
+    if problem is None:
+        return ManifestError([Problem(file, None, "", f"invalid YAML: {what}")])
+    there = f"{what} at line {problem.line + 1}, column {problem.column + 1}"
+    opener = _char_at(text, context) if context is not None else ""
+    if context is not None and opener in _OPENERS:
+        message = f"invalid YAML: this {_OPENERS[opener]} is not closed ({there})"
+        return ManifestError([Problem(file, context.line + 1, "", message, context.column + 1)])
+    quoted = _quote_running_into(text, problem)
+    if quoted is not None:
+        start, end = quoted
+        message = (
+            f"invalid YAML: the quoted value opened here runs on to line {end.line + 1}, column {end.column}; "
+            f"is its closing {_char_at(text, start)} missing? ({there})"
+        )
+        return ManifestError([Problem(file, start.line + 1, "", message, start.column + 1)])
+    message = f"invalid YAML: {what}"
+    if exc.context and context is not None and context.line != problem.line:
+        message += f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"
+    return ManifestError([Problem(file, problem.line + 1, "", message, problem.column + 1)])
+
+
+_OPENERS = {"[": "'['", "{": "'{'", '"': 'quote (")', "'": "quote (')"}
+_MAX_RESCANNED = 1_000_000
+"""The longest document scanned again, on an error, for a quoted value that ran on too far."""
+
+
+def _char_at(text: str, mark: Any) -> str:
+    """The character at a parser's mark (its index counts characters, in both parsers)."""
+    index = getattr(mark, "index", None)
+    return text[index] if isinstance(index, int) and 0 <= index < len(text) else ""
+
+
+def _quote_running_into(text: str, problem: Any) -> tuple[Any, Any] | None:
+    """The start and end of a quoted value spanning lines that ends just before the problem, if one does.
+
+    ``prompt: "a cat`` with no closing quote swallows the next lines up to the
+    next quote, and the parser complains only after that, lines later.
+    """
+    if len(text) > _MAX_RESCANNED:
+        return None
+    scanner: Any = yaml.SafeLoader(text)  # its tokens only (the pure-Python scanner: this is the error path)
+    last = None
+    try:
+        while True:
+            token = scanner.get_token()
+            if token is None or (token.start_mark.line, token.start_mark.column) >= (problem.line, problem.column):
+                break
+            last = token
+    except yaml.YAMLError:
+        pass
+    finally:
+        scanner.dispose()
+    if (
+        isinstance(last, yaml.ScalarToken)
+        and last.style in ('"', "'")
+        and last.start_mark.line < last.end_mark.line == problem.line
+    ):
+        return last.start_mark, last.end_mark
+    return None

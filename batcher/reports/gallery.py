@@ -1,32 +1,40 @@
 """``index.html``: a self-contained gallery of a run, for looking through a night's work.
 
 No server, no CDN: inline CSS and a few lines of inline script, relative
-links to the downloaded images. One card per job with its state, prompt,
-parameters, input images (a local one by name, or as a thumbnail when it lies in the
-output folder), outputs (thumbnails opening full size) and error;
+links to the downloaded images. `batcher run` writes it at its end, `batcher report`
+again. One card per job (ten to a 1280x900 screen) with its state, prompt,
+parameters, input images, outputs (thumbnails opening full size) and error;
 buttons filter by state (``index.html#failed`` opens filtered) and failures by reason
 (``index.html#failure-content_policy``); the grid reflows down to a phone's width.
 An output is shown only when its journalled path is a sound one inside the
 folder, reached without links: a tampered journal cannot make the page
 point outside it.
+
+An input image is shown from the review page's copy in the folder
+(``.review/inputs/``) when `batcher review` fetched one, else from its URL, or,
+for a local image, by a relative link to the file beside the manifest (a page
+written for a bucket links none outside the folder). One that cannot be
+loaded (offline, an expired URL) shows the review page's placeholder.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import os
 from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
-from ..confined import OutputDir
+from ..confined import OutputDir, open_journalled
 from ..journal.failures import failure_of
 from ..journal.standing import category_of, money
 from ..journal.store import FoldedJournal, JobRecord
-from ..lifecycle import CATEGORIES, FAILURE_CLASSES, Category
+from ..lifecycle import CATEGORIES, FAILURE_CLASSES, Category, FailureClass
 from ..manifest.loader import Job, Manifest
-from ..manifest.localimages import parse_reference
+from ..manifest.localimages import parse_reference, sniff
 from ..output.folders import rehearsal_only
+from ..review.thumbnails import INPUTS_DIR, PLACEHOLDER, input_id
 
 __all__ = ["GALLERY_NAME", "write_gallery"]
 
@@ -36,37 +44,56 @@ _CSS = """
 :root { color-scheme: light dark; --bg: #f6f6f4; --card: #fff; --ink: #1d1d1b; --dim: #6b6b66; --line: #e2e2dc; }
 @media (prefers-color-scheme: dark) { :root { --bg: #161614; --card: #21211f; --ink: #ecece6; --dim: #9a9a92; --line: #33332f; } }
 * { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background: var(--bg); color: var(--ink); }
-header { padding: 20px 16px 8px; max-width: 1400px; margin: auto; }
-h1 { font-size: 20px; margin: 0 0 4px; }
+body { margin: 0; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; background: var(--bg); color: var(--ink); }
+header { padding: 12px 16px 4px; max-width: 1600px; margin: auto; }
+h1 { font-size: 18px; margin: 0 0 2px; }
 .meta { color: var(--dim); font-size: 13px; }
-nav { display: flex; flex-wrap: wrap; gap: 8px; padding: 8px 16px 16px; max-width: 1400px; margin: auto; }
+nav { display: flex; flex-wrap: wrap; gap: 6px; padding: 6px 16px 10px; max-width: 1600px; margin: auto; }
 nav button { border: 1px solid var(--line); background: var(--card); color: var(--ink); border-radius: 999px;
-  padding: 6px 14px; font: inherit; cursor: pointer; }
+  padding: 3px 11px; font: inherit; font-size: 13px; cursor: pointer; }
 nav button[aria-pressed="true"] { background: var(--ink); color: var(--bg); }
-main { display: grid; gap: 16px; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); padding: 0 16px 32px;
-  max-width: 1400px; margin: auto; }
-.card { background: var(--card); border: 1px solid var(--line); border-radius: 12px; overflow: hidden; display: flex;
+main { display: grid; gap: 12px; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); padding: 0 16px 24px;
+  max-width: 1600px; margin: auto; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 10px; overflow: hidden; display: flex;
   flex-direction: column; }
-.outputs { display: grid; grid-template-columns: repeat(auto-fit, minmax(120px, 1fr)); gap: 2px; background: var(--line); }
-.outputs img { width: 100%; aspect-ratio: 1; object-fit: cover; display: block; background: var(--bg); }
-.empty { aspect-ratio: 2; display: grid; place-items: center; color: var(--dim); background: var(--bg); }
-.body { padding: 12px 14px 14px; display: flex; flex-direction: column; gap: 8px; }
-.title { display: flex; justify-content: space-between; align-items: center; gap: 8px; }
-.name { font-weight: 600; overflow-wrap: anywhere; }
-.state { font-size: 12px; padding: 2px 8px; border-radius: 999px; white-space: nowrap; }
+.outputs { display: grid; grid-auto-flow: column; grid-auto-columns: 1fr; gap: 2px; height: 180px; background: var(--line); }
+.outputs a { min-width: 0; }
+.outputs img { width: 100%; height: 180px; object-fit: cover; display: block; background: var(--bg); }
+.empty { height: 180px; display: grid; place-items: center; color: var(--dim); background: var(--bg); }
+.body { padding: 7px 10px 9px; display: flex; flex-direction: column; gap: 4px; min-width: 0; }
+.title { display: flex; justify-content: space-between; align-items: center; gap: 6px; }
+.name { font-weight: 600; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.state { font-size: 11px; padding: 1px 7px; border-radius: 999px; white-space: nowrap; }
 .state-done { background: #d8f0dc; color: #1b5e20; }
 .state-failed, .state-refused { background: #fadada; color: #8a1c1c; }
 .state-uncertain, .state-lost { background: #fbecc8; color: #7a5200; }
 .state-in_flight, .state-downloading, .state-pending { background: #e3e8f4; color: #243a73; }
-.prompt { margin: 0; }
-.params { display: flex; flex-wrap: wrap; gap: 4px; margin: 0; padding: 0; list-style: none; }
-.params li { font-size: 12px; color: var(--dim); border: 1px solid var(--line); border-radius: 6px; padding: 1px 6px; }
-.inputs { display: flex; gap: 6px; flex-wrap: wrap; }
-.inputs img { width: 48px; height: 48px; object-fit: cover; border-radius: 6px; border: 1px solid var(--line); }
-.error { color: #b3261e; font-size: 13px; margin: 0; overflow-wrap: anywhere; }
-.small { color: var(--dim); font-size: 12px; overflow-wrap: anywhere; }
+.prompt { margin: 0; font-size: 13px; display: -webkit-box; -webkit-line-clamp: 2; -webkit-box-orient: vertical;
+  overflow: hidden; }
+.params { display: flex; flex-wrap: nowrap; gap: 4px; margin: 0; padding: 0; list-style: none; overflow: hidden; }
+.params li { font-size: 11px; color: var(--dim); border: 1px solid var(--line); border-radius: 5px; padding: 0 5px;
+  white-space: nowrap; }
+.inputs { display: flex; gap: 4px; flex-wrap: nowrap; overflow: hidden; }
+.inputs img { width: 36px; height: 36px; object-fit: cover; border-radius: 5px; border: 1px solid var(--line);
+  display: block; background: var(--bg); }
+.error { color: #b3261e; font-size: 12px; margin: 0; overflow-wrap: anywhere; display: -webkit-box;
+  -webkit-line-clamp: 3; -webkit-box-orient: vertical; overflow: hidden; }
+.small { color: var(--dim); font-size: 11px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .hidden { display: none; }
+"""
+
+_PLACEHOLDER_URI = "data:image/svg+xml;base64," + base64.b64encode(PLACEHOLDER).decode()
+
+# In <head>, before any image: an image that cannot be loaded (offline, an expired signed URL) is swapped for
+# the placeholder the review page shows, saying why in its tooltip, instead of the browser's broken image.
+_MISSING = f"""
+document.addEventListener("error", function (event) {{
+  var image = event.target;
+  if (image.tagName !== "IMG" || image.dataset.missing) {{ return; }}
+  image.dataset.missing = "1";
+  image.title = (image.alt || "image") + ": cannot be loaded from here (offline, or the link has expired)";
+  image.src = "{_PLACEHOLDER_URI}";
+}}, true);
 """
 
 _SCRIPT = """
@@ -97,31 +124,59 @@ def _href(path: str) -> str:
     return quote(path, safe="/")
 
 
-def _input(job: Job, n: int, value: object, folder: OutputDir) -> str:
-    """One input image: a URL's thumbnail; a local image's only when it lies in the output folder, else its name.
+def _input(job: Job, n: int, value: object, folder: OutputDir, *, link_outside: bool) -> str:
+    """One input image, as a thumbnail: the review page's copy when it made one, else the URL, or a local
+    image by a relative link (link_outside: also to a file outside the folder); else the placeholder.
 
-    Never a data URI: the page would carry megabytes of base64, and the journal never holds them anyway.
+    Never a data URI of the image: the page would carry megabytes of base64.
     """
     url = str(value)
-    if url.startswith(("https://", "http://")):
-        return f'<a href="{_e(url)}" rel="noreferrer"><img loading="lazy" src="{_e(url)}" alt="input {n}"></a>'
-    found = parse_reference(url)
-    if found is None or job.local is None:
-        return ""
-    path_text, sha256 = found
-    image = Path(os.path.abspath(job.local.folder / path_text))
-    name = image.name
-    if image.is_relative_to(Path(os.path.abspath(folder.root))):
-        relative = image.relative_to(os.path.abspath(folder.root)).as_posix()
-        if folder.has_file(relative):  # a relative link, checked as outputs are: no "..", no links
-            return (
-                f'<a href="{_href(relative)}"><img loading="lazy" src="{_href(relative)}" '
-                f'alt="input {n}: {_e(name)}"></a>'
-            )
-    return f'<span class="small" title="{_e(path_text)} · sha256 {_e(sha256)}">{_e(name)}</span>'
+    web = url.startswith(("https://", "http://"))
+    found = None if web else parse_reference(url)
+    if not web and (found is None or job.local is None):
+        return ""  # a data: URI, or something the schema let through: nothing to show
+    label = f"input {n}: {url}" if web else f"input {n}: {os.path.basename(found[0]) if found else url}"
+    source = _reviewed_copy(url, folder)
+    if source is None and web:
+        source = url
+    if source is None and found is not None and job.local is not None:
+        source = _local_link(Path(os.path.abspath(job.local.folder / found[0])), folder, link_outside=link_outside)
+    thumbnail = f'<img loading="lazy" src="{_e(source or _PLACEHOLDER_URI)}" alt="{_e(label)}" title="{_e(label)}">'
+    if web:
+        return f'<a href="{_e(url)}" rel="noreferrer">{thumbnail}</a>'
+    return f'<a href="{_e(source)}">{thumbnail}</a>' if source else thumbnail
 
 
-def _card(job: Job, record: JobRecord | None, folder: OutputDir, state: Category | None = None) -> str:
+def _reviewed_copy(value: str, folder: OutputDir) -> str | None:
+    """The relative link to `batcher review`'s copy of an input in the folder, if it made one that is an image."""
+    relative = f"{INPUTS_DIR}/{input_id(value)}"
+    if not folder.has_file(relative):
+        return None
+    fd = open_journalled(folder.root, relative)
+    if fd is None:
+        return None
+    with open(fd, "rb") as handle:
+        return relative if sniff(handle.read(64)) is not None else None
+
+
+def _local_link(image: Path, folder: OutputDir, *, link_outside: bool) -> str | None:
+    """A relative link from the page to a local image file, or None."""
+    root = Path(os.path.abspath(folder.root))
+    if image.is_relative_to(root):
+        relative = image.relative_to(root).as_posix()
+        # Checked as outputs are: no "..", no links.
+        return _href(relative) if folder.has_file(relative) else None
+    if not link_outside or not image.is_file():
+        return None
+    try:
+        return _href(Path(os.path.relpath(image, root)).as_posix())
+    except ValueError:  # another drive
+        return None
+
+
+def _card(
+    job: Job, record: JobRecord | None, folder: OutputDir, *, link_outside: bool, state: Category | None = None
+) -> str:
     """One job's card; state: its `category_of`, when the caller has it (each look checks its files)."""
     state = category_of(record, folder) if state is None else state
     failure = failure_of(record) if state == "failed" else None
@@ -135,9 +190,16 @@ def _card(job: Job, record: JobRecord | None, folder: OutputDir, state: Category
     params = "".join(
         f"<li>{_e(k)}: {_e(v)}</li>" for k, v in sorted(job.input.items()) if k not in ("prompt", "image_urls")
     )
-    inputs = "".join(_input(job, n, url, folder) for n, url in enumerate(job.input.get("image_urls", []), 1))
+    inputs = "".join(
+        _input(job, n, url, folder, link_outside=link_outside)
+        for n, url in enumerate(job.input.get("image_urls", []), 1)
+    )
     reason = f"[{failure.replace('_', ' ')}] " if failure else ""
-    error = f'<p class="error">{reason}{_e(record.error)}</p>' if record and record.error and state != "done" else ""
+    error = (
+        f'<p class="error" title="{_e(record.error)}">{reason}{_e(record.error)}</p>'
+        if record and record.error and state != "done"
+        else ""
+    )
     request = f" · request {_e(record.request_id)}" if record and record.request_id else ""
     cost = f" · ${record.cost:.3f}" if record and record.cost else ""
     failure_attribute = f' data-failure="{failure}"' if failure else ""
@@ -145,7 +207,7 @@ def _card(job: Job, record: JobRecord | None, folder: OutputDir, state: Category
 <div class="outputs">{outputs}</div>
 <div class="body">
 <div class="title"><span class="name">{_e(job.name)}</span><span class="state state-{state}">{_label(state)}</span></div>
-<p class="prompt">{_e(job.input.get("prompt", ""))}</p>
+<p class="prompt" title="{_e(job.input.get("prompt", ""))}">{_e(job.input.get("prompt", ""))}</p>
 <ul class="params">{params}</ul>
 <div class="inputs">{inputs}</div>
 {error}<div class="small">job {_e(job.key)}{request}{cost}</div>
@@ -168,7 +230,7 @@ def write_gallery(
     """
     shown = str(manifest.path) if manifest_shown is None else manifest_shown
     with files or OutputDir(output_dir) as folder:
-        head, cards, tail = _page(manifest, folded, folder, shown)
+        head, cards, tail = _page(manifest, folded, folder, shown, link_outside=files is None)
         # Written as it is joined, a few hundred cards a write: 100,000 jobs make a 70 MB page, which as one
         # string, then its bytes, took three times that at once.
         with folder.stage(GALLERY_NAME) as staged:
@@ -186,23 +248,22 @@ _CARDS_A_WRITE = 256
 
 
 def _page(
-    manifest: Manifest, folded: FoldedJournal, folder: OutputDir, manifest_shown: str
+    manifest: Manifest, folded: FoldedJournal, folder: OutputDir, manifest_shown: str, *, link_outside: bool
 ) -> tuple[str, list[bytes], str]:
     """The page: its head, each job's card (as UTF-8) and its tail."""
     # One pass over the jobs, streamed: each job's record read and its files checked once (the list of every
-    # job and three looks at each were 261 MB and 7.0 s for 100,000 jobs).
+    # job and three looks at each were 261 MB and 7.0 s for 100,000 jobs; a run's end writes this page too).
     states: Counter[Category] = Counter()
-    reasons: Counter[str | None] = Counter()
+    reasons: Counter[FailureClass | None] = Counter()
     cards: list[bytes] = []
-    total = 0
     for job in manifest.iter_jobs():
-        total += 1
         record = folded.records.get(job.key)
         state = category_of(record, folder)
         states[state] += 1
-        if record is not None and state == "failed":
+        if state == "failed":
             reasons[failure_of(record)] += 1
-        cards.append(_card(job, record, folder, state).encode())
+        cards.append(_card(job, record, folder, link_outside=link_outside, state=state).encode())
+    total = sum(states.values())
     buttons = [f'<button data-state="all" aria-pressed="true">all {total}</button>']
     buttons += [
         f'<button data-state="{s}" aria-pressed="false">{_label(s)} {states[s]}</button>'
@@ -223,6 +284,7 @@ def _page(
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(manifest.name)} · batcher</title>
 <style>{_CSS}</style>
+<script>{_MISSING}</script>
 </head>
 <body>
 <header>

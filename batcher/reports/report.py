@@ -8,6 +8,7 @@ works while a run is going and after it. Every figure comes from
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +39,7 @@ __all__ = [
     "print_plan",
     "print_status",
     "print_summary",
+    "report_command",
     "status_report",
 ]
 
@@ -272,8 +274,25 @@ def _print_jobs(console: Console, jobs: list[JobStanding]) -> None:
         console.print(f"  … and {len(jobs) - 50} more (batcher status --json lists all)")
 
 
-def print_summary(console: Console, summary: RunSummary, resume: str | None = None) -> None:
-    """The closing lines of `batcher run`; resume is the command that goes on (None: "the same command")."""
+def report_command(
+    program: Sequence[str],
+    manifest: Path,
+    summary: RunSummary,
+    schema_dirs: Sequence[Path] = (),
+    shard: tuple[int, int] | None = None,
+) -> str:
+    """The `batcher report` command that writes a run's gallery (and metadata.jsonl) again, as pasted anywhere."""
+    words = [*program, "report", str(manifest.resolve()), "-o", summary.output]
+    for folder in schema_dirs:
+        words += ["--schemas", str(folder)]
+    if shard and summary.output_url is None:  # a bucket's report sums every shard at its top
+        words += ["--shard", f"{shard[0]}/{shard[1]}"]
+    return shlex.join(words)
+
+
+def print_summary(console: Console, summary: RunSummary, resume: str | None = None, report: str | None = None) -> None:
+    """The closing lines of `batcher run`; resume is the command that goes on (None: "the same command"),
+    report the one that writes the gallery again."""
     parts = [f"{summary.done}/{summary.total} done"]
     for count, word in (
         (len(summary.refused), "refused"),
@@ -286,6 +305,9 @@ def print_summary(console: Console, summary: RunSummary, resume: str | None = No
             parts.append(f"{count} {word}")
     spent = _spent_line(summary.spent, summary.spent_superseded, summary.sandbox)
     console.print(", ".join(parts) + f"; {spent}. Output: {summary.output}")
+    if summary.gallery:
+        again = f"; to write it again: {report}" if report else ""
+        console.print(f"Gallery: {summary.gallery} (open it in a browser){again}", markup=False)
     _print_accounts(console, summary.accounts, summary.sandbox)
     _print_problems(console, summary, summary.possible_extra_cost, resume)
     again = resume or "the same command"

@@ -52,7 +52,7 @@ from ..output.folders import LOOPBACK_API, SANDBOX_API, api_identity, default_ou
 from .decisions import DECISIONS, DecisionLog, input_group, read_decisions
 from .page import page
 from .replacements import decisions_folder, replacements
-from .thumbnails import InputImages
+from .thumbnails import PLACEHOLDER, InputImages
 
 __all__ = ["DEFAULT_PORT", "ReviewServer"]
 
@@ -63,11 +63,6 @@ _MAX_BODY = 4096
 _CHUNK = 256 * 1024
 """An output is sent this much at a time: a 100 MB video costs a request 256 KiB of memory, not 100 MB."""
 _RANGE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})")
-_PLACEHOLDER = (
-    b'<svg xmlns="http://www.w3.org/2000/svg" width="76" height="76" viewBox="0 0 76 76">'
-    b'<rect width="76" height="76" fill="#8884"/><path d="M20 52l12-14 9 10 6-7 9 11z" fill="#8888"/>'
-    b'<circle cx="47" cy="27" r="5" fill="#8888"/><path d="M14 14l48 48" stroke="#8888" stroke-width="3"/></svg>'
-)
 _VIDEO = ((b"ftyp", 4, "video/mp4"), (b"\x1aE\xdf\xa3", 0, "video/webm"))
 
 
@@ -463,7 +458,7 @@ def _handler(app: ReviewServer) -> type[BaseHTTPRequestHandler]:
             if found is None:
                 reason = app.inputs.failure(ident) or "not an input of this run"
                 headers = (("Cache-Control", "no-store"), ("X-Batcher-Reason", _header_text(reason)))
-                return self._send(200, _PLACEHOLDER, "image/svg+xml", headers, head=head)
+                return self._send(200, PLACEHOLDER, "image/svg+xml", headers, head=head)
             data, kind = found
             self._send(200, data, kind, (("Cache-Control", "private, max-age=3600"),), head=head)
 

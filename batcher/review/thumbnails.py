@@ -41,13 +41,19 @@ from ..manifest.payload import sent_bytes
 from ..net.policy import loopback_origin
 from ..output.download import Downloader
 
-__all__ = ["DEADLINE", "INPUTS_DIR", "MAX_INPUT_BYTES", "InputImage", "InputImages", "input_id"]
+__all__ = ["DEADLINE", "INPUTS_DIR", "MAX_INPUT_BYTES", "PLACEHOLDER", "InputImage", "InputImages", "input_id"]
 
 INPUTS_DIR = ".review/inputs"
 MAX_INPUT_BYTES = 50 * 1024 * 1024
 """RunComfy's own limit on an input image."""
 DEADLINE = 20.0
 """Seconds one input may take in all (tries and redirects included)."""
+PLACEHOLDER = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" width="76" height="76" viewBox="0 0 76 76">'
+    b'<rect width="76" height="76" fill="#8884"/><path d="M20 52l12-14 9 10 6-7 9 11z" fill="#8888"/>'
+    b'<circle cx="47" cy="27" r="5" fill="#8888"/><path d="M14 14l48 48" stroke="#8888" stroke-width="3"/></svg>'
+)
+"""What an input that cannot be had shows instead (the review page's, and the gallery's)."""
 
 
 def input_id(value: str) -> str:
