@@ -198,19 +198,7 @@ async def run_manifest(
         for warning in folded.warnings:
             log.warning("%s", warning)
         warnings = list(folded.warnings) + notices
-        downloader = await stack.enter_async_context(
-            Downloader(
-                max_bytes=options.max_download_bytes,
-                transport=options.download_transport,
-                backoff=options.download_backoff,
-                max_connections=options.concurrency,
-                folder=output_dir,
-                # Loopback only at a loopback API base's own origin (the sandbox's): never another local port.
-                loopback_origin=loopback_origin(endpoint.base_url),
-                deadline=options.download_timeout,
-                output_hosts=OutputHosts.of(endpoint.base_url, options.allow_output_hosts),
-            )
-        )
+        downloader = await stack.enter_async_context(_downloader(options, endpoint, output_dir))
         run = JobSteps(manifest, jobs, options, output_dir, journal, pool, downloader)
         if remote is not None:
             run.durable, run.stored = remote.durable, remote.present
@@ -230,16 +218,35 @@ async def run_manifest(
         if on_start is not None:
             on_start(run.progress)
         await _Loop(run, plan).run()
-        try:
-            files = remote.files() if remote is not None else None
-            await anyio.to_thread.run_sync(write_metadata, manifest, output_dir, run.records, files)
-        except OSError as exc:
-            log.warning("could not write %s: %s", METADATA_NAME, exc.strerror or exc)
+        await _write_metadata(run, remote)
         summary = _summarize(run, warnings, endpoint, remote)
         if gallery is not None:
             summary.gallery = await _write_gallery(gallery, run, journal.folded, remote)
         return summary
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _downloader(options: RunOptions, endpoint: Endpoint, output_dir: Path) -> Downloader:
+    return Downloader(
+        max_bytes=options.max_download_bytes,
+        transport=options.download_transport,
+        backoff=options.download_backoff,
+        max_connections=options.concurrency,
+        folder=output_dir,
+        # Loopback only at a loopback API base's own origin (the sandbox's): never another local port.
+        loopback_origin=loopback_origin(endpoint.base_url),
+        deadline=options.download_timeout,
+        output_hosts=OutputHosts.of(endpoint.base_url, options.allow_output_hosts),
+    )
+
+
+async def _write_metadata(run: JobSteps, remote: RemoteRun | None) -> None:
+    """metadata.jsonl beside the outputs; a failure is a warning (the run's work is done)."""
+    try:
+        files = remote.files() if remote is not None else None
+        await anyio.to_thread.run_sync(write_metadata, run.manifest, run.output_dir, run.records, files)
+    except OSError as exc:
+        log.warning("could not write %s: %s", METADATA_NAME, exc.strerror or exc)
 
 
 async def _write_gallery(

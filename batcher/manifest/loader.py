@@ -206,16 +206,7 @@ def load_manifest(
     problems = Problems(doc.file, doc.line)
     for problem in doc.found:
         problems.add(problem)
-    data = doc.data
-    if not isinstance(data, dict):
-        problems.at((), "a manifest is a mapping with 'model' and 'jobs' keys")
-        problems.raise_if_any()
-        raise AssertionError  # unreachable: raise_if_any raised
-    for key in data:
-        if key not in TOP_LEVEL_KEYS:
-            hint = did_you_mean(str(key), TOP_LEVEL_KEYS)
-            problems.at((key,), f"unknown key{hint}; expected one of: {', '.join(TOP_LEVEL_KEYS)}")
-
+    data = _top_level(problems, doc.data)
     folder = path.parent
     confined = confinement(folder, allow_outside=allow_outside)
     own = _schema_folders(problems, data.get("schemas"), folder, confined)
@@ -262,6 +253,19 @@ def load_manifest(
         _keys=keys,
         run=run,
     )
+
+
+def _top_level(problems: Problems, data: object) -> dict[Any, Any]:
+    """The manifest's mapping, each unknown key noted (a problem raised at once when it is no mapping)."""
+    if not isinstance(data, dict):
+        problems.at((), "a manifest is a mapping with 'model' and 'jobs' keys")
+        problems.raise_if_any()
+        raise AssertionError  # unreachable: raise_if_any raised
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            hint = did_you_mean(str(key), TOP_LEVEL_KEYS)
+            problems.at((key,), f"unknown key{hint}; expected one of: {', '.join(TOP_LEVEL_KEYS)}")
+    return data
 
 
 def _parse(path: Path) -> tuple[bytes, LocatedYaml]:

@@ -29,7 +29,7 @@ by an older batcher, or its last run was killed before its end) what it paid
 is unknown: a place of this manifest refuses as before, another manifest's is
 named in a warning.
 
-**Summaries keep it cheap.** Per place, ``<ledger>.places/<hash>.keys`` holds
+**Summaries keep it cheap** (`batcher.output.placesummary`). Per place, ``<ledger>.places/<hash>.keys`` holds
 the keys of the jobs it submitted (8 bytes each) and a stamp of its journals
 (size, mtime and inode of each local journal; a bucket's journal objects and
 their sizes, listed without reading them). A run's start reads the stamp and
@@ -45,24 +45,33 @@ check (`check_no_overlap` over every layout read from the prefix, in
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
-import sys
 import time
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import BatcherError, UsageError
 from ..journal.store import JOURNAL_NAME, read_journal
 from ..manifest.loader import Manifest
 from .folders import SANDBOX_API, FolderView, read_folder, shard_folders
-from .remote import journal_listing, pull_view
+from .placesummary import (
+    ledger_path,
+    local_stamp,
+    mark_open,
+    packed,
+    read_local,
+    read_summary,
+    submitted,
+    submitted_keys,
+    summary_path,
+    write_summary,
+)
+from .remote import pull_view
 from .storage.bucket import RemoteOutput, parse_output
 
 __all__ = [
@@ -84,28 +93,10 @@ log = logging.getLogger(__name__)
 Place = Path | RemoteOutput
 """Where a run lives: a local output folder, or an output on object storage."""
 
-_LEDGER_ENV = "BATCHER_LEDGER"
 _SHARD_TAIL = re.compile(r"(.*)/shard-(\d+)-of-(\d+)")
-_HEX_KEY = re.compile(r"[0-9a-f]{16}")
 
 LEDGER_MAX_BYTES = 16 * 1024 * 1024
 """The ledger is one short line per (manifest, place, API): past this it is not batcher's, or needs forgetting."""
-SUMMARY_MAX_KEYS = 32 * 1024 * 1024
-"""A summary's keys (8 bytes each, 256 MiB): a place with more submitted jobs is refused, not read."""
-_HEADER_MAX_BYTES = 16 * 1024 * 1024
-"""A summary's first line (its stamp: a bucket's journal objects are listed there)."""
-JOURNAL_MAX_BYTES = 1024**3
-"""A local journal read for a summary, as a bucket's journal object is capped: past it the place is refused."""
-_SUMMARY_VERSION = 1
-
-
-def ledger_path() -> Path:
-    """``$BATCHER_LEDGER``, else ``$XDG_STATE_HOME/batcher/ledger.jsonl`` (``~/.local/state`` by default)."""
-    explicit = os.environ.get(_LEDGER_ENV)
-    if explicit:
-        return Path(explicit)
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "batcher" / "ledger.jsonl"
 
 
 def _spelled(place: Place) -> str:
@@ -185,7 +176,7 @@ def remember_place(manifest: Manifest, place: Place, identity: str) -> None:
     run of it is under way (`note_run_end` says it ended: until then its summary may miss jobs)."""
     entry = _Entry(str(manifest.path.resolve()), manifest.name, _spelled(place), identity)
     with contextlib.suppress(OSError):  # an unwritable home must not stop a run; the journal is the truth
-        _mark_open(entry.output)
+        mark_open(entry.output)
     if entry in _entries():
         return
     path = ledger_path()
@@ -211,12 +202,12 @@ def note_run_end(place: Place, working_copy: Path | None = None) -> None:
         if isinstance(place, RemoteOutput):
             if working_copy is None:
                 return
-            keys = _submitted_keys(read_journal(working_copy / JOURNAL_NAME).records.items())
-            _write_summary(spelled, None, keys, running=False)
+            keys = submitted_keys(read_journal(working_copy / JOURNAL_NAME).records.items())
+            write_summary(spelled, None, keys, running=False)
         else:
-            stamp = _local_stamp(place, None)
-            view = _read_local(place, stamp) if stamp is not None else None
-            _write_summary(spelled, stamp, _submitted_keys(view.records.items()) if view else array("Q"), running=False)
+            stamp = local_stamp(place, None)
+            view = read_local(place, stamp) if stamp is not None else None
+            write_summary(spelled, stamp, submitted_keys(view.records.items()) if view else array("Q"), running=False)
     except (BatcherError, OSError, ValueError) as exc:
         log.debug("could not summarize %s for the ledger: %s", spelled, exc)
 
@@ -235,199 +226,6 @@ def noted_folders(manifest: Manifest) -> list[Path]:
 def noted_buckets(manifest: Manifest) -> list[RemoteOutput]:
     """The bucket outputs the ledger notes for this manifest (by path or name); not read (no network for a hint)."""
     return [p for p in _of_manifest(manifest) if isinstance(p, RemoteOutput)]
-
-
-# -- summaries: which jobs a place submitted, and a stamp of its journals --------------------------------
-
-
-def _summaries() -> Path:
-    path = ledger_path()
-    return path.with_name(f"{path.stem}.places")
-
-
-def _summary_path(spelled: str) -> Path:
-    return _summaries() / f"{hashlib.sha256(spelled.encode()).hexdigest()[:32]}.keys"
-
-
-def _packed(key: str) -> int:
-    """A job key as 8 bytes: batcher's keys are 16 hex digits; anything else (a foreign journal's) is hashed."""
-    if _HEX_KEY.fullmatch(key):
-        return int(key, 16)
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-
-
-def _submitted_keys(records: Iterable[tuple[str, Any]]) -> array[int]:
-    return array("Q", sorted({_packed(key) for key, record in records if record.submits}))
-
-
-@dataclass(slots=True)
-class _Summary:
-    stamp: object
-    """The stamp of the journals the keys were read from (None: stale, read them again)."""
-    keys: array[int]
-    running: bool
-    """A run of the place started and has not ended (or was killed): the keys may miss its submits."""
-    t: float
-
-
-def _read_summary(spelled: str) -> _Summary | None:
-    """The place's summary; None when there is none or it is not sound (it is derived data: made again)."""
-    try:
-        with _summary_path(spelled).open("rb") as handle:
-            header = json.loads(handle.readline(_HEADER_MAX_BYTES))
-            count = int(header["count"])
-            if (
-                header.get("v") != _SUMMARY_VERSION
-                or header.get("place") != spelled
-                or not 0 <= count <= SUMMARY_MAX_KEYS
-            ):
-                return None
-            data = handle.read(count * 8 + 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if len(data) != count * 8:
-        return None
-    keys = array("Q")
-    keys.frombytes(data)
-    if sys.byteorder != "little":
-        keys.byteswap()
-    return _Summary(header.get("stamp"), keys, bool(header.get("running")), float(header.get("t") or 0))
-
-
-def _write_summary(spelled: str, stamp: object, keys: array[int], *, running: bool) -> None:
-    folder = _summaries()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    header = {"v": _SUMMARY_VERSION, "place": spelled, "count": len(keys), "running": running, "t": time.time()}
-    data = array("Q", keys)
-    if sys.byteorder != "little":
-        data.byteswap()
-    target = _summary_path(spelled)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.part")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(json.dumps({**header, "stamp": stamp}).encode() + b"\n")
-        handle.write(data.tobytes())
-    os.replace(temporary, target)
-
-
-def _mark_open(spelled: str) -> None:
-    """A run of the place starts: its summary keeps its keys, says so, and is stamped stale."""
-    known = _read_summary(spelled)
-    _write_summary(spelled, None, known.keys if known else array("Q"), running=True)
-
-
-def _local_stamp(folder: Path, known: object) -> dict[str, Any] | None:
-    """Size, mtime and inode of each journal of folder (its own and its shards'); None when it holds none.
-
-    known: the stamp a summary holds: while the folder's own mtime is the same, no shard folder came or
-    went, so its list of shards is used and the folder (thousands of job folders) is not listed.
-    Raises OSError when the folder cannot be read (no permission).
-    """
-    try:
-        mtime = os.stat(folder).st_mtime_ns
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    shards: list[str]
-    if isinstance(known, dict) and known.get("dir") == mtime and isinstance(known.get("shards"), list):
-        shards = [str(name) for name in known["shards"]]
-    else:
-        shards = [p.name for p in shard_folders(folder)]
-    journals: dict[str, list[int]] = {}
-    for name in ["", *shards]:
-        try:
-            found = os.stat(folder / name / JOURNAL_NAME)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        journals[name] = [found.st_size, found.st_mtime_ns, found.st_ino]
-    if not journals:
-        return None
-    return {"dir": mtime, "shards": shards, "journals": journals}
-
-
-def _read_local(folder: Path, stamp: dict[str, Any]) -> FolderView:
-    for name, (size, _, _) in stamp["journals"].items():
-        if size > JOURNAL_MAX_BYTES:
-            msg = f"its journal {folder / name / JOURNAL_NAME} is over {JOURNAL_MAX_BYTES // 2**30} GiB"
-            raise UsageError(msg)
-    return read_folder(folder)
-
-
-@dataclass(frozen=True, slots=True)
-class _Known:
-    """What the ledger knows a place submitted."""
-
-    keys: array[int] | None
-    """None: unknown (gone, and no complete summary)."""
-    gone: bool
-
-
-def _submitted(place: Place, spelled: str) -> _Known:
-    """The jobs place submitted: from its summary while its journals' stamp holds, else read again.
-
-    Raises BatcherError or OSError when the place cannot be read (damage, permission, a bucket without
-    credentials here).
-    """
-    summary = _read_summary(spelled)
-    known_stamp = summary.stamp if summary is not None else None
-    running = summary is not None and summary.running
-    stamp: object
-    if isinstance(place, RemoteOutput):
-        listing = journal_listing(place)
-        stamp = {"objects": listing} if listing else None
-    else:
-        stamp = _local_stamp(place, known_stamp)
-    if stamp is None:
-        if summary is None or summary.running:
-            return _Known(None, gone=True)
-        return _Known(summary.keys, gone=True)
-    if summary is not None and _same_journals(summary.stamp, stamp):
-        if summary.stamp != stamp:  # only the folder's own mtime moved: keep the shards' list it found
-            with contextlib.suppress(OSError):
-                _write_summary(spelled, stamp, summary.keys, running=running)
-        return _Known(summary.keys, gone=False)
-    if isinstance(place, RemoteOutput):
-        folder, _ = pull_view(place, journals_only=True)
-        view = read_folder(folder)
-    else:
-        assert isinstance(stamp, dict)
-        view = _read_local(place, stamp)
-    keys = _submitted_keys(view.records.items())
-    if summary is not None and len(summary.keys) and not _appended(summary.stamp, stamp):
-        # Not only appended to since (rewritten, truncated, replaced, or unknown): what the summary
-        # knew it paid for stays known, whatever the journal says now.
-        keys = array("Q", sorted({*keys, *summary.keys}))
-    if len(keys) > SUMMARY_MAX_KEYS:
-        msg = f"it submitted over {SUMMARY_MAX_KEYS:,} jobs, more than the ledger summarizes"
-        raise UsageError(msg)
-    with contextlib.suppress(OSError):
-        _write_summary(spelled, stamp, keys, running=running)
-    return _Known(keys, gone=False)
-
-
-def _appended(stored: object, fresh: object) -> bool:
-    """True when every journal the stored stamp names was only appended to (a bucket: its segments all
-    still there): the journals read now are the whole truth, a refused submit taken back included."""
-    if not isinstance(stored, dict) or not isinstance(fresh, dict):
-        return False
-    if "objects" in fresh:
-        before, now = stored.get("objects"), fresh["objects"]
-        return isinstance(before, dict) and all(now.get(name) == size for name, size in before.items())
-    before, now = stored.get("journals"), fresh.get("journals")
-    if not isinstance(before, dict) or not isinstance(now, dict):
-        return False
-    for name, (size, mtime, inode) in before.items():
-        found = now.get(name)
-        if found is None or found[2] != inode or found[0] < size or (found[0] == size and found[1] != mtime):
-            return False
-    return True
-
-
-def _same_journals(stored: object, fresh: object) -> bool:
-    if not isinstance(stored, dict) or not isinstance(fresh, dict):
-        return False
-    if "objects" in fresh:
-        return bool(stored.get("objects") == fresh["objects"])
-    return bool(stored.get("journals") == fresh.get("journals"))
 
 
 # -- the check ------------------------------------------------------------------------------------------
@@ -454,7 +252,7 @@ def _own_submitted(here: Place) -> set[int]:
             folder, _ = pull_view(here, journals_only=True)
         else:
             folder = here
-        return set(_submitted_keys(read_journal(folder / JOURNAL_NAME).records.items()))
+        return set(submitted_keys(read_journal(folder / JOURNAL_NAME).records.items()))
     except (BatcherError, OSError):
         return set()
 
@@ -470,7 +268,7 @@ def check_ledger(
     a project moved whole).
     """
     path = str(manifest.path.resolve())
-    mine = {_packed(key) for key in keys}
+    mine = {packed(key) for key in keys}
     spelled_here = _spelled(here)
     places: dict[str, bool] = {}
     for entry in _entries(strict=True):
@@ -491,7 +289,7 @@ def check_ledger(
                 gone.append(spelled)
             continue
         try:
-            known = _submitted(other, spelled)
+            known = submitted(other, spelled)
         except (BatcherError, OSError) as exc:
             raise UsageError(_unreadable(spelled, other, exc, mine)) from exc
         if known.keys is None:
@@ -512,24 +310,7 @@ def check_ledger(
             overlap -= own
         if not overlap:
             continue
-        if known.gone:
-            held = (
-                f"{spelled} held a run of this manifest against this API, which submitted {len(overlap)} of these jobs,"
-                if ours
-                else f"{len(overlap)} of these jobs {_were(len(overlap))} already submitted from {spelled} (noted in {ledger_path()}),"
-            )
-            msg = (
-                f"{held} and its journal is gone: it was the only record of what that run paid for. If you moved it, "
-                f"run with -o <its new place>; if you deleted it on purpose, `batcher ledger forget {spelled}` "
-                "(or add --new-output): those jobs will be paid for again"
-            )
-        else:
-            msg = (
-                f"{len(overlap)} of these jobs {_were(len(overlap))} already submitted from {spelled} (noted in {ledger_path()}); "
-                f"sending them from {spelled_here} would pay for them again. Go on with them there: "
-                f"{_resume_hint(spelled)} (or add --new-output to pay for them again here)"
-            )
-        raise UsageError(msg)
+        raise UsageError(_paid_there(spelled, spelled_here, len(overlap), gone=known.gone, ours=ours))
     if gone and not journal_here:
         # With a journal here, this place is the run (a project moved whole); without one, the
         # jobs the gone place paid for would be sent again from scratch.
@@ -542,8 +323,28 @@ def check_ledger(
         raise UsageError(msg)
 
 
+def _paid_there(spelled: str, spelled_here: str, count: int, *, gone: bool, ours: bool) -> str:
+    """Why a run is refused: count of its jobs were submitted from spelled (a place now gone, or not)."""
+    if gone:
+        held = (
+            f"{spelled} held a run of this manifest against this API, which submitted {count} of these jobs,"
+            if ours
+            else f"{count} of these jobs {_were(count)} already submitted from {spelled} (noted in {ledger_path()}),"
+        )
+        return (
+            f"{held} and its journal is gone: it was the only record of what that run paid for. If you moved it, "
+            f"run with -o <its new place>; if you deleted it on purpose, `batcher ledger forget {spelled}` "
+            "(or add --new-output): those jobs will be paid for again"
+        )
+    return (
+        f"{count} of these jobs {_were(count)} already submitted from {spelled} (noted in {ledger_path()}); "
+        f"sending them from {spelled_here} would pay for them again. Go on with them there: "
+        f"{_resume_hint(spelled)} (or add --new-output to pay for them again here)"
+    )
+
+
 def _unreadable(spelled: str, place: Place, exc: BaseException, mine: set[int]) -> str:
-    summary = _read_summary(spelled)
+    summary = read_summary(spelled)
     said = ""
     count = len(mine.intersection(summary.keys)) if summary is not None else 0
     if count:
@@ -603,7 +404,7 @@ def forget_gone_places() -> None:
         _write_entries(kept)
         for spelled, there in views.items():
             if not there:
-                _summary_path(spelled).unlink(missing_ok=True)
+                summary_path(spelled).unlink(missing_ok=True)
 
 
 def _still_there(spelled: str) -> bool:
@@ -628,7 +429,7 @@ def forget_place(text: str) -> list[str]:
     if forgotten:
         _write_entries([e for e in entries if e.output not in forgotten])
         for place in forgotten:
-            _summary_path(place).unlink(missing_ok=True)
+            summary_path(place).unlink(missing_ok=True)
     return sorted(forgotten)
 
 
@@ -653,7 +454,7 @@ def noted_places() -> list[NotedPlace]:
         manifests[entry.manifest] = None
     found: list[NotedPlace] = []
     for spelled, (apis, manifests) in grouped.items():
-        summary = _read_summary(spelled)
+        summary = read_summary(spelled)
         count = len(summary.keys) if summary is not None else None
         found.append(NotedPlace(spelled, tuple(apis), tuple(manifests), count, summary.t if summary else None))
     return found

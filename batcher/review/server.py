@@ -332,6 +332,8 @@ _SECURITY_HEADERS = (
 
 
 def _handler(app: ReviewServer) -> type[BaseHTTPRequestHandler]:
+    # Long only as a class body is: the request handler class is made per server so that its methods (each
+    # short) close over app; http.server builds a handler per request from a class, never from an instance.
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
