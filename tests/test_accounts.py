@@ -159,6 +159,7 @@ async def test_a_run_over_two_accounts_uses_both_and_polls_each_job_with_its_own
     assert sum(f.jobs for f in summary.accounts.values()) == 12
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_a_submit_refused_by_an_account_full_of_other_jobs_goes_to_the_other_account(
     tmp_path: Path, start_sandbox: StartSandbox
@@ -322,6 +323,7 @@ async def test_one_token_resumes_a_single_account_folder_as_before(tmp_path: Pat
     assert all(n == 1 for n in _submits_per_prompt(sandbox).values())
 
 
+@pytest.mark.slow
 def test_status_shows_jobs_spend_and_429s_per_account(tmp_path: Path, start_sandbox: StartSandbox) -> None:
     sandbox = start_sandbox(accounts=(ALICE, BOB), max_in_flight=1)
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)

@@ -113,6 +113,7 @@ def _sent_images(sandbox: SandboxThread) -> dict[str, bytes]:
     return found
 
 
+@pytest.mark.slow
 def test_fit_images_sends_the_re_encoded_bytes_and_names_the_job_by_them(
     runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:

@@ -209,6 +209,7 @@ def _on_a_terminal(words: list[str], cwd: Path, columns: int = 80) -> tuple[int,
     return process.returncode, text
 
 
+@pytest.mark.slow
 def test_the_live_line_fits_80_columns_and_shows_jobs_running(tmp_path: Path) -> None:
     """At 80 columns the live line was cut (`…176 pending  8 que`); an in-process sandbox run showed every job
     "queued, 0 running" until done: its jobs wait 0.3 s and run 0.7 s, and a 1 s poll never saw one running."""

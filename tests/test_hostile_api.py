@@ -213,6 +213,7 @@ async def test_the_answer_cap_is_a_client_parameter(serve: Callable[[Answer], Ra
         assert (await api.result("r-1")).state == "in_queue"
 
 
+@pytest.mark.slow
 async def test_an_answer_trickled_for_ever_is_cut_off(serve: Callable[[Answer], RawServer]) -> None:
     def trickle(request: bytes) -> Iterator[bytes]:
         yield http(200, length=False) + b'{"status":"in_queue","pad":"'

@@ -155,6 +155,7 @@ def test_another_output_folder_never_pays_again_without_asking(
 # -- 3. the resume hint -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_resume_hint_is_a_command_that_works(
     runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:
@@ -515,6 +516,7 @@ def test_a_moved_output_folder_is_missed_not_paid_again(
     assert moved.exit_code == 0 and len(sandbox.sandbox.submits) == 3, moved.output
 
 
+@pytest.mark.slow
 def test_jobs_edited_away_while_in_flight_are_still_finished(
     runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:

@@ -891,6 +891,7 @@ def _sharded_prefix(store: Store, tmp_path: Path, start_sandbox: StartSandbox, p
     return manifest
 
 
+@pytest.mark.slow
 def test_status_reads_many_shard_folders_at_once_on_one_client(
     store: Store, tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:

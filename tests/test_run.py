@@ -110,6 +110,7 @@ async def test_expired_output_urls_are_refreshed_once(tmp_path: Path, start_sand
     assert events.count("urls") == 1
 
 
+@pytest.mark.slow
 async def test_faults_at_a_real_rate_never_pay_twice(tmp_path: Path, start_sandbox: StartSandbox) -> None:
     sandbox = start_sandbox(fault_rate=0.2, slow_seconds=0.6, retry_after=0.01, seed=7)
     server = sandbox.sandbox

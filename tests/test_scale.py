@@ -22,6 +22,7 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+@pytest.mark.slow
 def test_shards_run_apart_and_status_sums_them(runner: CliRunner, tmp_path: Path) -> None:
     path = many_jobs_manifest(tmp_path / "m.yaml", 12)
     for part in (1, 2, 3):
