@@ -439,6 +439,7 @@ def bench_cap(args: argparse.Namespace) -> None:
                 poll_interval=1.0 / scale,  # batcher's defaults (1 s growing to 10 s), on the scaled clock
                 poll_max=10.0 / scale,
                 live_prices=False,
+                new_output=True,  # the same jobs each repeat, on purpose (and against a fresh sandbox)
             )
             started = time.perf_counter()
             summary = anyio.run(run_manifest, manifest, options)
