@@ -72,7 +72,7 @@ def main() -> None:
             sandbox=True,
             sandbox_config=SandboxConfig(queue_delay=0.0, run_delay=0.0),
             concurrency=64,
-            poll_min=0.01,
+            poll_interval=0.01,
             poll_max=0.05,
             output_dir=root / "local",
         )
