@@ -302,6 +302,7 @@ async def run_manifest(
                 output_dir,
                 schema_dirs=manifest.schema_dirs,
                 transport=options.api_transport,
+                balance=endpoint.balance_base,
             )
         balances = await balances_of(endpoint, options, account)
         run.price_dirs = price_dirs(output_dir, manifest.schema_dirs)

@@ -61,8 +61,13 @@ class SandboxSettings:
     url_ttl: float | None = flagged(
         None, "--url-ttl", kind=float, help="Seconds output URLs stay valid [default: for ever]."
     )
-    require_token: str | None = flagged(
-        None, "--require-token", kind=str, help="Accept only this bearer token [default: any]."
+    token: str | None = flagged(
+        None,
+        "--token",
+        "--require-token",
+        kind=str,
+        help="Every call (API and balance hosts) must carry exactly this bearer token, else RunComfy's 401 "
+        "(401001) [default: any bearer token, as the embedded rehearsal sends].",
     )
     auth_status: int = flagged(
         401,
