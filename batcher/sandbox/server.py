@@ -1,7 +1,8 @@
 """A local RunComfy-compatible server for rehearsals and tests.
 
 It speaks the four calls of the Model API (submit, status, result, cancel)
-plus model info and the account balance, runs jobs on a clock (queue delay,
+plus model info, and the account balance on a host (port) of its own, as
+RunComfy serves it; it runs jobs on a clock (queue delay,
 then run delay), serves real, deterministic PNGs, and injects faults at a
 chosen rate: 429 with Retry-After, 500 with RunComfy's error body, bare 502
 and 503, dropped connections (before or after accepting a submit), answers
