@@ -79,7 +79,7 @@ def torture(workdir: Path, jobs: int, kills: int, fault_rate: float, seed: int) 
         slow_seconds=1.5,
         retry_after=0.2,
         seed=seed,
-        require_token=TOKEN,
+        token=TOKEN,
     )
     sandbox = SandboxThread(Sandbox(config)).start()
     server = sandbox.sandbox

@@ -1,6 +1,6 @@
 """RunComfy as each of its own clients shows it speaking: the same manifest against every sandbox dialect.
 
-RunComfy's CLI ends on succeeded/canceled too, its ComfyUI nodes wait through pending, waiting,
+RunComfy's CLI ends on succeeded/canceled too (Serverless words: the `serverless` dialect), its ComfyUI nodes wait through pending, waiting,
 starting and processing, its MCP server warns that some errors come with HTTP 200; timestamps
 come as strings in a format nobody pins down. Whatever the dialect, every job is done and paid
 for once, the words are kept, and what is learned about durations is sane.
@@ -44,10 +44,12 @@ QUEUE, RUN = 0.2, 0.3
 
 WORDS = {
     "runcomfy": ["in_queue", "in_progress", "completed"],
-    "cli": ["in_queue", "in_progress", "succeeded"],
+    # The Model API's words: succeeded is a Serverless word that RunComfy's MCP client never ends on.
+    "cli": ["in_queue", "in_progress", "completed"],
     "nodes": ["pending", "waiting", "starting", "processing", "completed"],
     "errors-as-200": ["in_queue", "in_progress", "completed"],
     "epoch-ms": ["in_queue", "in_progress", "completed"],
+    "serverless": ["in_queue", "in_progress", "succeeded"],
 }
 """What each dialect says over a job's life, in order."""
 
@@ -231,12 +233,17 @@ def test_model_info_carries_the_price_as_runcomfys_clients_read_it(start_sandbox
     assert unknown.status_code == 400 and unknown.json()["error_code"] == 400001
 
 
+def _balance(sandbox: SandboxThread) -> httpx2.Response:
+    return httpx2.get(sandbox.balance_base + "/balance", headers={"Authorization": f"Bearer {TOKEN}"})
+
+
 def test_the_balance_is_where_runcomfys_cli_reads_it(start_sandbox: StartSandbox) -> None:
+    """On a host of its own (runcomfy-cli src/cmd/balance.rs: GET /balance on api.runcomfy.net/prod/v2)."""
     sandbox = start_sandbox(balance_usd=0.2)
-    assert _get(sandbox, "/prod/v2/balance").json() == {"balance_usd": 0.2, "currency": "USD"}
+    assert _balance(sandbox).json() == {"balance_usd": 0.2, "currency": "USD"}
     assert _submit(sandbox, quality="medium").status_code == 200
-    assert _get(sandbox, "/prod/v2/balance").json()["balance_usd"] == pytest.approx(0.166)
-    unlimited = _get(start_sandbox(), "/prod/v2/balance").json()["balance_usd"]
+    assert _balance(sandbox).json()["balance_usd"] == pytest.approx(0.166)
+    unlimited = _balance(start_sandbox()).json()["balance_usd"]
     assert isinstance(unlimited, float) and unlimited > 1000
 
 
@@ -303,9 +310,10 @@ async def test_a_result_about_another_model_is_not_taken_for_this_job(tmp_path: 
 
 
 async def test_a_run_estimated_over_the_balance_stops_before_its_first_submit(
-    tmp_path: Path, start_sandbox: StartSandbox
+    tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sandbox = start_sandbox(balance_usd=0.03)
+    monkeypatch.setenv("RUNCOMFY_BALANCE_BASE", sandbox.balance_base)  # its own host, as RunComfy's
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)  # 6 x $0.009 = $0.054
     seen: list[RunPlan] = []
     with pytest.raises(BalanceError, match=r"over the account's balance of \$0\.03"):

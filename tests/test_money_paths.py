@@ -181,7 +181,7 @@ def test_a_refused_token_stops_at_once_and_leaves_nothing_uncertain(
     runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch, status: int
 ) -> None:
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 6)
-    sandbox = start_sandbox(require_token="right-token-123", auth_status=status)
+    sandbox = start_sandbox(token="right-token-123", auth_status=status)
     result = _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "-c", "4")
     assert result.exit_code == 2, result.output
     assert result.output.count("refused the API token") == 1 and "Traceback" not in result.output
@@ -198,7 +198,7 @@ def test_cancel_with_a_refused_token_says_so_once(
     runner: CliRunner, tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = many_jobs_manifest(tmp_path / "m.yaml", 3)
-    sandbox = start_sandbox(queue_delay=30.0, require_token=TOKEN)
+    sandbox = start_sandbox(queue_delay=30.0, token=TOKEN)
     assert _run(runner, str(manifest), "--api-base", sandbox.url, "-o", "out", "--timeout", "1").exit_code == 1
     monkeypatch.setenv("RUNCOMFY_API_TOKEN", "wrong-token-456")
     result = runner.invoke(cli, ["cancel", str(manifest), "--api-base", sandbox.url, "-o", "out"])

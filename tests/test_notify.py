@@ -89,7 +89,7 @@ def test_failed_jobs_are_reported_as_failed(tmp_path: Path, receiver: Receiver, 
 
 
 def test_an_error_that_ends_the_run_is_reported_too(tmp_path: Path, receiver: Receiver, start_sandbox, monkeypatch):
-    sandbox = start_sandbox(require_token="another-token")
+    sandbox = start_sandbox(token="another-token")
     monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
     manifest = many_jobs_manifest(tmp_path / "night.yaml", 2)
     result = CliRunner().invoke(

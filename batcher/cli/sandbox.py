@@ -36,6 +36,13 @@ def _split_faults(_ctx: click.Context, _param: click.Parameter, value: str | tup
     type=click.IntRange(0, 65535),
     help="Port to listen on (0: any free one).",
 )
+@click.option(
+    "--balance-port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Port of the balance's own host (RunComfy serves the balance apart from the Model API) "
+    "[default: --port + 1; any free one with --port 0].",
+)
 @_sandbox_option("queue_delay")
 @_sandbox_option("run_delay")
 @_sandbox_option("run_delay_max")
@@ -46,7 +53,7 @@ def _split_faults(_ctx: click.Context, _param: click.Parameter, value: str | tup
 @_sandbox_option("retry_after")
 @_sandbox_option("url_ttl")
 @_sandbox_option("images_per_job")
-@_sandbox_option("require_token")
+@_sandbox_option("token")
 @_sandbox_option("auth_status", default="401", callback=lambda _ctx, _param, value: int(value))
 @_sandbox_option("max_in_flight")
 @_sandbox_option("unknown_window")
@@ -59,10 +66,11 @@ def _split_faults(_ctx: click.Context, _param: click.Parameter, value: str | tup
 @_sandbox_option("blocked_words")
 @_sandbox_option("seed")
 @schemas_option("Folder of model schemas, so the sandbox accepts those models too; repeatable.")
-def sandbox_command(host: str, port: int, **settings: Any) -> None:
+def sandbox_command(host: str, port: int, balance_port: int | None, **settings: Any) -> None:
     """Serve a RunComfy-compatible API on loopback, for rehearsals and tests.
 
-    Point a run at it with --api-base http://127.0.0.1:PORT and any token.
+    Point a run at it with --api-base http://127.0.0.1:PORT and any token (or the --token given), and
+    RUNCOMFY_BALANCE_BASE at the balance's host it prints.
     """
     from ..net.policy import is_loopback_host
 
@@ -72,9 +80,16 @@ def sandbox_command(host: str, port: int, **settings: Any) -> None:
     server = Sandbox(config)
 
     async def serve() -> None:
-        async with server.running(host, port) as url:
+        balance_at = balance_port if balance_port is not None else (port + 1 if 0 < port < 65535 else 0)
+        async with server.running(host, port, balance_at) as url:
+            token = "<the --token>" if config.token else "any"
             click.echo(f"sandbox: serving a RunComfy-compatible API at {url} (Ctrl-C to stop)", err=True)
-            click.echo(f"sandbox: try  RUNCOMFY_API_TOKEN=any batcher run MANIFEST --api-base {url}", err=True)
+            click.echo(f"sandbox: the balance on its own host at {server.balance_base}", err=True)
+            click.echo(
+                f"sandbox: try  RUNCOMFY_API_TOKEN={token} RUNCOMFY_BALANCE_BASE={server.balance_base} "
+                f"batcher run MANIFEST --api-base {url}",
+                err=True,
+            )
             await anyio.sleep_forever()
 
     try:

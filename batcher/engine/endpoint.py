@@ -26,6 +26,11 @@ class LocalApi(Protocol):
         """Serve it on loopback for as long as the block lasts; the block gets its base URL."""
         ...
 
+    @property
+    def balance_base(self) -> str | None:
+        """Where its balance is read while served (a host of its own, as RunComfy's); None: not served."""
+        ...
+
 
 SANDBOX_TOKEN = "sandbox-token"
 """What a run sends to the in-process sandbox, which accepts any bearer token."""
@@ -35,12 +40,22 @@ class Endpoint:
     """An API to talk to: its base URL, the tokens for it (one per account; the first is the one single
     calls use), and its identity for journals and the ledger."""
 
-    __slots__ = ("base_url", "identity", "sandbox", "token", "token_env", "tokens")
+    __slots__ = ("balance_base", "base_url", "identity", "sandbox", "token", "token_env", "tokens")
 
     def __init__(
-        self, base_url: str, token: str, *, sandbox: bool, tokens: tuple[str, ...] = (), token_env: str = ""
+        self,
+        base_url: str,
+        token: str,
+        *,
+        sandbox: bool,
+        tokens: tuple[str, ...] = (),
+        token_env: str = "",
+        balance_base: str | None = None,
     ) -> None:
         self.base_url = base_url
+        self.balance_base = balance_base
+        """The balance's host when this endpoint knows it (an in-process sandbox's); None: derived from the base
+        (`batcher.runcomfy.account.balance_base`)."""
         self.token = token
         self.tokens = tokens or (token,)
         self.token_env = token_env or ("RunOptions.tokens" if tokens else "RunOptions.token")
@@ -69,7 +84,7 @@ async def open_endpoint(
     """
     if sandbox is not None:
         async with sandbox.serve() as url:
-            yield Endpoint(url, SANDBOX_TOKEN, sandbox=True)
+            yield Endpoint(url, SANDBOX_TOKEN, sandbox=True, balance_base=sandbox.balance_base)
         return
     # The first thing a new user meets: said before anything else.
     given = tuple(tokens) if tokens else (token,) if token else ()

@@ -193,7 +193,9 @@ async def balances_of(endpoint: Endpoint, options: RunOptions, first: Account) -
     others = endpoint.tokens[1:]
     read: Sequence[float | None] = [None] * len(others)
     if options.live_prices:
-        read = await read_balances(endpoint.base_url, others, transport=options.api_transport)
+        read = await read_balances(
+            endpoint.base_url, others, transport=options.api_transport, balance=endpoint.balance_base
+        )
     found += [(fingerprint(token), balance) for token, balance in zip(others, read, strict=True)]
     known = [balance for _, balance in found if balance is not None]
     first.balance = sum(known) if len(known) == len(found) else None

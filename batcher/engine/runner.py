@@ -298,6 +298,7 @@ async def _accounts(run: JobSteps, endpoint: Endpoint) -> tuple[Account, list[tu
             run.output_dir,
             schema_dirs=manifest.schema_dirs,
             transport=options.api_transport,
+            balance=endpoint.balance_base,
         )
     balances = await balances_of(endpoint, options, account)
     run.price_dirs = price_dirs(run.output_dir, manifest.schema_dirs)

@@ -11,10 +11,10 @@ with the bundled price table and says so.
   (``.prices/<model id>.pricing.json``, with its date and source), which
   `plan`, `status` and ``--max-cost`` read first.
 - **The balance** is ``GET /balance`` on RunComfy's *other* host
-  (``https://api.runcomfy.net/prod/v2``, as its CLI reads it; a sandbox on
-  loopback serves it beside the API). Only that exact host, fixed here or
-  by ``RUNCOMFY_BALANCE_BASE``, ever gets the token: never one taken from
-  an answer.
+  (``https://api.runcomfy.net/prod/v2``, as its CLI reads it; the sandbox
+  serves it on a port of its own). Only that exact host, fixed here or
+  by ``RUNCOMFY_BALANCE_BASE`` (or an in-process sandbox's own balance
+  host), ever gets the token: never one taken from an answer.
 """
 
 from __future__ import annotations
@@ -101,13 +101,16 @@ def _not_lower(live: object, base: object) -> bool:
     return True
 
 
-def balance_base(api_base: str) -> str | None:
+def balance_base(api_base: str, given: str | None = None) -> str | None:
     """Where the balance of the account behind api_base's token is read; None when batcher does not know.
 
-    ``RUNCOMFY_BALANCE_BASE`` wins; RunComfy's API has its balance on RunComfy's
-    other host; a loopback API (the sandbox) serves it under ``/prod/v2``; any
-    other host is not guessed at, so the token goes nowhere new.
+    given (an in-process sandbox's own balance host) wins, then ``RUNCOMFY_BALANCE_BASE``; RunComfy's API has
+    its balance on RunComfy's other host; for another loopback API, the same server under ``/prod/v2``
+    (`batcher sandbox` serves it on a host of its own, as RunComfy does, and prints the
+    ``RUNCOMFY_BALANCE_BASE`` to give); any other host is not guessed at, so the token goes nowhere new.
     """
+    if given:
+        return given.rstrip("/")
     explicit = os.environ.get(BALANCE_BASE_ENV, "").strip().rstrip("/")
     if explicit:
         refusal = scheme_refusal(explicit)
@@ -141,6 +144,7 @@ async def look_up(
     *,
     schema_dirs: Sequence[Path] = (),
     transport: httpx2.AsyncBaseTransport | None = None,
+    balance: str | None = None,
 ) -> Account:
     """Ask RunComfy for the balance and each model's live price; never raises for want of an answer,
     but raises AuthError when RunComfy refuses the token (better now than at the first submit)."""
@@ -152,15 +156,16 @@ async def look_up(
     forget_price_tables()
     if any((output_dir / LIVE_PRICES).glob("**/*.pricing.json")):
         account.prices = output_dir / LIVE_PRICES
-    account.balance = await read_balance(api_base, token, transport=transport)
+    account.balance = await read_balance(api_base, token, transport=transport, balance=balance)
     return account
 
 
 async def read_balance(
-    api_base: str, token: str, *, transport: httpx2.AsyncBaseTransport | None = None
+    api_base: str, token: str, *, transport: httpx2.AsyncBaseTransport | None = None, balance: str | None = None
 ) -> float | None:
-    """The balance of the account behind token, or None when it cannot be had (never raises for want of one)."""
-    base = balance_base(api_base)
+    """The balance of the account behind token, or None when it cannot be had (never raises for want of one);
+    balance: the balance host's base when the caller knows it (`balance_base`)."""
+    base = balance_base(api_base, balance)
     if base is None:
         return None
     quick = RetryPolicy(attempts=1)
@@ -181,17 +186,21 @@ BALANCES_AT_ONCE = 8
 
 
 async def read_balances(
-    api_base: str, tokens: Sequence[str], *, transport: httpx2.AsyncBaseTransport | None = None
+    api_base: str,
+    tokens: Sequence[str],
+    *,
+    transport: httpx2.AsyncBaseTransport | None = None,
+    balance: str | None = None,
 ) -> list[float | None]:
     """Each token's balance (None: not known), in tokens' order, read together (`BALANCES_AT_ONCE` at a
     time): each waits up to its own timeout, so one slow answer no longer adds up over the accounts."""
-    balance_base(api_base)  # a bad RUNCOMFY_BALANCE_BASE says so here, not from inside the task group
+    balance_base(api_base, balance)  # a bad RUNCOMFY_BALANCE_BASE says so here, not from inside the task group
     found: list[float | None] = [None] * len(tokens)
     room = anyio.CapacityLimiter(BALANCES_AT_ONCE)
 
     async def read(index: int, token: str) -> None:
         async with room:
-            found[index] = await read_balance(api_base, token, transport=transport)
+            found[index] = await read_balance(api_base, token, transport=transport, balance=balance)
 
     async with anyio.create_task_group() as group:
         for index, token in enumerate(tokens):

@@ -63,8 +63,13 @@ class SandboxSettings:
     )
     files_origin: str | None = None
     """The ``scheme://host:port`` output URLs name, to rehearse outputs on another host; default: the sandbox's own."""
-    require_token: str | None = flagged(
-        None, "--require-token", kind=str, help="Accept only this bearer token [default: any]."
+    token: str | None = flagged(
+        None,
+        "--token",
+        "--require-token",
+        kind=str,
+        help="Every call (API and balance hosts) must carry exactly this bearer token, else RunComfy's 401 "
+        "(401001) [default: any bearer token, as the embedded rehearsal sends].",
     )
     auth_status: int = flagged(
         401,

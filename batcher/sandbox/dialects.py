@@ -1,4 +1,8 @@
-"""How the sandbox words its answers: RunComfy's dialect, and each variant RunComfy's own clients meet."""
+"""How the sandbox words its answers: RunComfy's dialect, and each variant RunComfy's own clients meet.
+
+Every word here is one a RunComfy source shows (each dialect names its own); a word only RunComfy's
+Serverless API says is said only by the dialect named for it, ``serverless``.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +12,35 @@ from datetime import UTC, datetime
 
 __all__ = ["DIALECTS", "Dialect", "dialect_named", "phase_word"]
 
-DIALECTS = ("runcomfy", "cli", "nodes", "errors-as-200", "epoch-ms")
+DIALECTS = ("runcomfy", "cli", "nodes", "errors-as-200", "epoch-ms", "serverless")
 """Names for `SandboxConfig.dialect`: how the sandbox words its answers.
 
 runcomfy       (default) what RunComfy documents and its clients read: in_queue, in_progress,
-               completed, failed, cancelled; created_at/finished_at as ISO 8601 strings in UTC
-               with "Z" and milliseconds; status_url and result_url in every answer;
-               error bodies with their HTTP status (402 for 400002, a low balance)
-cli            the words RunComfy's CLI also ends on (src/poll.rs): succeeded, canceled; timestamps
-               with a +00:00 offset and microseconds; a failure's error as a string; 400002 with
-               HTTP 400 (the CLI reads 400 and 422 alike, so only the code tells)
-nodes          the words RunComfy's ComfyUI nodes wait through (runcomfy/execution.py): pending,
-               waiting (queued), starting, processing (running); timestamps without a zone (UTC);
-               a submit answer with the request_id alone and no URLs anywhere; a low balance as a
-               bare 402 (what the nodes' client checks); cancel's outcome cancellation_requested
+               completed, failed, cancelled (docs.runcomfy.com model-apis; the states runcomfy-mcp's
+               runcomfy_client.py ``RunComfyModelAPIClient.wait_for_completion`` ends on, and
+               comfyui-runcomfy-partner-nodes runcomfy/execution.py ``async_run_generation`` waits
+               through); a cancel's outcome cancelled or not_cancellable (runcomfy-cli src/poll.rs
+               ``handle_interrupt``; the nodes check ``outcome == 'cancelled'``); created_at/finished_at
+               as ISO 8601 strings in UTC with "Z" and milliseconds; status_url and result_url in every
+               answer; error bodies with their HTTP status (402 for 400002, a low balance)
+cli            the Model API's words as above, the variants RunComfy's CLI reads past: timestamps with
+               a +00:00 offset and microseconds (no RunComfy source pins the format down); a
+               failure's error as a string; 400002 with HTTP 400 (src/api.rs ``api_error`` and
+               src/exit.rs read 400 and 422 alike, so only the code tells)
+nodes          the words RunComfy's ComfyUI nodes wait through (runcomfy/execution.py
+               ``async_run_generation``): pending, waiting (queued), starting, processing (running);
+               timestamps without a zone (UTC); a submit answer with the request_id alone and no URLs
+               anywhere (runcomfy/client.py ``submit`` reads request_id alone); a low balance as a bare
+               402 (what the nodes' client checks, runcomfy/client.py ``_request``)
 errors-as-200  RunComfy's error bodies (400001/400002/400004/401001/403001/404001/422001) with
-               HTTP 200 and a top-level error_code, as RunComfy's MCP server warns some APIs do
+               HTTP 200 and a top-level error_code, as RunComfy's MCP client warns some APIs do
+               (runcomfy_client.py ``_request``)
 epoch-ms       timestamps as epoch milliseconds (numbers); otherwise as runcomfy
+serverless     RunComfy's Serverless API's words, which the Model API's clients do not end on:
+               succeeded, canceled, and a cancel's outcome cancellation_requested. Only RunComfy's CLI
+               reads them (src/poll.rs ``inference_is_terminal``, shared by ``run`` and ``deployments
+               run``); its MCP client (completed/cancelled/failed) and nodes never see such a job finish.
+               For rehearsing a client's tolerance, never as the Model API
 
 RunComfy does not document its timestamp format (its CLI only declares them strings), so
 the dialects between them cover what a server is likely to send.
@@ -74,13 +90,10 @@ class Dialect:
 
 _DIALECTS: dict[str, Dialect] = {
     "runcomfy": Dialect(),
-    "cli": Dialect(
-        completed="succeeded", cancelled="canceled", stamp=_iso_offset, error_as_text=True, balance_status=400
-    ),
+    "cli": Dialect(stamp=_iso_offset, error_as_text=True, balance_status=400),
     "nodes": Dialect(
         queued=("pending", "waiting"),
         running=("starting", "processing"),
-        cancel_outcome="cancellation_requested",
         stamp=_iso_naive,
         urls=False,
         error_as_text=True,
@@ -88,6 +101,7 @@ _DIALECTS: dict[str, Dialect] = {
     ),
     "errors-as-200": Dialect(errors_as_200=True),
     "epoch-ms": Dialect(stamp=_epoch_ms),
+    "serverless": Dialect(completed="succeeded", cancelled="canceled", cancel_outcome="cancellation_requested"),
 }
 
 

@@ -1,7 +1,8 @@
 """A local RunComfy-compatible server for rehearsals and tests.
 
 It speaks the four calls of the Model API (submit, status, result, cancel)
-plus model info and the account balance, runs jobs on a clock (queue delay,
+plus model info, and the account balance on a host (port) of its own, as
+RunComfy serves it; it runs jobs on a clock (queue delay,
 then run delay), serves real, deterministic PNGs, and injects faults at a
 chosen rate: 429 with Retry-After, 500 with RunComfy's error body, bare 502
 and 503, dropped connections (before or after accepting a submit), answers
@@ -29,7 +30,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -68,9 +69,22 @@ _SANDBOX_ID = re.compile(r"^sbx-([0-9a-f]{1,16})-[0-9a-f]{12}$")
 class SandboxConfig(SandboxSettings):
     """The sandbox's settings, and a way to serve them: a `batcher.engine.endpoint.LocalApi`."""
 
+    balance_base: str | None = field(default=None, init=False, repr=False, compare=False)
+    """Where the served sandbox's balance is read (``http://127.0.0.1:PORT/prod/v2``, a host of its own, as
+    RunComfy's is), while `serve` lasts; None otherwise (`batcher.engine.endpoint.LocalApi`)."""
+
     def serve(self) -> AbstractAsyncContextManager[str]:
         """This sandbox served on loopback for as long as the block lasts (`batcher.engine.endpoint.LocalApi`)."""
-        return Sandbox(self).running()
+        return self._served(Sandbox(self))
+
+    @asynccontextmanager
+    async def _served(self, sandbox: Sandbox) -> AsyncIterator[str]:
+        async with sandbox.running() as url:
+            self.balance_base = sandbox.balance_base
+            try:
+                yield url
+            finally:
+                self.balance_base = None
 
 
 @dataclass(slots=True)
@@ -100,10 +114,25 @@ class _Job:
 
 
 def _error(status: int, code: int, message: str, detail: Any = None) -> Response:
+    """RunComfy's error body: ``{error_code, error_message, detail?}`` (docs.runcomfy.com model-apis/error-codes;
+    read so by its MCP client, runcomfy-mcp runcomfy_client.py ``_request``)."""
     payload: dict[str, Any] = {"error_code": code, "error_message": message}
     if detail is not None:
         payload["detail"] = detail
     return json_response(status, payload)
+
+
+_NOT_FOUND = (404001, "Resource not found")
+"""RunComfy's 404 (docs.runcomfy.com model-apis/error-codes: 404001 ResourceNotFound), for a path it does not
+serve too: the API's host has no balance (that is `api.runcomfy.net`'s, runcomfy-cli src/api.rs)."""
+
+
+def _too_many(message: str, retry_after: str) -> Response:
+    """A 429 as RunComfy's clients read one: by its status (runcomfy-cli src/api.rs ``api_error``: "rate limited;
+    retry in a moment", src/exit.rs: retryable), the message from ``error_message`` (runcomfy-mcp
+    runcomfy_client.py ``_request``). No source, doc or client shows an ``error_code`` for it, so none is made up;
+    with Retry-After (which no RunComfy source documents either: batcher's backoff caps it)."""
+    return json_response(429, {"error_message": message}, [("retry-after", retry_after)])
 
 
 class Sandbox:
@@ -141,6 +170,8 @@ class Sandbox:
         """Tokens refused from now on with 400004 (HTTP 401), as RunComfy answers a revoked key: `revoke`."""
         self.port: int | None = None
         self.host = "127.0.0.1"
+        self.balance_port: int | None = None
+        """The balance host's port, while served (`balance_base`)."""
 
     # -- bookkeeping that tests read ------------------------------------------
 
@@ -170,6 +201,15 @@ class Sandbox:
         """Add to a limited balance, as a user would on RunComfy's site."""
         if self.balance_usd is not None:
             self.balance_usd += amount
+
+    @property
+    def balance_base(self) -> str | None:
+        """Where the balance is read while served: a host of its own, as RunComfy's (``GET /balance`` on
+        ``https://api.runcomfy.net/prod/v2``, runcomfy-cli src/cmd/balance.rs and src/api.rs
+        ``serverless_api_base``), never the Model API's host."""
+        if self.balance_port is None:
+            return None
+        return f"http://{self.host}:{self.balance_port}/prod/v2"
 
     @property
     def dialect(self) -> Dialect:
@@ -210,23 +250,9 @@ class Sandbox:
             return self._input(segments[-1], method, headers)
         if segments[:1] == ["_sandbox"]:
             return json_response(200, self.stats())
-        bearer = headers.get("authorization", "")
-        account = bearer.removeprefix("Bearer ") if self.config.accounts else ""
-        if self.config.accounts and account not in self.config.accounts:
-            return self._refusal(401, 401001, "Invalid or missing API token")
-        if self.config.rate_limit is not None and not self._take_token(account):
-            return json_response(429, {"error_message": "Rate limit exceeded"}, [("retry-after", "1")])
-        if self.config.require_token is not None:
-            if headers.get("authorization") != f"Bearer {self.config.require_token}":
-                if self.config.auth_status == 403:
-                    return json_response(403, {"error_message": "Forbidden"})
-                return self._refusal(401, 401001, "Invalid or missing API token")
-        elif not headers.get("authorization", "").startswith("Bearer "):
-            return self._refusal(401, 401001, "Missing API token")
-        if self.config.refuse == "token" or (self.revoked and bearer.removeprefix("Bearer ") in self.revoked):
-            return self._refusal(401, *REFUSALS["token"])
-        if segments == ["prod", "v2", "balance"] and method == "GET":
-            return self._balance()
+        account, refused = self._authorize(headers, rate_limited=True)
+        if refused is not None:
+            return refused
         if segments[:2] == ["v1", "models"] and len(segments) > 2:
             model = "/".join(segments[2:])
             if method == "POST":
@@ -249,11 +275,42 @@ class Sandbox:
                 )
             if action == "cancel" and method == "POST":
                 return self._cancel(request_id)
-        return _error(404, 404000, f"no route for {method} {path}")
+        return _error(404, *_NOT_FOUND)
+
+    def _authorize(self, headers: dict[str, str], *, rate_limited: bool) -> tuple[str, Response | None]:
+        """The account a call is from ("" with one account), and RunComfy's refusal of it if any: a token not
+        `SandboxConfig.token` (or not among `accounts`) gets 401 with 401001 (docs.runcomfy.com error-codes);
+        with no token set, any bearer token is taken (the embedded rehearsal's), a missing one is refused."""
+        bearer = headers.get("authorization", "")
+        account = bearer.removeprefix("Bearer ") if self.config.accounts else ""
+        if self.config.accounts and account not in self.config.accounts:
+            return account, self._refusal(401, 401001, "Invalid or missing API token")
+        if rate_limited and self.config.rate_limit is not None and not self._take_token(account):
+            return account, _too_many("Rate limit exceeded", "1")
+        if self.config.token is not None:
+            if bearer != f"Bearer {self.config.token}":
+                if self.config.auth_status == 403:
+                    return account, json_response(403, {"error_message": "Forbidden"})
+                return account, self._refusal(401, 401001, "Invalid or missing API token")
+        elif not bearer.startswith("Bearer "):
+            return account, self._refusal(401, 401001, "Missing API token")
+        if self.config.refuse == "token" or (self.revoked and bearer.removeprefix("Bearer ") in self.revoked):
+            return account, self._refusal(401, *REFUSALS["token"])
+        return account, None
+
+    def handle_balance(self, method: str, target: str, headers: dict[str, str], _body: bytes) -> Response:
+        """The balance's own host (RunComfy's ``api.runcomfy.net``): ``GET /prod/v2/balance``, nothing else."""
+        _, refused = self._authorize(headers, rate_limited=False)
+        if refused is not None:
+            return refused
+        if [s for s in unquote(urlsplit(target).path).split("/") if s] == ["prod", "v2", "balance"] and method == "GET":
+            return self._balance()
+        return _error(404, *_NOT_FOUND)
 
     def _balance(self) -> Response:
-        """RunComfy's balance endpoint, as its CLI reads it: GET /prod/v2/balance on the core API
-        (api.runcomfy.net; one wallet pays for every product), answering ``balance_usd``."""
+        """RunComfy's balance endpoint, as its CLI reads it: ``GET /balance`` on the core API
+        (``https://api.runcomfy.net/prod/v2``, src/cmd/balance.rs; one wallet pays for every product),
+        answering ``balance_usd`` and ``currency``."""
         self._count("balance")
         left = self.balance_usd if self.balance_usd is not None else _NOMINAL_BALANCE
         return json_response(200, {"balance_usd": round(left, 6), "currency": "USD"})
@@ -333,10 +390,8 @@ class Sandbox:
             self.account_refusals += 1
             number = self._account_number(account)
             self.account_refusals_by_account[number] = self.account_refusals_by_account.get(number, 0) + 1
-            return json_response(
-                429,
-                {"error_message": f"Too many requests in flight for this account (limit {cap})"},
-                [("retry-after", f"{self.config.retry_after:g}")],
+            return _too_many(
+                f"Too many requests in flight for this account (limit {cap})", f"{self.config.retry_after:g}"
             )
         request_id = f"sbx-{int(now * 1000):x}-{self.rng.getrandbits(48):012x}"
         record = SubmitRecord(request_id, payload, now, answered=fault is None)
@@ -544,11 +599,7 @@ class Sandbox:
 
     def _fault_response(self, fault: str, answer: Response | None = None) -> Response:
         if fault == "429":
-            return json_response(
-                429,
-                {"error_message": "Too many requests"},
-                [("retry-after", f"{self.config.retry_after:g}")],
-            )
+            return _too_many("Too many requests", f"{self.config.retry_after:g}")
         if fault == "500":
             return _error(500, 500001, "Internal server error, please retry")
         if fault in ("502", "503"):
@@ -567,9 +618,16 @@ class Sandbox:
         return answer
 
     @asynccontextmanager
-    async def running(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-        """Serve on host:port (0 picks a free port) inside the current event loop; yields the base URL."""
+    async def running(self, host: str = "127.0.0.1", port: int = 0, balance_port: int = 0) -> AsyncIterator[str]:
+        """Serve on host:port (0 picks a free port) inside the current event loop, the balance on host:balance_port
+        (`balance_base`); yields the API's base URL."""
         self.host = host
-        async with serve(self.handle, self.config.slow_seconds, host, port) as (url, bound):
-            self.port = bound
-            yield url
+        async with (
+            serve(self.handle, self.config.slow_seconds, host, port) as (url, bound),
+            serve(self.handle_balance, self.config.slow_seconds, host, balance_port) as (_, balance_bound),
+        ):
+            self.port, self.balance_port = bound, balance_bound
+            try:
+                yield url
+            finally:
+                self.balance_port = None

@@ -44,6 +44,11 @@ class SandboxThread:
             self._error = exc
             self._ready.set()
 
+    @property
+    def balance_base(self) -> str:
+        """Where this sandbox's balance is read (its own host, as RunComfy's: `Sandbox.balance_base`)."""
+        return self.sandbox.balance_base or ""
+
     def start(self) -> SandboxThread:
         self._thread.start()
         self._ready.wait(10)

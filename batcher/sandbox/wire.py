@@ -13,13 +13,14 @@ import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import anyio
 import anyio.abc
 import h11
 
-__all__ = ["Handler", "Response", "json_response", "serve"]
+__all__ = ["Handler", "Response", "json_response", "reason", "serve"]
 
 
 @dataclass(slots=True)
@@ -36,6 +37,16 @@ class Response:
 def json_response(status: int, payload: dict[str, Any], headers: list[tuple[str, str]] | None = None) -> Response:
     """A JSON answer."""
     return Response(status, json.dumps(payload).encode(), [("content-type", "application/json"), *(headers or [])])
+
+
+def reason(status: int) -> bytes:
+    """The reason phrase of a status line (``402 Payment Required``), as RunComfy's servers send it: its MCP
+    client words a bodiless error from it (runcomfy-mcp runcomfy_client.py, ``_request``: ``response.reason_phrase``),
+    its CLI from the status's canonical reason (src/api.rs ``api_error``). h11 sends none unless given one."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 Handler = Callable[[str, str, dict[str, str], bytes], Response]
@@ -124,7 +135,9 @@ async def _send(
     headers = list(response.headers)
     if not any(name == "content-length" for name, _ in headers):  # a HEAD answer gives its own
         headers.append(("content-length", str(len(response.body))))
-    await stream.send(connection.send(h11.Response(status_code=response.status, headers=headers)))
+    await stream.send(
+        connection.send(h11.Response(status_code=response.status, headers=headers, reason=reason(response.status)))
+    )
     if response.fault == "truncate":
         await stream.send(connection.send(h11.Data(data=response.body[: len(response.body) // 2])))
         return False
