@@ -219,7 +219,7 @@ async def fetch_entry(client: RunComfyClient, model_id: str) -> CatalogEntry:
             raise CatalogError(f"RunComfy's catalog does not know the model {model_id!r}: {exc}") from exc
         raise
     if found.model_id != model_id:
-        raise CatalogError(f"asked RunComfy for {model_id}, it answered with the entry of {found.model_id}")
+        raise CatalogError(f"asked RunComfy's catalog for {model_id}; it answered with the entry of {found.model_id}")
     if found.input_schema is None:
         listed, _ = await list_models(client, model_id, include_schema=True, most=PAGE)
         same = [entry for entry in listed if entry.model_id == model_id and entry.input_schema is not None]
