@@ -12,7 +12,8 @@
     │   ├── TransientApiError      429, 5xx, connection trouble: worth retrying
     │   │   ├── RateLimitedError   429 past the retries: "not now", never "not this run"
     │   │   └── UnreachableError   no connection could be made past the retries: an outage
-    │   └── UncertainSubmitError   a submit may or may not have been accepted
+    │   ├── UncertainSubmitError   a submit may or may not have been accepted
+    │   └── CatalogError           RunComfy's catalog answered something batcher will not use (too big, deep, wrong types)
     ├── JournalError               the state journal cannot be read or written
     │   ├── JournalCorruptError    a damaged line that is not the last one
     │   └── JournalLockedError     another `batcher run` holds the output folder
@@ -39,6 +40,7 @@ __all__ = [
     "AuthError",
     "BalanceError",
     "BatcherError",
+    "CatalogError",
     "DownloadError",
     "ExpiredUrlError",
     "JournalCorruptError",
@@ -182,6 +184,11 @@ class UncertainSubmitError(ApiError):
     the job is held as *uncertain* until the user asks for
     ``--resubmit-uncertain``.
     """
+
+
+class CatalogError(ApiError):
+    """RunComfy's model catalog answered something batcher will not use: over a cap, too deep, not the
+    shape its clients read, or a schema that is not a JSON Schema. Nothing is written from it."""
 
 
 class JournalError(BatcherError):

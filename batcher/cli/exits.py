@@ -15,6 +15,7 @@ import cloup
 from ..errors import (
     AuthError,
     BatcherError,
+    CatalogError,
     JournalCorruptError,
     JournalLockedError,
     ManifestError,
@@ -28,7 +29,7 @@ EXIT_INTERRUPTED = ExitCode.INTERRUPTED
 
 __all__ = ["BAD_INPUT", "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "BadInput", "CommandGroup", "Failed"]
 
-BAD_INPUT = (ManifestError, UsageError, AuthError, JournalLockedError, JournalCorruptError)
+BAD_INPUT = (ManifestError, UsageError, AuthError, JournalLockedError, JournalCorruptError, CatalogError)
 
 
 class Failed(click.ClickException):

@@ -38,6 +38,7 @@ from .common import (
     stdout,
 )
 from .exits import BadInput
+from .models import live_schema_warnings
 from .options import (
     api_base_option,
     manifest_argument,
@@ -55,11 +56,32 @@ from .options import (
     help="Also fetch the headers of every distinct input image URL: reachable, an image, within 50 MB.",
 )
 @click.option("-c", "--concurrency", default=8, show_default=True, type=click.IntRange(1, 64), help="URLs at once.")
-def validate(manifest: Path, schema_dirs: tuple[Path, ...], check_urls: bool, concurrency: int) -> None:
-    """Check MANIFEST against the model's schema; list every problem. No network unless --check-urls."""
+@click.option(
+    "--sandbox", is_flag=True, help="Compare the pinned schemas with the in-process sandbox's catalog (no token)."
+)
+@api_base_option
+@click.option("--offline", is_flag=True, help="Do not compare the pinned schemas with RunComfy's live catalog.")
+def validate(
+    manifest: Path,
+    schema_dirs: tuple[Path, ...],
+    check_urls: bool,
+    concurrency: int,
+    sandbox: bool,
+    api_base: str | None,
+    offline: bool,
+) -> None:
+    """Check MANIFEST against the model's schema; list every problem.
+
+    With a token set (not --offline), or --sandbox, it also says (a warning; the exit stays 0) when a
+    model's pinned schema differs from the live catalog's. No other network unless --check-urls.
+    """
     loaded = load_manifest(manifest, schema_dirs)
     run_settings(loaded)  # the run: block, checked against the flags it stands for
     click.echo(f"{manifest}: {loaded.count} jobs for {', '.join(loaded.models)}, all valid")
+    given = any(os.environ.get(name, "").strip() for name in ("RUNCOMFY_API_TOKEN", TOKENS_ENV, TOKEN_FILE_ENV))
+    if sandbox or (given and not offline):
+        for line in live_schema_warnings(loaded, sandbox, api_base):
+            click.echo(f"warning: {line}", err=True)
     if check_urls:
         _check_input_urls(loaded, concurrency)
 

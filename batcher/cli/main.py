@@ -13,9 +13,10 @@ import cloup
 from .._version import __version__
 from .cancel import cancel
 from .exits import CommandGroup
-from .init import init, schemas
+from .init import init
 from .inspect import plan, status, validate
 from .ledger import ledger
+from .models import models, schemas
 from .report import export, report
 from .review import review
 from .run import run
@@ -36,7 +37,7 @@ def cli() -> None:
 
 # Sections of `batcher --help`, in the order a first batch meets them.
 for section in (
-    cloup.Section("Write and check a manifest", [init, validate, plan, schemas]),
+    cloup.Section("Write and check a manifest", [init, validate, plan, models, schemas]),
     cloup.Section("Run it", [run, status, cancel, ledger]),
     cloup.Section("After a run", [review, report, export]),
     cloup.Section("Rehearse", [sandbox_command]),

@@ -5,7 +5,10 @@ A table is a JSON file beside the model's input schema
 price, and ``prices`` nests one level per key. ``source``, ``as_of``,
 ``unit`` (RunComfy's ``price_unit``, ``output`` for an image) and ``note``
 say where the numbers come from; other fields (``provenance``) are for
-people and ignored. Where a table prices a field the service may resolve
+people and ignored. A model priced per second (``unit: second``, a video)
+names in ``per`` the input field holding the seconds (``duration``): a job
+costs the price found by ``keys`` times that field's value. With no
+``keys``, ``prices`` is the one price itself. Where a table prices a field the service may resolve
 either way, it should give the upper bound.
 
 Prices change: a folder named by ``BATCHER_PRICES``, laid out the same way
@@ -16,6 +19,7 @@ bundled tables.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,22 +41,39 @@ class PriceTable:
 
     model: str
     keys: tuple[str, ...]
-    prices: dict[str, Any]
+    prices: Any
+    """One level of nesting per key (a dict), down to numbers; with no keys, the number itself."""
     source: str
     as_of: str
     unit: str = "output"
     """RunComfy's ``price_unit`` (``output`` for an image model, ``second`` for video)."""
     note: str = ""
     """One line on how the prices go, as RunComfy's ``pricing_note``."""
+    per: str | None = None
+    """The input field whose value multiplies the price (``duration`` for a price per second); None: per job."""
 
-    def price(self, payload: dict[str, Any]) -> float | None:
-        """The price of one job with this input, or None when the table does not say."""
+    def rate(self, payload: dict[str, Any]) -> float | None:
+        """The price per ``unit`` (what RunComfy's ``base_price_usd`` states) for this input, or None."""
         level: Any = self.prices
         for key in self.keys:
             if not isinstance(level, dict):
                 return None
             level = level.get(str(payload.get(key)))
-        return float(level) if isinstance(level, int | float) else None
+        if not isinstance(level, int | float) or isinstance(level, bool) or not math.isfinite(level):
+            return None
+        return float(level)
+
+    def price(self, payload: dict[str, Any]) -> float | None:
+        """The price of one job with this input, or None when the table does not say."""
+        rate = self.rate(payload)
+        if rate is None or self.per is None:
+            return rate
+        amount = payload.get(self.per)  # "5" as some schemas spell seconds; "auto" is not a number of them
+        if isinstance(amount, str) and amount.isdigit():
+            amount = int(amount)
+        if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0 < amount < 100_000:
+            return None
+        return rate * float(amount)
 
 
 @cache
@@ -67,6 +88,7 @@ def _load(path: Path) -> PriceTable | None:
             as_of=data.get("as_of", ""),
             unit=str(data.get("unit") or "output"),
             note=str(data.get("note") or ""),
+            per=str(data["per"]) if data.get("per") else None,
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

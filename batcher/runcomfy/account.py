@@ -257,6 +257,7 @@ async def _live_price(
         "model": model,
         "keys": list(table.keys),
         "prices": _scaled(table.prices, factor),
+        **({"per": table.per} if table.per else {}),
         "unit": unit,
         "note": note or table.note,
         "source": f"{whose} (GET /v1/models/{model}: ${live:g} per {unit} at the default settings), "
@@ -277,14 +278,15 @@ async def _live_price(
 
 
 def _default_price(model: str, table: PriceTable | None, schema_dirs: Sequence[Path]) -> float | None:
-    """The bundled price of a job at the model's default settings (what base_price_usd prices)."""
+    """The bundled price per unit at the model's default settings (what base_price_usd prices: a job,
+    or a second of video for a table with ``per``)."""
     if table is None:
         return None
     try:
         schema = load_model_schema(model, schema_dirs)
     except BatcherError:
         return None
-    return table.price(schema.with_defaults({}))
+    return table.rate(schema.with_defaults({}))
 
 
 def _scaled(prices: object, factor: float) -> object:

@@ -489,6 +489,12 @@ class RunComfyClient:
         path = f"/v1/models/{quote(model_id, safe='/')}"
         return await self._call(f"model {model_id}", "GET", path, "reading the model's price")
 
+    async def catalog(self, part: str = "", params: dict[str, str] | None = None) -> dict[str, Any]:
+        """RunComfy's model catalog, as its CLI reads it: ``GET /v1/models`` (part "") with search, category,
+        include_schema and paging, or ``GET /v1/models/categories`` (part "categories"). See `batcher.runcomfy.catalog`."""
+        path = "/v1/models" + (f"/{quote(part, safe='')}" if part else "")
+        return await self._call(f"catalog {part or 'models'}", "GET", path, "reading RunComfy's model catalog", params)
+
     async def balance(self) -> dict[str, Any]:
         """``GET /balance`` on this client's base: the account's ``balance_usd``. Only for a client made
         for the balance host itself (see `batcher.runcomfy.account`): the token goes to no host a response names."""

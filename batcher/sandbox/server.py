@@ -1,9 +1,9 @@
 """A local RunComfy-compatible server for rehearsals and tests.
 
 It speaks the four calls of the Model API (submit, status, result, cancel)
-plus model info, and the account balance on a host (port) of its own, as
-RunComfy serves it; it runs jobs on a clock (queue delay,
-then run delay), serves real, deterministic PNGs, and injects faults at a
+plus model info, the catalog (`batcher.sandbox.catalog`), and the account balance on a host (port) of its own,
+as RunComfy serves it; it runs jobs on a clock (queue delay,
+then run delay), serves real, deterministic PNGs (MP4s for a video model), and injects faults at a
 chosen rate: 429 with Retry-After, 500 with RunComfy's error body, bare 502
 and 503, dropped connections (before or after accepting a submit), answers
 slower than the client's read timeout, and truncated bodies.
@@ -38,9 +38,11 @@ from ..errors import UsageError
 from ..manifest.cost import load_price_table
 from ..manifest.localimages import check_inline_images
 from ..manifest.schema import load_model_schema
+from .catalog import categories_answer, entry, is_video, models_answer
 from .config import REFUSALS, SandboxSettings
 from .dialects import Dialect, dialect_named, phase_word
 from .faults import ACCEPTED_ANSWERS
+from .mp4 import make_mp4
 from .png import make_png
 from .wire import Response, json_response, serve
 
@@ -253,6 +255,12 @@ class Sandbox:
         account, refused = self._authorize(headers, rate_limited=True)
         if refused is not None:
             return refused
+        if segments == ["v1", "models"] and method == "GET":
+            self._count("catalog")
+            return json_response(*models_answer(query, self.config.schema_dirs, model_price=self.config.model_price))
+        if segments == ["v1", "models", "categories"] and method == "GET":
+            self._count("catalog")
+            return json_response(*categories_answer(self.config.schema_dirs))
         if segments[:2] == ["v1", "models"] and len(segments) > 2:
             model = "/".join(segments[2:])
             if method == "POST":
@@ -316,20 +324,12 @@ class Sandbox:
         return json_response(200, {"balance_usd": round(left, 6), "currency": "USD"})
 
     def _model_info(self, model: str) -> Response:
-        """Model info as RunComfy's clients read it: ``base_price_usd`` (at the schema's defaults),
-        ``price_unit`` and ``pricing_note``, from the bundled price table."""
+        """Model info as RunComfy's clients read it: its catalog entry (`batcher.sandbox.catalog`), with
+        ``base_price_usd`` (at the schema's defaults), ``price_unit``, ``pricing_note`` and its input schema."""
         self._count("model")
-        try:
-            schema = load_model_schema(model, self.config.schema_dirs)
-        except UsageError:
+        info = entry(model, self.config.schema_dirs, include_schema=True, model_price=self.config.model_price)
+        if info is None:
             return self._refusal(400, 400001, f"Unknown model id {model!r}")
-        info: dict[str, Any] = {"model_id": model}
-        table = load_price_table(model, self.config.schema_dirs)
-        price = table.price(schema.with_defaults({})) if table else None
-        if self.config.model_price is not None:
-            price = self.config.model_price  # a price change at RunComfy, for rehearsals and tests
-        if table is not None and price is not None:
-            info.update(base_price_usd=price, price_unit=table.unit, pricing_note=table.note, currency="USD")
         return json_response(200, info)
 
     def _take_token(self, account: str) -> bool:
@@ -531,17 +531,21 @@ class Sandbox:
             schema = load_model_schema(model, self.config.schema_dirs)
             payload, defaults = schema.with_defaults(payload), schema.with_defaults({})
         price = table.price(payload) or 0.0
-        base = table.price(defaults)
+        base = table.rate(defaults)
         if self.config.model_price is not None and base:
             price *= self.config.model_price / base  # a price change at RunComfy is what it charges too
         return price
 
     def _outputs(self, request_id: str, now: float) -> dict[str, Any]:
         expiry = f"?expires={now + self.config.url_ttl:.3f}" if self.config.url_ttl is not None else ""
+        job = self.jobs.get(request_id)
+        video = job is not None and is_video(job.model)  # RunComfy's video models answer output.video(s)
         urls = [
-            f"{self.config.files_origin or f'http://{self.host}:{self.port}'}/files/{request_id}/{index}.png{expiry}"
+            f"{self.config.files_origin or f'http://{self.host}:{self.port}'}/files/{request_id}/{index}.{'mp4' if video else 'png'}{expiry}"
             for index in range(self.config.images_per_job)
         ]
+        if video:
+            return {"video": urls[0]} if len(urls) == 1 else {"videos": urls}
         return {"image": urls[0]} if len(urls) == 1 else {"images": urls}
 
     def _file(self, target: str) -> Response:
@@ -552,6 +556,11 @@ class Sandbox:
         segments = [s for s in target.split("/") if s]
         if len(segments) != 3 or self._find(segments[1]) is None:
             return Response(404, b"not found", [("content-type", "text/plain")])
+        if target.endswith(".mp4"):
+            data = make_mp4(target)
+            self.served[target] = hashlib.sha256(data).hexdigest()
+            response = Response(200, data, [("content-type", "video/mp4")])
+            return self._fault_response(fault, answer=response) if fault is not None else response
         return self._serve_png(target, fault)
 
     def _input(self, name: str, method: str, headers: dict[str, str]) -> Response:
