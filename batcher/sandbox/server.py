@@ -38,10 +38,10 @@ from ..errors import UsageError
 from ..manifest.cost import load_price_table
 from ..manifest.localimages import check_inline_images
 from ..manifest.schema import load_model_schema
+from .answers import BLOCKED, MODEL_FAILED, NOT_FOUND, error_response, fault_response, too_many
 from .catalog import categories_answer, entry, is_video, models_answer
 from .config import REFUSALS, SandboxSettings
 from .dialects import Dialect, dialect_named, phase_word
-from .faults import ACCEPTED_ANSWERS
 from .mp4 import make_mp4
 from .png import make_png
 from .wire import Response, json_response, serve
@@ -56,13 +56,6 @@ __all__ = [
 _NOMINAL_BALANCE = 1_000_000.0
 """What the balance endpoint reports for an unlimited account (no `balance_usd` set)."""
 
-
-_MODEL_FAILED = ("sandbox: the model failed on this input", "generation_failed")
-_BLOCKED = (
-    "Your request was rejected by the safety system. It may contain content that is not allowed.",
-    "moderation_blocked",
-)
-"""A failed job's error: the model's own failure, or a content-policy block worded as gpt-image words it."""
 
 _SANDBOX_ID = re.compile(r"^sbx-([0-9a-f]{1,16})-[0-9a-f]{12}$")
 
@@ -113,28 +106,6 @@ class _Job:
     """It fails on a content-policy block (`SandboxConfig.blocked_words`)."""
     cancelled: bool = False
     started_at: float | None = None
-
-
-def _error(status: int, code: int, message: str, detail: Any = None) -> Response:
-    """RunComfy's error body: ``{error_code, error_message, detail?}`` (docs.runcomfy.com model-apis/error-codes;
-    read so by its MCP client, runcomfy-mcp runcomfy_client.py ``_request``)."""
-    payload: dict[str, Any] = {"error_code": code, "error_message": message}
-    if detail is not None:
-        payload["detail"] = detail
-    return json_response(status, payload)
-
-
-_NOT_FOUND = (404001, "Resource not found")
-"""RunComfy's 404 (docs.runcomfy.com model-apis/error-codes: 404001 ResourceNotFound), for a path it does not
-serve too: the API's host has no balance (that is `api.runcomfy.net`'s, runcomfy-cli src/api.rs)."""
-
-
-def _too_many(message: str, retry_after: str) -> Response:
-    """A 429 as RunComfy's clients read one: by its status (runcomfy-cli src/api.rs ``api_error``: "rate limited;
-    retry in a moment", src/exit.rs: retryable), the message from ``error_message`` (runcomfy-mcp
-    runcomfy_client.py ``_request``). No source, doc or client shows an ``error_code`` for it, so none is made up;
-    with Retry-After (which no RunComfy source documents either: batcher's backoff caps it)."""
-    return json_response(429, {"error_message": message}, [("retry-after", retry_after)])
 
 
 class Sandbox:
@@ -220,7 +191,7 @@ class Sandbox:
 
     def _refusal(self, status: int, code: int, message: str, detail: Any = None) -> Response:
         """RunComfy's error body with its HTTP status, or with 200 in the errors-as-200 dialect."""
-        return _error(200 if self.dialect.errors_as_200 else status, code, message, detail)
+        return error_response(200 if self.dialect.errors_as_200 else status, code, message, detail)
 
     def _pick_fault(self, kind: str) -> str | None:
         config = self.config
@@ -283,7 +254,7 @@ class Sandbox:
                 )
             if action == "cancel" and method == "POST":
                 return self._cancel(request_id)
-        return _error(404, *_NOT_FOUND)
+        return error_response(404, *NOT_FOUND)
 
     def _authorize(self, headers: dict[str, str], *, rate_limited: bool) -> tuple[str, Response | None]:
         """The account a call is from ("" with one account), and RunComfy's refusal of it if any: a token not
@@ -294,7 +265,7 @@ class Sandbox:
         if self.config.accounts and account not in self.config.accounts:
             return account, self._refusal(401, 401001, "Invalid or missing API token")
         if rate_limited and self.config.rate_limit is not None and not self._take_token(account):
-            return account, _too_many("Rate limit exceeded", "1")
+            return account, too_many("Rate limit exceeded", "1")
         if self.config.token is not None:
             if bearer != f"Bearer {self.config.token}":
                 if self.config.auth_status == 403:
@@ -313,7 +284,7 @@ class Sandbox:
             return refused
         if [s for s in unquote(urlsplit(target).path).split("/") if s] == ["prod", "v2", "balance"] and method == "GET":
             return self._balance()
-        return _error(404, *_NOT_FOUND)
+        return error_response(404, *NOT_FOUND)
 
     def _balance(self) -> Response:
         """RunComfy's balance endpoint, as its CLI reads it: ``GET /balance`` on the core API
@@ -357,13 +328,13 @@ class Sandbox:
         self._count("submit")
         fault = self._pick_fault("submit")
         if fault in ("429", "500", "503", "drop"):
-            return self._fault_response(fault)
+            return fault_response(fault, retry_after=self.config.retry_after)
         try:
             payload = json.loads(body)
             if not isinstance(payload, dict):
                 raise ValueError("not an object")
         except ValueError:
-            return _error(422, 422001, "Body is not a JSON object")
+            return error_response(422, 422001, "Body is not a JSON object")
         try:
             schema = load_model_schema(model, self.config.schema_dirs)
         except UsageError:
@@ -390,7 +361,7 @@ class Sandbox:
             self.account_refusals += 1
             number = self._account_number(account)
             self.account_refusals_by_account[number] = self.account_refusals_by_account.get(number, 0) + 1
-            return _too_many(
+            return too_many(
                 f"Too many requests in flight for this account (limit {cap})", f"{self.config.retry_after:g}"
             )
         request_id = f"sbx-{int(now * 1000):x}-{self.rng.getrandbits(48):012x}"
@@ -404,7 +375,7 @@ class Sandbox:
         if self.balance_usd is not None:
             self.balance_usd -= price  # debited when accepted: a hold, as a card payment would be
         if fault is not None:
-            return self._fault_response(fault, answer=self._submit_answer(request_id))
+            return fault_response(fault, retry_after=self.config.retry_after, answer=self._submit_answer(request_id))
         return self._submit_answer(request_id)
 
     def _can_pay(self, price: float) -> bool:
@@ -484,7 +455,7 @@ class Sandbox:
         self._count(kind)
         fault = self._pick_fault(kind)
         if fault in ("429", "500", "503", "drop"):
-            return self._fault_response(fault)
+            return fault_response(fault, retry_after=self.config.retry_after)
         job = self._find(request_id)
         now = time.time()
         if job is None or now < job.record.accepted_at + self.config.unknown_window:
@@ -504,14 +475,14 @@ class Sandbox:
                 if cost:
                     payload["cost"] = self._price(job) * self.config.images_per_job
             elif state == "failed":
-                message, code = _BLOCKED if job.blocked else _MODEL_FAILED
+                message, code = BLOCKED if job.blocked else MODEL_FAILED
                 payload["error"] = message if dialect.error_as_text else {"message": message, "code": code}
         if dialect.urls:
             payload.update(self._urls(request_id))
         response = json_response(200, payload)
         self.answered_bytes[kind] = self.answered_bytes.get(kind, 0) + len(response.body)
         if fault is not None:
-            return self._fault_response(fault, answer=response)
+            return fault_response(fault, retry_after=self.config.retry_after, answer=response)
         return response
 
     def _price(self, job: _Job) -> float:
@@ -552,7 +523,7 @@ class Sandbox:
         self._count("file")
         fault = self._pick_fault("file")
         if fault in ("429", "500", "503", "drop"):
-            return self._fault_response(fault)
+            return fault_response(fault, retry_after=self.config.retry_after)
         segments = [s for s in target.split("/") if s]
         if len(segments) != 3 or self._find(segments[1]) is None:
             return Response(404, b"not found", [("content-type", "text/plain")])
@@ -560,7 +531,11 @@ class Sandbox:
             data = make_mp4(target)
             self.served[target] = hashlib.sha256(data).hexdigest()
             response = Response(200, data, [("content-type", "video/mp4")])
-            return self._fault_response(fault, answer=response) if fault is not None else response
+            return (
+                fault_response(fault, retry_after=self.config.retry_after, answer=response)
+                if fault is not None
+                else response
+            )
         return self._serve_png(target, fault)
 
     def _input(self, name: str, method: str, headers: dict[str, str]) -> Response:
@@ -586,7 +561,7 @@ class Sandbox:
         self.served[target] = hashlib.sha256(data).hexdigest()
         response = Response(200, data, [("content-type", "image/png")])
         if fault is not None:
-            return self._fault_response(fault, answer=response)
+            return fault_response(fault, retry_after=self.config.retry_after, answer=response)
         return response
 
     def _cancel(self, request_id: str) -> Response:
@@ -605,26 +580,6 @@ class Sandbox:
         return json_response(
             200, {"request_id": request_id, "status": self._word(job, state, now), "outcome": "not_cancellable"}
         )
-
-    def _fault_response(self, fault: str, answer: Response | None = None) -> Response:
-        if fault == "429":
-            return _too_many("Too many requests", f"{self.config.retry_after:g}")
-        if fault == "500":
-            return _error(500, 500001, "Internal server error, please retry")
-        if fault in ("502", "503"):
-            status = int(fault)
-            return Response(status, b"<html><body>Bad gateway</body></html>", [("content-type", "text/html")])
-        if fault == "drop":
-            return Response(0, b"", fault="drop")
-        if answer is None:
-            return Response(0, b"", fault="drop")
-        if fault == "drop_after_accept":
-            return Response(0, b"", fault="drop")
-        if fault in ACCEPTED_ANSWERS:
-            status, body = ACCEPTED_ANSWERS[fault]
-            return Response(status, body, [("content-type", "application/json")] if body else [])
-        answer.fault = fault  # slow or truncate: applied while sending
-        return answer
 
     @asynccontextmanager
     async def running(self, host: str = "127.0.0.1", port: int = 0, balance_port: int = 0) -> AsyncIterator[str]:
