@@ -308,3 +308,16 @@ def test_plan_reads_the_live_price_per_second(runner: CliRunner, start_sandbox, 
     assert "$0.2 per second" in err and "using the live one" in err
     assert "2.000" in out  # 10 s at the live $0.20, not the bundled $0.10
     assert "the sandbox's live price" in " ".join(out.split())  # a loopback API is labelled as the sandbox's
+
+
+def test_a_pull_of_a_model_id_that_is_no_id_or_unknown_exits_2_and_writes_nothing(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    """A path-like id is refused before any request (it would be a URL path, then a file path); an id RunComfy
+    does not know is a clear exit 2, not an outage's exit 1 worded as a lost request."""
+    into = tmp_path / "schemas"
+    code, out, err = _cli(runner, "schemas", "pull", "../../evil/x/y", "--sandbox", "--into", str(into))
+    assert code == 2 and "is not a RunComfy model id" in err, (code, out, err)
+    code, out, err = _cli(runner, "schemas", "pull", "acme/none/text-to-image", "--sandbox", "--into", str(into))
+    assert code == 2 and "does not know the model" in err and "request" not in err, (code, out, err)
+    assert not into.exists()

@@ -210,12 +210,17 @@ async def categories(client: RunComfyClient) -> list[str]:
 
 async def fetch_entry(client: RunComfyClient, model_id: str) -> CatalogEntry:
     """model_id's entry with its input schema: ``GET /v1/models/{id}``, else the catalog asked with include_schema."""
+    if len(model_id) > 300 or not _MODEL_ID.match(model_id) or ".." in model_id.split("/"):
+        # Before any request: the id becomes a URL path here and a file path in `pin`.
+        msg = f"{model_id!r} is not a RunComfy model id (vendor/model/mode, e.g. openai/gpt-image-1-5/image-to-image)"
+        raise CatalogError(msg)
     try:
         found = _entry(await _read(client, f"model:{model_id}"), f"RunComfy's entry for {model_id}")
     except CatalogError:
         raise
     except ApiError as exc:
-        if exc.error_code == 400001:
+        # 400001 is RunComfy's unknown model; a 404 (404001) on the model's own path says the same.
+        if exc.error_code in (400001, 404001) or exc.status_code == 404:
             raise CatalogError(f"RunComfy's catalog does not know the model {model_id!r}: {exc}") from exc
         raise
     if found.model_id != model_id:
