@@ -25,6 +25,7 @@ from ..errors import Problem, UsageError
 from .entries import ROW_CONTROL_KEYS, Combination, Entry
 from .folder import Confinement
 from .job import Job, job_key, slug_name
+from .jobtable import JobTable
 from .localimages import LocalImages, Normalised, identity_form
 from .problems import Problems, YamlPath, shorten
 from .promptfile import NO_ROW, PromptFile, Row, from_text
@@ -106,6 +107,8 @@ class Expander:
         """Every prompt file read by the check, for the manifest's hash."""
         self.local_images = LocalImages(confined)
         """Checks each local image once per load; `iter_jobs` reuses what the check found."""
+        self.table = JobTable(self.schema_dirs)
+        """What the views need of each checked job (`batcher.manifest.jobtable`)."""
 
     def schema(self, model: str) -> tuple[ModelSchema | None, str]:
         """The model's schema, or None and why not."""
@@ -198,8 +201,10 @@ class Expander:
                 name = raw_id if repeat == 1 else f"{raw_id}-{repeat_index + 1}"
             else:
                 name = slug_name(str(filled.get("prompt", "")), key)
-            if check and not self._register(key, name if raw_id else None, model, (source, line), blame):
-                continue
+            if check:
+                if not self._register(key, name if raw_id else None, model, (source, line), blame):
+                    continue
+                self.table.add(name, model, filled)
             yield Job(key, name, model, filled, repeat_index, line, source, local.source)
 
     def _model_schema(self, entry: Entry, variables: dict[str, Any], blame: _Blame) -> tuple[str, ModelSchema] | None:

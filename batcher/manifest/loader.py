@@ -62,6 +62,7 @@ from .expand import MAX_JOBS, Expander, job_cap, set_max_jobs
 from .folder import Confinement, confinement
 from .imagefit import fit_images_default
 from .job import Job, in_shard, job_key, shard_of
+from .jobtable import JobTable
 from .problems import Problems, YamlPath, did_you_mean, did_you_mean_file
 from .yamlread import LocatedYaml, Skimmed
 
@@ -115,6 +116,8 @@ class Manifest:
     _expander: Expander | None = field(default=None, repr=False, compare=False)
     _keys: array[int] = field(default_factory=lambda: array("Q"), repr=False, compare=False)
     """Every job's key as a number, in manifest order (all shards)."""
+    _table: JobTable | None = field(default=None, repr=False, compare=False)
+    """Each job's name, model and price fields, kept by the load (see `priced_jobs`)."""
 
     @property
     def name(self) -> str:
@@ -132,6 +135,21 @@ class Manifest:
         """Every job in manifest order, expanding matrices and reading prompt files as it goes; then `extra`."""
         if self._expander is not None:
             for job in self._expander.jobs(check=False):
+                if in_shard(job.key, self.shard):
+                    yield job
+        for job in self.extra:
+            if in_shard(job.key, self.shard):
+                yield job
+
+    def priced_jobs(self, prices: Sequence[Path]) -> Iterator[Job]:
+        """`iter_jobs` for the views that read of each job only its key, name, model and price under prices
+        (`batcher.journal.standing.tally`): each input holds only the fields the price reads. From the table
+        the load kept (`batcher.manifest.jobtable`), without expanding again, when it covers those prices."""
+        if self._expander is not None and (self._table is None or not self._table.covers(prices)):
+            yield from self.iter_jobs()
+            return
+        if self._table is not None:
+            for job in self._table.jobs(self._keys):
                 if in_shard(job.key, self.shard):
                     yield job
         for job in self.extra:
@@ -260,6 +278,7 @@ def load_manifest(
         schema_dirs=tuple(directories),
         _expander=expander,
         _keys=keys,
+        _table=expander.table,
         run=run,
     )
 
