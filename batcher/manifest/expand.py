@@ -95,6 +95,8 @@ class Expander:
         self.own_schema_dirs = tuple(own_schema_dirs)
         self.planned = 0
         """Jobs counted (not expanded) so far by the check, for the cap."""
+        self._bounded: list[tuple[Entry, int]] = []
+        """Entries counted in `planned` by their upper bound (`_row_bound`), not exactly."""
         self._schemas: dict[str, tuple[ModelSchema | None, str]] = {}
         self.models: dict[str, None] = {}
         self.count = 0
@@ -143,6 +145,14 @@ class Expander:
 
     def _within_cap(self, entry: Entry) -> bool:
         """Counts entry's jobs before it is expanded; past the cap, reports it on the entry's line."""
+        bound = _row_bound(entry)
+        if bound is not None and self.planned + bound <= self.max_jobs:
+            self.planned += bound  # within the cap even at most: no need to read the rows to count them
+            self._bounded.append((entry, bound))
+            return True
+        for earlier, most in self._bounded:  # counted exactly now: the cap and its message see the real count
+            self.planned += _planned_jobs(earlier, most)[0] - most
+        self._bounded = []
         jobs, exact = _planned_jobs(entry, self.max_jobs - self.planned)
         self.planned += jobs
         if self.planned <= self.max_jobs:
@@ -317,6 +327,20 @@ def _repeats(value: Any, *, from_text: bool) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_REPEAT:
         return None
     return value
+
+
+def _row_bound(entry: Entry) -> int | None:
+    """At most how many jobs a CSV prompt file's entry makes, from its lines, without reading its rows;
+    None when a row may set its own repeat (a ``repeat`` column) or the rows are not a CSV file's."""
+    prompt_file = entry.prompt_file
+    if prompt_file is None or prompt_file.kind != "csv":
+        return None
+    combinations = entry.combinations or [Combination({}, "")]
+    per_row = sum(_repeats(c.values.get("repeat", entry.repeat), from_text=False) or 0 for c in combinations)
+    try:
+        return None if "repeat" in (prompt_file.header() or ()) else per_row * prompt_file.line_bound()
+    except OSError:
+        return None  # counted row by row, as before, which meets the same error where it is reported
 
 
 def _planned_jobs(entry: Entry, limit: int) -> tuple[int, bool]:
