@@ -74,3 +74,16 @@ def test_a_price_table_reading_another_field_prices_from_the_whole_jobs(
     report = status_report(manifest, tmp_path / "out")
     assert report.to_spend == pytest.approx(12.0)
     assert report.unpriced == ROWS - 2
+
+
+def test_the_dataset_views_expand_no_further_than_the_last_completed_job(tmp_path: Path) -> None:
+    from batcher.output.dataset import dataset_rows, write_metadata
+
+    path = _prompt_manifest(tmp_path)
+    manifest = load_manifest(path)
+    (tmp_path / "prompts.csv").unlink()  # no job is completed: the prompt file is not read again
+    out = tmp_path / "out"
+    out.mkdir()
+    assert write_metadata(manifest, out, {}) == 0
+    assert list(dataset_rows(manifest, {})) == []
+    assert (out / "metadata.jsonl").read_bytes() == b""

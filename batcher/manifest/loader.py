@@ -50,9 +50,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,15 @@ class Manifest:
         for job in self.extra:
             if in_shard(job.key, self.shard):
                 yield job
+
+    def jobs_through(self, wanted: Callable[[str], bool]) -> Iterator[Job]:
+        """`iter_jobs`, ending after the last job whose key is wanted: the dataset views (completed jobs only)
+        of a folder where the first few jobs are done expand those, not all 100,000; none wanted, none."""
+        last = 0
+        for number, key in enumerate(self.job_keys(), 1):
+            if wanted(key):
+                last = number
+        return islice(self.iter_jobs(), last)
 
     def job_keys(self) -> Iterator[str]:
         """Every job's key in manifest order (of this shard only, for a shard), without expanding a job."""

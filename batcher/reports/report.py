@@ -27,7 +27,7 @@ from ..journal.store import JOURNAL_NAME
 from ..lifecycle import CATEGORIES
 from ..manifest.cost import estimate, load_price_table
 from ..manifest.loader import Job, Manifest
-from ..output.dataset import dataset_images
+from ..output.dataset import completed_in, dataset_images
 from ..output.folders import FolderView, read_folder, rehearsal_only
 from ..printable import counted, printable
 from ..review.decisions import read_decisions, review_counts
@@ -90,7 +90,8 @@ def status_report(
     with nullcontext(files) if files is not None else opened(output_dir) as folder:
         sums = tally(manifest.priced_jobs(prices), view.records, prices, folder)
         # A second pass over the jobs only once someone reviewed: a prompt file is read again for it.
-        images = dataset_images(manifest.iter_jobs(), view.records, folder) if decisions.lines else iter(())
+        done = manifest.jobs_through(completed_in(view.records))
+        images = dataset_images(done, view.records, folder) if decisions.lines else iter(())
         counts = review_counts(((i.job.key, i.index, i.file.sha256) for i in images), decisions)
     pending = pending_replacements(manifest, output_dir, view=view)
     return StatusReport(
