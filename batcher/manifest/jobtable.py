@@ -6,8 +6,8 @@ again for them (reading it, rendering templates, hashing each job) took
 longer than the load itself. So the load's one checked pass keeps a compact
 table: each job's name, its model (an index) and the few input fields its
 price table reads (an index into the distinct sets of them, which are few:
-quality x size, not one per prompt). A million jobs cost their names and
-5 bytes each, never their inputs.
+quality x size, not one per prompt). A million jobs cost their names' bytes
+and 16 bytes each, never their inputs.
 
 The fields kept are those the model's price tables name at load time. A view
 whose price table reads another field (a hand-written live table) is not
@@ -33,7 +33,9 @@ class JobTable:
 
     def __init__(self, price_dirs: Sequence[Path]) -> None:
         self._price_dirs = tuple(price_dirs)
-        self.names: list[str] = []
+        self._names = bytearray()
+        """Every name in UTF-8, one after another: a str object each would be 50 bytes more a job."""
+        self._ends = array("Q")
         self._models: dict[str, int] = {}
         self._fields: list[tuple[str, ...]] = []
         """Per model (by index): the input fields kept."""
@@ -55,7 +57,8 @@ class JobTable:
         if found is None:
             found = self._priced[alike] = len(self._inputs)
             self._inputs.append(kept)
-        self.names.append(name)
+        self._names += name.encode()
+        self._ends.append(len(self._names))
         self._model_of.append(index)
         self._input_of.append(found)
 
@@ -71,6 +74,9 @@ class JobTable:
         """Each job as a `Job` whose input holds only its price fields; keys are the manifest's, in its order
         (the table's jobs first: any after them are jobs added later, which the table does not hold)."""
         models = list(self._models)
-        ours = islice(keys, len(self.names))
-        for packed, name, model, payload in zip(ours, self.names, self._model_of, self._input_of, strict=True):
-            yield Job(f"{packed:016x}", name, models[model], self._inputs[payload])
+        names = self._names
+        start = 0
+        ours = islice(keys, len(self._ends))
+        for packed, end, model, payload in zip(ours, self._ends, self._model_of, self._input_of, strict=True):
+            yield Job(f"{packed:016x}", names[start:end].decode(), models[model], self._inputs[payload])
+            start = end
