@@ -40,6 +40,7 @@ def test_status_and_plan_do_not_expand_the_manifest_again(tmp_path: Path) -> Non
     assert whole.total == ROWS and whole.counts["pending"] == ROWS
     expected = round(sum((0.009, 0.034, 0.133)[i % 3] for i in range(ROWS)), 6)
     assert whole.to_spend == pytest.approx(expected)
+    assert status_report(load_manifest(path, views=False), out).to_json() == whole.to_json()  # no table: expanded
     plan = Console(record=True, width=200)
     print_plan(plan, manifest, out)
     planned = plan.export_text()

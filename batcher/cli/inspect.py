@@ -57,7 +57,7 @@ from .options import (
 @click.option("-c", "--concurrency", default=8, show_default=True, type=click.IntRange(1, 64), help="URLs at once.")
 def validate(manifest: Path, schema_dirs: tuple[Path, ...], check_urls: bool, concurrency: int) -> None:
     """Check MANIFEST against the model's schema; list every problem. No network unless --check-urls."""
-    loaded = load_manifest(manifest, schema_dirs)
+    loaded = load_manifest(manifest, schema_dirs, views=False)  # no view follows
     run_settings(loaded)  # the run: block, checked against the flags it stands for
     click.echo(f"{manifest}: {loaded.count} jobs for {', '.join(loaded.models)}, all valid")
     if check_urls:

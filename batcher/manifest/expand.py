@@ -109,8 +109,8 @@ class Expander:
         """Every prompt file read by the check, for the manifest's hash."""
         self.local_images = LocalImages(confined)
         """Checks each local image once per load; `iter_jobs` reuses what the check found."""
-        self.table = JobTable(self.schema_dirs)
-        """What the views need of each checked job (`batcher.manifest.jobtable`)."""
+        self.table: JobTable | None = JobTable(self.schema_dirs)
+        """What the views need of each checked job (`batcher.manifest.jobtable`); None: not kept."""
 
     def schema(self, model: str) -> tuple[ModelSchema | None, str]:
         """The model's schema, or None and why not."""
@@ -214,7 +214,8 @@ class Expander:
             if check:
                 if not self._register(key, name if raw_id else None, model, (source, line), blame):
                     continue
-                self.table.add(name, model, filled)
+                if self.table is not None:
+                    self.table.add(name, model, filled)
             yield Job(key, name, model, filled, repeat_index, line, source, local.source)
 
     def _model_schema(self, entry: Entry, variables: dict[str, Any], blame: _Blame) -> tuple[str, ModelSchema] | None:

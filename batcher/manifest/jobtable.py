@@ -50,13 +50,13 @@ class JobTable:
             index = self._models[model] = len(self._models)
             table = load_price_table(model, self._price_dirs)
             self._fields.append(table.keys if table is not None else ())
-        kept = {field: payload[field] for field in self._fields[index] if field in payload}
+        fields = self._fields[index]
         # The price reads str() of each value: inputs alike in those are one entry.
-        alike = (index, *((field, str(value)) for field, value in kept.items()))
+        alike = (index, *[(field, str(payload[field])) for field in fields if field in payload])
         found = self._priced.get(alike)
         if found is None:
             found = self._priced[alike] = len(self._inputs)
-            self._inputs.append(kept)
+            self._inputs.append({field: payload[field] for field in fields if field in payload})
         self._names += name.encode()
         self._ends.append(len(self._names))
         self._model_of.append(index)

@@ -214,6 +214,7 @@ def load_manifest(
     max_jobs: int | None = None,
     allow_outside: bool = False,
     fit_images: bool = False,
+    views: bool = True,
 ) -> Manifest:
     """Read, expand and validate a manifest.
 
@@ -225,7 +226,8 @@ def load_manifest(
     followed, unless allow_outside or env BATCHER_ALLOW_OUTSIDE_FILES=1.
     A local image over RunComfy's inline limits is refused, or re-encoded to
     fit when fit_images, `imagefit.set_fit_images` (the CLI's --fit-images) or
-    the manifest's ``fit_images: true`` says so. Raises ManifestError listing every problem found, or UsageError when the
+    the manifest's ``fit_images: true`` says so. views=False keeps no table of the
+    jobs for the views (`priced_jobs` then expands them): `validate` needs none. Raises ManifestError listing every problem found, or UsageError when the
     file cannot be read or the cap is not a number.
     """
     path = Path(path)
@@ -267,6 +269,8 @@ def load_manifest(
         problems, directories, model, defaults, entries, max_jobs=cap, confined=confined, own_schema_dirs=own
     )
     expander.local_images.fit = fit
+    if not views:
+        expander.table = None
     digest = hashlib.sha256(raw)
     for _job in expander.jobs(check=True):
         pass
