@@ -27,7 +27,8 @@ nothing and editing a job re-runs that job alone.
 
 Prompt files are streamed: loading checks every row once, and
 `Manifest.iter_jobs` reads them again, so planning a 50,000-row file keeps
-only job identities in memory, never the jobs.
+only job identities and a compact table for the views in memory
+(`batcher.manifest.jobtable`: names, models, price fields), never the jobs.
 
 A manifest may come from someone else's repository, so loading is bounded:
 YAML aliases may copy at most `yamlread.MAX_ALIAS_VALUES` values (a "billion
