@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--yaml", type=int, nargs="*", default=[100_000], help="YAML jobs list sizes")
     parser.add_argument("--resume-jobs", type=int, default=100_000)
     parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--commands", nargs="+", choices=COMMANDS, default=list(COMMANDS), help="the ones to time")
     parser.add_argument("--before", help="an earlier checkout (git worktree add /tmp/old REV), measured alternating")
     args = parser.parse_args()
     roots = [("after", str(ROOT))] + ([("before", args.before)] if args.before else [])
@@ -178,15 +179,16 @@ def main() -> None:
         state = folder / "state"
         sources = [(f"CSV prompt file, {n:,}", write_prompt_file(folder, n)) for n in args.sizes]
         sources += [(f"YAML jobs list, {n:,}", write_yaml_list(folder, n)) for n in args.yaml]
-        header = " | ".join(f"{c} s / MB" for c in COMMANDS)
+        commands = [c for c in COMMANDS if c in args.commands]  # status and report read the run's folder
+        header = " | ".join(f"{c} s / MB" for c in commands)
         print(f"\n| source | checkout | {header} |")
-        print("|---|---|" + "---|" * len(COMMANDS))
+        print("|---|---|" + "---|" * len(commands))
         for name, manifest in sources:
             figures: dict[str, list[str]] = {label: [] for label, _ in roots}
-            for command in COMMANDS:
+            for command in commands:
                 for k in range(len(roots)):
                     # Alternating: the checkouts take turns going first.
-                    label, root = roots[(COMMANDS.index(command) + k) % len(roots)]
+                    label, root = roots[(commands.index(command) + k) % len(roots)]
                     out = folder / f"out-{manifest.stem}-{label}"
                     wall, peak, code = timed(command_line(command, manifest, out), environment(root, state), folder)
                     mark = "" if code == 0 else f" (exit {code})"

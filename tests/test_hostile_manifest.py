@@ -221,6 +221,30 @@ def test_the_cap_counts_rows_combinations_and_repeats_exactly(tmp_path: Path) ->
     assert "brings the manifest to 30 jobs (this entry: 9), past the cap of 29" in message
 
 
+def test_a_prompt_file_counted_by_its_lines_is_counted_exactly_at_the_cap(tmp_path: Path) -> None:
+    # A CSV file without a repeat column is counted by its lines (at most its rows) while that is within
+    # the cap; blank lines and a quoted cell over two lines make the bound more than its 3 rows. At the cap,
+    # the count is exact again: a later entry is refused, or not, by the real count, and says it.
+    (tmp_path / "rows.csv").write_text('prompt\none\n\n\n"two\nlines"\nthree\n\n', encoding="utf-8")
+    path = write_manifest(
+        tmp_path / "bound.yaml",
+        f"""
+        model: {MODEL}
+        jobs:
+          - from: rows.csv
+            image_urls: ["{REF}"]
+            repeat: 2
+          - prompt: "plain"
+            image_urls: ["{REF}"]
+            repeat: 14
+        """,
+    )
+    assert load_manifest(path, max_jobs=20).count == 20  # 3 rows x 2 + 14, though the lines bound the rows at 9
+    [(line, field, message)] = _problems(path, max_jobs=19)
+    assert (line, field) == (6, "jobs[1]")
+    assert "brings the manifest to 20 jobs (this entry: 14), past the cap of 19" in message
+
+
 def test_the_cap_is_raised_by_parameter_environment_or_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_manifest(
         tmp_path / "ten.yaml",

@@ -75,7 +75,7 @@ def validate(
     With a token set (not --offline), or --sandbox, it also says (a warning; the exit stays 0) when a
     model's pinned schema differs from the live catalog's. No other network unless --check-urls.
     """
-    loaded = load_manifest(manifest, schema_dirs)
+    loaded = load_manifest(manifest, schema_dirs, views=False)  # no view follows
     run_settings(loaded)  # the run: block, checked against the flags it stands for
     click.echo(f"{manifest}: {loaded.count} jobs for {', '.join(loaded.models)}, all valid")
     given = any(os.environ.get(name, "").strip() for name in ("RUNCOMFY_API_TOKEN", TOKENS_ENV, TOKEN_FILE_ENV))

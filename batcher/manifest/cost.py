@@ -27,7 +27,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .loader import Job
+from .job import Job
 from .schema import bundled_schema_dir
 
 __all__ = ["PRICES_ENV", "PriceTable", "estimate", "forget_price_tables", "load_price_table"]

@@ -25,6 +25,7 @@ from ..errors import Problem, UsageError
 from .entries import ROW_CONTROL_KEYS, Combination, Entry
 from .folder import Confinement
 from .job import Job, job_key, slug_name
+from .jobtable import JobTable
 from .localimages import LocalImages, Normalised, identity_form
 from .problems import Problems, YamlPath, shorten
 from .promptfile import NO_ROW, PromptFile, Row, from_text
@@ -94,6 +95,8 @@ class Expander:
         self.own_schema_dirs = tuple(own_schema_dirs)
         self.planned = 0
         """Jobs counted (not expanded) so far by the check, for the cap."""
+        self._bounded: list[tuple[Entry, int]] = []
+        """Entries counted in `planned` by their upper bound (`_row_bound`), not exactly."""
         self._schemas: dict[str, tuple[ModelSchema | None, str]] = {}
         self.models: dict[str, None] = {}
         self.count = 0
@@ -106,6 +109,8 @@ class Expander:
         """Every prompt file read by the check, for the manifest's hash."""
         self.local_images = LocalImages(confined)
         """Checks each local image once per load; `iter_jobs` reuses what the check found."""
+        self.table: JobTable | None = JobTable(self.schema_dirs)
+        """What the views need of each checked job (`batcher.manifest.jobtable`); None: not kept."""
 
     def schema(self, model: str) -> tuple[ModelSchema | None, str]:
         """The model's schema, or None and why not."""
@@ -140,6 +145,14 @@ class Expander:
 
     def _within_cap(self, entry: Entry) -> bool:
         """Counts entry's jobs before it is expanded; past the cap, reports it on the entry's line."""
+        bound = _row_bound(entry)
+        if bound is not None and self.planned + bound <= self.max_jobs:
+            self.planned += bound  # within the cap even at most: no need to read the rows to count them
+            self._bounded.append((entry, bound))
+            return True
+        for earlier, most in self._bounded:  # counted exactly now: the cap and its message see the real count
+            self.planned += _planned_jobs(earlier, most)[0] - most
+        self._bounded = []
         jobs, exact = _planned_jobs(entry, self.max_jobs - self.planned)
         self.planned += jobs
         if self.planned <= self.max_jobs:
@@ -198,8 +211,11 @@ class Expander:
                 name = raw_id if repeat == 1 else f"{raw_id}-{repeat_index + 1}"
             else:
                 name = slug_name(str(filled.get("prompt", "")), key)
-            if check and not self._register(key, name if raw_id else None, model, (source, line), blame):
-                continue
+            if check:
+                if not self._register(key, name if raw_id else None, model, (source, line), blame):
+                    continue
+                if self.table is not None:
+                    self.table.add(name, model, filled)
             yield Job(key, name, model, filled, repeat_index, line, source, local.source)
 
     def _model_schema(self, entry: Entry, variables: dict[str, Any], blame: _Blame) -> tuple[str, ModelSchema] | None:
@@ -312,6 +328,20 @@ def _repeats(value: Any, *, from_text: bool) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_REPEAT:
         return None
     return value
+
+
+def _row_bound(entry: Entry) -> int | None:
+    """At most how many jobs a CSV prompt file's entry makes, from its lines, without reading its rows;
+    None when a row may set its own repeat (a ``repeat`` column) or the rows are not a CSV file's."""
+    prompt_file = entry.prompt_file
+    if prompt_file is None or prompt_file.kind != "csv":
+        return None
+    combinations = entry.combinations or [Combination({}, "")]
+    per_row = sum(_repeats(c.values.get("repeat", entry.repeat), from_text=False) or 0 for c in combinations)
+    try:
+        return None if "repeat" in (prompt_file.header() or ()) else per_row * prompt_file.line_bound()
+    except OSError:
+        return None  # counted row by row, as before, which meets the same error where it is reported
 
 
 def _planned_jobs(entry: Entry, limit: int) -> tuple[int, bool]:

@@ -27,7 +27,8 @@ nothing and editing a job re-runs that job alone.
 
 Prompt files are streamed: loading checks every row once, and
 `Manifest.iter_jobs` reads them again, so planning a 50,000-row file keeps
-only job identities in memory, never the jobs.
+only job identities and a compact table for the views in memory
+(`batcher.manifest.jobtable`: names, models, price fields), never the jobs.
 
 A manifest may come from someone else's repository, so loading is bounded:
 YAML aliases may copy at most `yamlread.MAX_ALIAS_VALUES` values (a "billion
@@ -50,9 +51,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,7 @@ from .expand import MAX_JOBS, Expander, job_cap, set_max_jobs
 from .folder import Confinement, confinement
 from .imagefit import fit_images_default
 from .job import Job, in_shard, job_key, shard_of
+from .jobtable import JobTable
 from .problems import Problems, YamlPath, did_you_mean, did_you_mean_file
 from .yamlread import LocatedYaml, Skimmed
 
@@ -115,6 +118,8 @@ class Manifest:
     _expander: Expander | None = field(default=None, repr=False, compare=False)
     _keys: array[int] = field(default_factory=lambda: array("Q"), repr=False, compare=False)
     """Every job's key as a number, in manifest order (all shards)."""
+    _table: JobTable | None = field(default=None, repr=False, compare=False)
+    """Each job's name, model and price fields, kept by the load (see `priced_jobs`)."""
 
     @property
     def name(self) -> str:
@@ -137,6 +142,30 @@ class Manifest:
         for job in self.extra:
             if in_shard(job.key, self.shard):
                 yield job
+
+    def priced_jobs(self, prices: Sequence[Path]) -> Iterator[Job]:
+        """`iter_jobs` for the views that read of each job only its key, name, model and price under prices
+        (`batcher.journal.standing.tally`): each input holds only the fields the price reads. From the table
+        the load kept (`batcher.manifest.jobtable`), without expanding again, when it covers those prices."""
+        if self._expander is not None and (self._table is None or not self._table.covers(prices)):
+            yield from self.iter_jobs()
+            return
+        if self._table is not None:
+            for job in self._table.jobs(self._keys):
+                if in_shard(job.key, self.shard):
+                    yield job
+        for job in self.extra:
+            if in_shard(job.key, self.shard):
+                yield job
+
+    def jobs_through(self, wanted: Callable[[str], bool]) -> Iterator[Job]:
+        """`iter_jobs`, ending after the last job whose key is wanted: the dataset views (completed jobs only)
+        of a folder where the first few jobs are done expand those, not all 100,000; none wanted, none."""
+        last = 0
+        for number, key in enumerate(self.job_keys(), 1):
+            if wanted(key):
+                last = number
+        return islice(self.iter_jobs(), last)
 
     def job_keys(self) -> Iterator[str]:
         """Every job's key in manifest order (of this shard only, for a shard), without expanding a job."""
@@ -186,6 +215,7 @@ def load_manifest(
     max_jobs: int | None = None,
     allow_outside: bool = False,
     fit_images: bool = False,
+    views: bool = True,
 ) -> Manifest:
     """Read, expand and validate a manifest.
 
@@ -197,7 +227,8 @@ def load_manifest(
     followed, unless allow_outside or env BATCHER_ALLOW_OUTSIDE_FILES=1.
     A local image over RunComfy's inline limits is refused, or re-encoded to
     fit when fit_images, `imagefit.set_fit_images` (the CLI's --fit-images) or
-    the manifest's ``fit_images: true`` says so. Raises ManifestError listing every problem found, or UsageError when the
+    the manifest's ``fit_images: true`` says so. views=False keeps no table of the
+    jobs for the views (`priced_jobs` then expands them): `validate` needs none. Raises ManifestError listing every problem found, or UsageError when the
     file cannot be read or the cap is not a number.
     """
     path = Path(path)
@@ -230,6 +261,8 @@ def load_manifest(
         problems, directories, model, defaults, entries, max_jobs=cap, confined=confined, own_schema_dirs=own
     )
     expander.local_images.fit = fit
+    if not views:
+        expander.table = None
     digest = hashlib.sha256(raw)
     for _job in expander.jobs(check=True):
         pass
@@ -251,6 +284,7 @@ def load_manifest(
         schema_dirs=tuple(directories),
         _expander=expander,
         _keys=keys,
+        _table=expander.table,
         run=run,
     )
 

@@ -58,6 +58,11 @@ class PromptFile:
     def rows(self) -> Iterator[Row]:
         return self.csv_rows() if self.kind == "csv" else self._jsonl_rows()
 
+    def line_bound(self) -> int:
+        """At most how many rows the file holds: its lines (a row takes one line or more), counted in bytes."""
+        with open_regular(self.path) as handle:
+            return 1 + sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+
     def sha256(self) -> str:
         with open_regular(self.path) as handle:
             return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -12,7 +12,7 @@ links (a tampered journal cannot list, or make a loader read, anything else).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,16 @@ def dataset_images(
             yield DatasetImage(job, record, index, file)
 
 
+def completed_in(records: Mapping[str, JobRecord]) -> Callable[[str], bool]:
+    """Whether a job's key has a completed record: the only jobs `dataset_images` yields."""
+
+    def completed(key: str) -> bool:
+        record = records.get(key)
+        return record is not None and record.phase == "completed"
+
+    return completed
+
+
 def row_of(image: DatasetImage) -> dict[str, Any]:
     """The dataset row of one image: ``file_name`` relative to the output folder, then what made it."""
     job = image.job
@@ -78,7 +88,7 @@ def dataset_rows(
     manifest: Manifest, records: Mapping[str, JobRecord], folder: OutputDir | None = None
 ) -> Iterator[dict[str, Any]]:
     """The rows, in manifest order, for every image whose download is journalled (see `dataset_images`)."""
-    for image in dataset_images(manifest.iter_jobs(), records, folder):
+    for image in dataset_images(manifest.jobs_through(completed_in(records)), records, folder):
         yield row_of(image)
 
 

@@ -43,7 +43,7 @@ from ..confined import open_journalled
 from ..errors import OutputFolderError, UsageError, missing_package
 from ..journal.standing import opened
 from ..manifest.loader import Manifest
-from ..output.dataset import METADATA_NAME, DatasetImage, dataset_images, row_of
+from ..output.dataset import METADATA_NAME, DatasetImage, completed_in, dataset_images, row_of
 from ..output.folders import read_folder
 from ..review.decisions import Decisions, read_decisions
 from ..review.replacements import decisions_folder, with_replacements
@@ -109,7 +109,7 @@ def export_dataset(
     with opened(output_dir) as folder:
         images = [
             image
-            for image in dataset_images(manifest.iter_jobs(), view.records, folder)
+            for image in dataset_images(manifest.jobs_through(completed_in(view.records)), view.records, folder)
             if not accepted_only or _decision(image, decisions) == "accepted"
         ]
     if not images:

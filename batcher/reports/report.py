@@ -12,6 +12,7 @@ import shlex
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +27,7 @@ from ..journal.store import JOURNAL_NAME
 from ..lifecycle import CATEGORIES
 from ..manifest.cost import estimate, load_price_table
 from ..manifest.loader import Job, Manifest
-from ..output.dataset import dataset_images
+from ..output.dataset import completed_in, dataset_images
 from ..output.folders import FolderView, read_folder, rehearsal_only
 from ..printable import counted, printable
 from ..review.decisions import read_decisions, review_counts
@@ -87,9 +88,10 @@ def status_report(
     # Read past a damaged line (said in the warnings): the counts are then of the sound lines.
     decisions = read_decisions(decisions_folder(output_dir), skip_damaged=bool(damage))
     with nullcontext(files) if files is not None else opened(output_dir) as folder:
-        sums = tally(manifest.iter_jobs(), view.records, prices, folder)
+        sums = tally(manifest.priced_jobs(prices), view.records, prices, folder)
         # A second pass over the jobs only once someone reviewed: a prompt file is read again for it.
-        images = dataset_images(manifest.iter_jobs(), view.records, folder) if decisions.lines else iter(())
+        done = manifest.jobs_through(completed_in(view.records))
+        images = dataset_images(done, view.records, folder) if decisions.lines else iter(())
         counts = review_counts(((i.job.key, i.index, i.file.sha256) for i in images), decisions)
     pending = pending_replacements(manifest, output_dir, view=view)
     return StatusReport(
@@ -347,23 +349,25 @@ def print_plan(
         table.add_column(column, justify="right" if column in ("#", "images", "est.") else "left")
     left = 0.0
     unpriced = 0
-    # Streamed: a 50,000-row prompt file is planned without holding its jobs.
+    # Streamed: a 50,000-row prompt file is planned without holding its jobs, and expanded only for the rows shown.
+    shown = list(islice(manifest.iter_jobs(), PLAN_ROWS_SHOWN))
     with opened(output_dir) as folder:
-        for number, job in enumerate(manifest.iter_jobs(), 1):
+        for number, job in enumerate(manifest.priced_jobs(prices), 1):
             record = view.records.get(job.key)
             category = category_of(record, folder)
             price = estimate(job, prices)
             if category == "pending":
                 left += price or 0.0
                 unpriced += price is None
-            if number <= PLAN_ROWS_SHOWN:
+            if number <= len(shown):
+                payload = shown[number - 1].input
                 table.add_row(
                     str(number),
                     job.name,
                     *((job.model,) if several else ()),
-                    str(job.input.get("quality", "")),
-                    str(job.input.get("image_size", "")),
-                    str(len(job.input.get("image_urls", []))),
+                    str(payload.get("quality", "")),
+                    str(payload.get("image_size", "")),
+                    str(len(payload.get("image_urls", []))),
                     category.replace("_", " "),
                     "?" if price is None else f"{price:.3f}",
                 )

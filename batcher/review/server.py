@@ -47,7 +47,7 @@ from ..journal.standing import opened
 from ..manifest.loader import Job, Manifest
 from ..manifest.localimages import sniff
 from ..net.policy import is_loopback_host
-from ..output.dataset import dataset_images
+from ..output.dataset import completed_in, dataset_images
 from ..output.folders import LOOPBACK_API, SANDBOX_API, api_identity, default_output_dir, read_folder, rehearsal_only
 from .decisions import DECISIONS, DecisionLog, input_group, read_decisions
 from .page import page
@@ -192,7 +192,7 @@ class ReviewServer:
         numbers: dict[str, int] = {}
         items: list[dict[str, Any]] = []
         with opened(self.output_dir) as folder:
-            for image in dataset_images(manifest.iter_jobs(), view.records, folder):
+            for image in dataset_images(manifest.jobs_through(completed_in(view.records)), view.records, folder):
                 job = image.job
                 number = numbers.get(job.key)
                 if number is None:
