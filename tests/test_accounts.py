@@ -346,6 +346,7 @@ def test_status_shows_jobs_spend_and_429s_per_account(tmp_path: Path, start_sand
 # -- an account's cap on jobs in flight -----------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_an_account_at_its_cap_is_asked_past_it_only_by_the_first_burst(
     tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:

@@ -173,6 +173,7 @@ async def test_the_library_takes_one_type_per_option(tmp_path: Path) -> None:
         RunOptions(sandbox={"seed": 1})  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["review", "export"])
 def test_after_a_rehearsal_a_plain_command_gives_the_whole_command_with_sandbox(tmp_path: Path, command: str) -> None:
     """Rehearsals are never noted in the ledger: the hint looks at the rehearsal's folder itself, and what it

@@ -230,6 +230,7 @@ def test_a_damaged_decisions_file_stops_only_the_run_that_replaces(tmp_path: Pat
     assert replacing.exit_code == 2 and "line 1 is damaged" in replacing.output
 
 
+@pytest.mark.slow
 def test_a_damaged_decisions_file_is_said_under_quiet_and_sent_replacements_stay_replacements(
     tmp_path: Path, start_sandbox
 ) -> None:

@@ -67,6 +67,7 @@ def test_after_a_rehearsal_every_plain_command_says_where_it_is_with_the_command
             assert again.exit_code == 0 and "rehearsal's is in" not in again.output, again.output
 
 
+@pytest.mark.slow
 def test_a_rehearsal_is_priced_as_the_sandbox_s_alike_in_every_view(runner: CliRunner, tmp_path: Path) -> None:
     """`plan --sandbox` called the sandbox's price "RunComfy's live price" and told a user with no token to give
     --api-base; the same sharded folder called it "RunComfy's playground page"."""
@@ -123,6 +124,7 @@ def test_a_loopback_rehearsal_never_asks_to_spend(tmp_path: Path, start_sandbox:
     assert process.returncode == 0, said
 
 
+@pytest.mark.slow
 async def test_time_at_the_prompt_is_not_counted_as_the_run_s(tmp_path: Path) -> None:
     """The wait at `Spend about $X? [y/N]` counted into "elapsed" and jobs/min."""
     manifest = load_manifest(many_jobs_manifest(tmp_path / "m.yaml", 1))

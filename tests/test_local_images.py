@@ -354,6 +354,7 @@ def test_the_sandbox_refuses_a_bad_data_uri_naming_the_field(start_sandbox: Star
 # -- the gallery -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_gallery_shows_a_local_image_as_a_thumbnail_inside_the_output_folder_or_outside(
     runner: CliRunner, tmp_path: Path
 ) -> None:

@@ -70,6 +70,7 @@ def test_a_rehearsal_then_the_real_run_pays_for_every_job(
     assert _categories(tmp_path / "output" / "m") == {"done": 4}
 
 
+@pytest.mark.slow
 def test_a_rehearsal_in_a_second_checkout_is_not_refused_for_the_first(runner: CliRunner, tmp_path: Path) -> None:
     """Found by a newcomer: the README's first command, in a second clone of the repository, was exit 2 ("would
     pay for them again") because the first clone's rehearsal was in the ledger. A rehearsal charges nothing."""

@@ -175,6 +175,7 @@ def test_a_receiver_that_drips_its_answer_cannot_hold_the_run_s_end(monkeypatch:
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.slow
 def test_the_url_also_comes_from_a_variable_or_a_file_out_of_sight(
     tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:

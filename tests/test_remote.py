@@ -300,6 +300,7 @@ def test_missing_credentials_are_exit_2(store: Store, tmp_path: Path, monkeypatc
     assert "no credentials" in result.output
 
 
+@pytest.mark.slow
 async def test_shards_from_slurm_variables_are_summed_by_status(
     store: Store, tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:
@@ -449,6 +450,7 @@ def _journal_writes(method: str, path: str, body: bytes) -> bool:
     return method == "POST" and path.startswith("/upload/") and b"journal/" in body[:4096]
 
 
+@pytest.mark.slow
 async def test_a_journal_write_whose_answer_was_lost_is_not_taken_for_another_machine(
     store: Store, tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:
@@ -466,6 +468,7 @@ async def test_a_journal_write_whose_answer_was_lost_is_not_taken_for_another_ma
     assert len(sandbox.sandbox.submits) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["503", "reset"])
 async def test_transient_upload_failures_are_tried_again_before_the_run_stops(
     store: Store, tmp_path: Path, start_sandbox: StartSandbox, kind: str
@@ -632,6 +635,7 @@ def _ledger(tmp_path: Path) -> str:
     return (tmp_path / ".state" / "batcher" / "ledger.jsonl").read_text()
 
 
+@pytest.mark.slow
 @_S3_ONLY
 async def test_a_local_run_after_a_bucket_run_of_the_same_manifest_does_not_pay_again(
     store: Store, tmp_path: Path, start_sandbox: StartSandbox
@@ -667,6 +671,7 @@ async def test_a_bucket_run_after_a_local_run_of_the_same_manifest_does_not_pay_
     assert not store.objects(), "refused before the bucket was written (no lease, no segment)"
 
 
+@pytest.mark.slow
 @_S3_ONLY
 async def test_a_run_to_another_bucket_prefix_does_not_pay_again(
     store: Store, tmp_path: Path, start_sandbox: StartSandbox
@@ -709,6 +714,7 @@ def test_the_cli_refuses_a_local_run_after_a_bucket_run_with_exit_2(
     assert len(sandbox.sandbox.submits) == 2
 
 
+@pytest.mark.slow
 def test_a_prefix_above_or_below_a_bucket_run_does_not_pay_again(
     store: Store, tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:
@@ -729,6 +735,7 @@ def test_a_prefix_above_or_below_a_bucket_run_does_not_pay_again(
     assert not store.objects("run/sub/") and set(store.objects()) == set(store.objects("run/")), "nothing written"
 
 
+@pytest.mark.slow
 @_S3_ONLY
 async def test_a_bucket_run_that_cannot_be_read_or_is_gone_is_refused_not_paid_again(
     store: Store, tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
@@ -915,6 +922,7 @@ def test_status_reads_many_shard_folders_at_once_on_one_client(
     assert "Connection pool is full" not in result.output
 
 
+@pytest.mark.slow
 def test_a_prefix_past_the_segment_or_byte_caps_is_refused_before_it_is_read(
     store: Store, tmp_path: Path, start_sandbox: StartSandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -104,6 +104,7 @@ def _headless(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=120, check=True)
 
 
+@pytest.mark.slow
 async def test_the_gallery_renders_in_a_real_browser(finished_run: Path, tmp_path: Path) -> None:
     _report(finished_run)
     page = (tmp_path / "output/night/index.html").as_uri()

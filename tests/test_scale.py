@@ -45,6 +45,7 @@ def test_shards_run_apart_and_status_sums_them(runner: CliRunner, tmp_path: Path
     assert f"{per_shard[1]} jobs" in one.output and "sandbox: would cost about $0.00" in one.output
 
 
+@pytest.mark.slow
 def test_shard_layouts_that_would_pay_twice_are_refused(runner: CliRunner, tmp_path: Path) -> None:
     path = many_jobs_manifest(tmp_path / "m.yaml", 6)
     assert runner.invoke(cli, ["run", str(path), "--shard", "1/2", *FAST]).exit_code == 0
