@@ -321,3 +321,23 @@ def test_a_pull_of_a_model_id_that_is_no_id_or_unknown_exits_2_and_writes_nothin
     code, out, err = _cli(runner, "schemas", "pull", "acme/none/text-to-image", "--sandbox", "--into", str(into))
     assert code == 2 and "does not know the model" in err and "request" not in err, (code, out, err)
     assert not into.exists()
+
+
+@pytest.mark.parametrize("price", [0, 5000])
+def test_a_catalog_price_of_zero_or_past_belief_pins_no_table(
+    price: float, runner: CliRunner, raw, monkeypatch
+) -> None:
+    """A pinned table of zeros would price every job at $0 (--max-cost could never stop the run); one past
+    MAX_PRICE is not believed either, as a run's live price is not. The schema is pinned, the price is not."""
+    entry = {
+        "model_id": VIDEO,
+        "base_price_usd": price,
+        "price_unit": "second",
+        "input_schema": {"type": "object", "properties": {"prompt": {"type": "string"}}},
+    }
+    server = raw(json.dumps(entry).encode())
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    code, _, err = _cli(runner, "schemas", "pull", VIDEO, "--api-base", server.url, "--into", "pinned")
+    assert code == 0, err
+    assert "is not believed" in err and "no table written" in err
+    assert list(Path("pinned").rglob("*.input.json")) and not list(Path("pinned").rglob("*.pricing.json"))

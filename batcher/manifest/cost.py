@@ -30,7 +30,18 @@ from typing import Any
 from .job import Job
 from .schema import bundled_schema_dir
 
-__all__ = ["PRICES_ENV", "PriceTable", "estimate", "forget_price_tables", "load_price_table"]
+__all__ = [
+    "MAX_PRICE",
+    "PRICES_ENV",
+    "PriceTable",
+    "estimate",
+    "forget_price_tables",
+    "load_price_table",
+    "scaled_prices",
+]
+
+MAX_PRICE = 1000.0
+"""A live price above this many dollars a unit is not believed (kept out of every estimate and every pinned table)."""
 
 PRICES_ENV = "BATCHER_PRICES"
 
@@ -120,3 +131,13 @@ def _find(model_id: str, directories: tuple[Path, ...], override: str | None) ->
         if path.is_file():
             return _load(path)
     return None
+
+
+def scaled_prices(prices: object, factor: float) -> object:
+    """A price table's nested prices, each times factor: a bundled table's ratios between settings, set to the
+    level of a live price."""
+    if isinstance(prices, dict):
+        return {key: scaled_prices(value, factor) for key, value in prices.items()}
+    if isinstance(prices, int | float) and not isinstance(prices, bool):
+        return round(float(prices) * factor, 6)
+    return prices

@@ -34,7 +34,7 @@ import httpx2
 
 from ..confined import write_atomically
 from ..errors import ApiError, AuthError, BatcherError, OutputFolderError, UsageError
-from ..manifest.cost import PriceTable, forget_price_tables, load_price_table
+from ..manifest.cost import MAX_PRICE, PriceTable, forget_price_tables, load_price_table, scaled_prices
 from ..manifest.schema import load_model_schema
 from ..net.policy import is_loopback_host, scheme_refusal
 from ..printable import printable
@@ -59,8 +59,6 @@ DEFAULT_BALANCE_BASE = "https://api.runcomfy.net/prod/v2"
 LIVE_PRICES = ".prices"
 """The folder, inside the output folder, holding the live price tables a run fetched."""
 _TIMEOUT = httpx2.Timeout(5.0, connect=5.0)
-_MAX_PRICE = 1000.0
-"""A live price above this many dollars an output is not believed (kept out of every estimate)."""
 
 
 def price_dirs(output_dir: Path, schema_dirs: Sequence[Path]) -> tuple[Path, ...]:
@@ -236,7 +234,7 @@ async def _live_price(
         where = f"the bundled table ({table.source}, as of {table.as_of})" if table else "no price table"
         return f"{model}: RunComfy's live price could not be read; using {where}"
     live = info.get("base_price_usd")
-    if not isinstance(live, int | float) or isinstance(live, bool) or not 0 < live <= _MAX_PRICE:
+    if not isinstance(live, int | float) or isinstance(live, bool) or not 0 < live <= MAX_PRICE:
         return f"{model}: RunComfy gave no usable live price; using the bundled table"
     # Server text, shown on a terminal and kept in a file that is shown again: made printable, short.
     unit = printable(info.get("price_unit") or "output", 40)
@@ -256,7 +254,7 @@ async def _live_price(
     scaled = {
         "model": model,
         "keys": list(table.keys),
-        "prices": _scaled(table.prices, factor),
+        "prices": scaled_prices(table.prices, factor),
         **({"per": table.per} if table.per else {}),
         "unit": unit,
         "note": note or table.note,
@@ -287,11 +285,3 @@ def _default_price(model: str, table: PriceTable | None, schema_dirs: Sequence[P
     except BatcherError:
         return None
     return table.rate(schema.with_defaults({}))
-
-
-def _scaled(prices: object, factor: float) -> object:
-    if isinstance(prices, dict):
-        return {key: _scaled(value, factor) for key, value in prices.items()}
-    if isinstance(prices, int | float) and not isinstance(prices, bool):
-        return round(float(prices) * factor, 6)
-    return prices

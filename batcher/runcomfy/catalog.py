@@ -38,7 +38,7 @@ import httpx2
 import jsonschema
 
 from ..errors import ApiError, CatalogError, RateLimitedError, TransientApiError, UnreachableError
-from ..manifest.cost import forget_price_tables, load_price_table
+from ..manifest.cost import MAX_PRICE, forget_price_tables, load_price_table, scaled_prices
 from ..manifest.schema import ModelSchema
 from ..net.retrying import RetryPolicy
 from ..printable import printable
@@ -259,14 +259,6 @@ def _dumped(value: object) -> bytes:
     return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
 
 
-def _scaled(prices: object, factor: float) -> object:
-    if isinstance(prices, dict):
-        return {key: _scaled(value, factor) for key, value in prices.items()}
-    if isinstance(prices, int | float) and not isinstance(prices, bool):
-        return round(float(prices) * factor, 6)
-    return prices
-
-
 @dataclass(frozen=True, slots=True)
 class Pinned:
     """What `pin` wrote, and what it could not say."""
@@ -297,6 +289,11 @@ def pin(entry: CatalogEntry, folder: Path, source_url: str, *, source: str, sche
     pricing: dict[str, Any] | None = None
     if entry.price is None:
         said.append("the catalog states no price for it: plan and the spend prompt will show '?'")
+    elif not 0 < entry.price <= MAX_PRICE:
+        # A table of zeros would price every job at $0, and --max-cost could never stop a run: not believed.
+        said.append(
+            f"its catalog price ${entry.price:g} is not believed (not above $0, at most ${MAX_PRICE:g}): no table written"
+        )
     elif entry.price_unit not in ("output", "second", ""):
         said.append(
             f"its price is per {entry.price_unit!r}, a unit batcher cannot turn into a job's price: no table written"
@@ -322,7 +319,7 @@ def pin(entry: CatalogEntry, folder: Path, source_url: str, *, source: str, sche
         if known is not None and rate:
             pricing.update(
                 keys=list(known.keys),
-                prices=_scaled(known.prices, entry.price / rate),
+                prices=scaled_prices(known.prices, entry.price / rate),
                 source=f"{where}, with the ratios between settings of {known.source}",
                 **({"per": known.per} if known.per else {}),
             )
