@@ -31,6 +31,7 @@ from batcher.engine.runner import RunPlan
 from batcher.journal.store import JOURNAL_NAME
 from batcher.net.retrying import RetryPolicy
 from batcher.runcomfy.backpressure import AccountCap
+from batcher.runcomfy.polling import DurationModel
 from batcher.runcomfy.tokens import FINGERPRINT_KEY, fingerprint, read_token_file, tokens_from_env
 
 from .conftest import fast_options, many_jobs_manifest
@@ -347,15 +348,55 @@ def test_status_shows_jobs_spend_and_429s_per_account(tmp_path: Path, start_sand
 
 
 @pytest.mark.slow
-async def test_an_account_at_its_cap_is_asked_past_it_only_by_the_first_burst(
+def _in_flight_when_sent(folder: Path) -> list[tuple[int, str]]:
+    """For each submit in the journal, in order: how many jobs this run had in flight at RunComfy as it
+    was sent (accepted and not yet seen to end, or sent and not yet answered), and its answer."""
+    held, sending, sent = 0, set(), []
+    fate: dict[str, list[str]] = {}
+    for event in _events(folder):
+        kind, key = event["e"], event.get("job")
+        if kind == "submitting":
+            sent.append((held + len(sending), key))
+            sending.add(key)
+        elif kind in ("submitted", "deferred"):
+            sending.discard(key)
+            held += kind == "submitted"
+            fate.setdefault(key, []).append(kind)
+        elif kind in ("completed", "failed", "cancelled"):
+            held -= 1
+    answers = {key: iter(fates) for key, fates in fate.items()}
+    return [(count, next(answers[key])) for count, key in sent]
+
+
+async def test_an_account_at_its_cap_is_asked_past_it_by_the_first_burst_then_only_by_probes(
     tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:
-    """The first burst meets the cap; from then on the run keeps what RunComfy holds and sends no
-    submit it would refuse (the old client retried each refused one and learned nothing meanwhile)."""
+    """The first burst meets the cap; from then on the run keeps what RunComfy holds, and a submit it
+    may refuse goes only as the probe at the cap (the account full, one at a time): the old client
+    retried each refused one and learned nothing meanwhile. (Before probes this asserted no 429 past the
+    burst at all; a probe is refused for certain, so it costs a request, never money.)"""
     sandbox = start_sandbox(accounts=(ALICE,), max_in_flight=2, retry_after=0.01, run_delay=0.3)
     summary = await _run(many_jobs_manifest(tmp_path / "m.yaml", 10), sandbox, (ALICE,), concurrency=8)
     assert summary.done == 10
-    assert 0 < sandbox.sandbox.account_refusals <= 8 - 2
+    assert sandbox.sandbox.account_refusals > 0
+    after_burst = _in_flight_when_sent(Path("out"))[8:]
+    refused = sum(fate == "deferred" for _, fate in after_burst)
+    assert refused <= 10, after_burst  # fewer than one a job: polls here see jobs end soon, so probes grow rare
+    assert len(sandbox.sandbox.submits) == 10  # and each job paid once
+
+
+async def test_at_the_cap_a_probe_fills_a_slot_before_a_poll_sees_the_job_end(
+    tmp_path: Path, start_sandbox: StartSandbox
+) -> None:
+    """Polls that notice a job's end late (here 0.6 s after jobs of 0.2 s) leave the account's slot idle
+    until then, unless a probe takes it: some job is accepted while this run still counts the cap full."""
+    sandbox = start_sandbox(accounts=(ALICE,), max_in_flight=2, retry_after=0.01, run_delay=0.2)
+    manifest = many_jobs_manifest(tmp_path / "m.yaml", 12)
+    summary = await _run(manifest, sandbox, (ALICE,), concurrency=6, poll_interval=0.6, poll_max=0.6)
+    assert summary.done == 12
+    sent = _in_flight_when_sent(Path("out"))
+    assert any(in_flight >= 2 and fate == "submitted" for in_flight, fate in sent), sent
+    assert len(sandbox.sandbox.submits) == 12
 
 
 def test_a_burst_that_meets_the_cap_learns_what_runcomfy_holds() -> None:
@@ -369,6 +410,80 @@ def test_a_burst_that_meets_the_cap_learns_what_runcomfy_holds() -> None:
     for _ in range(3):
         cap.accepted()  # answers that crossed the 429s: RunComfy holds four, so it allows four
     assert (cap.limit, cap.held, cap.sending, cap.room) == (4, 4, 0, 0)
+
+
+def _learned(*durations: float) -> DurationModel:
+    model = DurationModel()
+    for seconds in durations:
+        model.add(seconds)
+    return model
+
+
+def test_a_probe_waits_until_the_held_jobs_have_likely_left_and_a_taken_one_does_not_raise_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    durations = _learned(10, 10, 10, 10, 10, 10)  # every job takes 10 s
+    cap = AccountCap(8)
+    for _ in range(4):
+        cap.take()
+        cap.accepted()  # four jobs accepted at 1000
+    assert cap.probe_at(durations) is None  # no cap met yet
+    cap.take()
+    cap.refused(retry_after=1.0)
+    assert (cap.limit, cap.room) == (4, 0)
+    assert cap.probe_at(None) is None  # nothing learned of how long jobs take
+    assert cap.probe_at(_learned(10, 10)) is None  # too little learned
+    # Jobs of 10 s accepted at 1000 cannot have left before 1010: the probe waits until then, not the
+    # 429's Retry-After (1001): a run whose jobs all started together does not probe before they can end.
+    assert cap.probe_at(durations) == pytest.approx(1010.0, abs=0.01)
+    clock[0] = 1010.0
+    cap.take(probe=True)
+    assert cap.probe_at(durations) is None  # one probe at a time
+    cap.accepted()  # taken: a held job left unseen; the cap is what it was
+    assert (cap.limit, cap.held, cap.room) == (4, 5, -1)
+    cap.release(1000.0)  # the poll sees that job end: no room, the probe already used its slot
+    assert (cap.limit, cap.room) == (4, 0)
+    # The three left from 1000 are past every duration learned: they count at the mean's rate, so the
+    # next probe is due soon, never before a 429's Retry-After.
+    due = cap.probe_at(durations)
+    assert due is not None and 1010.0 < due <= 1015.0
+    cap.take(probe=True)
+    assert cap.refused(retry_after=30.0) is True  # refused: the job waits for room again, no backoff
+    assert cap.probe_at(durations) == pytest.approx(1040.0)
+
+
+def test_probes_refused_in_a_row_grow_rare(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An account full of jobs this run cannot see refuses every probe: past four in a row each next
+    one waits 1.5x longer (up to most_quiet); a taken one sets the pace back."""
+    clock = [1000.0]
+    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    durations = _learned(*range(1, 21))  # 1..20 s
+    cap = AccountCap(8, most_quiet=60.0)
+    for _ in range(3):
+        cap.take()
+        cap.accepted()
+    clock[0] += 30.0  # every held job is older than any learned: each counts at the mean's rate
+    cap.take()
+    cap.refused()
+    waits = []
+    for _ in range(16):
+        due = cap.probe_at(durations)
+        assert due is not None
+        waits.append(round(due - clock[0], 3))
+        clock[0] = due
+        cap.take(probe=True)
+        assert cap.refused() is True
+    first = waits[0]
+    assert first == pytest.approx(0.25 * 10.5 / 3, rel=0.01)  # three jobs at 1/10.5 s each: a quarter slot
+    assert waits[1:5] == pytest.approx([first] * 4, rel=0.01)
+    assert waits[5:8] == pytest.approx([first * 1.5, first * 2.25, first * 3.375], rel=0.01)
+    assert max(waits) <= 60.0 and waits[-1] == pytest.approx(60.0)
+    assert cap.probe.sent == cap.probe.refused == 16
+    cap.take(probe=True)
+    cap.accepted()
+    assert cap.probe_at(durations) == pytest.approx(clock[0] + first, rel=0.01)
 
 
 def test_a_cap_that_stays_is_asked_past_less_and_less_often(monkeypatch: pytest.MonkeyPatch) -> None:

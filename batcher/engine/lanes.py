@@ -21,6 +21,8 @@ run halt.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from ..runcomfy.refusals import TOKEN_ENV
 from ..runcomfy.tokens import fingerprint
 
 if TYPE_CHECKING:
+    from ..runcomfy.polling import DurationModel
     from .endpoint import Endpoint
     from .options import RunOptions
 
@@ -75,6 +78,9 @@ class AccountPool:
         self._by_account = {lane.account: lane for lane in self.lanes}
         self._changed = anyio.Event()
         self._stand_in = len(self.lanes) == 1
+        self.durations: DurationModel | None = None
+        """How long the run's jobs take (the run's poll timing shares it): when a full account's jobs
+        have likely left unseen, for its probe."""
 
     def recorded(self, accounts: set[str]) -> None:
         """Tell the pool which accounts the journal names. With one token and a journal naming one account
@@ -93,7 +99,8 @@ class AccountPool:
     async def acquire(self) -> Lane:
         """Wait until some account has room for one more job in flight, count it there, and return its lane.
 
-        The lane with the most room left (relative to its learned cap) wins, the first token on a tie,
+        When every account is full at a cap it met, one submit at a time goes as a probe
+        (`AccountCap.probe_at`). The lane with the most room left (relative to its learned cap) wins, the first token on a tie,
         so a fresh run fills accounts evenly and an account that is 429ing gets fewer. An account that
         answered 429 within its quiet spell comes after every other with room: full with jobs this run
         does not hold (another machine's), its room says 1 of 1, and a retried submit would go back to
@@ -111,8 +118,17 @@ class AccountPool:
                 lane = max(free, key=lambda ln: (not ln.cap.cooling, ln.cap.room / ln.cap.limit))
                 lane.cap.take()
                 return lane
+            # Every account is full: the first whose probe is due takes this submit past its cap
+            # (`batcher.runcomfy.backpressure`); else wait for room or the next probe.
+            probes = [(at, i) for i, lane in enumerate(usable) if (at := lane.cap.probe_at(self.durations)) is not None]
+            due, first = min(probes, default=(math.inf, 0))
+            if due <= time.time():
+                lane = usable[first]
+                lane.cap.take(probe=True)
+                return lane
             changed = self._changed
-            await changed.wait()
+            with anyio.move_on_after(due - time.time()):
+                await changed.wait()
 
     @property
     def revoked(self) -> list[Lane]:
@@ -127,28 +143,30 @@ class AccountPool:
         self._notify()
         return all(other.refused is not None for other in self.lanes)
 
-    def adopt(self, lane: Lane) -> None:
-        """Count a job an earlier run submitted through lane (in flight whatever its limit says)."""
-        lane.cap.adopt()
+    def adopt(self, lane: Lane, at: float | None = None) -> None:
+        """Count a job an earlier run submitted through lane, accepted at `at` (in flight whatever its limit says)."""
+        lane.cap.adopt(at)
 
     def accepted(self, lane: Lane) -> None:
         """RunComfy took the submit counted on lane: held there until `release`."""
         lane.cap.accepted()
         self._notify()
 
-    def refused(self, lane: Lane) -> None:
-        """The submit counted on lane was answered 429: that account's cap comes down to what it holds."""
-        lane.cap.refused()
+    def refused(self, lane: Lane, retry_after: float | None = None) -> bool:
+        """The submit counted on lane was answered 429: that account's cap comes down to what it holds.
+        True when it was the account's probe (`acquire`): its job waits in `acquire` again, no backoff."""
+        probe = lane.cap.refused(retry_after)
         self._notify()
+        return probe
 
     def unsent(self, lane: Lane) -> None:
         """The submit counted on lane was not accepted (or is held uncertain): its room is free again."""
         lane.cap.unsent()
         self._notify()
 
-    def release(self, lane: Lane) -> None:
-        """A job held on lane left RunComfy: room for another, anywhere."""
-        lane.cap.release()
+    def release(self, lane: Lane, at: float | None = None) -> None:
+        """A job held on lane (accepted at `at`) left RunComfy: room for another, anywhere."""
+        lane.cap.release(at)
         self._notify()
 
     def _notify(self) -> None:

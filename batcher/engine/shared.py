@@ -65,8 +65,8 @@ class RunShared:
         """Where prices are looked up: the live tables a run fetched first (see `batcher.runcomfy.account`)."""
         self.sidecars: list[tuple[Job, JobRecord]] = []
         """Sidecars waiting to be written, by `batcher.engine.finish.flush_sidecars`."""
-        self.durations = DurationModel()
-        """How long this manifest's jobs take, to time polls."""
+        self.durations = accounts.durations = DurationModel()
+        """How long this manifest's jobs take, to time polls (and a full account's probe: see `lanes`)."""
         self.progress = RunProgress(total=len(self.jobs))
         self.stopping = RunStop(self.progress)
         """The run's reasons to stop, written by the loop and the steps alike."""

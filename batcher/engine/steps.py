@@ -115,7 +115,7 @@ class JobSteps(RunShared):
             if lane.refused is not None:
                 self.progress.set(job.key, "held")  # its account's token was refused: the next run polls it
                 return
-            self.accounts.adopt(lane)
+            self.accounts.adopt(lane, self.records[job.key].submitted_at)
         try:
             record = self.records[job.key]
             if record.phase == "submitted" and lane is not None:
@@ -126,7 +126,7 @@ class JobSteps(RunShared):
                     self.progress.set(job.key, "held")
         finally:
             if lane is not None:
-                self.accounts.release(lane)
+                self.accounts.release(lane, self.records[job.key].submitted_at)
         if self.records[job.key].phase == "completed":
             with stopping.wait_scope():
                 await download(self, job)

@@ -165,7 +165,8 @@ async def _not_taken(
         return None
     if isinstance(exc, RateLimitedError):
         # "Not now": an account at its cap of jobs in flight answers 429; fewer in flight there, then again.
-        _deferred(run, job, lane, exc)
+        if _deferred(run, job, lane, exc):
+            return 0.0  # the probe at the cap: the account's room, not this job's streak, says when
         tries.refusals += 1
         return retry.backoff(tries.refusals - 1, exc.retry_after)
     if isinstance(exc, TransientApiError):
@@ -220,16 +221,19 @@ def _accepted(run: RunShared, job: Job, lane: Lane, submission: Submission) -> L
     return lane
 
 
-def _deferred(run: RunShared, job: Job, lane: Lane, exc: TransientApiError) -> None:
+def _deferred(run: RunShared, job: Job, lane: Lane, exc: TransientApiError) -> bool:
     """A submit certainly not accepted, to be sent again: journalled as such (a 429 counted against
-    its account, whose cap comes down), its room given back while it waits."""
+    its account, whose cap comes down), its room given back while it waits. True when it was the
+    account's probe at its cap."""
+    probe = False
     if isinstance(exc, RateLimitedError) and exc.throttled:
         run.record(job, "deferred", reason=str(exc), account=lane.account, throttled=exc.throttled)
-        run.accounts.refused(lane)
+        probe = run.accounts.refused(lane, exc.retry_after)
     else:
         run.record(job, "deferred", reason=str(exc), account=lane.account)
         run.accounts.unsent(lane)
     run.progress.set(job.key, "pending")
+    return probe
 
 
 def _refused(

@@ -11,6 +11,9 @@ Two answers from RunComfy mean "not now", never "not this run":
   cap again if it was lifted. Such a 429 is the account's cap speaking, not
   its request rate: it does not slow the run's other calls (see
   `batcher.runcomfy.pacing`).
+- **A probe at the cap.** While the account is full at a cap it met, one
+  waiting submit may go anyway, when its jobs have likely left unseen
+  (`batcher.runcomfy.probing`): a slot is refilled before a poll sees it free.
 - **No connection at all.** `Outage` pauses every call while RunComfy
   cannot be reached: one task probes it with capped, jittered backoff, the
   others wait; past the patience the run ends (exit 1), and every job never
@@ -23,8 +26,14 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import anyio
+
+from .probing import Probe
+
+if TYPE_CHECKING:
+    from .polling import DurationModel
 
 __all__ = ["AccountCap", "Outage"]
 
@@ -50,6 +59,8 @@ class AccountCap:
         (up to most_quiet), so an account run at its cap is asked past it less and less often."""
         self._refused_at = -math.inf
         self._raised = False
+        self.probe = Probe(most_quiet=most_quiet)
+        """Submits sent past the cap while it is full (see `batcher.runcomfy.probing`)."""
 
     @property
     def in_flight(self) -> int:
@@ -66,19 +77,35 @@ class AccountCap:
         see (another machine's), whatever its room says."""
         return time.monotonic() - self._refused_at < self.quiet
 
-    def take(self) -> None:
-        """Count one more submit about to be sent."""
+    def take(self, *, probe: bool = False) -> None:
+        """Count one more submit about to be sent (probe: sent past a full cap, see `probe_at`)."""
         self.sending += 1
+        if probe:
+            self.probe.went()
 
-    def adopt(self) -> None:
-        """Count a job an earlier run submitted (it is in flight whatever the limit says)."""
+    def probe_at(self, durations: DurationModel | None) -> float | None:
+        """When (time.time) a waiting submit may go past this account as a probe; None while it has met
+        no cap or is not full, while too little is learned of how long jobs take, or while one is out."""
+        if self.refusals == 0 or self.in_flight < self.limit:
+            return None
+        return self.probe.due(durations)
+
+    def adopt(self, at: float | None = None) -> None:
+        """Count a job an earlier run submitted (at: when it was accepted) (in flight whatever the limit says)."""
         self.held += 1
+        self.probe.held(at)
 
     def accepted(self) -> None:
         """A counted submit was taken. RunComfy holds this many at once, so its cap is at least that:
         an acceptance whose answer crossed a 429's lifts a limit that 429 set too low."""
         self.sending = max(0, self.sending - 1)
         self.held += 1
+        self.probe.held()
+        if self.probe.out and self.held > self.limit:
+            # The probe was taken: a job this run still counts as held has left RunComfy unseen. The
+            # cap is what it was; the next poll of that job gives its slot back to the count.
+            self.probe.taken()
+            return
         if self.held >= self.limit and self._raised:
             self._raised, self.quiet = False, self.recover_after  # the raised limit is reached: RunComfy allows it
         self.limit = min(self.ceiling, max(self.limit, self.held))
@@ -86,9 +113,13 @@ class AccountCap:
     def unsent(self) -> None:
         """A counted submit was not accepted (or its fate is unknown and this run will not poll it)."""
         self.sending = max(0, self.sending - 1)
+        if self.sending == 0:
+            self.probe.gone()  # whichever submit was the probe, none is out now
 
-    def refused(self) -> None:
-        """A counted submit was answered 429: keep no more in flight than RunComfy holds now.
+    def refused(self, retry_after: float | None = None) -> bool:
+        """A counted submit was answered 429 (retry_after: the seconds it asked for): keep no more in
+        flight than RunComfy holds now. True when it was the probe: its job waits for the account's
+        room (or the next probe) again, not a backoff of its own.
 
         The jobs it holds are what this run counts as held: submits still
         being sent are not, else the burst that met the cap would set it.
@@ -99,14 +130,18 @@ class AccountCap:
         if self._raised:
             self._raised, self.quiet = False, min(self.most_quiet, self.quiet * 2)
         self.limit = max(1, min(self.limit, self.held))
+        was_probe = self.probe.out
+        self.probe.full(retry_after)
+        return was_probe
 
-    def release(self) -> None:
+    def release(self, at: float | None = None) -> None:
         """A held job left RunComfy. When the account was full at its limit and no 429 came for a quiet
         spell, the limit goes up by one (up to the ceiling), one step at a time: the next step waits until
         RunComfy took a job at this one. So the run finds the cap again if it was lifted, and meets a
-        cap that stays with one 429 a spell."""
+        cap that stays with one 429 a spell. at: when the job was accepted (None: not known)."""
         full = self.held >= self.limit
         self.held = max(0, self.held - 1)
+        self.probe.left(at)
         quiet = time.monotonic() - self._refused_at >= self.quiet
         if full and quiet and self.limit < self.ceiling and not self._raised:
             self.limit += 1

@@ -61,6 +61,10 @@ class DurationModel:
         self._recent.append(seconds)
         bisect.insort(self._sorted, seconds)
 
+    def sorted_durations(self) -> list[float]:
+        """The durations kept, shortest first (the model's own list: read it, do not change it)."""
+        return self._sorted
+
     @property
     def earliest(self) -> float:
         """Before this age (the fastest jobs seen, less a margin) no job is expected to finish; 0 while unknown."""
