@@ -337,7 +337,7 @@ class _Unlearned(DurationModel):
 
 
 def bench_polls(args: argparse.Namespace) -> None:
-    import batcher.engine.runner
+    import batcher.engine.shared
 
     scale = args.scale
     print(
@@ -354,7 +354,7 @@ def bench_polls(args: argparse.Namespace) -> None:
     }
     learning = DurationModel
     for name, (poll_min, poll_max, learn) in policies.items():
-        batcher.engine.runner.DurationModel = learning if learn else _Unlearned  # type: ignore[misc, assignment]
+        batcher.engine.shared.DurationModel = learning if learn else _Unlearned  # type: ignore[misc, assignment]
         with SandboxProcess(*flags) as sandbox, tempfile.TemporaryDirectory() as tmp:
             manifest = load_manifest(write_manifest(Path(tmp) / "polls.yaml", args.poll_jobs))
             options = RunOptions(
@@ -382,7 +382,7 @@ def bench_polls(args: argparse.Namespace) -> None:
                 f"| {name} | {per_job:.1f} | {statistics.mean(delays) * scale:.2f} s (unscaled) | "
                 f"{statistics.mean(ratios) * 100:.1f}% |"
             )
-    batcher.engine.runner.DurationModel = learning  # type: ignore[misc]
+    batcher.engine.shared.DurationModel = learning  # type: ignore[misc]
 
 
 # -- cap -------------------------------------------------------------------------------------
