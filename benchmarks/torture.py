@@ -57,6 +57,9 @@ class TortureReport:
 def _run(manifest: Path, url: str, out: Path, *flags: str) -> subprocess.Popen[bytes]:
     # Checkpoints for every journal, however small: each kill then resumes from one plus a tail.
     env = {**os.environ, "RUNCOMFY_API_TOKEN": TOKEN, "BATCHER_CHECKPOINT_MIN_BYTES": "0"}
+    # A ledger of its own: the user's would refuse the second torture run on this machine (the same
+    # jobs, already submitted from the last run's folder), and this run must not enter the user's.
+    env["XDG_STATE_HOME"] = str(out.parent / ".state")
     command = [sys.executable, "-m", "batcher", "run", str(manifest), "--api-base", url, "--output", str(out)]
     command += ["--poll-interval", "0.1", "--poll-max", "0.5", "--read-timeout", "1", "-v", *flags]
     with (out.parent / "runs.log").open("ab") as log:  # the child keeps its own copy of the descriptor
