@@ -454,6 +454,24 @@ def test_a_probe_waits_until_the_held_jobs_have_likely_left_and_a_taken_one_does
     assert cap.probe_at(durations) == pytest.approx(1040.0)
 
 
+def test_a_probe_taken_into_a_slot_seen_free_meanwhile_leaves_none_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    durations = _learned(10, 10, 10, 10, 10)
+    cap = AccountCap(8)
+    for _ in range(2):
+        cap.take()
+        cap.accepted()
+    cap.take()
+    cap.refused()
+    clock[0] = 1011.0
+    cap.take(probe=True)
+    cap.release(1000.0)  # a poll sees a job end while the probe is on its way
+    cap.accepted()  # the probe, into that slot
+    assert (cap.held, cap.limit, cap.probe.out) == (2, 2, False)
+    assert cap.probe_at(durations) is not None  # the next probe can go when due
+
+
 def test_probes_refused_in_a_row_grow_rare(monkeypatch: pytest.MonkeyPatch) -> None:
     """An account full of jobs this run cannot see refuses every probe: past four in a row each next
     one waits 1.5x longer (up to most_quiet); a taken one sets the pace back."""

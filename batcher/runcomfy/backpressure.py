@@ -106,6 +106,8 @@ class AccountCap:
             # cap is what it was; the next poll of that job gives its slot back to the count.
             self.probe.taken()
             return
+        if self.probe.out and self.sending == 0:
+            self.probe.gone()  # the probe was taken into a slot seen free meanwhile: an acceptance as any
         if self.held >= self.limit and self._raised:
             self._raised, self.quiet = False, self.recover_after  # the raised limit is reached: RunComfy allows it
         self.limit = min(self.ceiling, max(self.limit, self.held))
