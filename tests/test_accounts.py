@@ -347,7 +347,6 @@ def test_status_shows_jobs_spend_and_429s_per_account(tmp_path: Path, start_sand
 # -- an account's cap on jobs in flight -----------------------------------------------------------
 
 
-@pytest.mark.slow
 def _in_flight_when_sent(folder: Path) -> list[tuple[int, str]]:
     """For each submit in the journal, in order: how many jobs this run had in flight at RunComfy as it
     was sent (accepted and not yet seen to end, or sent and not yet answered), and its answer."""
@@ -368,6 +367,7 @@ def _in_flight_when_sent(folder: Path) -> list[tuple[int, str]]:
     return [(count, next(answers[key])) for count, key in sent]
 
 
+@pytest.mark.slow
 async def test_an_account_at_its_cap_is_asked_past_it_by_the_first_burst_then_only_by_probes(
     tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:
@@ -385,6 +385,7 @@ async def test_an_account_at_its_cap_is_asked_past_it_by_the_first_burst_then_on
     assert len(sandbox.sandbox.submits) == 10  # and each job paid once
 
 
+@pytest.mark.slow
 async def test_at_the_cap_a_probe_fills_a_slot_before_a_poll_sees_the_job_end(
     tmp_path: Path, start_sandbox: StartSandbox
 ) -> None:
@@ -439,9 +440,9 @@ def test_a_probe_waits_until_the_held_jobs_have_likely_left_and_a_taken_one_does
     # 429's Retry-After (1001): a run whose jobs all started together does not probe before they can end.
     assert cap.probe_at(durations) == pytest.approx(1010.0, abs=0.01)
     clock[0] = 1010.0
-    cap.take(probe=True)
+    cap.take(probe_for="p1")
     assert cap.probe_at(durations) is None  # one probe at a time
-    cap.accepted()  # taken: a held job left unseen; the cap is what it was
+    cap.accepted("p1")  # taken: a held job left unseen; the cap is what it was
     assert (cap.limit, cap.held, cap.room) == (4, 5, -1)
     cap.release(1000.0)  # the poll sees that job end: no room, the probe already used its slot
     assert (cap.limit, cap.room) == (4, 0)
@@ -449,8 +450,8 @@ def test_a_probe_waits_until_the_held_jobs_have_likely_left_and_a_taken_one_does
     # next probe is due soon, never before a 429's Retry-After.
     due = cap.probe_at(durations)
     assert due is not None and 1010.0 < due <= 1015.0
-    cap.take(probe=True)
-    assert cap.refused(retry_after=30.0) is True  # refused: the job waits for room again, no backoff
+    cap.take(probe_for="p2")
+    assert cap.refused("p2", retry_after=30.0) is True  # refused: the job waits for room again, no backoff
     assert cap.probe_at(durations) == pytest.approx(1040.0)
 
 
@@ -465,16 +466,77 @@ def test_a_probe_taken_into_a_slot_seen_free_meanwhile_leaves_none_out(monkeypat
     cap.take()
     cap.refused()
     clock[0] = 1011.0
-    cap.take(probe=True)
+    cap.take(probe_for="p")
     cap.release(1000.0)  # a poll sees a job end while the probe is on its way
-    cap.accepted()  # the probe, into that slot
+    cap.accepted("p")  # the probe, into that slot
     assert (cap.held, cap.limit, cap.probe.out) == (2, 2, False)
     assert cap.probe_at(durations) is not None  # the next probe can go when due
 
 
+def test_an_uncertain_probe_makes_the_next_wait_as_a_refused_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service answering 502s must not be probed at line rate, each probe held uncertain."""
+    clock = [1000.0]
+    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    durations = _learned(10, 10, 10, 10, 10, 10)
+    cap = AccountCap(8)
+    for _ in range(4):
+        cap.take()
+        cap.accepted()
+    cap.take()
+    cap.refused(retry_after=5.0)
+    clock[0] = 1011.0
+    due = cap.probe_at(durations)
+    assert due is not None and due <= clock[0]
+    cap.take(probe_for="p")
+    clock[0] += 0.05
+    cap.unsent("p")  # answered 502: held uncertain, never polled
+    due = cap.probe_at(durations)
+    assert due is not None and due > clock[0]
+
+
+def test_an_account_refilled_long_after_its_last_429_does_not_probe_jobs_just_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    durations = _learned(10, 10, 10, 10, 10, 10)
+    cap = AccountCap(8)
+    for _ in range(4):
+        cap.take()
+        cap.accepted()
+    cap.take()
+    cap.refused(retry_after=30.0)
+    clock[0] = 1300.0
+    for _ in range(4):
+        cap.release(1000.0)
+    for _ in range(4):
+        cap.take()
+        cap.accepted()  # refilled at 1300 by plain submits, no 429 since
+    due = cap.probe_at(durations)
+    assert due is not None and due >= 1310.0
+
+
+def test_a_plain_submits_429_is_not_taken_for_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    cap = AccountCap(8)
+    for _ in range(2):
+        cap.take()
+        cap.accepted()
+    cap.take()
+    cap.refused()
+    clock[0] = 1100.0
+    cap.release(1000.0)
+    cap.take()  # a plain submit R
+    cap.take(probe_for="p")  # the probe P, R not answered yet
+    assert cap.refused("r") is False  # R's 429: R backs off as any, the probe is still out
+    assert cap.probe.out_for == "p"
+    assert cap.refused("p") is True
+
+
 def test_probes_refused_in_a_row_grow_rare(monkeypatch: pytest.MonkeyPatch) -> None:
     """An account full of jobs this run cannot see refuses every probe: past four in a row each next
-    one waits 1.5x longer (up to most_quiet); a taken one sets the pace back."""
+    one waits 1.5x longer (at most most_quiet more); a taken one sets the pace back."""
     clock = [1000.0]
     monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
     durations = _learned(*range(1, 21))  # 1..20 s
@@ -491,16 +553,16 @@ def test_probes_refused_in_a_row_grow_rare(monkeypatch: pytest.MonkeyPatch) -> N
         assert due is not None
         waits.append(round(due - clock[0], 3))
         clock[0] = due
-        cap.take(probe=True)
-        assert cap.refused() is True
+        cap.take(probe_for="p")
+        assert cap.refused("p") is True
     first = waits[0]
     assert first == pytest.approx(0.25 * 10.5 / 3, rel=0.01)  # three jobs at 1/10.5 s each: a quarter slot
     assert waits[1:5] == pytest.approx([first] * 4, rel=0.01)
     assert waits[5:8] == pytest.approx([first * 1.5, first * 2.25, first * 3.375], rel=0.01)
-    assert max(waits) <= 60.0 and waits[-1] == pytest.approx(60.0)
+    assert max(waits) <= first + 60.0 and waits[-1] == pytest.approx(first + 60.0)
     assert cap.probe.sent == cap.probe.refused == 16
-    cap.take(probe=True)
-    cap.accepted()
+    cap.take(probe_for="p")
+    cap.accepted("p")
     assert cap.probe_at(durations) == pytest.approx(clock[0] + first, rel=0.01)
 
 

@@ -96,16 +96,16 @@ class AccountPool:
             return self.primary
         return found
 
-    async def acquire(self) -> Lane:
+    async def acquire(self, key: str | None = None) -> Lane:
         """Wait until some account has room for one more job in flight, count it there, and return its lane.
 
-        When every account is full at a cap it met, one submit at a time goes as a probe
-        (`AccountCap.probe_at`). The lane with the most room left (relative to its learned cap) wins, the first token on a tie,
+        The lane with the most room left (relative to its learned cap) wins, the first token on a tie,
         so a fresh run fills accounts evenly and an account that is 429ing gets fewer. An account that
         answered 429 within its quiet spell comes after every other with room: full with jobs this run
         does not hold (another machine's), its room says 1 of 1, and a retried submit would go back to
-        it on every try. The caller then says what became of the submit: `accepted`, `refused` (a 429)
-        or `unsent`.
+        it on every try. When every account is full at a cap it met, the submit of job `key` may go
+        as an account's probe (`AccountCap.probe_at`), one at a time. The caller then says what became
+        of the submit, with the same key: `accepted`, `refused` (a 429) or `unsent`.
         """
         while True:
             usable = [lane for lane in self.lanes if lane.refused is None]
@@ -122,9 +122,9 @@ class AccountPool:
             # (`batcher.runcomfy.backpressure`); else wait for room or the next probe.
             probes = [(at, i) for i, lane in enumerate(usable) if (at := lane.cap.probe_at(self.durations)) is not None]
             due, first = min(probes, default=(math.inf, 0))
-            if due <= time.time():
+            if key is not None and due <= time.time():
                 lane = usable[first]
-                lane.cap.take(probe=True)
+                lane.cap.take(probe_for=key)
                 return lane
             changed = self._changed
             with anyio.move_on_after(due - time.time()):
@@ -147,21 +147,22 @@ class AccountPool:
         """Count a job an earlier run submitted through lane, accepted at `at` (in flight whatever its limit says)."""
         lane.cap.adopt(at)
 
-    def accepted(self, lane: Lane) -> None:
-        """RunComfy took the submit counted on lane: held there until `release`."""
-        lane.cap.accepted()
+    def accepted(self, lane: Lane, key: str | None = None) -> None:
+        """RunComfy took the submit of job `key` counted on lane: held there until `release`."""
+        lane.cap.accepted(key)
         self._notify()
 
-    def refused(self, lane: Lane, retry_after: float | None = None) -> bool:
+    def refused(self, lane: Lane, key: str | None = None, retry_after: float | None = None) -> bool:
         """The submit counted on lane was answered 429: that account's cap comes down to what it holds.
         True when it was the account's probe (`acquire`): its job waits in `acquire` again, no backoff."""
-        probe = lane.cap.refused(retry_after)
+        probe = lane.cap.refused(key, retry_after)
         self._notify()
         return probe
 
-    def unsent(self, lane: Lane) -> None:
-        """The submit counted on lane was not accepted (or is held uncertain): its room is free again."""
-        lane.cap.unsent()
+    def unsent(self, lane: Lane, key: str | None = None) -> None:
+        """The submit of job `key` counted on lane was not accepted (or is held uncertain): its room is
+        free again."""
+        lane.cap.unsent(key)
         self._notify()
 
     def release(self, lane: Lane, at: float | None = None) -> None:

@@ -63,10 +63,10 @@ async def submit(run: RunShared, job: Job) -> Lane | None:
         return None
     tries = _Tries()
     while True:
-        lane = await run.accounts.acquire()
+        lane = await run.accounts.acquire(job.key)
         if run.stopping.reason:
             # Stopped while waiting for room: this job was never sent.
-            run.accounts.unsent(lane)
+            run.accounts.unsent(lane, job.key)
             run.committed -= price
             run.progress.set(job.key, "pending")
             return None
@@ -144,7 +144,7 @@ async def _intent(run: RunShared, job: Job, lane: Lane, price: float) -> None:
         # while it waited): no POST leaves, and the working copy says so, or a resume here would hold
         # the job as uncertain.
         run.record(job, "deferred", reason="not sent: the intent could not be made durable")
-        run.accounts.unsent(lane)
+        run.accounts.unsent(lane, job.key)
         run.committed -= price
         run.progress.set(job.key, "pending")
         raise
@@ -159,7 +159,7 @@ async def _not_taken(
     retry = run.options.retry
     if isinstance(exc, UncertainSubmitError):
         run.record(job, "uncertain", reason=str(exc))
-        run.accounts.unsent(lane)
+        run.accounts.unsent(lane, job.key)
         progress.set(job.key, "uncertain")
         progress.error(job.name, "submit uncertain, held (see --resubmit-uncertain)")
         return None
@@ -206,7 +206,7 @@ async def _not_taken(
 
 def _accepted(run: RunShared, job: Job, lane: Lane, submission: Submission) -> Lane:
     run.outage.reached()
-    run.accounts.accepted(lane)
+    run.accounts.accepted(lane, job.key)
     lane.submitted += 1
     try:
         url = lane.client.own_url(submission.raw.get("result_url"))
@@ -228,10 +228,10 @@ def _deferred(run: RunShared, job: Job, lane: Lane, exc: TransientApiError) -> b
     probe = False
     if isinstance(exc, RateLimitedError) and exc.throttled:
         run.record(job, "deferred", reason=str(exc), account=lane.account, throttled=exc.throttled)
-        probe = run.accounts.refused(lane, exc.retry_after)
+        probe = run.accounts.refused(lane, job.key, exc.retry_after)
     else:
         run.record(job, "deferred", reason=str(exc), account=lane.account)
-        run.accounts.unsent(lane)
+        run.accounts.unsent(lane, job.key)
     run.progress.set(job.key, "pending")
     return probe
 
@@ -241,6 +241,6 @@ def _refused(
 ) -> None:
     """A submit RunComfy certainly did not take: journalled as such, its room and estimate given back."""
     run.record(job, kind, reason=str(exc))
-    run.accounts.unsent(lane)
+    run.accounts.unsent(lane, job.key)
     run.committed -= run.price(job)
     run.progress.set(job.key, status)

@@ -77,11 +77,12 @@ class AccountCap:
         see (another machine's), whatever its room says."""
         return time.monotonic() - self._refused_at < self.quiet
 
-    def take(self, *, probe: bool = False) -> None:
-        """Count one more submit about to be sent (probe: sent past a full cap, see `probe_at`)."""
+    def take(self, probe_for: str | None = None) -> None:
+        """Count one more submit about to be sent (probe_for: the job whose submit goes past a full cap
+        as its probe, see `probe_at`)."""
         self.sending += 1
-        if probe:
-            self.probe.went()
+        if probe_for is not None:
+            self.probe.went(probe_for)
 
     def probe_at(self, durations: DurationModel | None) -> float | None:
         """When (time.time) a waiting submit may go past this account as a probe; None while it has met
@@ -95,33 +96,34 @@ class AccountCap:
         self.held += 1
         self.probe.held(at)
 
-    def accepted(self) -> None:
-        """A counted submit was taken. RunComfy holds this many at once, so its cap is at least that:
-        an acceptance whose answer crossed a 429's lifts a limit that 429 set too low."""
+    def accepted(self, key: str | None = None) -> None:
+        """The counted submit of job `key` was taken. RunComfy holds this many at once, so its cap is at
+        least that: an acceptance whose answer crossed a 429's lifts a limit that 429 set too low."""
         self.sending = max(0, self.sending - 1)
         self.held += 1
         self.probe.held()
-        if self.probe.out and self.held > self.limit:
-            # The probe was taken: a job this run still counts as held has left RunComfy unseen. The
-            # cap is what it was; the next poll of that job gives its slot back to the count.
-            self.probe.taken()
-            return
-        if self.probe.out and self.sending == 0:
-            self.probe.gone()  # the probe was taken into a slot seen free meanwhile: an acceptance as any
+        if self.probe.is_for(key):
+            if self.held > self.limit:
+                # The probe was taken: a job this run still counts as held has left RunComfy unseen.
+                # The cap is what it was; the next poll of that job gives its slot back to the count.
+                self.probe.taken()
+                return
+            self.probe.answered()  # into a slot seen free meanwhile: an acceptance as any other
         if self.held >= self.limit and self._raised:
             self._raised, self.quiet = False, self.recover_after  # the raised limit is reached: RunComfy allows it
         self.limit = min(self.ceiling, max(self.limit, self.held))
 
-    def unsent(self) -> None:
-        """A counted submit was not accepted (or its fate is unknown and this run will not poll it)."""
+    def unsent(self, key: str | None = None) -> None:
+        """The counted submit of job `key` was not accepted (or its fate is unknown and this run will
+        not poll it)."""
         self.sending = max(0, self.sending - 1)
-        if self.sending == 0:
-            self.probe.gone()  # whichever submit was the probe, none is out now
+        if self.probe.is_for(key):
+            self.probe.gone()
 
-    def refused(self, retry_after: float | None = None) -> bool:
-        """A counted submit was answered 429 (retry_after: the seconds it asked for): keep no more in
-        flight than RunComfy holds now. True when it was the probe: its job waits for the account's
-        room (or the next probe) again, not a backoff of its own.
+    def refused(self, key: str | None = None, retry_after: float | None = None) -> bool:
+        """The counted submit of job `key` was answered 429 (retry_after: the seconds it asked for):
+        keep no more in flight than RunComfy holds now. True when it was the probe: its job waits for
+        the account's room (or the next probe) again, not a backoff of its own.
 
         The jobs it holds are what this run counts as held: submits still
         being sent are not, else the burst that met the cap would set it.
@@ -132,9 +134,9 @@ class AccountCap:
         if self._raised:
             self._raised, self.quiet = False, min(self.most_quiet, self.quiet * 2)
         self.limit = max(1, min(self.limit, self.held))
-        was_probe = self.probe.out
-        self.probe.full(retry_after)
-        return was_probe
+        probe = self.probe.is_for(key)
+        self.probe.full(retry_after, probe=probe)
+        return probe
 
     def release(self, at: float | None = None) -> None:
         """A held job left RunComfy. When the account was full at its limit and no 429 came for a quiet

@@ -42,8 +42,8 @@ class Probe:
 
     def __init__(self, *, most_quiet: float = 60.0) -> None:
         self.most_quiet = most_quiet
-        self.out = False
-        """A probe is on its way: no second one until it is answered."""
+        self.out_for: str | None = None
+        """The job whose submit is the probe on its way (none goes until it is answered)."""
         self.sent = 0
         self.refused = 0
         """Probes sent this run, and how many of them RunComfy refused."""
@@ -72,36 +72,52 @@ class Probe:
         del started[i]
         self._version += 1
 
-    def full(self, retry_after: float | None) -> None:
-        """A submit met the cap (429): every held job is in flight now; none before Retry-After."""
+    @property
+    def out(self) -> bool:
+        return self.out_for is not None
+
+    def is_for(self, key: str | None) -> bool:
+        """Whether the submit of job `key` is the probe on its way."""
+        return key is not None and key == self.out_for
+
+    def full(self, retry_after: float | None, *, probe: bool) -> None:
+        """A submit met the cap (429; probe: it was the probe): every held job is in flight now; none
+        goes before the Retry-After."""
         now = time.time()
         self._full_at = now
         if retry_after is not None and retry_after > 0:
             self._not_before = now + min(retry_after, self.most_quiet)
-        if self.out:
-            self.out = False
+        if probe:
+            self.out_for = None
             self.refused += 1
             self._in_a_row = min(self._in_a_row + 1, 64)
         self._version += 1
 
-    def went(self) -> None:
-        """A probe is sent."""
-        self.out = True
+    def went(self, key: str) -> None:
+        """The submit of job `key` goes as the probe."""
+        self.out_for = key
         self.sent += 1
         self._version += 1
 
     def taken(self) -> None:
-        """The probe was accepted: one unseen slot is used up, the rest count from now."""
-        self.out = False
+        """The probe was accepted past the cap: one unseen slot is used up, the rest count from now."""
+        self.out_for = None
         self._in_a_row = 0
         self._full_at = time.time()
         self._version += 1
 
+    def answered(self) -> None:
+        """The probe was accepted into a slot this run saw free meanwhile: an acceptance as any other."""
+        self.out_for = None
+        self._version += 1
+
     def gone(self) -> None:
-        """The probe got no answer that counts (unsent, uncertain): none is out."""
-        if self.out:
-            self.out = False
-            self._version += 1
+        """The probe got no answer that says anything of the cap (not sent, or uncertain: no answer
+        at all): the next waits as after a refusal, so a failing service is not probed at line rate."""
+        self.out_for = None
+        self._full_at = time.time()
+        self._in_a_row = min(self._in_a_row + 1, 64)
+        self._version += 1
 
     def due(self, durations: DurationModel | None) -> float | None:
         """When (time.time) the next probe may go; None with no 429 yet, too little learned, or one out."""
@@ -113,16 +129,18 @@ class Probe:
         if self._due is not None and self._due[0] == key:
             return self._due[1]
         found = self._search(durations.sorted_durations())
-        wait = (found - self._full_at) * 1.5 ** max(0, self._in_a_row - _FREE_REFUSALS)
-        due = max(self._not_before, self._full_at + min(wait, self.most_quiet))
+        slower = 1.5 ** max(0, self._in_a_row - _FREE_REFUSALS) - 1.0
+        due = max(self._not_before, found + min((found - self._full_at) * slower, self.most_quiet))
         self._due = (key, due)
         return due
 
     def _search(self, durations: list[float]) -> float:
         """The first moment the held jobs are expected to have freed PROBE_AT slots since `_full_at`
-        (bisection: the expectation only grows), or the horizon of the longest job seen."""
+        (bisection: the expectation only grows), or once the youngest held job is older than any seen."""
         since, mean = self._full_at, sum(durations) / len(durations)
-        low, high = since, since + durations[-1] + 1.0
+        # From the youngest: an account refilled long after its last 429 holds young jobs that cannot
+        # have ended yet, however long ago that 429 was.
+        low, high = since, max(since, self._started[-1]) + durations[-1] + 1.0
         if self._unseen(durations, mean, high) < PROBE_AT:
             return high
         for _ in range(_SEARCH_STEPS):
