@@ -62,3 +62,19 @@ async def test_a_killed_runs_part_files_are_removed_from_a_job_folder_that_exist
         "job-2",
         "job-2/b-0.png",
     ]
+
+
+def test_every_transport_shares_one_tls_context_per_trust_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building a TLS context loads the whole CA bundle (~100 ms of CPU); a run's three or four clients share one,
+    and a trust store named in the environment (SSL_CERT_FILE) gets its own."""
+    import certifi
+
+    from batcher.net.transport import pooled_transport, shared_ssl_context
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    first = shared_ssl_context()
+    pooled_transport(4)
+    assert shared_ssl_context() is first
+    monkeypatch.setenv("SSL_CERT_FILE", certifi.where())
+    assert shared_ssl_context() is not first
