@@ -8,7 +8,7 @@ most of its CPU and batcher once patched it through private attributes. The
 patch is gone: this is httpx2's public constructor and nothing else.
 
 Every transport shares one TLS context (per trust store named in the
-environment): building one loads the whole CA bundle, some 30 ms of CPU, and a
+environment): building one loads the whole CA bundle, some 100 ms of CPU here, and a
 run opens three or four clients (the API, downloads, the balance, prices).
 """
 

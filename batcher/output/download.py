@@ -103,9 +103,8 @@ def safe_child(root: Path, *parts: str) -> Path:
     """
     base = os.path.abspath(root)
     if _PLAIN_NAMES and parts and all(part and part not in (".", "..") and "/" not in part for part in parts):
-        return Path(
-            base.rstrip("/") + "/" + "/".join(parts)
-        )  # plain names (a job's): nothing to resolve, nowhere to climb
+        # Plain names (a job's): nothing to resolve, nowhere to climb.
+        return Path(base.rstrip("/") + "/" + "/".join(parts))
     target = os.path.abspath(os.path.join(base, *parts))
     if os.path.commonpath([base, target]) != base or target == base:
         msg = f"refusing to write {'/'.join(parts)!r}: it is outside the output folder {base}"
