@@ -136,25 +136,34 @@ class OutputDir:
 
     def open_dir(self, parts: Sequence[str], *, create: bool = False) -> int:
         """A descriptor of root/parts, every component a real folder (made when create); the caller closes it."""
+        return self._open_dir(parts, create)[0]
+
+    def _open_dir(self, parts: Sequence[str], create: bool) -> tuple[int, bool]:
+        """`open_dir`, and whether this call made its last folder (then empty, but for other writers)."""
         assert self.fd is not None
         fd = os.dup(self.fd)
+        made = False
         try:
             for depth, name in enumerate(parts):
                 shown = parts[: depth + 1]
+                made = False
                 try:
                     child = self._open_at(fd, name, _DIRECTORY, 0, shown)
                 except FileNotFoundError:
                     if not create:
                         raise
-                    with contextlib.suppress(FileExistsError):  # another worker made it first
+                    try:
                         os.mkdir(name, 0o777, dir_fd=fd)
+                        made = True
+                    except FileExistsError:  # another worker made it first
+                        pass
                     child = self._open_at(fd, name, _DIRECTORY, 0, shown)
                 os.close(fd)
                 fd = child
         except BaseException:
             os.close(fd)
             raise
-        return fd
+        return fd, made
 
     def open_file(self, parts: Sequence[str], flags: int, mode: int = 0o666, *, create_dirs: bool = False) -> int:
         """root/parts opened with flags, never through a link, and only if it is a regular file."""
@@ -207,10 +216,10 @@ class OutputDir:
         pattern of leftover part files (a killed run's) to remove first.
         """
         parts = self._parts(relative)
-        dir_fd = self.open_dir(parts[:-1], create=create_dirs)
+        dir_fd, made = self._open_dir(parts[:-1], create_dirs)
         try:
             part = part_name or f".{parts[-1]}.part"
-            if stale is not None:
+            if stale is not None and not made:  # a folder this call made holds no leftovers
                 for name in os.listdir(dir_fd):
                     if fnmatch.fnmatchcase(name, stale):
                         with contextlib.suppress(FileNotFoundError):

@@ -9,7 +9,8 @@ load      seconds and peak RSS to load, validate and identify --load-jobs jobs f
           and from a YAML jobs list, each in a fresh process (and an earlier checkout's, with --before).
 overhead  wall and user/system CPU per job of `run_manifest` (journal, downloads, sidecars,
           progress counters on) against two floors: bare httpx2 and aiohttp scripts making
-          the same calls (submit, poll until done, download, write the image), at each
+          the same calls (submit, poll the status until done, fetch the result, download,
+          write the image; and httpx2 polling /result, the floor before), at each
           --overhead-concurrency, alternating, each client in a fresh process
           (benchmarks/floors.py), against one sandbox process with zero delays. With
           --before, an earlier checkout's batcher too; with --profile FILE, a pyinstrument
@@ -125,6 +126,7 @@ def bench_overhead(args: argparse.Namespace) -> None:
 def _overhead_at(args: argparse.Namespace, concurrency: int) -> None:
     clients: list[tuple[str, str, str | None]] = [
         ("bare httpx2 script", "httpx2", None),
+        ("bare httpx2, /result polled", "httpx2-result", None),
         ("bare aiohttp script", "aiohttp", None),
         ("batcher", "batcher", None),
     ]

@@ -3,7 +3,9 @@
     python benchmarks/floors.py CLIENT URL JOBS CONCURRENCY FOLDER [--root CHECKOUT] [--profile FILE]
 
 CLIENT is ``httpx2`` or ``aiohttp`` (a bare script making the calls batcher makes: submit, wait the
-first poll interval, poll the result until it says completed, download the image, write it) or
+first poll interval, poll the status until it says completed, fetch the result once, download the
+image, write it; as RunComfy's docs and clients wait, and batcher since issue 23.5), ``httpx2-result``
+(the httpx2 floor before: the result polled, one call a job fewer than batcher makes) or
 ``batcher`` (`run_manifest` of a YAML list of the same jobs, journal, downloads, sidecars and progress
 counters on). It prints one JSON line: wall seconds and the process's user and system CPU seconds
 (every thread) spent in the run, imports and setup not counted. --root imports batcher from another
@@ -34,7 +36,7 @@ def body(i: int) -> dict[str, Any]:
     return {"prompt": f"benchmark prompt {i}", "image_urls": [REF], "quality": "low"}
 
 
-async def httpx2_floor(url: str, jobs: int, concurrency: int, folder: Path) -> None:
+async def httpx2_floor(url: str, jobs: int, concurrency: int, folder: Path, status: bool = True) -> None:
     import anyio
     import httpx2
 
@@ -51,11 +53,15 @@ async def httpx2_floor(url: str, jobs: int, concurrency: int, folder: Path) -> N
                 async for i in stream:
                     request_id = (await api.post(f"/v1/models/{MODEL}", json=body(i))).json()["request_id"]
                     await anyio.sleep(POLL)
+                    # /status until it ends, then /result once; the floor before polled /result itself.
+                    ask = "status" if status else "result"
                     while True:
-                        result = (await api.get(f"/v1/requests/{request_id}/result")).json()
+                        result = (await api.get(f"/v1/requests/{request_id}/{ask}")).json()
                         if result["status"] == "completed":
                             break
                         await anyio.sleep(POLL)
+                    if status:
+                        result = (await api.get(f"/v1/requests/{request_id}/result")).json()
                     image = await files.get(result["output"]["image"])
                     (folder / f"{i}.png").write_bytes(image.content)
 
@@ -86,11 +92,12 @@ async def aiohttp_floor(url: str, jobs: int, concurrency: int, folder: Path) -> 
                     request_id = (await answer.json())["request_id"]
                 await asyncio.sleep(POLL)
                 while True:
-                    async with api.get(f"/v1/requests/{request_id}/result") as answer:
-                        result = await answer.json()
-                    if result["status"] == "completed":
-                        break
+                    async with api.get(f"/v1/requests/{request_id}/status") as answer:
+                        if (await answer.json())["status"] == "completed":
+                            break
                     await asyncio.sleep(POLL)
+                async with api.get(f"/v1/requests/{request_id}/result") as answer:
+                    result = await answer.json()
                 async with files.get(result["output"]["image"]) as image:
                     (folder / f"{i}.png").write_bytes(await image.read())
 
@@ -112,7 +119,7 @@ def write_manifest(path: Path, jobs: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("client", choices=["httpx2", "aiohttp", "batcher"])
+    parser.add_argument("client", choices=["httpx2", "httpx2-result", "aiohttp", "batcher"])
     parser.add_argument("url")
     parser.add_argument("jobs", type=int)
     parser.add_argument("concurrency", type=int)
@@ -122,11 +129,12 @@ def main() -> None:
     args = parser.parse_args()
     args.folder.mkdir(parents=True, exist_ok=True)
     run: Any
-    if args.client == "httpx2":
+    if args.client in ("httpx2", "httpx2-result"):
         import anyio
 
         def run() -> None:
-            anyio.run(httpx2_floor, args.url, args.jobs, args.concurrency, args.folder)
+            status = args.client == "httpx2"
+            anyio.run(httpx2_floor, args.url, args.jobs, args.concurrency, args.folder, status)
 
     elif args.client == "aiohttp":
         import aiohttp  # noqa: F401  (imported before the clock starts)

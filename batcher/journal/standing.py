@@ -172,14 +172,24 @@ def tally(
         else:
             result.unfinished.append(standing)
     is_wanted = wanted if wanted is not None else seen.__contains__
-    result.spent = money(sum(r.spent for r in records.values()))
-    result.spent_superseded = money(sum(r.spent for k, r in records.items() if not is_wanted(k)))
-    result.orphans = sorted(r.name or r.key for k, r in records.items() if not is_wanted(k))
+    # One pass over the records (each read back from its settled row once, not four times).
+    spent = superseded = 0.0
+    orphans: list[str] = []
+    accounts: dict[str, AccountFigures] = {}
+    for key, record in records.items():
+        spent += record.spent
+        if not is_wanted(key):
+            superseded += record.spent
+            orphans.append(record.name or record.key)
+        _count_account(accounts, record)
+    result.spent = money(spent)
+    result.spent_superseded = money(superseded)
+    result.orphans = sorted(orphans)
     for name in ("committed", "to_spend", "in_flight_cost", "possible_extra_cost"):
         setattr(result, name, money(getattr(result, name)))
     result.failures = dict(sorted(result.failures.items(), key=lambda item: (-item[1], item[0])))
     result.failures_cost = {k: money(v) for k, v in result.failures_cost.items()}
-    result.accounts = account_figures(records.values())
+    result.accounts = _accounts_done(accounts)
     return result
 
 
@@ -187,12 +197,20 @@ def account_figures(records: Iterable[JobRecord]) -> dict[str, AccountFigures]:
     """Jobs, spend and journalled 429s per account, from the records (accounts named by fingerprint)."""
     found: dict[str, AccountFigures] = {}
     for record in records:
-        if record.account is not None:
-            figures = found.setdefault(record.account, AccountFigures())
-            figures.jobs += 1
-            figures.spent += record.spent
-        for account, count in (record.throttled or {}).items():
-            found.setdefault(account, AccountFigures()).throttled += count
+        _count_account(found, record)
+    return _accounts_done(found)
+
+
+def _count_account(found: dict[str, AccountFigures], record: JobRecord) -> None:
+    if record.account is not None:
+        figures = found.setdefault(record.account, AccountFigures())
+        figures.jobs += 1
+        figures.spent += record.spent
+    for account, count in (record.throttled or {}).items():
+        found.setdefault(account, AccountFigures()).throttled += count
+
+
+def _accounts_done(found: dict[str, AccountFigures]) -> dict[str, AccountFigures]:
     for figures in found.values():
         figures.spent = money(figures.spent)
     return dict(sorted(found.items()))

@@ -90,6 +90,10 @@ def extension_for(url: str, fallback: str = ".png") -> str:
     return suffix if suffix in _EXTENSIONS else fallback
 
 
+_PLAIN_NAMES = os.sep == "/" and os.altsep is None
+"""Whether a name without "/" is one path component here (POSIX): then `safe_child` joins plain names as they are."""
+
+
 def safe_child(root: Path, *parts: str) -> Path:
     """root/parts..., refusing anything that would land outside root.
 
@@ -98,6 +102,9 @@ def safe_child(root: Path, *parts: str) -> Path:
     and absolute parts.
     """
     base = os.path.abspath(root)
+    if _PLAIN_NAMES and parts and all(part and part not in (".", "..") and "/" not in part for part in parts):
+        # Plain names (a job's): nothing to resolve, nowhere to climb.
+        return Path(base.rstrip("/") + "/" + "/".join(parts))
     target = os.path.abspath(os.path.join(base, *parts))
     if os.path.commonpath([base, target]) != base or target == base:
         msg = f"refusing to write {'/'.join(parts)!r}: it is outside the output folder {base}"
@@ -110,14 +117,17 @@ def deadline_for(max_bytes: int, floor: float = DEFAULT_DEADLINE) -> float:
     return max(floor, max_bytes / _SLOWEST_RATE)
 
 
-def _create(root: Path, relative: str, part_name: str) -> StagedFile:
+def _create(root: Path | OutputDir, relative: str, part_name: str) -> StagedFile:
     """A new temporary file beside root/relative, in folders made as needed, never through a link.
 
-    Leftover temporary files of the same target (a killed run's) are removed:
-    the output folder's lock says no other process writes here.
+    root: a folder, or one already open (the output folder, held by the `Downloader`). Leftover
+    temporary files of the same target (a killed run's) are removed: the output folder's lock says
+    no other process writes here.
     """
+    name = relative.rsplit("/", 1)[-1]
+    if isinstance(root, OutputDir):
+        return root.stage(relative, part_name=part_name, exclusive=True, create_dirs=True, stale=f".{name}.*.part")
     with OutputDir(root, create=True) as folder:
-        name = relative.rsplit("/", 1)[-1]
         return folder.stage(relative, part_name=part_name, exclusive=True, create_dirs=True, stale=f".{name}.*.part")
 
 
@@ -165,6 +175,9 @@ class Downloader:
             own = (self.loopback_origin,) if isinstance(self.loopback_origin, str) else ()
             self.loopback_origin = tuple(dict.fromkeys((*own, *extra))) or None
         self.deadline = deadline if deadline is not None else deadline_for(max_bytes)
+        self._open_folder: OutputDir | None = None
+        """The output folder, opened once (made if need be) by the first file saved, closed with the Downloader:
+        not made and opened again for each file."""
         self._http = anonymous_client(
             user_agent=f"batcher/{__version__}",
             timeout=timeout or httpx2.Timeout(60.0, connect=10.0),
@@ -175,7 +188,12 @@ class Downloader:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._http.aclose()
+        try:
+            await self._http.aclose()
+        finally:
+            if self._open_folder is not None:
+                self._open_folder.close()
+                self._open_folder = None
 
     async def fetch(self, url: str, target: Path) -> Downloaded:
         """Download url to target, retrying transient faults; raises DownloadError when it cannot.
@@ -257,7 +275,7 @@ class Downloader:
                 if pending_size >= _WRITE_BATCH:
                     # A large file: stream it through aiofiles, a batch a thread hop.
                     if out is None:
-                        staged = await anyio.to_thread.run_sync(_create, root, relative, part_name)
+                        staged = await anyio.to_thread.run_sync(_create, self._held(root), relative, part_name)
                         with anyio.CancelScope(shield=True):  # the descriptor must end up owned, or closed
                             out = await aiofiles.open(staged.fd, "wb", buffering=0, closefd=False)
                     await out.write(b"".join(pending))
@@ -271,7 +289,7 @@ class Downloader:
             if staged is None:
                 # A typical image (this model's are 1-3 MB): written here, a few page-cache writes that cost
                 # less than a thread hop; the fsync, the slow part, in a group (`batcher.output.groupsync`).
-                staged = _create(root, relative, part_name)
+                staged = _create(self._held(root), relative, part_name)
                 staged.write(b"".join(pending))
                 with anyio.CancelScope(shield=True):  # the descriptor stays open until its group's hop is done
                     await self._synced.sync(staged.fd)
@@ -290,6 +308,14 @@ class Downloader:
             if staged is not None:
                 staged.close()  # removes the temporary file unless it was committed
         return Downloaded(path=target, bytes=size, sha256=digest.hexdigest())
+
+    def _held(self, root: Path) -> Path | OutputDir:
+        """root, open when it is the output folder (opened, and made if need be, by the first file saved)."""
+        if root is not self.folder:
+            return root
+        if self._open_folder is None:
+            self._open_folder = OutputDir(root, create=True)
+        return self._open_folder
 
     def _place(self, target: Path) -> tuple[Path, str]:
         """(root, target relative to it): the output folder when known, else the target's own folder."""

@@ -12,8 +12,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
-from ..confined import open_journalled, write_atomically
+import orjson
+
+from ..confined import OutputDir, open_journalled, write_atomically
 from ..journal.records import FileRecord, JobRecord
 from ..manifest.loader import Job, Manifest
 from .download import extension_for, safe_child
@@ -27,8 +30,10 @@ def output_path(root: Path, job: Job, index: int, url: str) -> Path:
     return safe_child(root, job.name, f"{job.key[:8]}-{index}{extension_for(url, fallback)}")
 
 
-def write_sidecar(root: Path, manifest: Manifest, job: Job, record: JobRecord) -> None:
-    """``<job>/<key>.json``: what was asked and what came back, beside the images."""
+def write_sidecar(root: Path, manifest: Manifest, job: Job, record: JobRecord, folder: OutputDir | None = None) -> None:
+    """``<job>/<key>.json``: what was asked and what came back, beside the images.
+
+    folder: root, already open (a batch of sidecars opens it once)."""
     sidecar = safe_child(root, job.name, f"{job.key[:8]}.json")
     content = {
         "job": job.key,
@@ -44,9 +49,23 @@ def write_sidecar(root: Path, manifest: Manifest, job: Job, record: JobRecord) -
         "manifest_line": job.line,
         "source": job.source,
     }
-    data = (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode()
+    data = _indented(content)
+    relative = sidecar.relative_to(root).as_posix()
     # Never through a link: a job folder or .part committed as one must not send this elsewhere.
-    write_atomically(root, sidecar.relative_to(root).as_posix(), data, create_dirs=True)
+    if folder is None:
+        write_atomically(root, relative, data, create_dirs=True)
+    else:
+        folder.write_atomically(relative, data, create_dirs=True)
+
+
+def _indented(content: dict[str, Any]) -> bytes:
+    """content as JSON indented by two spaces, UTF-8, with a final newline: orjson's (a tenth of the CPU of
+    json's pure-Python indenting encoder), or json's for what orjson refuses (a key that is not a string,
+    an integer past 64 bits)."""
+    try:
+        return orjson.dumps(content, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode()
 
 
 def file_matches(root: Path, known: FileRecord) -> bool:
