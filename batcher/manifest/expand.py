@@ -30,7 +30,7 @@ from .localimages import LocalImages, Normalised, identity_form
 from .problems import Problems, YamlPath, shorten
 from .promptfile import NO_ROW, PromptFile, Row, from_text
 from .schema import ModelSchema, load_model_schema
-from .template import placeholders, render
+from .template import placeholders, render, renders
 
 __all__ = ["MAX_JOBS", "MAX_JOBS_ENV", "MAX_REPEAT", "Expander", "job_cap", "set_max_jobs"]
 
@@ -133,6 +133,8 @@ class Expander:
                 self.prompt_files.append(entry.prompt_file)
             rows: Iterable[Row] = entry.prompt_file.rows() if entry.prompt_file else (NO_ROW,)
             combinations = entry.combinations or [Combination({}, "")]
+            # A prompt file's entry without a placeholder: every row shares the entry's own values, unrendered.
+            rendered = entry.templated and (renders(entry.fields) or renders(entry.id))
             for row in rows:
                 if row.problem is not None:
                     if check:
@@ -141,7 +143,7 @@ class Expander:
                         self.problems.add(Problem(entry.prompt_file.display, row.line, where, row.problem))
                     continue
                 for combination in combinations:
-                    yield from self._expand(entry, row, combination, check=check)
+                    yield from self._expand(entry, row, combination, check=check, rendered=rendered)
 
     def _within_cap(self, entry: Entry) -> bool:
         """Counts entry's jobs before it is expanded; past the cap, reports it on the entry's line."""
@@ -170,8 +172,11 @@ class Expander:
         )
         return False
 
-    def _expand(self, entry: Entry, row: Row, combination: Combination, *, check: bool) -> Iterator[Job]:
-        """The jobs of one row and one combination of entry: one per repeat."""
+    def _expand(
+        self, entry: Entry, row: Row, combination: Combination, *, check: bool, rendered: bool = True
+    ) -> Iterator[Job]:
+        """The jobs of one row and one combination of entry: one per repeat (rendered: its fields and id hold
+        placeholders to fill)."""
         variables = {**combination.values, **row.values}
         blame = _Blame(self.problems, entry, row, combination)
         found = self._model_schema(entry, variables, blame)
@@ -182,8 +187,8 @@ class Expander:
         if from_variables is None:
             return
         try:
-            fields = render(entry.fields, variables) if entry.templated else entry.fields
-            raw_id = render(entry.id, variables) if entry.templated and isinstance(entry.id, str) else entry.id
+            fields = render(entry.fields, variables) if rendered else entry.fields
+            raw_id = render(entry.id, variables) if rendered and isinstance(entry.id, str) else entry.id
         except KeyError as exc:
             blame.whole(f"no value for the placeholder {{{exc.args[0]}}}")
             return
