@@ -53,6 +53,30 @@ def test_matrix_expands_the_product_with_exclude_and_include(tmp_path: Path) -> 
     assert manifest.count == 4 and first.line == 3
 
 
+def test_a_prompt_file_entry_without_placeholders_shares_its_values_and_keeps_literal_braces(tmp_path: Path) -> None:
+    # Rows of an entry with no placeholder are not rendered (100,000 rows rendered the same list each): a
+    # string with escaped braces still is, and the rows' own cells still win over the entry's fields.
+    (tmp_path / "rows.csv").write_text("id,quality\nfirst,low\nsecond,\n")
+    (tmp_path / "names.csv").write_text("prompt,quality\nplain one,low\nplain two,\n")
+    path = write_manifest(
+        tmp_path / "m.yaml",
+        f"""
+        model: {MODEL}
+        jobs:
+          - from: rows.csv
+            prompt: "a logo, {{{{braces}}}}"
+            image_urls: ["{REF}"]
+          - from: names.csv
+            image_urls: ["{REF}"]
+        """,
+    )
+    jobs = load_manifest(path).jobs
+    assert [job.input["prompt"] for job in jobs] == ["a logo, {braces}"] * 2 + ["plain one", "plain two"]
+    assert [job.name for job in jobs][:2] == ["first", "second"] and jobs[2].name.startswith("plain-one-")
+    assert [job.input["quality"] for job in jobs] == ["low", "high", "low", "high"]
+    assert jobs[2].input["image_urls"] is jobs[3].input["image_urls"]
+
+
 def test_whole_string_placeholder_keeps_a_list(tmp_path: Path) -> None:
     path = write_manifest(
         tmp_path / "m.yaml",

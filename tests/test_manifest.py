@@ -171,6 +171,38 @@ def test_job_key_is_canonical() -> None:
     assert a != job_key("m/x", {"a": [1, 2], "b": 1}, 1)
 
 
+def test_job_key_is_the_hash_of_the_canonical_json_whatever_the_values() -> None:
+    # The key is built field by field (a shared list encoded once); it must stay the sha256 of the one
+    # canonical JSON document, or every journal's jobs would look new and be paid for again.
+    import hashlib
+    import json
+    import random
+
+    def canonical(model: str, payload: dict[object, object], repeat: object) -> str:
+        document = json.dumps(
+            {"model": model, "input": payload, "repeat": repeat},
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(document.encode()).hexdigest()[:16]
+
+    values: list[object] = ["a", 'é\u2028\x00"\\', 1, 1.0, 1e300, -0.0, True, None, [], {}, 2**70, 0.1]
+    values += [["x", 2, {"b": 1, "a": [None]}], {"z": 1, "ä": 2, "A": "\U0001f600"}]
+    names = ["prompt", "image_urls", "quality", "Z", "é", "a b", "", "\x7f", "日本"]
+    pick = random.Random(27)
+    shared = ["https://example.org/ref.jpg"]
+    for number in range(3000):
+        payload: dict[object, object] = {pick.choice(names): pick.choice(values) for _ in range(pick.randint(0, 6))}
+        model, repeat = pick.choice(["m/x", "é/ü"]), pick.choice([0, 1, 5, 10_001])
+        assert job_key(model, payload, repeat) == canonical(model, payload, repeat), payload  # type: ignore[arg-type]
+        for _ in range(2):  # one list in many jobs, as an entry's image_urls are
+            row = {"image_urls": shared, "prompt": f"row {number}"}
+            assert job_key(model, row, repeat) == canonical(model, row, repeat)
+    assert job_key("m/x", {1: "a", 2: "b"}, 0) == canonical("m/x", {1: "a", 2: "b"}, 0)  # type: ignore[dict-item]
+    assert job_key("m/x", {"a": 1}, 0) == "9ff31d53b627405b"
+
+
 def test_example_manifests_are_valid() -> None:
     root = Path(__file__).resolve().parent.parent / "manifests"
     examples = sorted(root.glob("*.yaml"))

@@ -134,3 +134,34 @@ async def test_the_gallery_keeps_no_list_of_the_jobs(finished_run: Path, tmp_pat
     path = write_gallery(manifest, folder, read_journal(folder / JOURNAL_NAME))
     assert "jobs" not in manifest.__dict__, "the gallery built the list of every job"
     assert path.read_bytes() == before
+
+
+async def test_a_trial_of_one_job_shows_it_and_the_first_pending_jobs_only(tmp_path: Path) -> None:
+    # A `run --limit 1` of 100,000 jobs wrote a card for each (a 70 MB page, half the run's time and memory):
+    # the page shows every job a run touched and the first PENDING_SHOWN it has not, and counts them all.
+    from batcher.reports.gallery import PENDING_SHOWN
+
+    jobs = PENDING_SHOWN + 250
+    rows = "".join(f"row-{i},prompt number {i}\n" for i in range(jobs))
+    (tmp_path / "prompts.csv").write_text("id,prompt\n" + rows)
+    path = tmp_path / "trial.yaml"
+    path.write_text(
+        "model: openai/gpt-image-1-5/image-to-image\ndefaults:\n  quality: low\n"
+        "jobs:\n  - from: prompts.csv\n    image_urls: ['https://example.org/ref.jpg']\n"
+    )
+    options = fast_options(
+        token=None,
+        output_dir=tmp_path / "out",
+        sandbox=True,
+        sandbox_config=SandboxConfig(queue_delay=0.01, run_delay=0.01),
+        limit=1,
+    )
+    summary = await run_manifest(load_manifest(path), options)
+    assert summary.done == 1
+    page = (tmp_path / "out/index.html").read_text()
+    assert page.count('<article class="card" data-state="done"') == 1
+    assert page.count('<article class="card" data-state="pending"') == PENDING_SHOWN
+    assert f"all {jobs}</button>" in page and f"pending {jobs - 1}</button>" in page
+    assert "and 249 more jobs not started yet" in page
+    assert 'id="' in page and "row-0<" in page and f"row-{PENDING_SHOWN}<" in page
+    assert f"row-{PENDING_SHOWN + 1}<" not in page

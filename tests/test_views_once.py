@@ -88,3 +88,26 @@ def test_the_dataset_views_expand_no_further_than_the_last_completed_job(tmp_pat
     assert write_metadata(manifest, out, {}) == 0
     assert list(dataset_rows(manifest, {})) == []
     assert (out / "metadata.jsonl").read_bytes() == b""
+
+
+async def test_a_run_plans_from_the_load_and_checks_the_jobs_it_sends(tmp_path: Path) -> None:
+    # A run's plan read its jobs by expanding the manifest again (a resume of 100,000 jobs waited for it before
+    # its first submit): it reads the load's table. The jobs sent are still read again and checked, so a
+    # prompt file cut after the load sends the jobs it still holds as loaded and stops at the first it does not.
+    from batcher import run_manifest
+    from batcher.errors import ManifestChangedError
+    from batcher.journal.store import JOURNAL_NAME
+
+    from .conftest import fast_options
+
+    path = _prompt_manifest(tmp_path)
+    manifest = load_manifest(path)
+    lines = (tmp_path / "prompts.csv").read_text().splitlines()
+    (tmp_path / "prompts.csv").write_text("\n".join(lines[:11]) + "\n")  # the header and 10 rows
+    options = fast_options(token=None, output_dir=tmp_path / "out", sandbox=True, concurrency=2)
+    with pytest.raises(ManifestChangedError, match="changed while the run was reading them again"):
+        await run_manifest(manifest, options)
+    submitted = [
+        json.loads(line) for line in (tmp_path / "out" / JOURNAL_NAME).read_text().splitlines() if '"submitted"' in line
+    ]
+    assert len(submitted) == 10

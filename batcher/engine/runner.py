@@ -21,7 +21,7 @@ import math
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -36,7 +36,7 @@ from ..errors import BalanceError, JournalError, ManifestChangedError, OutputFol
 from ..journal.standing import Tally, category, opened, tally
 from ..journal.store import JOURNAL_NAME, FoldedJournal
 from ..lifecycle import Action, ExitCode, FailureClass, StopKind, held_status, starting_status
-from ..manifest.cost import estimate
+from ..manifest.cost import estimator
 from ..manifest.loader import Job, Manifest
 from ..net.policy import OutputHosts, loopback_origin
 from ..output.dataset import METADATA_NAME, write_metadata
@@ -327,9 +327,10 @@ class _Plan:
 def _plan(run: JobSteps) -> _Plan:
     """Each job's action and live status, from its record."""
     plan = _Plan()
-    for _, job in run.jobs.checked():
+    estimate = estimator(run.price_dirs)
+    for _, job in _planned(run):
         record = run.records.get(job.key)
-        price = estimate(job, run.price_dirs)
+        price = estimate(job)
         if record is not None:
             run.committed += record.submits * (price or 0.0)
         action = run.action_for(job, record)
@@ -355,6 +356,33 @@ def _plan(run: JobSteps) -> _Plan:
     plan.counts.update(action for _, action in plan.superseded)
     run.progress.total += len(plan.superseded)
     return plan
+
+
+def _planned(run: JobSteps) -> Iterator[tuple[int, Job]]:
+    """(index, job) of each selected job, as `JobSelection.checked` gives them, each job holding what the plan
+    reads of it (key, name, model, price fields): from the table the load kept, without expanding the
+    manifest again (a resume of 100,000 jobs expanded them once more for its plan, before its first submit).
+    The jobs sent are still read again, and checked, by the feed's passes."""
+    selected = run.jobs.keys()
+    wanted = next(selected, None)
+    index = 0
+    if wanted is not None:
+        for job in run.jobs.manifest.priced_jobs(run.price_dirs):
+            if job.key != wanted:
+                continue
+            yield index, job
+            index += 1
+            wanted = next(selected, None)
+            if wanted is None:
+                break
+    if wanted is not None:  # a selected key the manifest's own table does not hold: not the jobs it loaded
+        msg = f"the jobs of {run.jobs.manifest.path} are not the jobs selected (job {wanted}): run it again"
+        raise ManifestChangedError(msg)
+
+
+_EARLY_SUBMITS = 1_000
+"""The most new submits met before the last paid-for job that the feed holds, so that its submits go on from
+where the paid-for pass ended rather than expanding every job again from the first (more: a pass of its own)."""
 
 
 def _announce(
@@ -444,28 +472,51 @@ class _Loop:
         # Paid-for work first, then new submits, then the files of jobs done before are read back, each in
         # manifest order: up to three passes over the jobs (each only when it has work), so no list of
         # 100,000 jobs is ever held.
+        # The paid-for pass ends at the last paid-for job, and the submits' pass goes on from there, holding
+        # the few new submits met on the way (a resume's jobs in flight are near where it was killed: its
+        # first new submit no longer waits for every job to be expanded twice more).
         run, plan, send = self.steps, self.plan, self.send
         stopping, actions = run.stopping, plan.actions
+        walk: Iterator[tuple[int, Job]] | None = None
+        early: list[Job] | None = []
         async with send:
             try:
                 if plan.counts["poll"] + plan.counts["download"] > len(plan.superseded) + plan.rechecks:
-                    for index, job in run.jobs.checked():
+                    last = max((i for i, code in enumerate(actions) if code in _PAID_FOR), default=len(actions))
+                    walk = run.jobs.checked()
+                    for index, job in walk:
                         if actions[index] in _PAID_FOR:
                             if stopping.halted:
                                 return
                             await send.send((job, _ACTIONS[actions[index]]))
+                        elif actions[index] == _SUBMIT and early is not None:
+                            if len(early) < _EARLY_SUBMITS:
+                                early.append(job)
+                            else:
+                                early = None  # too many to hold: the submits take a pass of their own
+                        if index == last:
+                            break
                 for item in plan.superseded:
                     if stopping.halted:
                         return
                     await send.send(item)
                 if plan.counts["submit"]:
-                    for index, job in run.jobs.checked():
-                        if actions[index] == _SUBMIT:
-                            if stopping.halted:
-                                return
-                            if stopping.reason:
-                                break
-                            await send.send((job, "submit"))
+                    if walk is None or early is None:
+                        walk, early = run.jobs.checked(), []
+                    for job in early:
+                        if stopping.halted:
+                            return
+                        if stopping.reason:
+                            break
+                        await send.send((job, "submit"))
+                    else:
+                        for index, job in walk:
+                            if actions[index] == _SUBMIT:
+                                if stopping.halted:
+                                    return
+                                if stopping.reason:
+                                    break
+                                await send.send((job, "submit"))
                 if plan.rechecks:
                     for index, job in run.jobs.checked():
                         if actions[index] & _RECHECK:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -35,6 +35,7 @@ __all__ = [
     "PRICES_ENV",
     "PriceTable",
     "estimate",
+    "estimator",
     "forget_price_tables",
     "load_price_table",
     "scaled_prices",
@@ -114,6 +115,29 @@ def estimate(job: Job, directories: Sequence[Path] = ()) -> float | None:
     """One job's price, or None when no table says; directories are the manifest's schema folders."""
     table = load_price_table(job.model, directories)
     return table.price(job.input) if table else None
+
+
+def estimator(directories: Sequence[Path] = ()) -> Callable[[Job], float | None]:
+    """`estimate`, for one pass over many jobs: each model's table looked up once (not the environment and
+    the folders for every job), and the price of an input many jobs share (the load's table of them:
+    `batcher.manifest.jobtable`) computed once, by identity."""
+    tables: dict[str, PriceTable | None] = {}
+    shared: dict[int, tuple[dict[str, Any], str, float | None]] = {}
+
+    def price(job: Job) -> float | None:
+        known = shared.get(id(job.input))
+        if known is not None and known[0] is job.input and known[1] == job.model:
+            return known[2]
+        if job.model not in tables:
+            tables[job.model] = load_price_table(job.model, directories)
+        table = tables[job.model]
+        found = table.price(job.input) if table else None
+        if len(shared) >= 256:
+            shared.clear()
+        shared[id(job.input)] = (job.input, job.model, found)  # kept alive: its id names it alone
+        return found
+
+    return price
 
 
 def forget_price_tables() -> None:

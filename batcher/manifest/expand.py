@@ -30,7 +30,7 @@ from .localimages import LocalImages, Normalised, identity_form
 from .problems import Problems, YamlPath, shorten
 from .promptfile import NO_ROW, PromptFile, Row, from_text
 from .schema import ModelSchema, load_model_schema
-from .template import placeholders, render
+from .template import placeholders, render, renders
 
 __all__ = ["MAX_JOBS", "MAX_JOBS_ENV", "MAX_REPEAT", "Expander", "job_cap", "set_max_jobs"]
 
@@ -126,6 +126,17 @@ class Expander:
         return self._schemas[model]
 
     def jobs(self, *, check: bool) -> Iterator[Job]:
+        for job in self._jobs(check=check, build=True):
+            assert job is not None
+            yield job
+
+    def check(self) -> None:
+        """The load's checked pass: every job validated, counted and noted, none built (a `Job` a row is
+        a tenth of the pass, and the load keeps none of them)."""
+        for _ in self._jobs(check=True, build=False):
+            pass
+
+    def _jobs(self, *, check: bool, build: bool) -> Iterator[Job | None]:
         for entry in self.entries():
             if check and not self._within_cap(entry):
                 return  # expanding on would only burn time and memory before the same refusal
@@ -133,6 +144,8 @@ class Expander:
                 self.prompt_files.append(entry.prompt_file)
             rows: Iterable[Row] = entry.prompt_file.rows() if entry.prompt_file else (NO_ROW,)
             combinations = entry.combinations or [Combination({}, "")]
+            # A prompt file's entry without a placeholder: every row shares the entry's own values, unrendered.
+            rendered = entry.templated and (renders(entry.fields) or renders(entry.id))
             for row in rows:
                 if row.problem is not None:
                     if check:
@@ -141,7 +154,7 @@ class Expander:
                         self.problems.add(Problem(entry.prompt_file.display, row.line, where, row.problem))
                     continue
                 for combination in combinations:
-                    yield from self._expand(entry, row, combination, check=check)
+                    yield from self._expand(entry, row, combination, check=check, rendered=rendered, build=build)
 
     def _within_cap(self, entry: Entry) -> bool:
         """Counts entry's jobs before it is expanded; past the cap, reports it on the entry's line."""
@@ -170,8 +183,11 @@ class Expander:
         )
         return False
 
-    def _expand(self, entry: Entry, row: Row, combination: Combination, *, check: bool) -> Iterator[Job]:
-        """The jobs of one row and one combination of entry: one per repeat."""
+    def _expand(
+        self, entry: Entry, row: Row, combination: Combination, *, check: bool, rendered: bool, build: bool
+    ) -> Iterator[Job | None]:
+        """The jobs of one row and one combination of entry: one per repeat (rendered: its fields and id hold
+        placeholders to fill; build: each a `Job`, else None once it is checked)."""
         variables = {**combination.values, **row.values}
         blame = _Blame(self.problems, entry, row, combination)
         found = self._model_schema(entry, variables, blame)
@@ -182,8 +198,8 @@ class Expander:
         if from_variables is None:
             return
         try:
-            fields = render(entry.fields, variables) if entry.templated else entry.fields
-            raw_id = render(entry.id, variables) if entry.templated and isinstance(entry.id, str) else entry.id
+            fields = render(entry.fields, variables) if rendered else entry.fields
+            raw_id = render(entry.id, variables) if rendered and isinstance(entry.id, str) else entry.id
         except KeyError as exc:
             blame.whole(f"no value for the placeholder {{{exc.args[0]}}}")
             return
@@ -216,7 +232,7 @@ class Expander:
                     continue
                 if self.table is not None:
                     self.table.add(name, model, filled)
-            yield Job(key, name, model, filled, repeat_index, line, source, local.source)
+            yield Job(key, name, model, filled, repeat_index, line, source, local.source) if build else None
 
     def _model_schema(self, entry: Entry, variables: dict[str, Any], blame: _Blame) -> tuple[str, ModelSchema] | None:
         """The job's model (a variable's, else the entry's, else the manifest's) and its schema; None if reported."""

@@ -53,12 +53,51 @@ def job_key(model: str, payload: dict[str, Any], repeat_index: int) -> str:
     payload is the input as its identity counts it: local images as their
     hashes (`batcher.manifest.localimages.identity_form`), everything else as sent.
     """
-    canonical = _CANONICAL.encode({"model": model, "input": payload, "repeat": repeat_index})
+    canonical = _canonical(model, payload, repeat_index)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 # One encoder for every key: json.dumps with options builds a new one per call, a third of the hash's cost.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_SHARED: dict[int, tuple[object, str]] = {}
+"""Lists and objects many jobs share (an entry's image_urls), encoded once, by identity (kept alive)."""
+
+
+def _canonical(model: str, payload: dict[str, Any], repeat_index: int) -> str:
+    """``_CANONICAL.encode({"model": model, "input": payload, "repeat": repeat_index})``, the same string
+    built from each value's own encoding: a str is encoded without building the encoder's machinery, a
+    list shared by many jobs once. (Without indent, a value encodes alike alone and inside its object; a
+    key that is not a str is left to the encoder, which sorts and words such keys its own way.)"""
+    encode = _CANONICAL.encode
+    if type(repeat_index) is not int:
+        return encode({"model": model, "input": payload, "repeat": repeat_index})
+    if not all(type(name) is str for name in payload):
+        return encode({"model": model, "input": payload, "repeat": repeat_index})
+    items = []
+    for name in sorted(payload):
+        label = _NAMES.get(name)
+        if label is None:
+            if len(_NAMES) >= 256:
+                _NAMES.clear()
+            label = _NAMES[name] = f"{encode(name)}:"
+        value = payload[name]
+        if type(value) is str:
+            items.append(label + encode(value))
+            continue
+        if type(value) is not list and type(value) is not dict:
+            items.append(label + encode(value))
+            continue
+        shared = _SHARED.get(id(value))
+        if shared is None or shared[0] is not value:
+            if len(_SHARED) >= 256:
+                _SHARED.clear()
+            shared = _SHARED[id(value)] = (value, encode(value))
+        items.append(label + shared[1])
+    return f'{{"input":{{{",".join(items)}}},"model":{encode(model)},"repeat":{repeat_index}}}'
+
+
+_NAMES: dict[str, str] = {}
+"""Each field's name encoded, with its colon."""
 
 
 def shard_of(key: str, shards: int) -> int:

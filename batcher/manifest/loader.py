@@ -264,8 +264,7 @@ def load_manifest(
     if not views:
         expander.table = None
     digest = hashlib.sha256(raw)
-    for _job in expander.jobs(check=True):
-        pass
+    expander.check()
     expander.local_images.freeze()
     for prompt_file in expander.prompt_files:
         digest.update(prompt_file.sha256().encode())

@@ -84,6 +84,7 @@ _PER_FIELD_KEYWORDS = {
     "additionalProperties",
 }
 _CACHE_LIMIT = 20_000
+_SHARED_LIMIT = 256
 _UNSET = object()
 
 
@@ -185,6 +186,8 @@ class _Checks:
             if name not in required and "default" in spec
         }
         self._seen: dict[tuple[str, Any], tuple[FieldError, ...]] = {}
+        self._shared: dict[int, tuple[Any, str, tuple[FieldError, ...]]] = {}
+        """What `field_errors` found of a list or object, by identity: jobs of one entry share theirs."""
         self.sound_defaults = {
             name: default
             for name, default in self.defaults.items()
@@ -211,6 +214,11 @@ class _Checks:
         accepts = self.plain_strings.get(name)
         if accepts is not None and accepts(value):
             return ()  # a prompt: unique each job, so the cache would only churn
+        shared = type(value) is list or type(value) is dict
+        if shared:
+            known = self._shared.get(id(value))
+            if known is not None and known[0] is value and known[1] == name:
+                return known[2]
         cache_key = (name, _frozen(value))
         found = self._seen.get(cache_key)
         if found is None:
@@ -221,6 +229,10 @@ class _Checks:
             if len(self._seen) >= _CACHE_LIMIT:
                 self._seen.clear()
             self._seen[cache_key] = found
+        if shared:  # the entry's list, in every job of its rows: by identity next time (kept alive)
+            if len(self._shared) >= _SHARED_LIMIT:
+                self._shared.clear()
+            self._shared[id(value)] = (value, name, found)
         return found
 
 

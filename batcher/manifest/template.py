@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-__all__ = ["Template", "placeholders", "render", "template"]
+__all__ = ["Template", "placeholders", "render", "renders", "template"]
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -63,6 +63,18 @@ def placeholders(value: Any) -> set[str]:
     if isinstance(value, dict):
         return set().union(*(placeholders(item) for item in value.values())) if value else set()
     return set()
+
+
+def renders(value: Any) -> bool:
+    """Whether `render` would change value for some variables: a string in it holds a placeholder or an
+    escaped brace. One that does not is its own rendering, so jobs of an entry can share its values."""
+    if isinstance(value, str):
+        return template(value) is not None
+    if isinstance(value, list):
+        return any(renders(item) for item in value)
+    if isinstance(value, dict):
+        return any(renders(item) for item in value.values())
+    return False
 
 
 def render(value: Any, variables: dict[str, Any]) -> Any:

@@ -2,7 +2,8 @@
 
 No server, no CDN: inline CSS and a few lines of inline script, relative
 links to the downloaded images. `batcher run` writes it at its end, `batcher report`
-again. One card per job (ten to a 1280x900 screen) with its state, prompt,
+again. One card per job (ten to a 1280x900 screen; of the jobs no run has started, the first
+`PENDING_SHOWN`, so that a trial of one job in 100,000 is not a 70 MB page) with its state, prompt,
 parameters, input images, outputs (thumbnails opening full size) and error;
 buttons filter by state (``index.html#failed`` opens filtered) and failures by reason
 (``index.html#failure-content_policy``); the grid reflows down to a phone's width.
@@ -23,10 +24,13 @@ import base64
 import html
 import os
 from collections import Counter
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from urllib.parse import quote
 
 from ..confined import OutputDir, open_journalled
+from ..errors import BatcherError
 from ..journal.failures import failure_of
 from ..journal.standing import category_of, money
 from ..journal.store import FoldedJournal, JobRecord
@@ -124,7 +128,7 @@ def _href(path: str) -> str:
     return quote(path, safe="/")
 
 
-def _input(job: Job, n: int, value: object, folder: OutputDir, *, link_outside: bool) -> str:
+def _input(job: Job, n: int, value: object, folder: OutputDir, *, link_outside: bool, copies: _Copies) -> str:
     """One input image, as a thumbnail: the review page's copy when it made one, else the URL, or a local
     image by a relative link (link_outside: also to a file outside the folder); else the placeholder.
 
@@ -136,7 +140,7 @@ def _input(job: Job, n: int, value: object, folder: OutputDir, *, link_outside: 
     if not web and (found is None or job.local is None):
         return ""  # a data: URI, or something the schema let through: nothing to show
     label = f"input {n}: {url}" if web else f"input {n}: {os.path.basename(found[0]) if found else url}"
-    source = _reviewed_copy(url, folder)
+    source = copies.of(url)
     if source is None and web:
         source = url
     if source is None and found is not None and job.local is not None:
@@ -147,10 +151,43 @@ def _input(job: Job, n: int, value: object, folder: OutputDir, *, link_outside: 
     return f'<a href="{_e(source)}">{thumbnail}</a>' if source else thumbnail
 
 
-def _reviewed_copy(value: str, folder: OutputDir) -> str | None:
-    """The relative link to `batcher review`'s copy of an input in the folder, if it made one that is an image."""
-    relative = f"{INPUTS_DIR}/{input_id(value)}"
-    if not folder.has_file(relative):
+class _Copies:
+    """`batcher review`'s copies of inputs in the folder, looked up by value: its folder listed once a page and
+    each value's answer kept (100,000 jobs with one reference image asked the folder 100,000 times)."""
+
+    def __init__(self, folder: OutputDir) -> None:
+        self.folder = folder
+        self._listed: frozenset[str] | None = None
+        self._found: dict[str, str | None] = {}
+
+    def of(self, value: str) -> str | None:
+        if value not in self._found:
+            self._found[value] = _reviewed_copy(value, self.folder, self._listing())
+        return self._found[value]
+
+    def _listing(self) -> frozenset[str]:
+        """The names in the copies' folder (none when it is not a real folder inside the output folder)."""
+        if self._listed is None:
+            try:
+                fd = self.folder.open_dir(INPUTS_DIR.split("/"))
+            except (OSError, BatcherError):
+                self._listed = frozenset()
+            else:
+                try:
+                    self._listed = frozenset(os.listdir(fd))
+                except OSError:
+                    self._listed = frozenset()
+                finally:
+                    os.close(fd)
+        return self._listed
+
+
+def _reviewed_copy(value: str, folder: OutputDir, listed: frozenset[str]) -> str | None:
+    """The relative link to `batcher review`'s copy of an input in the folder, if it made one that is an image
+    (listed: the names in its folder; one not there is not looked at)."""
+    name = input_id(value)
+    relative = f"{INPUTS_DIR}/{name}"
+    if name not in listed or not folder.has_file(relative):
         return None
     fd = open_journalled(folder.root, relative)
     if fd is None:
@@ -175,9 +212,17 @@ def _local_link(image: Path, folder: OutputDir, *, link_outside: bool) -> str | 
 
 
 def _card(
-    job: Job, record: JobRecord | None, folder: OutputDir, *, link_outside: bool, state: Category | None = None
+    job: Job,
+    record: JobRecord | None,
+    folder: OutputDir,
+    *,
+    link_outside: bool,
+    state: Category | None = None,
+    copies: _Copies | None = None,
 ) -> str:
-    """One job's card; state: its `category_of`, when the caller has it (each look checks its files)."""
+    """One job's card; state: its `category_of`, when the caller has it (each look checks its files);
+    copies: the review's input copies, shared by the page's cards."""
+    copies = _Copies(folder) if copies is None else copies
     state = category_of(record, folder) if state is None else state
     failure = failure_of(record) if state == "failed" else None
     files = sorted(record.files.items()) if record else []
@@ -191,7 +236,7 @@ def _card(
         f"<li>{_e(k)}: {_e(v)}</li>" for k, v in sorted(job.input.items()) if k not in ("prompt", "image_urls")
     )
     inputs = "".join(
-        _input(job, n, url, folder, link_outside=link_outside)
+        _input(job, n, url, folder, link_outside=link_outside, copies=copies)
         for n, url in enumerate(job.input.get("image_urls", []), 1)
     )
     reason = f"[{failure.replace('_', ' ')}] " if failure else ""
@@ -231,38 +276,57 @@ def write_gallery(
     shown = str(manifest.path) if manifest_shown is None else manifest_shown
     with files or OutputDir(output_dir) as folder:
         head, cards, tail = _page(manifest, folded, folder, shown, link_outside=files is None)
-        # Written as it is joined, a few hundred cards a write: 100,000 jobs make a 70 MB page, which as one
+        # Written as the cards are made, a few hundred a write: 100,000 jobs make a 70 MB page, which as one
         # string, then its bytes, took three times that at once.
         with folder.stage(GALLERY_NAME) as staged:
             staged.write(head.encode())
-            if not cards:
+            written = False
+            for batch in _batches(cards, _CARDS_A_WRITE):
+                staged.write(b"\n".join(batch) + b"\n")
+                written = True
+            if not written:
                 staged.write(b"\n")  # the page as it was when written as one string
-            for start in range(0, len(cards), _CARDS_A_WRITE):
-                staged.write(b"\n".join(cards[start : start + _CARDS_A_WRITE]) + b"\n")
             staged.write(tail.encode())
             staged.commit()
         return staged.path
 
 
 _CARDS_A_WRITE = 256
+PENDING_SHOWN = 1_000
+"""The most cards of jobs no run has started yet that a page shows; every job a run has touched has its card.
+A `--limit 1` trial of a 100,000-job manifest is one done card and a thousand pending ones, not 100,000."""
+
+
+def _batches(cards: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
+    while batch := list(islice(cards, size)):
+        yield batch
 
 
 def _page(
     manifest: Manifest, folded: FoldedJournal, folder: OutputDir, manifest_shown: str, *, link_outside: bool
-) -> tuple[str, list[bytes], str]:
-    """The page: its head, each job's card (as UTF-8) and its tail."""
-    # One pass over the jobs, streamed: each job's record read and its files checked once (the list of every
-    # job and three looks at each were 261 MB and 7.0 s for 100,000 jobs; a run's end writes this page too).
+) -> tuple[str, Iterator[bytes], str]:
+    """The page: its head, each shown job's card (as UTF-8, made as it is read) and its tail."""
+    # The counts come from the keys and the journal, without expanding a job; each touched job's state is
+    # checked against its files once, here, and kept for its card. The jobs are then expanded only as far as
+    # the last one shown (the list of every job and three looks at each were 261 MB and 7.0 s for 100,000).
     states: Counter[Category] = Counter()
     reasons: Counter[FailureClass | None] = Counter()
-    cards: list[bytes] = []
-    for job in manifest.iter_jobs():
-        record = folded.records.get(job.key)
-        state = category_of(record, folder)
+    found: dict[str, Category] = {}
+    pending = shown_through = 0
+    for number, key in enumerate(manifest.job_keys(), 1):
+        record = folded.records.get(key)
+        if record is None:
+            states["pending"] += 1
+            pending += 1
+            if pending <= PENDING_SHOWN:
+                shown_through = number
+            continue
+        state = found[key] = category_of(record, folder)
         states[state] += 1
         if state == "failed":
             reasons[failure_of(record)] += 1
-        cards.append(_card(job, record, folder, link_outside=link_outside, state=state).encode())
+        shown_through = number
+    cards = _cards(islice(manifest.iter_jobs(), shown_through), folded, folder, found, link_outside=link_outside)
     total = sum(states.values())
     buttons = [f'<button data-state="all" aria-pressed="true">all {total}</button>']
     buttons += [
@@ -295,9 +359,34 @@ def _page(
 <nav>{"".join(buttons)}</nav>
 <main>
 """
+    hidden = pending - min(pending, PENDING_SHOWN)
+    more = (
+        f'<p class="meta more">and {hidden:,} more jobs not started yet, not shown here '
+        f"(the first {PENDING_SHOWN:,} are)</p>\n"
+        if hidden
+        else ""
+    )
     tail = f"""</main>
-<script>{_SCRIPT}</script>
+{more}<script>{_SCRIPT}</script>
 </body>
 </html>
 """
     return head, cards, tail
+
+
+def _cards(
+    jobs: Iterator[Job], folded: FoldedJournal, folder: OutputDir, found: dict[str, Category], *, link_outside: bool
+) -> Iterator[bytes]:
+    """The card of each job a run has touched (found: its state) and of the first `PENDING_SHOWN` others."""
+    copies = _Copies(folder)
+    pending = 0
+    for job in jobs:
+        record = folded.records.get(job.key)
+        state = found.get(job.key)
+        if state is None:
+            if record is None:
+                pending += 1
+                if pending > PENDING_SHOWN:
+                    continue
+            state = category_of(record, folder)
+        yield _card(job, record, folder, link_outside=link_outside, state=state, copies=copies).encode()
