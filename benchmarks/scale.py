@@ -11,8 +11,9 @@ against the in-process sandbox, to exit); `status` and `report` then read that r
 resume: a 100,000-job run (CSV prompt file) against a `batcher sandbox` process with zero delays is
 SIGKILLed once half its jobs were submitted; `batcher run` on that folder is timed from its start to its
 first new submit reaching the sandbox (the journal folded, the plan made, the paid jobs queued), with its
-peak RSS at that moment (VmHWM). The killed folder is made once (with this checkout) and copied for each
-checkout measured.
+peak RSS at that moment (VmHWM); then `run --limit 1` on another copy, to its exit. The killed folder is made
+once (with this checkout) and copied for each checkout measured; --killed DIR keeps it for a later bench run
+(killing a 100,000-job run takes ~13 minutes on 2 cores).
 
 Machines here are shared and noisy: compare figures from one run.
 """
@@ -218,7 +219,8 @@ def main() -> None:
             try:
                 kept = Path(args.killed) if args.killed else folder / "kill"
                 manifest, killed, ran = killed_half(kept, args.resume_jobs, sandbox)
-                print(f"\n## resume after SIGKILL: {args.resume_jobs:,} jobs, killed half done (it ran {ran:.0f} s)")
+                made = f"it ran {ran:.0f} s" if ran else f"made earlier, in {kept}"
+                print(f"\n## resume after SIGKILL: {args.resume_jobs:,} jobs, killed half done ({made})")
                 print("| checkout | to the first new submit s / peak RSS MB | --limit 1 to exit s / peak RSS MB |")
                 print("|---|---|---|")
                 for attempt in range(2):
