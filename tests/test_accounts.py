@@ -413,6 +413,20 @@ def test_a_burst_that_meets_the_cap_learns_what_runcomfy_holds() -> None:
     assert (cap.limit, cap.held, cap.sending, cap.room) == (4, 4, 0, 0)
 
 
+def _wall_clock(monkeypatch: pytest.MonkeyPatch, start: float = 1000.0) -> list[float]:
+    """The probe's clock (wall time), set by the test: clock[0] = t."""
+    clock = [start]
+    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    return clock
+
+
+def _fill(cap: AccountCap, jobs: int) -> None:
+    """jobs submits sent and taken."""
+    for _ in range(jobs):
+        cap.take()
+        cap.accepted()
+
+
 def _learned(*durations: float) -> DurationModel:
     model = DurationModel()
     for seconds in durations:
@@ -423,8 +437,7 @@ def _learned(*durations: float) -> DurationModel:
 def test_a_probe_waits_until_the_held_jobs_have_likely_left_and_a_taken_one_does_not_raise_the_cap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    clock = _wall_clock(monkeypatch)
     durations = _learned(10, 10, 10, 10, 10, 10)  # every job takes 10 s
     cap = AccountCap(8)
     for _ in range(4):
@@ -456,8 +469,7 @@ def test_a_probe_waits_until_the_held_jobs_have_likely_left_and_a_taken_one_does
 
 
 def test_a_probe_taken_into_a_slot_seen_free_meanwhile_leaves_none_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    clock = _wall_clock(monkeypatch)
     durations = _learned(10, 10, 10, 10, 10)
     cap = AccountCap(8)
     for _ in range(2):
@@ -475,13 +487,10 @@ def test_a_probe_taken_into_a_slot_seen_free_meanwhile_leaves_none_out(monkeypat
 
 def test_an_uncertain_probe_makes_the_next_wait_as_a_refused_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """A service answering 502s must not be probed at line rate, each probe held uncertain."""
-    clock = [1000.0]
-    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    clock = _wall_clock(monkeypatch)
     durations = _learned(10, 10, 10, 10, 10, 10)
     cap = AccountCap(8)
-    for _ in range(4):
-        cap.take()
-        cap.accepted()
+    _fill(cap, 4)
     cap.take()
     cap.refused(retry_after=5.0)
     clock[0] = 1011.0
@@ -497,13 +506,10 @@ def test_an_uncertain_probe_makes_the_next_wait_as_a_refused_one(monkeypatch: py
 def test_an_account_refilled_long_after_its_last_429_does_not_probe_jobs_just_started(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    clock = _wall_clock(monkeypatch)
     durations = _learned(10, 10, 10, 10, 10, 10)
     cap = AccountCap(8)
-    for _ in range(4):
-        cap.take()
-        cap.accepted()
+    _fill(cap, 4)
     cap.take()
     cap.refused(retry_after=30.0)
     clock[0] = 1300.0
@@ -517,8 +523,7 @@ def test_an_account_refilled_long_after_its_last_429_does_not_probe_jobs_just_st
 
 
 def test_a_plain_submits_429_is_not_taken_for_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    clock = _wall_clock(monkeypatch)
     cap = AccountCap(8)
     for _ in range(2):
         cap.take()
@@ -537,8 +542,7 @@ def test_a_plain_submits_429_is_not_taken_for_the_probe(monkeypatch: pytest.Monk
 def test_probes_refused_in_a_row_grow_rare(monkeypatch: pytest.MonkeyPatch) -> None:
     """An account full of jobs this run cannot see refuses every probe: past four in a row each next
     one waits 1.5x longer (at most most_quiet more); a taken one sets the pace back."""
-    clock = [1000.0]
-    monkeypatch.setattr("batcher.runcomfy.probing.time.time", lambda: clock[0])
+    clock = _wall_clock(monkeypatch)
     durations = _learned(*range(1, 21))  # 1..20 s
     cap = AccountCap(8, most_quiet=60.0)
     for _ in range(3):
